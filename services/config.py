@@ -89,7 +89,15 @@ class Settings(BaseSettings):
             return "auto"
         return v
 
-    @field_validator("sidecar_url", "tqstack_api_key", "models_dir", mode="before")
+    # An empty value in config.env ("KEY=") means "use the default", as the example file shows.
+    @field_validator(
+        "sidecar_url",
+        "tqstack_api_key",
+        "models_dir",
+        "tq_kv_key_bits",
+        "tq_kv_value_bits",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
@@ -126,4 +134,3 @@ def load_settings(config_path: Path | str | None = None, **overrides: object) ->
 def get_settings() -> Settings:
     """The process-wide settings, built once on first use (FastAPI dependency)."""
     return load_settings()
-
