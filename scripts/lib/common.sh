@@ -45,3 +45,85 @@ tq_find_python() {
     fi
   done
 }
+
+# ---------------------------------------------------------------------------------------------
+# Install and service helpers (install.sh, uninstall.sh, load-/unload-*.sh, preflight-check.sh)
+
+tq_say() { printf 'tqstack: %s\n' "$*"; }
+tq_warn() { printf 'tqstack: warning: %s\n' "$*" >&2; }
+tq_die() { printf 'tqstack: error: %s\n' "$*" >&2; exit 1; }
+
+# The install prefix (absolute, ~ expanded).
+tq_home() {
+  local h=${TQSTACK_HOME:-$HOME/ai/turboquant}
+  # A literal ~ can come from config.env or a quoted variable: expand it here.
+  # shellcheck disable=SC2088
+  case "$h" in "~"|"~/"*) h="$HOME${h:1}" ;; esac
+  printf '%s\n' "$h"
+}
+
+# Which service manager to use: launchd (macOS), systemd (a working user systemd), detached.
+# TQSTACK_SERVICE_MODE=launchd|systemd|detached forces one (auto is the default).
+tq_service_mode() {
+  local mode=${TQSTACK_SERVICE_MODE:-auto}
+  if [ "$mode" != "auto" ]; then printf '%s\n' "$mode"; return 0; fi
+  if [ "$(uname -s)" = "Darwin" ]; then echo launchd; return 0; fi
+  if command -v systemctl >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then
+    echo systemd
+  else
+    echo detached
+  fi
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+tq_port_busy() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Print the body of GET $1 when it answers 2xx within $2 seconds (default 2), else fail.
+tq_http_get() {
+  curl -fsS --max-time "${2:-2}" "$1" 2>/dev/null
+}
+
+# Poll URL $1 until it answers 2xx, for at most $2 seconds; $3 (optional) is a pid that must
+# stay alive meanwhile. Returns 0 when ready.
+tq_wait_http() {
+  local url=$1 deadline=$(( $(date +%s) + ${2:-60} )) pid=${3:-}
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    if tq_http_get "$url" >/dev/null; then return 0; fi
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    sleep 1
+  done
+  return 1
+}
+
+# True when pid $1 is alive and its command line mentions $2 (guards against reused pids).
+tq_pid_matches() {
+  local pid=$1 needle=$2 cmd
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  cmd=$(ps -o args= -p "$pid" 2>/dev/null) || return 1
+  case "$cmd" in *"$needle"*) return 0 ;; *) return 1 ;; esac
+}
+
+# Free disk space in MiB of the filesystem holding $1 (or its nearest existing parent).
+tq_free_mb() {
+  local d=$1
+  while [ ! -e "$d" ] && [ "$d" != "/" ]; do d=$(dirname "$d"); done
+  df -Pm "$d" | awk 'NR==2 {print $4}'
+}
+
+# True when version $1 >= version $2 (dotted numbers; a suffix such as -rc1 is ignored).
+tq_version_ge() {
+  local a=${1%%[-+ ]*} b=${2%%[-+ ]*}
+  [ "$(printf '%s\n%s\n' "$b" "$a" | sort -t. -k1,1n -k2,2n -k3,3n | head -n1)" = "$b" ]
+}
+
+# Print the Ollama version found (server at $1 first, then the CLI), or nothing.
+tq_ollama_version() {
+  local url=${1:-http://127.0.0.1:11434} v=""
+  v=$(tq_http_get "$url/api/version" | sed -n 's/.*"version" *: *"\([^"]*\)".*/\1/p') || true
+  if [ -z "$v" ] && command -v ollama >/dev/null 2>&1; then
+    v=$(ollama --version 2>/dev/null | grep -Eo '[0-9]+\.[0-9]+(\.[0-9]+)?' | tail -n1) || true
+  fi
+  printf '%s' "$v"
+}
