@@ -84,7 +84,7 @@ class CacheSpec:
 
     def tq_config(self) -> Any:
         """Our ``TurboQuantConfig`` for a ``tq:`` spec."""
-        from services.turboquant import TurboQuantConfig
+        from services.turboquant.config import TurboQuantConfig
 
         return TurboQuantConfig(**self.options)
 

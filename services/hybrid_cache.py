@@ -131,24 +131,23 @@ def make_turboquant_cache(model: nn.Module, config: Any) -> list[Any]:
 
 
 def _packed_bytes(dim: int, bits: int) -> int:
-    # mx.quantize packs into uint32 words.
+    # Codes are packed into uint32 words, as mx.quantize does.
     return math.ceil(dim * bits / 32) * 4
 
 
-def vector_nbytes(dim: int, bits: int, config: Any) -> int:
-    """Bytes our cache stores for one ``dim``-vector quantized at ``bits``.
+def side_nbytes(spec: Any, dim: int) -> int:
+    """Bytes our cache stores for one ``dim``-vector of a side (keys or values).
 
-    affine: packed codes + a float16 scale and bias per group (+ a norm when normalizing);
-    codebook: packed codes + one float16 norm.
+    ``spec`` is a ``SideSpec`` (``config.key_spec()``/``value_spec()``). affine: packed
+    codes + a float16 scale and bias per group; codebook: packed codes + one float16 norm.
+    Normalization (norm baking) folds into those numbers and costs no byte.
     """
-    if bits >= 16:
+    if spec.bits >= 16:
         return dim * FP16_BYTES
-    packed = _packed_bytes(dim, bits)
-    if config.quantizer == "codebook":
+    packed = _packed_bytes(dim, spec.bits)
+    if spec.quantizer == "codebook":
         return packed + SIDE_BYTES
-    groups = math.ceil(dim / min(int(config.group_size), dim))
-    norm = SIDE_BYTES if getattr(config, "use_normalization", False) else 0
-    return packed + 2 * SIDE_BYTES * groups + norm
+    return packed + 2 * SIDE_BYTES * math.ceil(dim / min(int(spec.group_size), dim))
 
 
 @dataclass(frozen=True)
@@ -292,7 +291,7 @@ def describe_model(model: nn.Module, config: Any) -> ModelKVReport:
             if cfg is None:
                 comp += lk.fp16_bytes_per_token
             else:
-                comp += n_kv * (vector_nbytes(kd, kb, cfg) + vector_nbytes(vd, vb, cfg))
+                comp += n_kv * (side_nbytes(cfg.key_spec(), kd) + side_nbytes(cfg.value_spec(), vd))
         elif isinstance(c, RotatingKVCache):
             n_kv, kd, vd = layer_kv_shape(model, i)
             lk = LayerKV(i, name, "sliding", n_kv, kd, vd, window=int(c.max_size))
@@ -441,8 +440,8 @@ def model_skeleton(path: str | Path) -> nn.Module:
 
 def _config_from_args(ns: argparse.Namespace) -> Any:
     from services.config import load_settings
+    from services.turboquant.config import TurboQuantConfig
 
-    tq = _turboquant()
     overrides = {}
     for key, value in (
         ("tq_kv_bits", ns.bits),
@@ -454,7 +453,7 @@ def _config_from_args(ns: argparse.Namespace) -> Any:
     ):
         if value is not None:
             overrides[key] = value
-    return tq.TurboQuantConfig.from_settings(load_settings(**overrides))
+    return TurboQuantConfig.from_settings(load_settings(**overrides))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

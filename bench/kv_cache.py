@@ -1,0 +1,259 @@
+"""KV cache benchmark: size, perplexity, decode speed and peak memory per cache config.
+
+One run measures every config on one model and writes one table (section ``kv_cache`` of
+docs/benchmarks.md) plus a plot of perplexity vs bits per element (docs/kv_cache_ppl.png).
+
+- bits/element and KV bytes/token: over the compressed (full-attention) layers, side data
+  (scales, biases, norms) counted at float16, as they would be in an fp16 model.
+- perplexity: ``bench.eval_ppl`` (Python Language Reference prose, 64-token chunks through a
+  persistent cache, so attention really reads the cache under test).
+- decode: tokens/s of single-token steps after prefilling to each context length; on CPU
+  shown as a ratio to the ``fp`` row of the same run (absolute figures with ``--absolute``).
+- peak memory: MLX peak over the model weights while prefilling to the longest context.
+
+Default CPU run (about 15 minutes on 2 cores)::
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+    python -m bench.kv_cache --model .cache/models/smollm2-135m-instruct
+
+Longer run: ``--tokens 4096 --contexts 1024,4096,8192 --speed all``; on a GPU
+(MLX CUDA or Metal): ``--device gpu --absolute --contexts 4096,16384,32768``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from bench.eval_ppl import CacheSpec, chunked_nll, load_float32, parse_spec, text_tokens
+from bench.report import markdown_table, write_section
+from services import hybrid_cache
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PLOT = DOCS / "kv_cache_ppl.png"
+
+DEFAULT_CONFIGS = [
+    "fp",
+    "mlx8",
+    "mlx4",
+    "mlx4g32",
+    "tq:affine:k8v8",
+    "tq:affine:k4v4",
+    "tq:affine:k4v4:g32",
+    "tq:affine:k4v4:norot",
+    "tq:affine:k4v4:nonorm",
+    "tq:affine:k3v3",
+    "tq:affine:k8v4",
+    "tq:affine:k4v3",
+    "tq:affine:k4v3:b2",
+    "tq:codebook:k4v4",
+    "tq:codebook:k4v4:nonorm",
+    "tq:codebook:k4v3",
+    "tq:codebook:k3v3",
+    "tq:codebook:k3v3:b2",
+    "tq:codebook:k4v2",
+]
+SPEED_CONFIGS = ["fp", "mlx8", "mlx4", "tq:affine:k4v4", "tq:codebook:k4v4", "tq:codebook:k3v3"]
+
+
+@dataclass
+class Result:
+    """Every figure of one cache config."""
+
+    spec: CacheSpec
+    bits: float
+    bytes_per_token: int
+    ppl: float = math.nan
+    decode_tps: dict[int, float] = field(default_factory=dict)
+    peak_bytes: int | None = None
+    cache_bytes: int | None = None
+    error: str | None = None
+
+
+def kv_bytes_per_token(model: nn.Module, spec: CacheSpec, fp16: int) -> int:
+    """Stored KV bytes per token over the full-attention layers for ``spec``."""
+    if spec.kind == "tq":
+        return hybrid_cache.describe_model(model, spec.tq_config()).kv_bytes_per_token_compressed
+    return round(fp16 * spec.bits_per_element(model) / 16)
+
+
+def decode_speed(
+    model: nn.Module, spec: CacheSpec, tokens: Sequence[int], contexts: Sequence[int], steps: int
+) -> tuple[dict[int, float], int, int]:
+    """Decode tokens/s at each context, peak bytes over the weights, final cache bytes."""
+    cache = spec.make(model)
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    ids = mx.array(list(tokens))
+    filled = 0
+    out: dict[int, float] = {}
+    for ctx in sorted(contexts):
+        for start in range(filled, ctx, 256):
+            stop = min(start + 256, ctx)
+            mx.eval(model(ids[None, start:stop], cache=cache))
+        filled = ctx
+        tok = ids[None, filled : filled + 1]
+        mx.eval(model(tok, cache=cache))  # warm-up step (kernels, allocation growth)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = model(tok, cache=cache)
+            tok = mx.argmax(logits[:, -1:], axis=-1)
+            mx.eval(tok)
+        out[ctx] = steps / (time.perf_counter() - t0)
+        filled += steps + 1
+    peak = mx.get_peak_memory() - base
+    mem = hybrid_cache.cache_memory(cache)["actual_bytes"]
+    return out, peak, mem
+
+
+def _fmt_ratio(r: Result, base: Result, ctx: int, absolute: bool) -> str:
+    if ctx not in r.decode_tps:
+        return "–"
+    if absolute:
+        return f"{r.decode_tps[ctx]:.1f}"
+    return f"{r.decode_tps[ctx] / base.decode_tps[ctx]:.2f}x"
+
+
+def render(
+    results: list[Result], contexts: Sequence[int], absolute: bool, model_name: str, tokens: int
+) -> str:
+    """The markdown body of the section."""
+    base = next(r for r in results if r.spec.kind == "fp")
+    fp16_bytes = base.bytes_per_token
+    unit = "tok/s" if absolute else "× fp"
+    headers = [
+        "model", "cache", "bits/el", "KV B/token", "vs fp16", "ppl", "Δppl",
+        *[f"decode @{c} ({unit})" for c in contexts], "peak MiB", "cache MiB",
+    ]  # fmt: skip
+    rows = []
+    for r in results:
+        delta = "–" if math.isnan(r.ppl) else f"{100 * (r.ppl / base.ppl - 1):+.2f} %"
+        rows.append([
+            model_name,
+            f"`{r.spec.name}`" + (f" (error: {r.error})" if r.error else ""),
+            f"{r.bits:.3f}",
+            f"{r.bytes_per_token:,}",
+            f"{fp16_bytes / r.bytes_per_token:.2f}x",
+            "–" if math.isnan(r.ppl) else f"{r.ppl:.3f}",
+            delta,
+            *[_fmt_ratio(r, base, c, absolute) if base.decode_tps else "–" for c in contexts],
+            "–" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}",
+            "–" if r.cache_bytes is None else f"{r.cache_bytes / 2**20:.1f}",
+        ])  # fmt: skip
+    notes = (
+        f"Perplexity over {tokens:,} tokens of CPython's `pydoc_data/topics.py` prose, 64-token "
+        "chunks through a persistent cache; `fp` is the model-dtype `KVCache` (float32 here), "
+        "listed at 16 bits as the fp16 reference for sizes. bits/el and KV B/token count only "
+        "the compressed layers, side data at fp16 (mlx-lm's cache stores it in the model "
+        "dtype). Peak MiB: MLX peak above the weights while prefilling to the longest "
+        f"context; cache MiB: cache `nbytes` there. Specs: see `bench/eval_ppl.py`.\n\n"
+        f"![perplexity vs bits per element]({PLOT.name})\n"
+    )
+    return notes + "\n" + markdown_table(headers, rows)
+
+
+def plot(results: list[Result], path: Path, model_name: str) -> None:
+    """Scatter of perplexity vs bits per element, ours vs mlx-lm, fp as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    base = next(r for r in results if r.spec.kind == "fp")
+    ax.axhline(base.ppl, color="grey", ls="--", lw=1, label=f"fp cache ({base.ppl:.3f})")
+    ax.axhline(base.ppl * 1.01, color="green", ls=":", lw=1, label="+1 %")
+    ax.axhline(base.ppl * 1.05, color="orange", ls=":", lw=1, label="+5 %")
+    styles = {"mlx": ("tab:red", "s", "mlx-lm QuantizedKVCache"),
+              "tq:affine": ("tab:blue", "o", "TurboQuant affine"),
+              "tq:codebook": ("tab:purple", "^", "TurboQuant codebook")}  # fmt: skip
+    seen = set()
+    for r in results:
+        if r.spec.kind == "fp" or math.isnan(r.ppl):
+            continue
+        key = "mlx" if r.spec.kind == "mlx" else f"tq:{r.spec.options['quantizer']}"
+        color, marker, label = styles[key]
+        ax.scatter(r.bits, r.ppl, c=color, marker=marker,
+                   label=None if key in seen else label)  # fmt: skip
+        seen.add(key)
+        ax.annotate(r.spec.name.removeprefix("tq:"), (r.bits, r.ppl), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("effective bits per K/V element")
+    ax.set_ylabel("perplexity")
+    top = max(r.ppl for r in results if not math.isnan(r.ppl))
+    ax.set_ylim(base.ppl * 0.99, min(top * 1.02, base.ppl * 1.4))
+    ax.set_title(f"{model_name}: perplexity vs KV cache bits")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write docs/benchmarks.md (section kv_cache) and the plot."""
+    ap = argparse.ArgumentParser(prog="python -m bench.kv_cache", description=main.__doc__)
+    ap.add_argument("--model", default=".cache/models/smollm2-135m-instruct")
+    ap.add_argument("--name", help="model name in the table (default: directory name)")
+    ap.add_argument("--tokens", type=int, default=1024, help="perplexity tokens")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
+    ap.add_argument("--speed", default=",".join(SPEED_CONFIGS),
+                    help="configs timed for decode ('all' or a list)")  # fmt: skip
+    ap.add_argument("--contexts", default="256,1024,2048", help="decode context lengths")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per context")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default=None)
+    ap.add_argument("--absolute", action="store_true", help="tokens/s instead of ratios")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ns = ap.parse_args(argv)
+
+    if ns.device:
+        mx.set_default_device(mx.gpu if ns.device == "gpu" else mx.cpu)
+    model, tok = load_float32(ns.model)
+    name = ns.name or Path(ns.model).name
+    contexts = [int(c) for c in ns.contexts.split(",") if c]
+    specs = [parse_spec(s) for s in ns.configs.split(",") if s]
+    timed = {s.name for s in specs} if ns.speed == "all" else set(ns.speed.split(","))
+    need = max(ns.tokens, max(contexts) + (ns.steps + 1) * len(contexts) + 1)
+    tokens = text_tokens(tok, need)
+    fp16 = hybrid_cache.describe_model(model, parse_spec("tq:affine:k4v4").tq_config())
+    fp16_bytes = fp16.kv_bytes_per_token_fp16
+
+    results = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        r = Result(spec, spec.bits_per_element(model), kv_bytes_per_token(model, spec, fp16_bytes))
+        try:
+            total, count = chunked_nll(model, tokens[: ns.tokens], spec.make(model))
+            r.ppl = math.exp(total / count)
+            if spec.name in timed:
+                r.decode_tps, r.peak_bytes, r.cache_bytes = decode_speed(
+                    model, spec, tokens, contexts, ns.steps
+                )
+        except Exception as e:  # one broken config must not lose the whole run
+            r.error = f"{type(e).__name__}: {e}"[:120]
+        results.append(r)
+        tps = " ".join(f"{c}:{v:.1f}" for c, v in r.decode_tps.items())
+        print(f"{spec.name:28} bits {r.bits:6.3f} ppl {r.ppl:8.3f} {tps} "
+              f"({time.perf_counter() - t0:.0f}s) {r.error or ''}", flush=True)  # fmt: skip
+
+    body = render(results, contexts, ns.absolute, name, ns.tokens)
+    print(body)
+    if not ns.no_write:
+        plot(results, PLOT, name)
+        dev = "GPU" if ns.device == "gpu" else "CPU"
+        write_section("kv_cache", f"KV cache configs ({name}, {dev})", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
