@@ -1,0 +1,60 @@
+"""``tqstack-sidecar`` / ``python -m services.sidecar``: serve the MLX sidecar in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from services.config import load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sidecar on SIDECAR_HOST:SIDECAR_PORT until interrupted."""
+    ap = argparse.ArgumentParser(prog="tqstack-sidecar", description=__doc__)
+    ap.add_argument("--config", help="config.env to read (default: $TQSTACK_HOME/config.env)")
+    ap.add_argument("--host", help="bind address (default: SIDECAR_HOST)")
+    ap.add_argument("--port", type=int, help="port (default: SIDECAR_PORT)")
+    ap.add_argument("--model", help="model to serve (default: SIDECAR_MODEL)")
+    args = ap.parse_args(argv)
+
+    overrides = {
+        k: v
+        for k, v in {
+            "sidecar_host": args.host,
+            "sidecar_port": args.port,
+            "sidecar_model": args.model,
+        }.items()
+        if v is not None
+    }
+    settings = load_settings(args.config, **overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    import uvicorn
+
+    from services.sidecar.app import create_app
+    from services.sidecar.engine import Engine
+
+    engine = Engine(settings)
+    # A model that cannot load ends the process (non-zero) instead of a server stuck at 503.
+    engine.on_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    app = create_app(settings, engine)
+    uvicorn.run(
+        app,
+        host=settings.sidecar_host,
+        port=settings.sidecar_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    if engine.status == "failed":
+        print(f"tqstack-sidecar: model failed to load: {engine.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
