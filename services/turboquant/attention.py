@@ -1,0 +1,147 @@
+"""Attention over a :class:`TurboQuantKVCache` without dequantizing the cache.
+
+The query is rotated once (float32), scored against the packed rotated keys, the softmax
+runs in float32, values are accumulated in the rotated space and only the output is
+rotated back. Decode (one query position) goes through :func:`decode_attention`, where a
+fused kernel can be plugged in with :func:`set_decode_kernel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from .codebook import centroids
+from .packing import unpack
+from .rotation import rotate, unrotate
+
+# Context positions per tile in the portable codebook path: bounds what is materialised.
+CODEBOOK_BLOCK = 1024
+
+DecodeKernel = Callable[..., "mx.array | None"]
+_decode_kernel: DecodeKernel | None = None
+
+
+def set_decode_kernel(fn: DecodeKernel | None) -> DecodeKernel | None:
+    """Install ``fn(q_rot, keys, values, scale, mask, sinks)`` for decode; returns the old one.
+
+    ``fn`` returns the rotated-space output (docs/turboquant.md, "Decode call") or ``None``
+    to decline, in which case the portable path runs. ``None`` uninstalls.
+    """
+    global _decode_kernel
+    old, _decode_kernel = _decode_kernel, fn
+    return old
+
+
+def turboquant_attention(
+    queries: mx.array,
+    keys: Any,
+    values: Any,
+    scale: float,
+    mask: Any = None,
+    sinks: mx.array | None = None,
+) -> mx.array:
+    """SDPA of ``(B, H_q, L, D)`` queries over packed sides; output in the queries' dtype."""
+    k_rot, v_rot = keys.rotation, values.rotation
+    # rotate() returns a new float32 array: the caller's queries are never written to.
+    q = rotate(queries, k_rot) if k_rot is not None else queries.astype(mx.float32)
+    if queries.shape[2] == 1:
+        out = decode_attention(q, keys, values, scale, mask, sinks)
+    else:
+        out = attend(q, keys, values, scale, mask, sinks)
+    if v_rot is not None:
+        out = unrotate(out, v_rot)
+    return out.astype(queries.dtype)
+
+
+def decode_attention(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
+    """One query position: the fused kernel if one is installed and accepts, else portable."""
+    if _decode_kernel is not None:
+        out = _decode_kernel(q_rot, keys, values, scale, mask, sinks)
+        if out is not None:
+            return out
+    return attend(q_rot, keys, values, scale, mask, sinks)
+
+
+def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
+    """Portable attention in the rotated space; float32 ``(B, H_q, L, D_v)``."""
+    B, n_q, L, D = q_rot.shape
+    n_kv = keys.parts[0].shape[1]
+    n_rep = n_q // n_kv
+    q = q_rot * scale
+    k_parts, v_parts = keys.parts, values.parts
+    if n_rep > 1:
+        # GQA: (B, H_kv, n_rep, L, D) against (B, H_kv, 1, T, .) -- no copies of the cache.
+        q = q.reshape(B, n_kv, n_rep, L, D)
+        k_parts = tuple(mx.expand_dims(p, 2) for p in k_parts)
+        v_parts = tuple(mx.expand_dims(p, 2) for p in v_parts)
+
+    scores = _scores(q, k_parts, keys.spec)
+    scores = _apply_mask(scores, mask, n_rep)
+    if sinks is not None:
+        sink = sinks.astype(mx.float32)
+        sink = sink.reshape(n_kv, n_rep, 1, 1) if n_rep > 1 else sink.reshape(n_q, 1, 1)
+        sink = mx.broadcast_to(sink, (*scores.shape[:-1], 1))
+        probs = mx.softmax(mx.concatenate([sink, scores], axis=-1), axis=-1, precise=True)
+        probs = probs[..., 1:]
+    else:
+        probs = mx.softmax(scores, axis=-1, precise=True)
+    out = _weighted_values(probs, v_parts, values.spec)
+    if n_rep > 1:
+        out = out.reshape(B, n_q, L, out.shape[-1])
+    return out
+
+
+def _apply_mask(scores: mx.array, mask: Any, n_rep: int) -> mx.array:
+    if mask is None:
+        return scores
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unsupported mask {mask!r}")
+        q_len, k_len = scores.shape[-2:]
+        # Queries are the last q_len positions of the context.
+        q_idx = mx.arange(k_len - q_len, k_len)
+        mask = q_idx[:, None] >= mx.arange(k_len)[None]
+    if n_rep > 1 and mask.ndim > 3:
+        mask = mx.expand_dims(mask, -3)
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.finfo(mx.float32).min)
+    return scores + mask.astype(mx.float32)
+
+
+def _scores(q: mx.array, parts: tuple[mx.array, ...], spec) -> mx.array:
+    if spec.quantizer == "affine":
+        return mx.quantized_matmul(
+            q, *parts, transpose=True, group_size=spec.group_size, bits=spec.bits
+        )
+    packed, norms = parts
+    dim = q.shape[-1]
+    table = centroids(spec.bits, dim)
+    blocks = []
+    for start in range(0, packed.shape[-2], CODEBOOK_BLOCK):
+        stop = start + CODEBOOK_BLOCK
+        k_blk = mx.take(table, unpack(packed[..., start:stop, :], spec.bits).astype(mx.uint32))
+        s = q @ k_blk.swapaxes(-1, -2)
+        # The per-vector norm scales a whole score column: apply it after the matmul.
+        blocks.append(s * norms[..., None, start:stop].astype(mx.float32))
+    return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
+
+
+def _weighted_values(probs: mx.array, parts: tuple[mx.array, ...], spec) -> mx.array:
+    if spec.quantizer == "affine":
+        return mx.quantized_matmul(
+            probs, *parts, transpose=False, group_size=spec.group_size, bits=spec.bits
+        )
+    packed, norms = parts
+    dim = packed.shape[-1] * 32 // spec.bits
+    table = centroids(spec.bits, dim)
+    out = None
+    for start in range(0, packed.shape[-2], CODEBOOK_BLOCK):
+        stop = start + CODEBOOK_BLOCK
+        v_blk = mx.take(table, unpack(packed[..., start:stop, :], spec.bits).astype(mx.uint32))
+        p = probs[..., start:stop] * norms[..., None, start:stop].astype(mx.float32)
+        part = p @ v_blk
+        out = part if out is None else out + part
+    return out

@@ -1,0 +1,65 @@
+"""``TurboQuantConfig``: how the compressed KV cache quantizes, built from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .quantizers import QUANTIZERS, SideSpec, make_side_spec
+
+
+@dataclass(frozen=True)
+class TurboQuantConfig:
+    """Cache configuration (one per model; boundary layers get a modified copy).
+
+    ``quantizer``: ``affine`` or ``codebook``; ``key_bits``/``value_bits`` per side
+    (codebook sides above 4 bits fall back to affine); ``group_size`` for affine;
+    ``use_rotation``/``use_normalization`` as documented in docs/turboquant.md;
+    ``boundary_layers``/``boundary_bits``: the first and last N softmax layers at
+    ``boundary_bits`` (16 or more: left unquantized); ``seed`` picks the rotation.
+    """
+
+    key_bits: int = 4
+    value_bits: int = 4
+    group_size: int = 64
+    quantizer: str = "affine"
+    use_rotation: bool = True
+    use_normalization: bool = True
+    boundary_layers: int = 0
+    boundary_bits: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.boundary_layers < 0:
+            raise ValueError("boundary_layers must be >= 0")
+        self.key_spec()
+        self.value_spec()
+
+    def key_spec(self) -> SideSpec:
+        """The validated spec of the key side."""
+        return make_side_spec(
+            self.quantizer, self.key_bits, self.group_size, self.use_normalization
+        )
+
+    def value_spec(self) -> SideSpec:
+        """The validated spec of the value side."""
+        return make_side_spec(
+            self.quantizer, self.value_bits, self.group_size, self.use_normalization
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> TurboQuantConfig:
+        """Build from ``services.config.Settings`` (the ``TQ_*`` keys)."""
+        return cls(
+            key_bits=int(settings.key_bits),
+            value_bits=int(settings.value_bits),
+            group_size=int(settings.tq_kv_group_size),
+            quantizer=str(settings.tq_quantizer),
+            use_rotation=bool(settings.tq_use_rotation),
+            use_normalization=bool(settings.tq_use_normalization),
+            boundary_layers=int(settings.tq_boundary_layers),
+            boundary_bits=int(settings.tq_boundary_bits),
+            seed=int(settings.tq_rotation_seed),
+        )
