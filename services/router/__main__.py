@@ -1,0 +1,60 @@
+"""``tqstack-router`` / ``python -m services.router``: serve the router with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+from services.config import load_settings
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the router in the foreground on ROUTER_HOST:ROUTER_PORT."""
+    ap = argparse.ArgumentParser(prog="tqstack-router", description=__doc__)
+    ap.add_argument("--config", help="config.env to read (default: $TQSTACK_HOME/config.env)")
+    ap.add_argument("--host", help="override ROUTER_HOST")
+    ap.add_argument("--port", type=int, help="override ROUTER_PORT")
+    args = ap.parse_args(argv)
+    overrides = {k: v for k, v in (("router_host", args.host), ("router_port", args.port)) if v}
+    settings = load_settings(args.config, **overrides)
+    if not is_loopback(settings.router_host) and not settings.tqstack_api_key:
+        print(
+            f"tqstack-router: refusing to listen on {settings.router_host}, which is not a "
+            "loopback address, without an API key. Set TQSTACK_API_KEY (clients then send "
+            "'Authorization: Bearer <key>') or bind ROUTER_HOST=127.0.0.1.",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from .app import create_app
+
+    # access_log off: request lines cost time on the hot path; we count in /metrics instead
+    uvicorn.run(
+        create_app(settings),
+        host=settings.router_host,
+        port=settings.router_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
