@@ -90,11 +90,12 @@ def replace_kv_caches(
     return caches
 
 
-def _turboquant():
-    # Imported on use: the cache class lives in the turboquant subpackage.
-    from services import turboquant
+def _turboquant() -> tuple[Any, Any, Any]:
+    # Imported on use (the cache class, the patch); hybrid_cache itself needs neither.
+    from services.turboquant.cache import TurboQuantKVCache
+    from services.turboquant.patch import check_model_supported, ensure_patched
 
-    return turboquant
+    return TurboQuantKVCache, ensure_patched, check_model_supported
 
 
 def layer_config(config: Any, boundary: bool) -> Any | None:
@@ -116,13 +117,14 @@ def make_turboquant_cache(model: nn.Module, config: Any) -> list[Any]:
     Boundary layers (first/last ``config.boundary_layers`` softmax layers) use
     ``config.boundary_bits`` for keys and values (16 or more: an unquantized ``KVCache``).
     """
-    tq = _turboquant()
-    tq.install_patch()
-    tq.check_model_supported(model)
+    cache_cls, ensure_patched, check_model_supported = _turboquant()
+    # ensure_patched imports the model's own modules first, so their bindings get patched.
+    ensure_patched(model)
+    check_model_supported(model)
 
     def factory(_i: int, boundary: bool) -> Any:
         cfg = layer_config(config, boundary)
-        return None if cfg is None else tq.TurboQuantKVCache(cfg)
+        return None if cfg is None else cache_cls(cfg)
 
     return replace_kv_caches(model, factory, boundary_layers=int(config.boundary_layers))
 

@@ -67,7 +67,7 @@ def test_replace_kv_caches_touches_only_plain_kvcache():
 
 
 def test_llama_every_layer_compressed():
-    from services.turboquant import TurboQuantKVCache
+    from services.turboquant.cache import TurboQuantKVCache
 
     model = tiny_llama(layers=4)
     caches = hc.make_turboquant_cache(model, tq_config())
@@ -87,7 +87,7 @@ def test_llama_every_layer_compressed():
     ids=["qwen3_next", "qwen3_5"],
 )
 def test_hybrid_only_full_attention_layers_compressed(build, expected_attn, num_layers):
-    from services.turboquant import TurboQuantKVCache
+    from services.turboquant.cache import TurboQuantKVCache
 
     model = build()
     caches = hc.make_turboquant_cache(model, tq_config())
@@ -104,7 +104,7 @@ def test_hybrid_only_full_attention_layers_compressed(build, expected_attn, num_
 
 
 def test_gemma3_sliding_layers_left_alone():
-    from services.turboquant import TurboQuantKVCache
+    from services.turboquant.cache import TurboQuantKVCache
 
     model = tiny_gemma3_text(layers=6, pattern=3, window=16)
     caches = hc.make_turboquant_cache(model, tq_config())

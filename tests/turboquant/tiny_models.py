@@ -16,7 +16,7 @@ VOCAB = 256
 
 
 def _finish(model: nn.Module, seed: int) -> nn.Module:
-    # Re-seed and materialise so every build with the same seed has the same weights.
+    # Materialise now: the weights were drawn right after mx.random.seed(seed).
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -122,6 +122,25 @@ def tiny_gemma3_text(
         max_position_embeddings=4096,
     )
     return _finish(gemma3_text.Model(args), seed)
+
+
+def tiny_gemma2(*, layers: int = 2, seed: int = 0) -> nn.Module:
+    """A gemma2: its attention is computed by hand (TurboQuant must refuse it)."""
+    from mlx_lm.models import gemma2
+
+    mx.random.seed(seed)
+    args = gemma2.ModelArgs(
+        model_type="gemma2",
+        hidden_size=64,
+        num_hidden_layers=layers,
+        intermediate_size=128,
+        num_attention_heads=4,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        vocab_size=VOCAB,
+        num_key_value_heads=2,
+    )
+    return _finish(gemma2.Model(args), seed)
 
 
 BUILDERS = {

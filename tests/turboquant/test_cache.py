@@ -1,0 +1,251 @@
+"""TurboQuantKVCache against mlx-lm's cache interface (style of mlx-lm's test_prompt_cache)."""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+from services.turboquant import (
+    TurboQuantConfig,
+    TurboQuantKVCache,
+    install_patch,
+    load_turboquant_cache,
+    save_turboquant_cache,
+)
+from services.turboquant.quantizers import dequantize
+from services.turboquant.rotation import get_rotation, unrotate
+
+CONFIGS = [
+    TurboQuantConfig(),
+    TurboQuantConfig(quantizer="codebook", key_bits=4, value_bits=3),
+    TurboQuantConfig(key_bits=8, value_bits=4, group_size=32, use_normalization=False),
+    TurboQuantConfig(quantizer="codebook", key_bits=8, value_bits=2, use_rotation=False),
+]
+
+
+@pytest.fixture(autouse=True)
+def _patched():
+    install_patch()
+
+
+def _kv(n, heads=2, dim=64, seed=0):
+    mx.random.seed(seed)
+    return mx.random.normal((1, heads, n, dim)), mx.random.normal((1, heads, n, dim))
+
+
+def _decoded(cache, side="keys"):
+    """The float vectors the cache stands for (un-rotated), for checking contents."""
+    view = cache.update_and_fetch.__self__._views()[0 if side == "keys" else 1]
+    x = dequantize(view.parts, view.spec)
+    return unrotate(x, view.rotation) if view.rotation is not None else x
+
+
+def test_no_bits_attribute():
+    # mlx-lm's SDPA sends any cache with `bits` to its own affine path.
+    c = TurboQuantKVCache()
+    assert not hasattr(c, "bits")
+    assert not hasattr(TurboQuantKVCache, "bits")
+
+
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.quantizer}-k{c.key_bits}v{c.value_bits}"
+)
+def test_update_and_fetch_grows_in_steps_and_stores(cfg):
+    c = TurboQuantKVCache(cfg)
+    assert c.empty() and c.offset == 0 and c.nbytes == 0 and c.state == []
+    k, v = _kv(300)
+    kv, vv = c.update_and_fetch(k[:, :, :10], v[:, :, :10])
+    assert c.offset == 10 and kv.shape == (1, 2, 10, 64) and vv.shape == (1, 2, 10, 64)
+    assert c.keys[0].shape[2] == 256  # one step allocated
+    for i in range(10, 300, 29):
+        kv, vv = c.update_and_fetch(k[:, :, i : i + 29], v[:, :, i : i + 29])
+    assert c.offset == 300 and c.size() == 300 and kv.shape[2] == 300
+    assert c.keys[0].shape[2] == 512
+    # The stored vectors decode back close to what went in (8-bit sides tightly).
+    for side, ref, bits in (("keys", k, cfg.key_bits), ("values", v, cfg.value_bits)):
+        got = _decoded(c, side)
+        rel = float(mx.sum((got - ref) ** 2) / mx.sum(ref * ref))
+        assert rel < {8: 1e-4, 4: 0.013, 3: 0.05, 2: 0.2}[bits] * (3 if not cfg.use_rotation else 1)
+
+
+def test_state_meta_state_from_state_roundtrip():
+    for cfg in CONFIGS:
+        c = TurboQuantKVCache(cfg)
+        k, v = _kv(70)
+        c.update_and_fetch(k, v)
+        meta = c.meta_state
+        assert isinstance(meta, tuple) and all(isinstance(m, str) for m in meta)
+        state = c.state
+        assert all(isinstance(a, mx.array) for a in state)
+        assert state[0].shape[2] == 70  # sliced to offset
+        d = TurboQuantKVCache.from_state(state, meta)
+        assert d.offset == 70 and d.meta_state == meta
+        for a, b in zip(d.state, state, strict=True):
+            assert mx.array_equal(a, b)
+        # mlx-lm's own convention: from_state(state) alone (class defaults for the rest).
+        e = TurboQuantKVCache.from_state(state)
+        assert e.offset == 70 and len(e.keys) == len(c.keys)
+        # A rebuilt cache keeps working.
+        d.update_and_fetch(*_kv(5, seed=1))
+        assert d.offset == 75
+
+
+def test_meta_state_rejects_mismatched_state():
+    c = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook"))
+    c.update_and_fetch(*_kv(4))
+    meta = list(c.meta_state)
+    meta[0] = "affine"
+    with pytest.raises(ValueError):
+        TurboQuantKVCache.from_state(c.state, tuple(meta))
+
+
+def test_empty_state_roundtrip():
+    c = TurboQuantKVCache()
+    d = TurboQuantKVCache.from_state(c.state, c.meta_state)
+    assert d.empty() and d.offset == 0
+
+
+def test_trim():
+    c = TurboQuantKVCache()
+    k, v = _kv(50)
+    c.update_and_fetch(k, v)
+    assert c.is_trimmable()
+    assert c.trim(20) == 20 and c.offset == 30
+    assert c.state[0].shape[2] == 30
+    kv, _ = c.update_and_fetch(*_kv(5, seed=2))
+    assert c.offset == 35 and kv.shape[2] == 35
+    assert c.trim(100) == 35 and c.offset == 0
+
+
+def test_trim_then_refill_matches_fresh_cache():
+    # Overwriting trimmed positions must give exactly what a fresh cache stores.
+    k, v = _kv(40)
+    a = TurboQuantKVCache()
+    a.update_and_fetch(k, v)
+    a.trim(15)
+    a.update_and_fetch(k[:, :, 25:], v[:, :, 25:])
+    b = TurboQuantKVCache()
+    b.update_and_fetch(k, v)
+    for x, y in zip(a.state, b.state, strict=True):
+        assert mx.array_equal(x, y)
+
+
+def test_deepcopy_is_independent():
+    c = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook", key_bits=3))
+    c.update_and_fetch(*_kv(20))
+    d = copy.deepcopy(c)
+    assert d.meta_state == c.meta_state
+    d.update_and_fetch(*_kv(3, seed=5))
+    assert c.offset == 20 and d.offset == 23
+    for x, y in zip(c.state, d.state, strict=True):
+        assert mx.array_equal(x, y[:, :, :20])
+
+
+def test_make_mask_follows_offset():
+    c = TurboQuantKVCache()
+    assert c.make_mask(1) is None
+    assert c.make_mask(5) == "causal"
+    c.update_and_fetch(*_kv(7))
+    m = c.make_mask(3, return_array=True)
+    assert m.shape == (3, 10)
+    assert np.array_equal(np.array(m[0]), np.arange(10) <= 7)
+
+
+def test_nbytes_and_compression():
+    k, v = _kv(512, heads=4, dim=128)
+    c = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook", key_bits=4, value_bits=3))
+    c.update_and_fetch(k, v)
+    assert c.fp16_nbytes == 512 * 4 * 128 * 2 * 2
+    # codebook: b*D/8 bytes + 2 for the norm per vector.
+    assert c.used_nbytes == 512 * 4 * ((4 * 128 // 8 + 2) + (3 * 128 // 8 + 2))
+    assert c.nbytes == c.used_nbytes  # exactly two whole steps
+    assert c.effective_bits() == pytest.approx((4.125 + 3.125) / 2)
+    a = TurboQuantKVCache(TurboQuantConfig(key_bits=4, value_bits=4, group_size=64))
+    a.update_and_fetch(k, v)
+    ref = QuantizedKVCache(group_size=64, bits=4)
+    ref.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
+    assert a.nbytes == ref.nbytes  # same bytes as mlx-lm's fp16 4-bit cache
+    assert a.effective_bits() == pytest.approx(4.5)
+
+
+def test_constructor_overrides_and_validation():
+    c = TurboQuantKVCache(TurboQuantConfig(), key_bits=8, quantizer="codebook")
+    assert (c.key_quantizer, c.value_quantizer) == ("affine", "codebook")
+    with pytest.raises(TypeError):
+        TurboQuantKVCache(bits=4)
+    with pytest.raises(ValueError):
+        TurboQuantConfig(key_bits=5)
+    with pytest.raises(ValueError):
+        TurboQuantConfig(quantizer="qjl")
+
+
+def test_from_kv_cache_equals_incremental():
+    k, v = _kv(64)
+    kv = KVCache()
+    kv.update_and_fetch(k, v)
+    a = TurboQuantKVCache.from_kv_cache(kv, TurboQuantConfig(quantizer="codebook"))
+    b = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook"))
+    b.update_and_fetch(k, v)
+    assert a.offset == 64
+    for x, y in zip(a.state, b.state, strict=True):
+        assert mx.array_equal(x, y)
+
+
+def test_config_from_settings():
+    from services.config import load_settings
+
+    s = load_settings(
+        tq_kv_bits=3,
+        tq_kv_key_bits=4,
+        tq_quantizer="codebook",
+        tq_use_normalization=False,
+        tq_boundary_layers=2,
+        tq_rotation_seed=9,
+    )
+    cfg = TurboQuantConfig.from_settings(s)
+    assert (cfg.key_bits, cfg.value_bits, cfg.quantizer) == (4, 3, "codebook")
+    assert not cfg.use_normalization and cfg.boundary_layers == 2 and cfg.seed == 9
+
+
+def test_save_load_mixed_list(tmp_path):
+    k, v = _kv(33)
+    ours = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook", key_bits=4, value_bits=2))
+    ours.update_and_fetch(k, v)
+    aff = TurboQuantKVCache(TurboQuantConfig(key_bits=8, value_bits=3, use_rotation=False))
+    aff.update_and_fetch(k, v)
+    plain = KVCache()
+    plain.update_and_fetch(k, v)
+    rot = RotatingKVCache(max_size=16, keep=2)
+    rot.update_and_fetch(k, v)
+    empty_ours, empty_plain = TurboQuantKVCache(), KVCache()
+    caches = [ours, aff, plain, rot, empty_ours, empty_plain]
+    path = tmp_path / "cache.safetensors"
+    save_turboquant_cache(path, caches, {"model": "tiny", "tokens": "33"})
+    loaded, meta = load_turboquant_cache(path, return_metadata=True)
+    assert meta == {"model": "tiny", "tokens": "33"}
+    assert [type(c) for c in loaded] == [type(c) for c in caches]
+    for a, b in zip(loaded[:2], caches[:2], strict=True):
+        assert a.meta_state == b.meta_state and a.offset == 33
+        for x, y in zip(a.state, b.state, strict=True):
+            assert mx.array_equal(x, y)
+    assert loaded[2].offset == 33 and mx.array_equal(loaded[2].state[0], plain.state[0])
+    assert loaded[3].offset == rot.offset and mx.array_equal(loaded[3].keys, rot.keys)
+    assert loaded[4].empty() and loaded[5].empty()
+    assert load_turboquant_cache(path)[0].offset == 33
+
+
+def test_load_rejects_foreign_file(tmp_path):
+    p = tmp_path / "x.safetensors"
+    mx.save_safetensors(str(p), {"a": mx.zeros((2,))})
+    with pytest.raises(ValueError):
+        load_turboquant_cache(p)
+
+
+def test_rotation_matrix_shared_by_seed():
+    a = TurboQuantKVCache(TurboQuantConfig(seed=4))
+    views = a.update_and_fetch(*_kv(2))
+    assert views[0].rotation is get_rotation(64, 4)
