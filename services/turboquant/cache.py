@@ -254,9 +254,11 @@ class TurboQuantKVCache(_BaseCache):
         self.offset -= n
         return n
 
-    def make_mask(self, *args, **kwargs):
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         """The attention mask for the next ``N`` queries (mlx-lm's helper)."""
-        return create_attention_mask(*args, offset=self.offset, **kwargs)
+        return create_attention_mask(
+            N, offset=self.offset, return_array=return_array, window_size=window_size
+        )
 
     def empty(self) -> bool:
         """True until something was stored (``state`` empty)."""
