@@ -72,6 +72,14 @@ def smollm2_dir(models_dir: Path) -> Path:
     return ensure_model("smollm2-135m-instruct", models_dir)
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir(models_dir: Path) -> Path:
+    """Gemma 3 270M (base model) converted from the PyPI packages into an mlx-lm directory."""
+    from services.models.embedded import ensure_model
+
+    return ensure_model("gemma3-270m", models_dir)
+
+
 @pytest.fixture
 def python_env() -> Iterator[dict[str, str]]:
     """Environment for child Python processes (the repo importable, unbuffered output)."""
