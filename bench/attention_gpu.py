@@ -1,0 +1,393 @@
+"""Decode attention per layer on a CUDA GPU: fp16 SDPA vs mlx-lm affine vs our fused kernel.
+
+Runs on the GPU machine (imports only mlx, mlx_lm, numpy and our kernel package):
+
+    python bench/attention_gpu.py --out $OUT        # correctness grid, then timings
+
+prints a short table last and writes ``attention_gpu.json``. Back here,
+
+    python bench/attention_gpu.py --render attention_gpu.json --machine "..." --command "..."
+
+writes the "attention_gpu" section of docs/benchmarks.md. Timing: a graph of ``reps``
+independent calls (rotating over input sets larger than the L2) is evaluated at once and
+the wall time of ``mx.eval`` + synchronize is divided by ``reps``; median of 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+L2_BYTES = 60 * 2**20
+
+
+def load_kernels():
+    """Our kernel package; standalone by path if the rest of services/ cannot import here."""
+    try:
+        from services.turboquant import kernels
+
+        return kernels
+    except Exception as exc:  # noqa: BLE001 - any import failure elsewhere in the package
+        print(f"note: services.turboquant import failed ({exc!r}); loading kernels by path")
+        path = ROOT / "services" / "turboquant" / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "tq_kernels", path / "__init__.py", submodule_search_locations=[str(path)]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["tq_kernels"] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+# ----------------------------------------------------------------------------- correctness
+CHECK_SHAPES = [  # (batch, q heads, kv heads, head dim)
+    (1, 32, 8, 128),
+    (2, 16, 2, 256),
+    (1, 8, 8, 64),
+    (1, 28, 4, 128),  # GQA 7: a head block of 7
+    (1, 64, 4, 128),  # GQA 16: two head blocks of 8
+    (1, 4, 1, 32),
+]
+CHECK_FORMATS = [  # (quantizer, key bits, value bits, group size)
+    ("affine", 4, 4, 64),
+    ("affine", 8, 8, 64),
+    ("affine", 3, 3, 64),
+    ("affine", 2, 2, 32),
+    ("affine", 8, 4, 128),
+    ("affine", 4, 3, 32),
+    ("codebook", 4, 4, 0),
+    ("codebook", 3, 3, 0),
+    ("codebook", 2, 2, 0),
+    ("codebook", 4, 3, 0),
+]
+CHECK_LENGTHS = [1, 77, 129, 1000, 4099, 33333]
+TOL = 2e-5  # fp32 arithmetic on exactly the stored values
+
+
+def run_checks(km, rng) -> list[dict]:
+    """Kernel vs float64 reference on fresh random inputs; every output poisoned first."""
+    import mlx.core as mx
+
+    from_cases = importlib.import_module(km.__name__ + ".cases")
+    ref_mod = importlib.import_module(km.__name__ + ".reference")
+    fd = importlib.import_module(km.__name__ + ".fused_decode")
+    rows = []
+    for bsz, hq, hkv, d in CHECK_SHAPES:
+        for qz, kb, vb, gs in CHECK_FORMATS:
+            gs = min(gs or 64, d)
+            for n in CHECK_LENGTHS:
+                if d == 256 and n > 5000 and bsz > 1:
+                    continue
+                case = from_cases.make_case(
+                    rng,
+                    batch=bsz,
+                    q_heads=hq,
+                    kv_heads=hkv,
+                    dim=d,
+                    length=n,
+                    quantizer=qz,
+                    key_bits=kb,
+                    value_bits=vb,
+                    group_size=gs,
+                    capacity_extra=int(rng.integers(0, 300)),
+                    sinks=bool(n % 2),
+                )
+                errs = []
+                launches = [{}, {"splits": 7}] + ([{"tpb": 128, "tile": 64}] if n <= 1000 else [])
+                for kw in launches:
+                    out = fd.fused_decode_attention(
+                        case.q_rot,
+                        case.keys,
+                        case.values,
+                        case.scale,
+                        poison=True,
+                        **case.kwargs(),
+                        **kw,
+                    )
+                    mx.eval(out)
+                    errs.append(ref_mod.rel_error(np.array(out), case.reference()))
+                err = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
+                ok = err <= TOL
+                rows.append(
+                    dict(
+                        shape=f"{bsz}x{hq}/{hkv}x{d}",
+                        fmt=f"{qz} k{kb}v{vb} g{gs}",
+                        length=n,
+                        rel_err=err,
+                        ok=bool(ok),
+                    )
+                )
+                if not ok:
+                    print("FAIL", rows[-1], errs, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- timing
+def bench_time(fns, reps: int = 40, repeat: int = 5) -> float:
+    """Seconds per call: build ``reps`` calls over rotating input sets, eval them at once."""
+    import mlx.core as mx
+
+    n = len(fns)
+    mx.eval([fns[i % n]() for i in range(max(n, 4))])
+    mx.synchronize()
+    times = []
+    for _ in range(repeat):
+        outs = [fns[i % n]() for i in range(reps)]
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(outs)
+        mx.synchronize()
+        times.append((time.perf_counter() - t) / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device copy (read + write counted)."""
+    import mlx.core as mx
+
+    x = mx.random.normal((256 * 2**20,)).astype(mx.float16)
+    mx.eval(x)
+    t = bench_time([lambda: x + 1], reps=20)
+    return 2 * x.nbytes / t
+
+
+def kv_bytes(variant: str, hkv: int, n: int, d: int) -> int:
+    """Bytes of K and V one decode step must read."""
+    if variant == "fp16":
+        per = d * 2
+    elif variant.startswith("mlx-lm affine") or variant.startswith("ours affine"):
+        bits = int(variant.split()[-1].rstrip("b"))
+        per = d * bits // 8 + 2 * (d // 64) * 2
+    else:
+        bits = int(variant.split()[-1].rstrip("b"))
+        per = d * bits // 8 + 2
+    return 2 * hkv * n * per
+
+
+def run_timings(km, contexts, shapes) -> list[dict]:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention as mlx_qsdpa
+
+    fd = importlib.import_module(km.__name__ + ".fused_decode")
+    rows = []
+    for hq, hkv, d in shapes:
+        signs = mx.where(mx.random.uniform(shape=(d,)) > 0.5, 1.0, -1.0)
+        for n in contexts:
+            set_bytes = 2 * hkv * n * d * 2
+            nsets = int(min(8, max(2, math.ceil(4 * L2_BYTES / set_bytes))))
+            if set_bytes * nsets * 2.2 > 100e9:
+                continue
+            scale = 1.0 / math.sqrt(d)
+            sets = []
+            for _ in range(nsets):
+                k = mx.random.normal((1, hkv, n, d)).astype(mx.float16)
+                v = mx.random.normal((1, hkv, n, d)).astype(mx.float16)
+                q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
+                s = dict(
+                    q=q,
+                    k=k,
+                    v=v,
+                    k4=mx.quantize(k, group_size=64, bits=4),
+                    v4=mx.quantize(v, group_size=64, bits=4),
+                    k8=mx.quantize(k, group_size=64, bits=8),
+                    v8=mx.quantize(v, group_size=64, bits=8),
+                )
+                for b in (4, 3):
+                    w = d * b // 32
+                    s[f"cb{b}"] = tuple(
+                        (
+                            mx.random.bits((1, hkv, n, w)),
+                            (mx.random.uniform(shape=(1, hkv, n)) + 0.5).astype(mx.float16),
+                        )
+                        for _ in range(2)
+                    )
+                    s[f"c{b}"] = mx.sort(mx.random.normal((1 << b,)) / math.sqrt(d))
+                mx.eval([x for _, x in tree_flatten(s)])
+                sets.append(s)
+
+            def ours(s, kind):
+                def f():
+                    q_rot = mx.hadamard_transform(s["q"].astype(mx.float32) * signs)
+                    if kind == "affine":
+                        o = fd.fused_decode_attention(q_rot, s["k4"], s["v4"], scale)
+                    else:
+                        ks, vs = s[f"cb{kind}"]
+                        o = fd.fused_decode_attention(
+                            q_rot,
+                            ks,
+                            vs,
+                            scale,
+                            quantizer="codebook",
+                            centroids_k=s[f"c{kind}"],
+                            centroids_v=s[f"c{kind}"],
+                        )
+                    return (mx.hadamard_transform(o) * signs).astype(mx.float16)
+
+                return f
+
+            def kernel_only(s):
+                q_rot = s["q"].astype(mx.float32)
+                mx.eval(q_rot)
+                return lambda: fd.fused_decode_attention(q_rot, s["k4"], s["v4"], scale)
+
+            variants = {
+                "fp16": [
+                    lambda s=s: mx.fast.scaled_dot_product_attention(
+                        s["q"], s["k"], s["v"], scale=scale
+                    )
+                    for s in sets
+                ],
+                "mlx-lm affine 8b": [
+                    lambda s=s: mlx_qsdpa(s["q"], s["k8"], s["v8"], scale, None, 64, 8)
+                    for s in sets
+                ],
+                "mlx-lm affine 4b": [
+                    lambda s=s: mlx_qsdpa(s["q"], s["k4"], s["v4"], scale, None, 64, 4)
+                    for s in sets
+                ],
+                "ours affine 4b": [ours(s, "affine") for s in sets],
+                "ours affine 4b (kernel only)": [kernel_only(s) for s in sets],
+                "ours codebook 4b": [ours(s, 4) for s in sets],
+                "ours codebook 3b": [ours(s, 3) for s in sets],
+            }
+            for name, fns in variants.items():
+                t = bench_time(fns)
+                base = name.replace(" (kernel only)", "")
+                rows.append(
+                    dict(
+                        heads=f"{hq}/{hkv}",
+                        d=d,
+                        n=n,
+                        variant=name,
+                        ms=t * 1e3,
+                        bytes=kv_bytes(base, hkv, n, d),
+                    )
+                )
+                print(f"  {hq}/{hkv} d{d} n{n} {name:30s} {t * 1e3:8.3f} ms", flush=True)
+            del sets
+            mx.clear_cache()
+    return rows
+
+
+def table(rows, copy_bw) -> str:
+    from bench.report import markdown_table
+
+    out = []
+    keys = sorted({(r["heads"], r["d"], r["n"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by = {(r["heads"], r["d"], r["n"], r["variant"]): r for r in rows}
+    head = ["heads q/kv, D, context"] + [f"{v} (ms)" for v in variants] + ["ours 4b vs fp16"]
+    for h, d, n in keys:
+        row = [f"{h}, {d}, {n // 1024}K"]
+        for v in variants:
+            r = by.get((h, d, n, v))
+            row.append("-" if r is None else f"{r['ms']:.3f}")
+        f16, o4 = by.get((h, d, n, "fp16")), by.get((h, d, n, "ours affine 4b"))
+        row.append(f"{f16['ms'] / o4['ms']:.2f}x" if f16 and o4 else "-")
+        out.append(row)
+    t1 = markdown_table(head, out)
+    bw = []
+    for h, d, n in keys:
+        for v in variants:
+            r = by.get((h, d, n, v))
+            if r:
+                gbs = r["bytes"] / (r["ms"] * 1e-3) / 1e9
+                bw.append(
+                    [
+                        f"{h}, {d}, {n // 1024}K",
+                        v,
+                        f"{r['bytes'] / 1e6:.1f}",
+                        f"{r['bytes'] / copy_bw * 1e3:.3f}",
+                        f"{gbs:.0f}",
+                        f"{100 * gbs * 1e9 / copy_bw:.0f}%",
+                    ]
+                )
+    t2 = markdown_table(
+        ["shape", "variant", "K+V MB", "floor ms", "achieved GB/s", "of copy BW"], bw
+    )
+    return t1 + "\n" + t2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--contexts", default="4096,32768,131072,262144")
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--render", help="attention_gpu.json to write into docs/benchmarks.md")
+    ap.add_argument("--machine", default=None)
+    ap.add_argument("--command", default=None)
+    args = ap.parse_args()
+    if args.render:
+        from bench.report import write_section
+
+        res = json.loads(Path(args.render).read_text())
+        body = (
+            f"MLX {res['mlx']}, {res['gpu']}; measured copy bandwidth "
+            f"{res['copy_bw'] / 1e12:.2f} TB/s (read + write).\n\n"
+            f"Correctness: {res['checks_passed']}/{res['checks_total']} kernel-vs-float64 "
+            f"checks within {TOL:g} (max rel err {res['checks_max_err']:.2e}).\n\n"
+            + table(res["timings"], res["copy_bw"])
+        )
+        write_section(
+            "attention_gpu",
+            "Decode attention per layer on the GPU",
+            body,
+            machine=args.machine or res["gpu"],
+            command=args.command,
+        )
+        return
+
+    import mlx.core as mx
+
+    km = load_kernels()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        gpu = "?"
+    res = {"mlx": mx.__version__, "gpu": gpu, "cuda": km.cuda_available()}
+    print(res, flush=True)
+    rng = np.random.default_rng(int(time.time()))
+    checks = [] if args.skip_checks else run_checks(km, rng)
+    errs = [c["rel_err"] for c in checks]
+    res.update(
+        checks=checks,
+        checks_total=len(checks),
+        checks_passed=sum(c["ok"] for c in checks),
+        checks_max_err=max(errs) if errs else float("nan"),
+    )
+    print(
+        f"checks: {res['checks_passed']}/{res['checks_total']} max rel err {res['checks_max_err']:.3e}",
+        flush=True,
+    )
+    (out / "attention_gpu.json").write_text(json.dumps(res, indent=1))
+    res["copy_bw"] = copy_bandwidth()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    res["timings"] = run_timings(km, contexts, [(32, 8, 128), (16, 2, 256)])
+    (out / "attention_gpu.json").write_text(json.dumps(res, indent=1))
+    print(f"copy bandwidth {res['copy_bw'] / 1e12:.2f} TB/s")
+    print(table(res["timings"], res["copy_bw"]))
+
+
+if __name__ == "__main__":
+    main()

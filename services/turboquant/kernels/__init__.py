@@ -1,0 +1,9 @@
+"""GPU kernels for TurboQuant attention (CUDA via ``mx.fast.cuda_kernel``).
+
+The portable paths live in ``services/turboquant/attention.py``; these are used only
+where :func:`cuda_available` is true.
+"""
+
+from .fused_decode import cuda_available, fused_decode_attention
+
+__all__ = ["cuda_available", "fused_decode_attention"]

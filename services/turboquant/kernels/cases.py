@@ -1,0 +1,120 @@
+"""Random packed caches for checking and timing the fused decode kernel.
+
+Used by tests/turboquant/test_kernels.py and bench/attention_gpu.py, so that both check
+the same function on fresh random inputs. Affine sides are made by ``mx.quantize`` (the
+cache's own format); codebook sides by packing random codes with :func:`pack_codes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .reference import decode_attention, dequant_affine, dequant_codebook
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Little-endian bit-stream packing of ``(..., D)`` codes into ``(..., D*bits/32)`` uint32."""
+    codes = np.asarray(codes, dtype=np.uint64)
+    dim = codes.shape[-1]
+    n_words = dim * bits // 32
+    out = np.zeros((*codes.shape[:-1], n_words + 1), dtype=np.uint64)
+    for j in range(dim):
+        pos = j * bits
+        w, sh = pos // 32, pos % 32
+        out[..., w] |= (codes[..., j] << np.uint64(sh)) & np.uint64(0xFFFFFFFF)
+        if sh + bits > 32:
+            out[..., w + 1] |= codes[..., j] >> np.uint64(32 - sh)
+    return out[..., :n_words].astype(np.uint32)
+
+
+@dataclass
+class Case:
+    """One decode problem: kernel inputs (MLX) and the float64 reference output."""
+
+    q_rot: mx.array
+    keys: tuple
+    values: tuple
+    scale: float
+    quantizer: str
+    group_size: int
+    centroids_k: mx.array | None
+    centroids_v: mx.array | None
+    sinks: mx.array | None
+    k_deq: np.ndarray  # the stored keys, dequantized in float64
+    v_deq: np.ndarray
+
+    def reference(self) -> np.ndarray:
+        """Float64 attention over exactly the stored (dequantized) keys and values."""
+        sinks = None if self.sinks is None else np.array(self.sinks)
+        return decode_attention(np.array(self.q_rot), self.k_deq, self.v_deq, self.scale, sinks)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of ``fused_decode_attention`` besides q, keys, values, scale."""
+        return dict(
+            quantizer=self.quantizer,
+            group_size=self.group_size,
+            centroids_k=self.centroids_k,
+            centroids_v=self.centroids_v,
+            sinks=self.sinks,
+        )
+
+
+def _affine_side(x: mx.array, bits: int, gs: int, length: int, dim: int):
+    w, s, b = mx.quantize(x, group_size=gs, bits=bits)
+    w, s, b = w[:, :, :length], s[:, :, :length], b[:, :, :length]
+    deq = dequant_affine(
+        np.array(w), np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32)), bits, dim
+    )
+    # The sides are views of a larger buffer: the kernel must honour their strides.
+    return (w, s, b), deq
+
+
+def _codebook_side(rng, shape, bits: int, length: int, dim: int):
+    codes = rng.integers(0, 1 << bits, size=(*shape, dim))
+    w = pack_codes(codes, bits)
+    norms = rng.uniform(0.5, 2.0, size=shape).astype(np.float16)
+    cent = np.sort(rng.standard_normal(1 << bits) / np.sqrt(dim)).astype(np.float32)
+    deq = dequant_codebook(
+        w[:, :, :length], norms[:, :, :length].astype(np.float32), cent, bits, dim
+    )
+    side = (mx.array(w)[:, :, :length], mx.array(norms)[:, :, :length])
+    return side, deq, mx.array(cent)
+
+
+def make_case(
+    rng: np.random.Generator,
+    *,
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    dim: int,
+    length: int,
+    quantizer: str = "affine",
+    key_bits: int = 4,
+    value_bits: int = 4,
+    group_size: int = 64,
+    capacity_extra: int = 0,
+    sinks: bool = False,
+) -> Case:
+    """A fresh random case; the cache buffer holds ``capacity_extra`` unused positions."""
+    cap = length + capacity_extra
+    shape = (batch, kv_heads, cap)
+    q = mx.array(rng.standard_normal((batch, q_heads, 1, dim)).astype(np.float32))
+    scale = 1.0 / np.sqrt(dim)
+    ck = cv = None
+    if quantizer == "affine":
+        # Keys with a large norm spread, so softmax is peaked and not uniform.
+        kx = mx.array((rng.standard_normal((*shape, dim)) * 1.5).astype(np.float16))
+        vx = mx.array(rng.standard_normal((*shape, dim)).astype(np.float16))
+        keys, k_deq = _affine_side(kx, key_bits, group_size, length, dim)
+        values, v_deq = _affine_side(vx, value_bits, group_size, length, dim)
+    else:
+        keys, k_deq, ck = _codebook_side(rng, shape, key_bits, length, dim)
+        values, v_deq, cv = _codebook_side(rng, shape, value_bits, length, dim)
+        # Codebook keys are unit-scale: stretch the query so the softmax is not flat.
+        q = q * float(np.sqrt(dim))
+    sk = mx.array(rng.standard_normal(q_heads).astype(np.float32)) if sinks else None
+    return Case(q, keys, values, float(scale), quantizer, group_size, ck, cv, sk, k_deq, v_deq)

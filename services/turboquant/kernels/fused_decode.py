@@ -1,0 +1,198 @@
+"""Fused compressed decode attention on CUDA (``mx.fast.cuda_kernel``).
+
+``fused_decode_attention`` scores one rotated query token per head against the packed
+rotated keys and accumulates the packed rotated values in one pass over the cache
+(split-K flash decoding, online softmax), without materialising any dequantized K or V.
+Layouts and the calling contract: docs/turboquant.md. Import-safe everywhere; the kernels
+are only built when first called on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache, lru_cache
+
+import mlx.core as mx
+
+from .cuda_source import COMBINE_SOURCE, HEADER, SPLIT_SOURCE
+
+AFFINE_BITS = (2, 3, 4, 8)
+CODEBOOK_BITS = (2, 3, 4)
+HEAD_DIMS = (32, 64, 128, 256)
+TPB = 256  # threads per block of the split kernel
+TILE = 128  # tokens per online-softmax step
+MAX_HEADS_PER_BLOCK = 8  # query heads sharing one pass over K/V (register budget)
+NUM_SMS_GUESS = 132  # H200; only steers the split count
+LOG2E = 1.4426950408889634
+
+
+@lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """True when MLX runs on a CUDA GPU (so the fused kernel can be used)."""
+    try:
+        return bool(mx.cuda.is_available()) and mx.default_device() == mx.gpu
+    except AttributeError:
+        return False
+
+
+@cache
+def _split_kernel():
+    return mx.fast.cuda_kernel(
+        name="tq_decode_split",
+        input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params"],
+        output_names=["o_part", "ml_part"],
+        source=SPLIT_SOURCE,
+        header=HEADER,
+        # The cache sides arrive as views sliced to `offset`: read them through their
+        # strides instead of letting MLX copy the whole cache every step.
+        ensure_row_contiguous=False,
+    )
+
+
+@cache
+def _combine_kernel():
+    return mx.fast.cuda_kernel(
+        name="tq_decode_combine",
+        input_names=["o_part", "ml_part", "sinks"],
+        output_names=["out"],
+        source=COMBINE_SOURCE,
+        ensure_row_contiguous=True,
+    )
+
+
+@lru_cache(maxsize=64)
+def _const(value: float) -> mx.array:
+    return mx.array([value], dtype=mx.float32)
+
+
+@lru_cache(maxsize=8)
+def _dummy(dtype: mx.Dtype) -> mx.array:
+    return mx.zeros((1, 1, 1, 1), dtype=dtype)
+
+
+def heads_per_block(group: int) -> int:
+    """Largest divisor of the GQA ratio that fits the register budget of one block."""
+    return max(h for h in range(1, min(group, MAX_HEADS_PER_BLOCK) + 1) if group % h == 0)
+
+
+def num_splits(
+    length: int, blocks_per_split: int, num_sms: int = NUM_SMS_GUESS, tile: int = TILE
+) -> int:
+    """Context splits so the grid has about four blocks per SM (and no empty splits).
+
+    The kernel recomputes the same chunk (a whole number of tiles) from the split count.
+    """
+    want = max(1, math.ceil(4 * num_sms / max(1, blocks_per_split)))
+    tiles = max(1, math.ceil(length / tile))
+    s = min(want, tiles)
+    chunk = math.ceil(math.ceil(length / s) / tile) * tile
+    return max(1, math.ceil(length / chunk))
+
+
+def _check(q_rot: mx.array, keys: tuple, values: tuple, quantizer: str) -> tuple[int, int]:
+    b, hq, l_q, d = q_rot.shape
+    if l_q != 1:
+        raise ValueError("fused decode attention takes one query token")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} not in {HEAD_DIMS}")
+    hkv = keys[0].shape[1]
+    if hq % hkv:
+        raise ValueError("query heads must be a multiple of KV heads")
+    n_k = keys[0].shape[-1]
+    n_v = values[0].shape[-1]
+    kbits, vbits = n_k * 32 // d, n_v * 32 // d
+    allowed = AFFINE_BITS if quantizer == "affine" else CODEBOOK_BITS
+    if kbits not in allowed or vbits not in allowed or n_k * 32 % d or n_v * 32 % d:
+        raise ValueError(f"unsupported bits {kbits}/{vbits} for {quantizer}")
+    if values[0].shape[2] != keys[0].shape[2] or values[0].shape[1] != hkv:
+        raise ValueError("keys and values must have the same heads and length")
+    return kbits, vbits
+
+
+def fused_decode_attention(
+    q_rot: mx.array,
+    keys: tuple,
+    values: tuple,
+    scale: float,
+    *,
+    quantizer: str = "affine",
+    group_size: int = 64,
+    centroids_k: mx.array | None = None,
+    centroids_v: mx.array | None = None,
+    sinks: mx.array | None = None,
+    splits: int | None = None,
+    poison: bool = False,
+    tpb: int = TPB,
+    tile: int = TILE,
+) -> mx.array:
+    """Decode attention against a packed rotated cache; returns float32 ``(B, Hq, 1, D)``.
+
+    ``q_rot``: float32 ``(B, Hq, 1, D)`` rotated, unscaled. ``keys``/``values``: the packed
+    sides of docs/turboquant.md sliced to the valid length -- affine ``(w, scales, biases)``,
+    codebook ``(w, norms)`` with ``centroids_k``/``centroids_v`` float32 ``(2^b,)``.
+    The output stays in the rotated space. ``poison`` fills the outputs with NaN before
+    the kernels run (tests use it to prove every element is written).
+    """
+    kbits, vbits = _check(q_rot, keys, values, quantizer)
+    codebook = quantizer == "codebook"
+    b, hq, _, d = q_rot.shape
+    hkv, length = keys[0].shape[1], keys[0].shape[2]
+    group = hq // hkv
+    hb = heads_per_block(group)
+    if codebook:
+        kw, ks = keys
+        vw, vs = values
+        kb, vb = _dummy(ks.dtype), _dummy(vs.dtype)
+        lut_k = centroids_k.astype(mx.float32)
+        lut_v = centroids_v.astype(mx.float32)
+        gs = 32
+    else:
+        kw, ks, kb = keys
+        vw, vs, vb = values
+        lut_k = lut_v = _dummy(mx.float32)
+        gs = d // ks.shape[-1]
+        if gs != d // vs.shape[-1] or gs < 32:
+            raise ValueError("keys and values must share a group size of at least 32")
+    s = splits or num_splits(length, b * hkv * (group // hb), tile=tile)
+    init = float("nan") if poison else None
+    o_part, ml_part = _split_kernel()(
+        inputs=[
+            q_rot.astype(mx.float32),
+            kw,
+            ks,
+            kb,
+            vw,
+            vs,
+            vb,
+            lut_k,
+            lut_v,
+            _const(scale * LOG2E),
+        ],
+        template=[
+            ("CB", codebook),
+            ("KB", kbits),
+            ("VB", vbits),
+            ("GS", gs),
+            ("D", d),
+            ("HB", hb),
+            ("TPB", tpb),
+            ("TILE", tile),
+            ("ST", ks.dtype),
+        ],
+        grid=(s * tpb, hkv * (group // hb), b),
+        threadgroup=(tpb, 1, 1),
+        output_shapes=[(b, hq, s, d), (b, hq, s, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+        init_value=init,
+    )
+    has_sinks = sinks is not None
+    (out,) = _combine_kernel()(
+        inputs=[o_part, ml_part, sinks.astype(mx.float32) if has_sinks else _dummy(mx.float32)],
+        template=[("D", d), ("HAS_SINKS", has_sinks)],
+        grid=(b * hq * d, 1, 1),
+        threadgroup=(d, 1, 1),
+        output_shapes=[(b, hq, 1, d)],
+        output_dtypes=[mx.float32],
+        init_value=init,
+    )
+    return out
