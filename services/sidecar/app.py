@@ -207,7 +207,13 @@ def _text_tokens(engine: Engine, prompt: str | list[str] | list[int]) -> list[in
 
 async def _serve(engine: Engine, request: Request, kind: str, prompt: list[int], params: GenParams):
     max_tokens = engine.plan_max_tokens(len(prompt), params.max_tokens)
-    job = Job(prompt=prompt, params=params, max_tokens=max_tokens, loop=asyncio.get_running_loop())
+    job = Job(
+        prompt=prompt,
+        params=params,
+        max_tokens=max_tokens,
+        loop=asyncio.get_running_loop(),
+        text_completion=kind == "completion",
+    )
     rid = request.headers.get("x-request-id") or job.id
     engine.submit(job)
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
