@@ -71,8 +71,15 @@ echo "== installing tqstack and MLX into the virtualenv (a few minutes the first
   || tq_die "the virtualenv cannot import MLX or tqstack"
 changed+=("$venv: tqstack $("$venv/bin/python" -c 'from importlib.metadata import version; print(version("tqstack"))') with $("$venv/bin/python" -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())')")
 
+# Small wrappers that pin this install's home and config (a bare symlink would read the default).
 mkdir -p "$TQSTACK_HOME/bin"
-for tool in tqstack-status tqstack-model; do ln -sfn "$venv/bin/$tool" "$TQSTACK_HOME/bin/$tool"; done
+for tool in tqstack-status tqstack-model; do
+  rm -f "$TQSTACK_HOME/bin/$tool"
+  printf '#!/bin/sh\n# %s of the tqstack install at %s (written by install.sh)\nTQSTACK_HOME=%q TQSTACK_CONFIG=%q exec %q "$@"\n' \
+    "$tool" "$TQSTACK_HOME" "$TQSTACK_HOME" "${TQSTACK_CONFIG:-$TQSTACK_HOME/config.env}" "$venv/bin/$tool" \
+    >"$TQSTACK_HOME/bin/$tool"
+  chmod +x "$TQSTACK_HOME/bin/$tool"
+done
 
 tq_svc_init
 echo "== writing $TQ_CONFIG"
@@ -93,7 +100,7 @@ if [ "${decision%% *}" = 1 ]; then
       echo "== obtaining the model ${model#embedded:} into $models_dir"
       "$venv/bin/tqstack-model" fetch "${model#embedded:}" --models-dir "$models_dir" \
         || tq_die "could not obtain $model"
-      changed+=("$models_dir/${model#embedded:}: converted model") ;;
+      changed+=("$models_dir/${model#embedded:}: model ready") ;;
     /*|~*|./*)
       [ -d "${model/#\~/$HOME}" ] || tq_die "SIDECAR_MODEL=$model is not a directory" ;;
     *)
@@ -135,14 +142,23 @@ if [ "$start_services" = 1 ]; then
       || tq_die "the sidecar did not become ready; see its log ($(tq_log_dir "$mode")/tqstack-sidecar.log)"
   fi
   echo "== waiting for the router on :$router_port"
-  tq_wait_http "http://127.0.0.1:$router_port/health" 120 \
+  # Any answer will do here (503 only means no backend is up yet); the sidecar is checked below.
+  for _ in $(seq 1 120); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$router_port/health")" != 000 ] && break
+    sleep 1
+  done
+  [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$router_port/health")" != 000 ] \
     || tq_die "the router did not become ready; see its log ($(tq_log_dir "$mode")/tqstack-router.log)"
   if [ "${decision%% *}" = 1 ]; then
     # The router learns about the sidecar from its own health checks: give it a few rounds.
+    ready=0
     for _ in $(seq 1 30); do
-      tq_http_get "http://127.0.0.1:$router_port/health" | grep -q '"sidecar_available" *: *true' && break
+      if tq_http_get "http://127.0.0.1:$router_port/health" | grep -q '"sidecar_available" *: *true'; then
+        ready=1; break
+      fi
       sleep 1
     done
+    [ "$ready" = 1 ] || tq_warn "the router does not see the sidecar yet; check: $TQSTACK_HOME/bin/tqstack-status"
   fi
 fi
 

@@ -1,8 +1,8 @@
 """``tqstack-status``: both backends, the model, routing threshold and memory at a glance.
 
 Asks the router, the sidecar and Ollama over HTTP (each on its own, so a dead router does not
-hide a live sidecar) and prints one screen. Exit status: 0 when the router answers, 1 when it
-is down (so scripts can use ``tqstack-status >/dev/null && ...``).
+hide a live sidecar) and prints one screen. Exit status: 0 when the router answers and can serve, 1
+when it is down, 2 when it answers but no backend is up.
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def gather(settings: Settings, *, router_url: str | None = None, timeout: float 
     report: dict[str, Any] = {"config": str(_config_path()), "router_url": router}
     with httpx.Client(timeout=timeout) as c:
         code, body = _get_json(c, f"{router}/health")
-        report["router"] = {"up": code == 200, "code": code, "health": body}
+        # A 503 from /health means "no backend is up", not "router down": the router answered.
+        answered = code is not None and isinstance(body, dict) and "backends" in body
+        report["router"] = {"up": answered, "serving": code == 200, "code": code, "health": body}
         code, body = _get_json(c, f"{settings.sidecar_base_url}/health")
         report["sidecar"] = {
             "url": settings.sidecar_base_url,
@@ -135,14 +137,15 @@ def render(report: dict) -> str:
             lines.append(
                 "         context lengths: " + ", ".join(f"{k} {v}" for k, v in ctx.items())
             )
-        if "sidecar_available" in rh:
+        backends = rh.get("backends") if isinstance(rh.get("backends"), dict) else {}
+        if backends:
+            seen = ", ".join(
+                f"{name} {b.get('state', '?')}"
+                for name, b in backends.items()
+                if isinstance(b, dict)
+            )
             lines.append(
-                f"         sees sidecar: {'yes' if rh['sidecar_available'] else 'no'}"
-                + (
-                    f", ollama: {'yes' if rh.get('backends', {}).get('ollama', {}).get('healthy') else 'no'}"
-                    if isinstance(rh.get("backends"), dict)
-                    else ""
-                )
+                f"         status {rh.get('status', '?')}; backends as it sees them: {seen}"
             )
     else:
         why = r["health"] if r["code"] is None else f"HTTP {r['code']}"
@@ -207,7 +210,7 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the status; exit 1 when the router is down."""
+    """Print the status; exit 1 when the router is down, 2 when it has no backend."""
     p = argparse.ArgumentParser(prog="tqstack-status", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print the raw report as JSON")
     p.add_argument("--url", help="router base URL (default: http://127.0.0.1:$ROUTER_PORT)")
@@ -215,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     report = gather(load_settings(), router_url=args.url, timeout=args.timeout)
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
-    return 0 if report["router"]["up"] else 1
+    if not report["router"]["up"]:
+        return 1
+    return 0 if report["router"]["serving"] else 2
 
 
 if __name__ == "__main__":

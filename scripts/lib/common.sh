@@ -101,7 +101,7 @@ tq_wait_http() {
 tq_pid_matches() {
   local pid=$1 needle=$2 cmd
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-  cmd=$(ps -o args= -p "$pid" 2>/dev/null) || return 1
+  cmd=$(ps -ww -o args= -p "$pid" 2>/dev/null) || return 1
   case "$cmd" in *"$needle"*) return 0 ;; *) return 1 ;; esac
 }
 

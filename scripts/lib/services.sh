@@ -107,7 +107,8 @@ tq_systemd_render() {
     "UNIT=$(basename "$dst")" "APP_DIR=$TQ_APP" "TQSTACK_HOME=$TQ_HOME" "CONFIG=$TQ_CONFIG" \
     "LOG_DIR=$(tq_log_dir systemd)" || tq_die "could not render $dst"
   if command -v systemd-analyze >/dev/null 2>&1; then
-    systemd-analyze --user verify "$dst" >/dev/null 2>&1 || tq_warn "systemd-analyze verify flagged $dst"
+    # System mode: --user verify needs a running user manager, the syntax check does not.
+    systemd-analyze verify "$dst" >/dev/null 2>&1 || tq_warn "systemd-analyze verify flagged $dst"
   fi
 }
 
