@@ -296,6 +296,7 @@ class RelayResponse:
         self.headers = headers
         self.on_done = on_done
         self.on_first_byte = on_first_byte
+        self._finished = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -309,6 +310,8 @@ class RelayResponse:
                     while True:
                         msg = await receive()
                         if msg["type"] == "http.disconnect":
+                            if self._finished:  # servers say "disconnect" after the end too
+                                return
                             outcome = "disconnect"
                             tg.cancel_scope.cancel()
                             return
@@ -360,5 +363,6 @@ class RelayResponse:
                     "more_body": True,
                 }
             )
+        self._finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return kind

@@ -23,6 +23,7 @@ class Faults:
     hang_after_chunks: int | None = None  # send N chunks, then nothing, forever
     garbage_sse: bool = False  # a non-SSE line after the first chunk
     silent_end_after_chunks: int | None = None  # end cleanly after N chunks: no finish, no [DONE]
+    error_event_after_chunks: int | None = None  # send N chunks, an SSE error event, then end
     close_without_response: bool = False  # read the request, then close the connection
     error_status: int | None = None  # answer generation requests with this error status
     error_message: str = "injected failure"

@@ -62,6 +62,18 @@ class FakeStream(Response):
                 raise InjectedDeath("die mid-stream")
             if f.silent_end_after_chunks is not None and i == f.silent_end_after_chunks:
                 return
+            if f.error_event_after_chunks is not None and i == f.error_event_after_chunks:
+                yield data(
+                    {
+                        "error": {
+                            "message": f.error_message,
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                )
+                return
             if i and f.chunk_delay_s:
                 await anyio.sleep(f.chunk_delay_s)
             yield ev
