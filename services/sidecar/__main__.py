@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 
 from services.config import load_settings
@@ -40,16 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     from services.sidecar.engine import Engine
 
     engine = Engine(settings)
-    # A model that cannot load ends the process (non-zero) instead of a server stuck at 503.
-    engine.on_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
     app = create_app(settings, engine)
-    uvicorn.run(
-        app,
-        host=settings.sidecar_host,
-        port=settings.sidecar_port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.sidecar_host,
+            port=settings.sidecar_port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+        )
     )
+
+    def _give_up() -> None:
+        # A model that cannot load ends the process (non-zero), not a server stuck at 503.
+        server.should_exit = True
+
+    engine.on_failure = _give_up
+    server.run()
     if engine.status == "failed":
         print(f"tqstack-sidecar: model failed to load: {engine.error}", file=sys.stderr)
         return 1

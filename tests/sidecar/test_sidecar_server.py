@@ -90,6 +90,12 @@ def start_sidecar(model_dir: Path, tmp: Path, **extra: str) -> Sidecar:
         try:
             r = httpx.get(url + "/health", timeout=2)
             seen.append((r.status_code, r.json()))
+            if r.status_code == 503 and len(seen) == 1:
+                # A request while loading: refused with an OpenAI error, not queued or hung.
+                c = httpx.post(url + "/v1/chat/completions", json={"messages": FRANCE}, timeout=5)
+                seen.append(
+                    (c.status_code, {"chat": c.json(), "retry": c.headers.get("retry-after")})
+                )
             if r.status_code == 200:
                 return Sidecar(url, proc, seen, log)
         except httpx.HTTPError:
@@ -130,6 +136,9 @@ def test_health_is_503_loading_until_ready(sidecar: Sidecar) -> None:
     codes = [c for c, _ in sidecar.startup]
     assert codes[0] == 503, codes[:5]
     assert sidecar.startup[0][1]["status"] == "loading"
+    chat_while_loading = sidecar.startup[1][1]
+    assert codes[1] == 503 and chat_while_loading["retry"] is not None
+    assert chat_while_loading["chat"]["error"]["code"] == "model_not_ready"
     assert codes[-1] == 200 and 503 not in codes[codes.index(200) :]
     h = sidecar.health()
     assert h["status"] == "ok"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run the MLX sidecar in the foreground on SIDECAR_HOST:SIDECAR_PORT (127.0.0.1:8001).
+# Settings come from config.env ($TQSTACK_CONFIG, else $TQSTACK_HOME/config.env) and the
+# environment; with no SIDECAR_MODEL it serves the embedded SmolLM2-135M-Instruct,
+# converted from its PyPI package on first use. Extra arguments go to tqstack-sidecar
+# (--model, --host, --port, --config).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+# shellcheck source=scripts/lib/common.sh
+. "$here/lib/common.sh"
+
+TQSTACK_HOME=$(tq_home)
+export TQSTACK_HOME
+if [ -z "${TQSTACK_CONFIG:-}" ] && [ -f "$TQSTACK_HOME/config.env" ]; then
+  export TQSTACK_CONFIG=$TQSTACK_HOME/config.env
+fi
+export PYTHONUNBUFFERED=1
+
+# The interpreter: a checkout's .venv, then the installed virtualenv, then any python >= 3.10.
+py=""
+for c in "$repo/.venv/bin/python" "$TQSTACK_HOME/venv/bin/python"; do
+  if [ -x "$c" ]; then py=$c; break; fi
+done
+[ -n "$py" ] || py=$(tq_find_python)
+[ -n "$py" ] || tq_die "no python >= 3.10 found (run install.sh)"
+"$py" -c 'import services.sidecar, mlx_lm' 2>/dev/null \
+  || tq_die "$py cannot import tqstack and mlx-lm (run install.sh, or pip install -e '$repo')"
+
+# MLX on Linux CPU: a system OpenBLAS makes float32 matmuls ~10x faster (no-op elsewhere).
+tq_preload_openblas
+cd "$repo"
+exec "$py" -m services.sidecar "$@"
