@@ -361,6 +361,8 @@ class Engine:
             if job.cancel.is_set():
                 raise _Cancelled
             job.emit(Progress(job.cached_tokens + done, total))
+            if done:
+                job.kv = self.backend.memory(cache)
 
         tokens: list[int] = []
         finish = "length"
