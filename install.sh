@@ -67,7 +67,8 @@ echo "== installing tqstack and MLX into the virtualenv (a few minutes the first
 # shellcheck disable=SC2086  # TQSTACK_PIP_ARGS is a list of words on purpose
 "$venv/bin/python" -m pip install -q --disable-pip-version-check ${TQSTACK_PIP_ARGS:-} "$target" \
   || tq_die "pip install failed (see above); re-run install.sh when fixed"
-"$venv/bin/python" -c 'import mlx.core, mlx_lm, services.router, services.sidecar' \
+# From $TQSTACK_HOME: in the checkout, `import services` would find the source tree instead.
+(cd "$TQSTACK_HOME" && "$venv/bin/python" -c 'import mlx.core, mlx_lm, services.router, services.sidecar') \
   || tq_die "the virtualenv cannot import MLX or tqstack"
 changed+=("$venv: tqstack $("$venv/bin/python" -c 'from importlib.metadata import version; print(version("tqstack"))') with $("$venv/bin/python" -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())')")
 
