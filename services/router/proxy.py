@@ -333,8 +333,21 @@ class RelayResponse:
         up = self.upstream
         chunk = up.first
         problem = checker.feed(chunk)
+        # Relay whole lines only: a half line cut by a failure would glue onto our error
+        # event and make it unparseable. The checker holds the incomplete tail.
+        pending = b""
+
+        def whole_lines(chunk: bytes) -> bytes:
+            nonlocal pending
+            data = pending + chunk
+            cut = len(data) - len(checker.buf)
+            pending = data[cut:]
+            return data[:cut]
+
         if problem is None:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": whole_lines(chunk), "more_body": True}
+            )
             if self.on_first_byte:
                 self.on_first_byte()
             try:
@@ -342,7 +355,9 @@ class RelayResponse:
                     problem = checker.feed(chunk)
                     if problem:
                         break
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    out = whole_lines(chunk)
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
             except httpx.TimeoutException:
                 problem, kind = "stopped sending data (read timeout)", "timeout"
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.StreamError):
@@ -351,6 +366,8 @@ class RelayResponse:
                 kind = "garbage" if problem else "ok"
         else:
             kind = "garbage"
+        if problem is None and pending:
+            await send({"type": "http.response.body", "body": pending, "more_body": True})
         if problem is None and not checker.done and not checker.errored:
             # Ollama ends a failed stream silently: say so instead of a quiet cut
             problem, kind = "stream ended before completion", "truncated"
