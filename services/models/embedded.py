@@ -136,6 +136,13 @@ def _replace_dir(src: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_leftovers(models_dir: Path, name: str) -> None:
+    # Temp/moved-aside dirs of a killed conversion; safe to delete while we hold the lock.
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+        for path in models_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def ensure_model(name: str, models_dir: Path | str, *, progress: bool = True) -> Path:
     """Path of embedded model ``name`` converted under ``models_dir``; converts if needed.
 
@@ -151,6 +158,7 @@ def ensure_model(name: str, models_dir: Path | str, *, progress: bool = True) ->
     with _lock(models_dir, spec.name):
         if is_converted(spec, dest):  # another process finished it while we waited
             return dest
+        _remove_leftovers(models_dir, spec.name)
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix=f".{spec.name}.tmp-", dir=models_dir) as tmp:
             work = Path(tmp)

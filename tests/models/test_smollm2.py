@@ -106,6 +106,8 @@ def test_corrupted_or_partial_dir_is_redone(models_dir, smollm2_dir, tmp_path):
     partial = root / NAME
     partial.mkdir()
     (partial / "config.json").write_text("{}")
+    stale_tmp = root / f".{NAME}.tmp-killed"  # the temp dir of a conversion killed with -9
+    (stale_tmp / "model").mkdir(parents=True)
     path = ensure_model(NAME, root, progress=False)
     assert path == partial and is_converted(spec, path)
     first = json.loads((path / MANIFEST_NAME).read_text())
