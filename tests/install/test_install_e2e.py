@@ -111,7 +111,7 @@ def test_install_use_reinstall_uninstall(tmp_path, models_dir):
             text=True,
             timeout=120,
         ).stdout
-        head, _, body = out.partition("\r\n\r\n")
+        head, _, body = out.partition("\n\n")  # text mode turned \r\n into \n
         assert " 200" in head.splitlines()[0], out
         assert "x-tqstack-backend: sidecar" in head.lower()
         assert json.loads(body)["choices"][0]["message"]["content"]
