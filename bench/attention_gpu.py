@@ -210,7 +210,7 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                     w = d * b // 32
                     s[f"cb{b}"] = tuple(
                         (
-                            mx.random.bits((1, hkv, n, w)),
+                            mx.random.randint(0, 2**31 - 1, (1, hkv, n, w)).astype(mx.uint32),
                             (mx.random.uniform(shape=(1, hkv, n)) + 0.5).astype(mx.float16),
                         )
                         for _ in range(2)

@@ -23,6 +23,8 @@ HEADER = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+#define TQ_NEG_INF (__int_as_float(0xff800000u))
+
 namespace tq {
 
 __device__ __forceinline__ float tofloat(float x) { return x; }
@@ -107,7 +109,7 @@ __device__ void decode_split(
     for (int i = tid; i < (1 << VB); i += TPB) lv[i] = lut_v[i];
   }
   if (tid < HB) {
-    m_run[tid] = -inf;
+    m_run[tid] = TQ_NEG_INF;
     l_run[tid] = 0.f;
   }
   __syncthreads();
@@ -180,7 +182,7 @@ __device__ void decode_split(
           if (t < end) nrm = tofloat(ksb[(int64_t)t * ks_st[2]]);
         }
 #pragma unroll
-        for (int g = 0; g < HB; ++g) sc[g][tok] = (t < end) ? part[g] * nrm : -inf;
+        for (int g = 0; g < HB; ++g) sc[g][tok] = (t < end) ? part[g] * nrm : TQ_NEG_INF;
       }
     }
     __syncthreads();
@@ -188,7 +190,7 @@ __device__ void decode_split(
     // ---- online softmax (base 2): one warp per head.
     for (int g = tid / 32; g < HB; g += TPB / 32) {
       const int lane = tid % 32;
-      float mx = -inf;
+      float mx = TQ_NEG_INF;
       for (int i = lane; i < TILE; i += 32) mx = fmaxf(mx, sc[g][i]);
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -301,9 +303,9 @@ COMBINE_SOURCE = r"""
   const int S = ml_part_shape[2];
   const int hq = row % ml_part_shape[1];
   const float* ml = ml_part + (int64_t)row * S * 2;
-  float M = -inf;
+  float M = TQ_NEG_INF;
   for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
-  float sink = -inf;
+  float sink = TQ_NEG_INF;
   if (HAS_SINKS) {
     sink = sinks[hq] * 1.4426950408889634f;
     M = fmaxf(M, sink);
@@ -311,7 +313,7 @@ COMBINE_SOURCE = r"""
   float L = 0.f, acc = 0.f;
   for (int s = 0; s < S; ++s) {
     const float m = ml[2 * s];
-    if (m == -inf) continue;  // an empty split
+    if (m == TQ_NEG_INF) continue;  // an empty split
     const float w = exp2f(m - M);
     L = fmaf(ml[2 * s + 1], w, L);
     acc = fmaf(o_part[((int64_t)row * S + s) * D + d], w, acc);

@@ -56,6 +56,7 @@ def _combine_kernel():
         input_names=["o_part", "ml_part", "sinks"],
         output_names=["out"],
         source=COMBINE_SOURCE,
+        header=HEADER,
         ensure_row_contiguous=True,
     )
 
