@@ -1,0 +1,113 @@
+"""Our bash scripts parse and lint clean; Ollama detection and its optimisation helper."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+from .conftest import clean_env
+
+OURS = [
+    REPO / "install.sh",
+    REPO / "uninstall.sh",
+    *sorted((REPO / "scripts").glob("*.sh")),
+    REPO / "scripts" / "lib" / "common.sh",
+    REPO / "scripts" / "lib" / "services.sh",
+]
+
+
+@pytest.mark.parametrize("script", OURS, ids=lambda p: p.name)
+def test_bash_parses_and_is_strict(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    if script.parent.name != "lib":
+        assert "set -euo pipefail" in script.read_text()
+
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck not installed")
+def test_shellcheck_clean():
+    r = subprocess.run(
+        ["shellcheck", "-x", *[str(p.relative_to(REPO)) for p in OURS]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout
+
+
+def _fake_ollama(version: str):
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"version": version}).encode()
+            self.send_response(200 if self.path == "/api/version" else 404)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("version", "expect"),
+    [
+        ("0.19.0", r"ok\s+Ollama 0\.19\.0 \(>= 0\.19"),
+        ("0.20.3", r"ok\s+Ollama 0\.20\.3"),
+        ("0.18.9", r"warn\s+Ollama 0\.18\.9 is older than 0\.19"),
+        ("0.9.1", r"warn\s+Ollama 0\.9\.1 is older"),
+    ],
+)
+def test_preflight_checks_ollama_version(tmp_path, version, expect):
+    server = _fake_ollama(version)
+    try:
+        env = clean_env(
+            TQSTACK_HOME=str(tmp_path),
+            ROUTER_PORT=str(free_port()),
+            SIDECAR_PORT=str(free_port()),
+            OLLAMA_URL=f"http://127.0.0.1:{server.server_address[1]}",
+            PATH="/usr/bin:/bin",  # no ollama CLI: the HTTP answer alone decides
+        )
+        r = subprocess.run(
+            ["bash", str(REPO / "scripts" / "preflight-check.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 0, r.stdout
+    assert re.search(expect, r.stdout), r.stdout
+
+
+def test_start_ollama_optimized_explains_settings_and_restart():
+    server = _fake_ollama("0.19.1")
+    try:
+        r = subprocess.run(
+            ["bash", str(REPO / "scripts" / "start-ollama-optimized.sh"), "--dry-run"],
+            env=clean_env(OLLAMA_URL=f"http://127.0.0.1:{server.server_address[1]}"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "Ollama 0.19.1" in out
+    assert "OLLAMA_MLX=1" in out and "OLLAMA_FLASH_ATTENTION=1" in out
+    assert "restart" in out.lower()
