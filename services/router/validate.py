@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from starlette.requests import Request
@@ -18,6 +19,18 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code, component="router", should_retry=False)
 
 
+def _no_constant(name: str) -> None:
+    # Python accepts NaN/Infinity, which are not JSON: forwarded, they break the backend
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf, which re-serialises as Infinity
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object, enforcing ``limit`` bytes even without Content-Length."""
     chunks: list[bytes] = []
@@ -31,7 +44,9 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     if not raw.strip():
         raise bad_request("Request body is empty; send a JSON object.", code="invalid_json")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:  # json recurses per nesting level: deep input must not be a 500
+        raise bad_request("Request body is nested too deeply.", code="invalid_json") from None
     except ValueError as e:
         raise bad_request(f"Request body is not valid JSON ({e}).", code="invalid_json") from e
     if not isinstance(body, dict):
