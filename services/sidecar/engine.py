@@ -329,7 +329,11 @@ class Engine:
         tok = self.loaded.tokenizer
         job.state = "prefill"
         if p.cache_prompt:
-            cache, rest = self._fetch_cache(job.prompt)
+            try:
+                cache, rest = self._fetch_cache(job.prompt)
+            except Exception as e:  # a cache that cannot be copied or trimmed: start fresh
+                log.warning("prompt cache lookup failed (%s); starting fresh", type(e).__name__)
+                cache, rest = self.backend.make_cache(), list(job.prompt)
         else:
             cache, rest = self.backend.make_cache(), list(job.prompt)
         job.cached_tokens = len(job.prompt) - len(rest)
@@ -446,7 +450,10 @@ class Engine:
                 len(tokens),
             )
             return
-        self._prompt_cache.insert_cache(self.loaded.model_id, tokens, cache)
+        try:
+            self._prompt_cache.insert_cache(self.loaded.model_id, tokens, cache)
+        except Exception as e:  # never fail a finished answer over its cache
+            log.warning("prompt cache not stored (%s)", type(e).__name__)
 
     def _finish(self, job: Job, done: Done) -> None:
         job.state = "done" if done.finish_reason != "cancelled" else "cancelled"
