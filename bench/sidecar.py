@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     model = float32_copy(Path(model))
     prompt = make_prompt(args.prompt_tokens)
 
+    load_before = os.getloadavg()[0]
     results = [run_mlx_server(model, prompt, args.max_tokens)]
     results.append(
         run_ours(
@@ -328,13 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         "loopback HTTP. TTFT speed > 1 means faster than mlx_lm.server. KV columns: the "
         "largest per-request cache our `/health` reported during the request (the plain "
         "cache holds the model's float32 keys/values, so its actual bytes are 2x the fp16 "
-        "equivalent).\n\n" + table
+        f"equivalent). Load average (1 min) before/after: {load_before:.1f}/"
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: ratios "
+        "within one run are what to read).\n\n" + table
     )
     print(body)
     if not args.no_write:
-        write_section(
-            "sidecar", "Sidecar: tqstack vs mlx_lm.server, plain vs TurboQuant cache", body
-        )
+        cmd = "python -m bench.sidecar " + " ".join(argv if argv is not None else sys.argv[1:])
+        if "libopenblas" in os.environ.get("LD_PRELOAD", ""):
+            cmd = f"LD_PRELOAD={os.environ['LD_PRELOAD']} {cmd}"
+        title = "Sidecar: tqstack vs mlx_lm.server, plain vs TurboQuant cache"
+        write_section("sidecar", title, body, command=cmd.strip())
     return 0
 
 
