@@ -130,6 +130,8 @@ if [ "$start_services" = 1 ]; then
     for _ in $(seq 1 20); do tq_port_busy "$port" || break; sleep 0.5; done
     tq_port_busy "$port" && tq_die "port $port is still in use by another program; set ROUTER_PORT/SIDECAR_PORT in $TQ_CONFIG"
   done
+  # Remember where the sidecar log ends, to spot a crash of this start (not an old one).
+  log_offset=$(wc -c <"$(tq_log_dir "$mode")/tqstack-sidecar.log" 2>/dev/null || echo 0)
   tq_services_start "$mode"
   changed+=("services: $mode ($(case "$mode" in
     detached) echo "pid files in $TQ_RUN, logs in $(tq_log_dir detached)" ;;
@@ -139,8 +141,12 @@ if [ "$start_services" = 1 ]; then
   wait_s=${TQSTACK_WAIT_S:-600}
   if [ "${decision%% *}" = 1 ]; then
     echo "== waiting for the sidecar to load its model (up to ${wait_s}s)"
-    tq_wait_http "http://127.0.0.1:$sidecar_port/health" "$wait_s" \
-      || tq_die "the sidecar did not become ready; see its log ($(tq_log_dir "$mode")/tqstack-sidecar.log)"
+    sidecar_log=$(tq_log_dir "$mode")/tqstack-sidecar.log
+    if ! tq_wait_ready "http://127.0.0.1:$sidecar_port/health" "$wait_s" "$sidecar_log" "$log_offset"; then
+      echo "---- last lines of $sidecar_log"
+      tail -n 30 "$sidecar_log" 2>/dev/null || true
+      tq_die "the sidecar did not become ready (log: $sidecar_log)"
+    fi
   fi
   echo "== waiting for the router on :$router_port"
   # Any answer will do here (503 only means no backend is up yet); the sidecar is checked below.

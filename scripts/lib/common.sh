@@ -127,3 +127,18 @@ tq_ollama_version() {
   fi
   printf '%s' "$v"
 }
+
+# Like tq_wait_http, but give up early when log $3 (past byte $4) shows the service crashing:
+# our supervisor's restart line (detached mode). Returns 0 when ready.
+tq_wait_ready() {
+  local url=$1 deadline=$(( $(date +%s) + ${2:-60} )) log=${3:-} offset=${4:-0}
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    if tq_http_get "$url" >/dev/null; then return 0; fi
+    if [ -n "$log" ] && [ -f "$log" ] \
+       && tail -c +"$((offset + 1))" "$log" | grep -q 'exited with status'; then
+      return 1
+    fi
+    sleep 1
+  done
+  return 1
+}

@@ -111,3 +111,30 @@ def test_start_ollama_optimized_explains_settings_and_restart():
     assert "Ollama 0.19.1" in out
     assert "OLLAMA_MLX=1" in out and "OLLAMA_FLASH_ATTENTION=1" in out
     assert "restart" in out.lower()
+
+
+def test_wait_ready_gives_up_on_a_crash_after_the_offset(tmp_path):
+    log = tmp_path / "svc.log"
+    log.write_text("tqstack: old run exited with status 1; restarting in 1s\n")
+    offset = log.stat().st_size
+    url = f"http://127.0.0.1:{free_port()}/health"
+    script = f'. "{REPO}/scripts/lib/common.sh"; tq_wait_ready "$1" "$2" "$3" "$4"; echo "rc=$?"'
+
+    def wait(timeout: int) -> tuple[str, float]:
+        import time
+
+        t0 = time.monotonic()
+        out = subprocess.run(
+            ["bash", "-c", script, "x", url, str(timeout), str(log), str(offset)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        return out.strip(), time.monotonic() - t0
+
+    out, took = wait(3)  # the old crash is before the offset: waits the full time
+    assert out == "rc=1" and took >= 1.5  # whole-second clock: 2-3 s
+    with log.open("a") as f:
+        f.write("tqstack: sidecar exited with status 1; restarting in 1s\n")
+    out, took = wait(30)  # a crash of this start: gives up at once
+    assert out == "rc=1" and took < 10
