@@ -333,3 +333,33 @@ def test_logs_hold_no_request_content(sidecar: Sidecar) -> None:
     secret = "zebra-marmalade-7731"
     chat(sidecar, messages=[{"role": "user", "content": f"Say {secret}"}], max_tokens=2)
     assert secret not in sidecar.log.read_text()
+
+
+def test_non_stream_client_gone_stops_generation(sidecar: Sidecar) -> None:
+    before = sidecar.health()["counters"]["cancelled"]
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 400,
+        "temperature": 0,
+    }
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(
+            sidecar.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=2.0)
+        )
+    t0 = time.monotonic()
+    h = wait_idle(sidecar, timeout=20)
+    assert time.monotonic() - t0 < 5
+    assert h["counters"]["cancelled"] == before + 1
+
+
+def test_repetition_penalty_changes_greedy_output(sidecar: Sidecar) -> None:
+    msgs = [{"role": "user", "content": "Say the word cat ten times."}]
+    plain = chat(sidecar, messages=msgs, max_tokens=12).choices[0].message.content
+    penalised = (
+        chat(sidecar, messages=msgs, max_tokens=12, extra_body={"repetition_penalty": 2.0})
+        .choices[0]
+        .message.content
+    )
+    assert plain != penalised
+    with_freq = chat(sidecar, messages=msgs, max_tokens=12, frequency_penalty=2.0)
+    assert with_freq.choices[0].message.content != plain
