@@ -119,7 +119,9 @@ class FakeInstall:
         self.config.write_text(text)
 
     def env(self, **extra: str) -> dict[str, str]:
-        return clean_env(TQSTACK_HOME=str(self.home), TQSTACK_SERVICE_MODE="detached", **extra)
+        return clean_env(
+            **{"TQSTACK_HOME": str(self.home), "TQSTACK_SERVICE_MODE": "detached", **extra}
+        )
 
     def script(self, name: str) -> Path:
         return self.home / "app" / "scripts" / name

@@ -126,3 +126,69 @@ def test_uninstall_refuses_home_dir(tmp_path):
     env = clean_env(HOME=str(tmp_path), TQSTACK_HOME=str(tmp_path))
     r = run_bash(REPO / "uninstall.sh", "--purge", env=env)
     assert r.returncode != 0 and "refusing" in r.stderr
+
+
+def _fake_tools(tmp_path, *names: str) -> tuple[str, object]:
+    """Shims for systemctl/launchctl that record their arguments (no real manager here)."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    for name in names:
+        shim = bin_dir / name
+        shim.write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\nexit 0\n')
+        shim.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}", calls
+
+
+@pytest.mark.timeout(60)
+def test_systemd_mode_renders_enables_and_removes_units(fake_install, tmp_path):
+    inst = fake_install
+    path, calls = _fake_tools(tmp_path, "systemctl")
+    units = tmp_path / "units"
+    env = inst.env(TQSTACK_SERVICE_MODE="systemd", TQSTACK_SYSTEMD_DIR=str(units), PATH=path)
+    r = run_bash(inst.script("load-services.sh"), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for svc in ("router", "sidecar"):
+        unit = (units / f"tqstack-{svc}.service").read_text()
+        assert f'ExecStart=/bin/bash "{inst.home}/app/scripts/tqstack-service.sh" {svc}' in unit
+        assert f"append:{inst.home}/logs/tqstack-{svc}.log" in unit
+    log = calls.read_text()
+    assert "systemctl --user daemon-reload" in log
+    assert "systemctl --user enable tqstack-router.service" in log
+    assert "systemctl --user restart tqstack-sidecar.service" in log
+    assert inst.pid("router") is None  # nothing detached in this mode
+
+    r = run_bash(inst.script("unload-services.sh"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert list(units.iterdir()) == []
+    assert "systemctl --user disable --now tqstack-router.service" in calls.read_text()
+
+
+@pytest.mark.timeout(60)
+def test_launchd_mode_renders_and_boots_agents(fake_install, tmp_path):
+    import plistlib
+
+    inst = fake_install
+    path, calls = _fake_tools(tmp_path, "launchctl")
+    agents = tmp_path / "LaunchAgents"
+    env = inst.env(
+        TQSTACK_SERVICE_MODE="launchd",
+        TQSTACK_LAUNCHAGENTS_DIR=str(agents),
+        HOME=str(tmp_path),
+        PATH=path,
+    )
+    r = run_bash(inst.script("load-launchagents.sh"), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for svc in ("router", "sidecar"):
+        plist = plistlib.loads((agents / f"com.tqstack-{svc}.plist").read_bytes())
+        assert plist["KeepAlive"] is True
+        assert plist["StandardOutPath"] == f"{tmp_path}/Library/Logs/tqstack-{svc}.log"
+    assert "launchctl bootstrap gui/" in calls.read_text()
+
+    # An agent of another install (not pointing at our home) is left alone.
+    other = agents / "com.tqstack-other.plist"
+    other.write_text("<plist/>")
+    r = run_bash(inst.script("unload-launchagents.sh"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in agents.iterdir()) == ["com.tqstack-other.plist"]
+    assert "launchctl bootout gui/" in calls.read_text()
