@@ -172,7 +172,7 @@ class Upstream:
 async def send_upstream(
     client: httpx.AsyncClient,
     backend: Backend,
-    url: str,
+    url: httpx.URL | str,
     body: bytes,
     headers: dict[str, str],
     stream: bool,
