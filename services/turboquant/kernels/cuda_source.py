@@ -62,6 +62,16 @@ __device__ __forceinline__ float decode(uint32_t c, const float* lut) {
   }
 }
 
+// Code `e` of a bit stream held in registers `w` (e is a constant after unrolling).
+template <int B>
+__device__ __forceinline__ uint32_t code_at(const uint32_t* w, int e) {
+  const int bit = e * B;
+  const int wi = bit >> 5, sh = bit & 31;
+  uint32_t v = w[wi] >> sh;
+  if (sh + B > 32) v |= w[wi + 1] << (32 - sh);
+  return v & ((1u << B) - 1u);
+}
+
 template <bool CB, int KB, int VB, int GS, int D, int HB, int TPB, int TILE, typename ST>
 __device__ void decode_split(
     const float* q, const int64_t* q_st,
@@ -75,9 +85,12 @@ __device__ void decode_split(
   constexpr int NC = D / 32;         // 32-coordinate chunks per row (K phase)
   constexpr int NOC = D / 8;         // octets per row (V phase)
   constexpr int TL = TPB / NOC;      // token lanes in the V phase
-  static_assert(TPB % NOC == 0 && TILE % TL == 0, "tile shape");
+  constexpr int KI = (TILE * NC + TPB - 1) / TPB;  // K items per thread per tile
+  constexpr int VI = TILE / TL;                    // V tokens per thread per tile
+  constexpr int VW = (VB == 8 || VB == 3) ? 2 : 1; // words holding one V octet
+  static_assert(TPB % NOC == 0 && TILE % TL == 0 && (TILE * NC) % 32 == 0, "tile shape");
 
-  __shared__ float qs[HB][D];
+  __shared__ __align__(16) float qs[HB][D];
   __shared__ float qsum[HB][NC];
   __shared__ float sc[HB][TILE];
   __shared__ float m_run[HB], l_run[HB], alpha[HB];
@@ -85,12 +98,14 @@ __device__ void decode_split(
   __shared__ float lk[CB ? (1 << KB) : 1], lv[CB ? (1 << VB) : 1];
 
   const int tid = threadIdx.x;
-  const int split = blockIdx.x;
-  const int S = gridDim.x;
-  const int hkv = blockIdx.y / n_hb;
-  const int hb = blockIdx.y % n_hb;
+  // Head blocks of one split are neighbours in x, so they run together and the second
+  // read of the same K/V tile is served by L2.
+  const int split = blockIdx.x / n_hb;
+  const int hb = blockIdx.x % n_hb;
+  const int S = gridDim.x / n_hb;
+  const int hkv = blockIdx.y;
   const int b = blockIdx.z;
-  const int G = gridDim.y / n_kv * HB;   // query heads per KV head
+  const int G = n_hb * HB;                // query heads per KV head
   const int h0 = hkv * G + hb * HB;       // first query head of this block
   const float qscale = params[0];         // softmax scale * log2(e)
 
@@ -129,9 +144,15 @@ __device__ void decode_split(
   const ST* vsb = vs + b * vs_st[0] + hkv * vs_st[1];
   const ST* vbb = CB ? vs : vb + b * vb_st[0] + hkv * vb_st[1];
 
+  // K-phase ownership: a fixed 32-coordinate chunk (TPB is a multiple of NC).
+  const int ch = tid % NC;
   // V-phase ownership: one octet column, every TL-th token of the tile.
   const int oc = tid % NOC;
   const int tl = tid / NOC;
+  const int vbit = oc * 8 * VB;
+  const int vsh = vbit & 31;
+  const bool v2 = (VB == 8) || (vsh + 8 * VB > 32);
+  const int vgrp = oc * 8 / GS;
   float acc[HB][8];
   float bacc[HB];
 #pragma unroll
@@ -143,46 +164,91 @@ __device__ void decode_split(
   __syncthreads();
 
   for (int t0 = start; t0 < end; t0 += TILE) {
-    // ---- K phase: scores of TILE tokens, one 32-coordinate chunk per item.
-    for (int it = tid; it < TILE * NC; it += TPB) {
-      const int tok = it / NC, ch = it % NC;
-      const int t = t0 + tok;
-      float part[HB];
+    // ---- issue every load of this tile first (K chunks and V octets), then compute:
+    // memory latency is paid once per tile instead of once per token.
+    uint32_t kwr[KI][KB];
+    float kx[KI], ky[KI];
 #pragma unroll
-      for (int g = 0; g < HB; ++g) part[g] = 0.f;
+    for (int k = 0; k < KI; ++k) {
+      const int it = tid + k * TPB;
+      const int t = t0 + it / NC;
+      kx[k] = 0.f;
+      ky[k] = 0.f;
+#pragma unroll
+      for (int j = 0; j < KB; ++j) kwr[k][j] = 0u;
+      if (it < TILE * NC && t < end) {
+        const uint32_t* row = kbase + (int64_t)t * kw_st[2] + ch * KB;
+#pragma unroll
+        for (int j = 0; j < KB; ++j) kwr[k][j] = row[j];
+        if constexpr (CB) {
+          kx[k] = tofloat(ksb[(int64_t)t * ks_st[2]]);
+        } else {
+          const int grp = ch * 32 / GS;
+          kx[k] = tofloat(ksb[(int64_t)t * ks_st[2] + grp * ks_st[3]]);
+          ky[k] = tofloat(kbb[(int64_t)t * kb_st[2] + grp * kb_st[3]]);
+        }
+      }
+    }
+    uint32_t vwr[VI][2];
+    float vx[VI], vy[VI];
+#pragma unroll
+    for (int i = 0; i < VI; ++i) {
+      const int t = t0 + tl + i * TL;
+      vwr[i][0] = vwr[i][1] = 0u;
+      vx[i] = vy[i] = 0.f;
       if (t < end) {
-        const uint32_t* row = kbase + (int64_t)t * kw_st[2];
+        const uint32_t* row = vbase + (int64_t)t * vw_st[2] + (vbit >> 5);
+        vwr[i][0] = row[0];
+        if (VW > 1 && v2) vwr[i][1] = row[1];
+        if constexpr (CB) {
+          vx[i] = tofloat(vsb[(int64_t)t * vs_st[2]]);
+        } else {
+          vx[i] = tofloat(vsb[(int64_t)t * vs_st[2] + vgrp * vs_st[3]]);
+          vy[i] = tofloat(vbb[(int64_t)t * vb_st[2] + vgrp * vb_st[3]]);
+        }
+      }
+    }
+
+    // ---- K phase: scores of this thread's chunks, summed over the NC lanes of a token.
 #pragma unroll
-        for (int o = 0; o < 4; ++o) {
-          uint32_t c[8];
-          load_octet<KB>(row, (ch * 32 + o * 8) * KB, c);
+    for (int k = 0; k < KI; ++k) {
+      const int it = tid + k * TPB;
+      if (it < TILE * NC) {  // warp-uniform
+        const int tok = it / NC;
+        const int t = t0 + tok;
+        float f[32];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            float f = decode<KB, CB>(c[e], lk);
+        for (int e = 0; e < 32; ++e) f[e] = decode<KB, CB>(code_at<KB>(kwr[k], e), lk);
+        float part[HB];
 #pragma unroll
-            for (int g = 0; g < HB; ++g) part[g] = fmaf(qs[g][ch * 32 + o * 8 + e], f, part[g]);
+        for (int g = 0; g < HB; ++g) {
+          const float4* qv = reinterpret_cast<const float4*>(&qs[g][ch * 32]);
+          float a = 0.f;
+#pragma unroll
+          for (int e4 = 0; e4 < 8; ++e4) {
+            const float4 qq = qv[e4];
+            a = fmaf(qq.x, f[4 * e4], a);
+            a = fmaf(qq.y, f[4 * e4 + 1], a);
+            a = fmaf(qq.z, f[4 * e4 + 2], a);
+            a = fmaf(qq.w, f[4 * e4 + 3], a);
+          }
+          if constexpr (CB) {
+            part[g] = a;
+          } else {
+            const float s2 = kx[k] * (float)(1 << KB);
+            part[g] = fmaf(s2, a, (ky[k] - s2) * qsum[g][ch]);
           }
         }
-        if constexpr (!CB) {
-          const int grp = ch * 32 / GS;
-          const float s2 = tofloat(ksb[(int64_t)t * ks_st[2] + grp * ks_st[3]]) * (float)(1 << KB);
-          const float bb = tofloat(kbb[(int64_t)t * kb_st[2] + grp * kb_st[3]]) - s2;
 #pragma unroll
-          for (int g = 0; g < HB; ++g) part[g] = fmaf(s2, part[g], bb * qsum[g][ch]);
+        for (int off = 1; off < NC; off <<= 1) {
+#pragma unroll
+          for (int g = 0; g < HB; ++g) part[g] += __shfl_xor_sync(0xffffffffu, part[g], off);
         }
-      }
+        if (ch == 0) {
+          const float nrm = CB ? kx[k] : 1.f;
 #pragma unroll
-      for (int off = 1; off < NC; off <<= 1) {
-#pragma unroll
-        for (int g = 0; g < HB; ++g) part[g] += __shfl_xor_sync(0xffffffffu, part[g], off);
-      }
-      if (ch == 0) {
-        float nrm = 1.f;
-        if constexpr (CB) {
-          if (t < end) nrm = tofloat(ksb[(int64_t)t * ks_st[2]]);
+          for (int g = 0; g < HB; ++g) sc[g][tok] = (t < end) ? part[g] * nrm : TQ_NEG_INF;
         }
-#pragma unroll
-        for (int g = 0; g < HB; ++g) sc[g][tok] = (t < end) ? part[g] * nrm : TQ_NEG_INF;
       }
     }
     __syncthreads();
@@ -214,7 +280,7 @@ __device__ void decode_split(
     }
     __syncthreads();
 
-    // ---- V phase: acc += p * v for this thread's octet column.
+    // ---- V phase: acc += p * v for this thread's octet column, from registers.
 #pragma unroll
     for (int g = 0; g < HB; ++g) {
       const float a = alpha[g];
@@ -222,21 +288,30 @@ __device__ void decode_split(
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[g][e] *= a;
     }
-    const int vgrp = oc * 8 / GS;
-    for (int tok = tl; tok < TILE; tok += TL) {
-      const int t = t0 + tok;
-      if (t >= end) break;
-      const uint32_t* row = vbase + (int64_t)t * vw_st[2];
-      uint32_t c[8];
-      load_octet<VB>(row, oc * 8 * VB, c);
-      float w[HB];
-      if constexpr (CB) {
-        const float nrm = tofloat(vsb[(int64_t)t * vs_st[2]]);
 #pragma unroll
-        for (int g = 0; g < HB; ++g) w[g] = sc[g][tok] * nrm;
+    for (int i = 0; i < VI; ++i) {
+      const int tok = tl + i * TL;
+      uint32_t c[8];
+      if constexpr (VB == 8) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          c[e] = (vwr[i][0] >> (8 * e)) & 0xFFu;
+          c[4 + e] = (vwr[i][1] >> (8 * e)) & 0xFFu;
+        }
       } else {
-        const float s2 = tofloat(vsb[(int64_t)t * vs_st[2] + vgrp * vs_st[3]]) * (float)(1 << VB);
-        const float bb = tofloat(vbb[(int64_t)t * vb_st[2] + vgrp * vb_st[3]]) - s2;
+        uint32_t v = vwr[i][0] >> vsh;
+        if (VW > 1 && v2) v |= vwr[i][1] << (32 - vsh);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) c[e] = (v >> (VB * e)) & ((1u << VB) - 1u);
+      }
+      float w[HB];
+      // Tokens past `end` have p == 0 (their score was -inf) and zeroed registers.
+      if constexpr (CB) {
+#pragma unroll
+        for (int g = 0; g < HB; ++g) w[g] = sc[g][tok] * vx[i];
+      } else {
+        const float s2 = vx[i] * (float)(1 << VB);
+        const float bb = vy[i] - s2;
 #pragma unroll
         for (int g = 0; g < HB; ++g) {
           const float p = sc[g][tok];
