@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
 from services.config import load_settings
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     settings = load_settings(args.config, **overrides)
+    if not _is_loopback(settings.sidecar_host):
+        # the sidecar has no authentication: only the router (on loopback) may reach it
+        print(
+            f"tqstack-sidecar: refusing to listen on {settings.sidecar_host}: the sidecar has no "
+            "authentication and must stay on a loopback address (SIDECAR_HOST=127.0.0.1). "
+            "Expose the router instead, with TQSTACK_API_KEY set.",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
