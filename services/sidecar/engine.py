@@ -11,6 +11,7 @@ asyncio queue through its event loop. A cancelled job stops within one token.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import threading
@@ -321,6 +322,7 @@ class Engine:
     def _run(self, job: Job) -> None:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import can_trim_prompt_cache
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
         if job.cancel.is_set():
@@ -360,6 +362,11 @@ class Engine:
             64,
         )
         total = len(job.prompt)
+        # A cache that cannot be trimmed (recurrent layers of hybrid models) can only be
+        # reused by prompts that extend its tokens exactly: keep a copy at prompt[:-1] too, so
+        # that the next turn (or the same prompt again) reuses the whole prompt.
+        checkpoint: list = []
+        want_checkpoint = p.cache_prompt and len(rest) > 1 and not can_trim_prompt_cache(cache)
 
         def progress(done: int, _total: int) -> None:
             if job.cancel.is_set():
@@ -367,6 +374,8 @@ class Engine:
             job.emit(Progress(job.cached_tokens + done, total))
             if done:
                 job.kv = self.backend.memory(cache)
+            if want_checkpoint and done == len(rest) - 1 and not checkpoint:
+                checkpoint.append(copy.deepcopy(cache))
 
         tokens: list[int] = []
         finish = "length"
@@ -423,6 +432,8 @@ class Engine:
         if finish == "stop" and parser.made_tool_call:
             finish = "tool_calls"
         if p.cache_prompt:
+            if checkpoint:
+                self._store_cache(job.prompt[:-1], checkpoint[0])
             self._store_cache(job.prompt + tokens, cache)
         elapsed = time.monotonic() - t0
         decode_s = elapsed - (ttft or 0.0)
