@@ -58,8 +58,10 @@ tq_detached_start() {
   local unset_args=()
   # shellcheck disable=SC2013  # keys are single words
   for k in $(sed -n 's/^\([A-Z][A-Z0-9_]*\)=.*/\1/p' "$TQ_TEMPLATE"); do unset_args+=(-u "$k"); done
-  local launcher=(nohup env "${unset_args[@]}" "TQSTACK_HOME=$TQ_HOME" "TQSTACK_CONFIG=$TQ_CONFIG"
-    /bin/bash "$(tq_detached_needle)" --supervise "$svc")
+  local launcher=(nohup env "${unset_args[@]}" "TQSTACK_HOME=$TQ_HOME" "TQSTACK_CONFIG=$TQ_CONFIG")
+  # The router is told the resolved SIDECAR_ENABLED, as the launchd/systemd templates do.
+  if [ "$svc" = "router" ]; then launcher+=("SIDECAR_ENABLED=${TQ_SIDECAR_ON:-1}"); fi
+  launcher+=(/bin/bash "$(tq_detached_needle)" --supervise "$svc")
   # setsid: its own session and process group, so the whole tree stops together.
   if command -v setsid >/dev/null 2>&1; then
     setsid "${launcher[@]}" >>"$log_dir/tqstack-$svc.log" 2>&1 </dev/null &
@@ -105,7 +107,7 @@ tq_systemd_render() {
   dst=$(tq_unit_file "$svc")
   "$TQ_PY" "$TQ_LIB/render.py" "$TQ_APP/launchagents/systemd/tqstack-$svc.service.template" "$dst" \
     "UNIT=$(basename "$dst")" "APP_DIR=$TQ_APP" "TQSTACK_HOME=$TQ_HOME" "CONFIG=$TQ_CONFIG" \
-    "LOG_DIR=$(tq_log_dir systemd)" || tq_die "could not render $dst"
+    "LOG_DIR=$(tq_log_dir systemd)" "SIDECAR_ENABLED=${TQ_SIDECAR_ON:-1}" || tq_die "could not render $dst"
   if command -v systemd-analyze >/dev/null 2>&1; then
     # System mode: --user verify needs a running user manager, the syntax check does not.
     systemd-analyze verify "$dst" >/dev/null 2>&1 || tq_warn "systemd-analyze verify flagged $dst"
@@ -143,7 +145,7 @@ tq_launchd_render() {
   dst=$(tq_plist_file "$svc")
   "$TQ_PY" "$TQ_LIB/render.py" "$TQ_APP/launchagents/com.tqstack-$svc.plist.template" "$dst" \
     "LABEL=$(tq_label "$svc")" "APP_DIR=$TQ_APP" "TQSTACK_HOME=$TQ_HOME" "CONFIG=$TQ_CONFIG" \
-    "LOG_DIR=$(tq_log_dir launchd)" || tq_die "could not render $dst"
+    "LOG_DIR=$(tq_log_dir launchd)" "SIDECAR_ENABLED=${TQ_SIDECAR_ON:-1}" || tq_die "could not render $dst"
   if command -v plutil >/dev/null 2>&1; then plutil -lint "$dst" >/dev/null || tq_die "plutil rejected $dst"; fi
 }
 
@@ -184,7 +186,8 @@ tq_services_start() {
   local mode=$1 decision svc
   decision=$(tq_sidecar_decision)
   local services=(router)
-  if [ "${decision%% *}" = "1" ]; then services=(sidecar router)
+  TQ_SIDECAR_ON=${decision%% *}
+  if [ "$TQ_SIDECAR_ON" = "1" ]; then services=(sidecar router)
   else tq_say "sidecar not started: ${decision#* } (set SIDECAR_ENABLED=1 in $TQ_CONFIG to force it)"; fi
   mkdir -p "$TQ_RUN"
   echo "$mode" >"$TQ_RUN/service-mode"

@@ -65,7 +65,8 @@ FAKE_SERVICE = textwrap.dedent(
     class H(BaseHTTPRequestHandler):
         def do_GET(self):
             body = json.dumps({{"status": "ok", "backends": {{}}, "svc": svc, "pid": os.getpid(),
-                               "leaked_env": key in os.environ}}).encode()
+                               "leaked_env": key in os.environ,
+                               "sidecar_enabled": os.environ.get("SIDECAR_ENABLED")}}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))

@@ -37,6 +37,7 @@ def test_load_supervises_and_unload_leaves_nothing(fake_install):
     sidecar = wait_http(f"http://127.0.0.1:{inst.sidecar_port}/health", timeout=20).json()
     assert router["svc"] == "router" and sidecar["svc"] == "sidecar"
     assert router["leaked_env"] is False
+    assert router["sidecar_enabled"] == "1" and sidecar["sidecar_enabled"] is None
     assert (inst.home / "run" / "service-mode").read_text().strip() == "detached"
     assert (inst.home / "logs" / "tqstack-router.log").exists()
 
@@ -89,8 +90,9 @@ def test_sidecar_disabled_is_not_started(fake_install):
     r = run_bash(inst.script("load-services.sh"), env=inst.env())
     assert r.returncode == 0, r.stderr
     assert "sidecar not started" in r.stdout
-    wait_http(f"http://127.0.0.1:{inst.router_port}/health", timeout=20)
+    router = wait_http(f"http://127.0.0.1:{inst.router_port}/health", timeout=20).json()
     assert inst.pid("sidecar") is None and not _port_open(inst.sidecar_port)
+    assert router["sidecar_enabled"] == "0"  # the router is told not to wait for it
 
 
 @pytest.mark.timeout(90)

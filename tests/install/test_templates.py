@@ -40,6 +40,7 @@ def test_launchd_plist_renders_and_validates(tmp_path, svc):
         TQSTACK_HOME=str(home),
         CONFIG=f"{home}/config.env",
         LOG_DIR="/Users/me/Library/Logs",
+        SIDECAR_ENABLED="0",
     )
     assert r.returncode == 0, r.stderr
     if shutil.which("plutil"):
@@ -50,6 +51,8 @@ def test_launchd_plist_renders_and_validates(tmp_path, svc):
     assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True
     assert plist["ProgramArguments"] == ["/bin/bash", f"{home}/app/scripts/tqstack-service.sh", svc]
     assert plist["EnvironmentVariables"]["TQSTACK_HOME"] == str(home)
+    if svc == "router":  # the installer's resolved SIDECAR_ENABLED reaches the router
+        assert plist["EnvironmentVariables"]["SIDECAR_ENABLED"] == "0"
     assert plist["StandardOutPath"] == f"/Users/me/Library/Logs/tqstack-{svc}.log"
     assert plist["StandardErrorPath"] == f"/Users/me/Library/Logs/tqstack-{svc}.err.log"
 
@@ -66,12 +69,14 @@ def test_systemd_unit_renders_and_verifies(tmp_path, svc):
         TQSTACK_HOME=str(home),
         CONFIG=f"{home}/config.env",
         LOG_DIR=f"{home}/logs",
+        SIDECAR_ENABLED="0",
     )
     assert r.returncode == 0, r.stderr
     text = dst.read_text()
     assert "@" not in text.replace("@.", "")  # no placeholder left
     assert f'ExecStart=/bin/bash "{home}/app/scripts/tqstack-service.sh" {svc}' in text
     assert "Restart=on-failure" in text and "WantedBy=default.target" in text
+    assert ('Environment="SIDECAR_ENABLED=0"' in text) == (svc == "router")
     if shutil.which("systemd-analyze"):
         v = subprocess.run(["systemd-analyze", "verify", str(dst)], capture_output=True, text=True)
         assert v.returncode == 0, v.stderr
