@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,8 @@ from tests.conftest import REPO, free_port
 
 from .conftest import clean_env
 
-STATUS = str(REPO / ".venv" / "bin" / "tqstack-status")
+# The tqstack-status console script of the venv running these tests (.venv or TQSTACK_TEST_VENV).
+STATUS = str(Path(sys.executable).parent / "tqstack-status")
 
 ROUTER_HEALTH = {
     "status": "degraded",
