@@ -23,7 +23,7 @@ start_services=1
 for arg in "$@"; do
   case "$arg" in
     --no-services) start_services=0 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# {0,1}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | cut -c3-; exit 0 ;;
     *) tq_die "unknown argument $arg (see --help)" ;;
   esac
 done

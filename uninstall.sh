@@ -14,7 +14,7 @@ purge=0
 for arg in "$@"; do
   case "$arg" in
     --purge) purge=1 ;;
-    -h|--help) sed -n '2,5p' "$0" | sed 's/^# {0,1}//'; exit 0 ;;
+    -h|--help) sed -n '2,5p' "$0" | cut -c3-; exit 0 ;;
     *) tq_die "unknown argument $arg (see --help)" ;;
   esac
 done
