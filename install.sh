@@ -142,6 +142,8 @@ if [ "$start_services" = 1 ]; then
   if [ "${decision%% *}" = 1 ]; then
     echo "== waiting for the sidecar to load its model (up to ${wait_s}s)"
     sidecar_log=$(tq_log_dir "$mode")/tqstack-sidecar.log
+    # launchd keeps stderr (where Python logs) in its own file.
+    [ "$mode" = launchd ] && sidecar_log=$(tq_log_dir "$mode")/tqstack-sidecar.err.log
     if ! tq_wait_ready "http://127.0.0.1:$sidecar_port/health" "$wait_s" "$sidecar_log" "$log_offset"; then
       echo "---- last lines of $sidecar_log"
       tail -n 30 "$sidecar_log" 2>/dev/null || true
