@@ -224,12 +224,15 @@ class Router:
                         ),
                     )
                 except BeforeFirstByte as e:
-                    m.record_failure(backend, e.kind)
+                    if e.kind != "unavailable":  # a 503 answer means alive, just busy
+                        m.record_failure(backend, e.kind)
                     self.metrics.upstream_errors.labels(backend, e.kind).inc()
                     if i + 1 < len(attempts):
                         self.metrics.fallbacks.labels(backend, attempts[i + 1], e.kind).inc()
                         route_label = "fallback"
                         continue
+                    if e.error is not None:
+                        raise e.error from None
                     raise APIError(
                         503,
                         f"No backend could take the request ({e}).",

@@ -65,7 +65,9 @@ def upstream_headers(client_headers: Any, request_id: str, stream: bool) -> dict
     return h
 
 
-def map_upstream_error(backend: Backend, status: int, content: bytes) -> APIError:
+def map_upstream_error(
+    backend: Backend, status: int, content: bytes, headers: Any = None
+) -> APIError:
     """Turn a backend's error answer into our OpenAI envelope with a fitting status.
 
     Ollama already speaks the envelope; mlx-lm style servers answer ``{"error": "text"}``
@@ -112,10 +114,13 @@ def map_upstream_error(backend: Backend, status: int, content: bytes) -> APIErro
     if out_status >= 500 and code is None:
         code = "upstream_error"
     retry = None
-    headers: dict[str, str] = {}
+    out_headers: dict[str, str] = {}
+    upstream_retry_after = headers.get("retry-after") if headers is not None else None
+    if out_status in (429, 503):
+        # the backend said "later": keep its own delay when it gave one
+        out_headers["retry-after"] = upstream_retry_after or "1"
     if out_status == 503:
         retry = True
-        headers["retry-after"] = "1"
     elif 400 <= out_status < 500 and out_status not in (408, 409, 429):
         retry = False
     return APIError(
@@ -125,7 +130,7 @@ def map_upstream_error(backend: Backend, status: int, content: bytes) -> APIErro
         param=param,
         code=code,
         component=backend,
-        headers=headers,
+        headers=out_headers,
         should_retry=retry,
     )
 
@@ -133,9 +138,10 @@ def map_upstream_error(backend: Backend, status: int, content: bytes) -> APIErro
 class BeforeFirstByte(Exception):
     """The upstream failed before sending anything: the request may go to the other backend."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, error: APIError | None = None) -> None:
         super().__init__(message)
-        self.kind = kind  # connect | closed
+        self.kind = kind  # connect | closed | unavailable
+        self.error = error  # the backend's own answer, when it gave one
 
 
 def timeout_error(backend: Backend, phase: str) -> APIError:
@@ -202,7 +208,11 @@ async def send_upstream(
                 content += piece
                 if len(content) > MAX_ERROR_BODY:
                     break
-            raise map_upstream_error(backend, resp.status_code, content)
+            err = map_upstream_error(backend, resp.status_code, content, resp.headers)
+            if resp.status_code == 503:
+                # "not now" (loading, busy) before any work: the other backend may take it
+                raise BeforeFirstByte("unavailable", err.message, err)
+            raise err
         if not stream:
             content = await resp.aread()
             await resp.aclose()

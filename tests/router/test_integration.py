@@ -204,6 +204,21 @@ def test_sidecar_loading_is_not_available(make_router, ollama) -> None:
         router.wait_for(lambda: router.client.get("/health").json()["sidecar_available"])
 
 
+def test_sidecar_answering_503_falls_back_before_any_work(make_router, ollama, sidecar) -> None:
+    router = make_router(ollama.url, sidecar.url, health_interval_s=30)
+    sidecar.loading = True  # health has not seen it: the request meets the 503
+    r = router.client.post("/v1/chat/completions", json=chat(model="tq:auto"))
+    assert r.status_code == 200
+    assert (r.headers["x-tqstack-backend"], r.headers["x-tqstack-route"]) == ("ollama", "fallback")
+
+
+def test_queue_full_429_passes_retry_after(router, sidecar) -> None:
+    sidecar.faults.update(error_status=429, error_message="queue full")
+    r = router.client.post("/v1/chat/completions", json=chat(model="tq:auto"))
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["component"] == "sidecar"
+
+
 def test_both_down_is_503(make_router) -> None:
     router = make_router(f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}")
     h = router.client.get("/health")
@@ -365,11 +380,15 @@ def test_sidecar_mlx_style_error_is_rewritten(make_router, ollama) -> None:
     assert err["type"] == "server_error"
 
 
-def test_busy_backend_503_says_retry(router, ollama) -> None:
+def test_busy_backend_503_falls_back_then_says_retry(router, ollama, sidecar) -> None:
     ollama.faults.update(error_status=503, error_message="server busy")
+    r = router.client.post("/v1/chat/completions", json=chat())
+    assert (r.status_code, r.headers["x-tqstack-route"]) == (200, "fallback")
+    sidecar.faults.update(error_status=503, error_message="busy too")
     r = router.client.post("/v1/chat/completions", json=chat())
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.headers["x-should-retry"] == "true"
+    assert r.json()["error"]["component"] == "sidecar"
 
 
 # --- bad input

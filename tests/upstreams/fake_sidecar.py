@@ -61,6 +61,22 @@ class FakeSidecar(FakeBackend):
             status_code=status,
         )
 
+    def not_ready(self) -> Response:
+        """503 ``model_not_ready`` while loading, as the contract says."""
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "model is loading",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "model_not_ready",
+                    "component": "sidecar",
+                }
+            },
+            status_code=503,
+            headers={"retry-after": "5"},
+        )
+
     def routes(self) -> list[Route]:
         return [
             Route("/health", self.health),
@@ -127,6 +143,8 @@ class FakeSidecar(FakeBackend):
         body = await self.record(request)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return self.error(400, "'messages' is required")
+        if self.loading:
+            return self.not_ready()
         fault = await self.generation_faults(request)
         if fault is not None:
             return fault
