@@ -134,9 +134,15 @@ def render(report: dict) -> str:
         )
         ctx = rh.get("context_lengths")
         if isinstance(ctx, dict) and ctx:
-            lines.append(
-                "         context lengths: " + ", ".join(f"{k} {v}" for k, v in ctx.items())
-            )
+            # {"ollama": {tag: n, ...}, "sidecar": n}: one "name n" per known model.
+            parts = []
+            for backend, v in ctx.items():
+                if isinstance(v, dict):
+                    parts += [f"{backend}:{tag} {n}" for tag, n in v.items() if n]
+                elif v:
+                    parts.append(f"{backend} {v}")
+            if parts:
+                lines.append("         context lengths: " + ", ".join(parts))
         backends = rh.get("backends") if isinstance(rh.get("backends"), dict) else {}
         if backends:
             seen = ", ".join(

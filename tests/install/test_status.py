@@ -27,7 +27,7 @@ ROUTER_HEALTH = {
     "sidecar_architecture": "pure_sdpa",
     "prompt_token_threshold": 6000,
     "threshold_source": "auto:pure_sdpa",
-    "context_lengths": {"ollama": {}, "sidecar": 8192},
+    "context_lengths": {"ollama": {"qwen3.5:35b": 262144}, "sidecar": 8192},
 }
 SIDECAR_HEALTH = {
     "status": "ok",
@@ -90,6 +90,7 @@ def test_everything_up(tmp_path):
     out = r.stdout
     assert f"router   UP     http://127.0.0.1:{rp}" in out
     assert "threshold: 6000 tokens (auto:pure_sdpa)" in out
+    assert "context lengths: ollama:qwen3.5:35b 262144, sidecar 8192" in out
     assert "sidecar  UP" in out and "smollm2-135m-instruct (pure_sdpa), context 8192" in out
     assert "30 layers compressed, in use 1.0 MB (fp16 would be 4.0 MB)" in out
     assert "1 active, 0 queued" in out
