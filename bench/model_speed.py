@@ -44,6 +44,7 @@ def _prompt_ids(tok, n: int) -> list[int]:
 def measure(model_dir: str, dtype: str, prompt_tokens: int, decode_tokens: int, repeats: int):
     """Best-of-``repeats`` prompt and decode tokens/s for one model and weight dtype."""
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -52,20 +53,23 @@ def measure(model_dir: str, dtype: str, prompt_tokens: int, decode_tokens: int, 
     mx.eval(model.parameters())
     ids = _prompt_ids(tok, prompt_tokens)
     best_prompt = best_decode = 0.0
-    for _ in range(repeats + 1):  # the first round warms up kernels and is discarded
+    for round_ in range(repeats + 1):  # the first round warms up kernels and is discarded
         cache = make_prompt_cache(model)
         t0 = time.perf_counter()
         logits = model(mx.array([ids]), cache=cache)
         token = mx.argmax(logits[:, -1, :], axis=-1)
         mx.eval(token)
         t1 = time.perf_counter()
+        # Fidelity of this dtype: mean NLL of the prompt's next tokens (compare with float32).
+        nll = nn.losses.cross_entropy(logits[0, :-1].astype(mx.float32), mx.array(ids[1:]))
+        nll = float(nll.mean())
         # Greedy steps ignoring EOS, so every configuration decodes the same count.
         for _ in range(decode_tokens):
             logits = model(token[:, None], cache=cache)
             token = mx.argmax(logits[:, -1, :], axis=-1)
             mx.eval(token)
         t2 = time.perf_counter()
-        if _ > 0 or repeats == 0:
+        if round_ > 0 or repeats == 0:
             best_prompt = max(best_prompt, len(ids) / (t1 - t0))
             best_decode = max(best_decode, decode_tokens / (t2 - t1))
     maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
@@ -73,6 +77,7 @@ def measure(model_dir: str, dtype: str, prompt_tokens: int, decode_tokens: int, 
         "prompt_tps": best_prompt,
         "decode_tps": best_decode,
         "prompt_tokens": len(ids),
+        "nll": nll,
         "openblas_loaded": "libopenblas" in maps,
         "device": str(mx.default_device()),
     }
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every configuration and write the table (unless --no-write)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "DTYPE"), help=argparse.SUPPRESS)
-    p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct"])
+    p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     p.add_argument(
         "--models-dir", default=None, help="default: $TQSTACK_TEST_MODELS_DIR or .cache/models"
     )
@@ -135,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no system OpenBLAS found: measuring without the preload only", file=sys.stderr)
 
     rows, baseline = [], {}
-    for name in args.models:
+    for i, name in enumerate(args.models):
         model_dir = str(ensure_model(name, models_dir, progress=False))
-        for dtype, preload, label in configs:
+        # The slow no-OpenBLAS float32 row once (first model) is enough to show the gap.
+        model_configs = [c for c in configs if i == 0 or c[1] is not None or c[0] != "float32"]
+        for dtype, preload, label in model_configs:
             res = run_child(model_dir, dtype, preload, args)
             key = (name, "ref")
             baseline.setdefault(key, res)  # the first configuration of a model is the reference
@@ -148,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{res['prompt_tps']:.1f}", f"{res['decode_tps']:.1f}",
                     f"{res['prompt_tps'] / ref['prompt_tps']:.2f}",
                     f"{res['decode_tps'] / ref['decode_tps']:.2f}",
+                    f"{res['nll']:.4f}", f"{res['nll'] - ref['nll']:+.4f}",
                 ]
             )  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)
 
     headers = ["model", "weights", "OpenBLAS loaded", "prompt tok/s", "decode tok/s",
-               "prompt vs first row", "decode vs first row"]  # fmt: skip
+               "prompt vs first row", "decode vs first row", "prompt NLL", "ΔNLL"]  # fmt: skip
     body = (
         f"Prompt of {args.prompt_tokens} tokens (CPython `pydoc_data` prose), then "
         f"{args.decode_tokens} greedy decode steps; best of {args.repeats} after one warm-up, "
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Device: {res['device']}. Absolute figures on a shared CPU are noisy: read the ratios, "
         "measured in one run.\n\n"
         + markdown_table(headers, rows)
+        + "\nNLL: mean next-token negative log-likelihood over the prompt, from the same prefill; "
+        "ΔNLL against the model's first row (float32), i.e. what the weight dtype costs in "
+        "quality.\n"
         + "\nWhy the launcher preloads OpenBLAS and casts to float32 on Linux CPU: the `mlx[cpu]` "
         "wheel's bundled BLAS is slow, and bf16/fp16 matmuls never use BLAS.\n"
     )

@@ -64,3 +64,28 @@ def test_is_converted_rejects_incomplete_dirs(tmp_path):
 def test_load_model_rejects_bad_dtype(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         load_model(str(tmp_path), tmp_path, dtype="int8")
+
+
+def test_runtime_dtype(tmp_path, monkeypatch):
+    import platform
+
+    import mlx.core as mx
+
+    from services.models.embedded import runtime_dtype
+
+    gemma_like = tmp_path / "g"
+    gemma_like.mkdir()
+    (gemma_like / MANIFEST_NAME).write_text(json.dumps({"gpu_dtype": "bfloat16"}))
+    plain = tmp_path / "p"
+    plain.mkdir()
+    assert runtime_dtype("float16", str(gemma_like)) == "float16"  # explicit always wins
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    assert runtime_dtype("auto", str(plain)) == "float32"
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert runtime_dtype("auto", str(gemma_like)) == "bfloat16"
+    assert runtime_dtype("auto", str(plain)) is None  # keep what is stored
+    assert runtime_dtype("auto", "some/hf-id") is None
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    assert runtime_dtype("auto", str(plain)) is None  # macOS CPU: Accelerate handles fp16
