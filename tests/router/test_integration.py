@@ -548,3 +548,33 @@ def test_memory_saver_off_never_unloads(router, ollama) -> None:
     router.client.post("/v1/chat/completions", json=chat())
     router.client.post("/v1/chat/completions", json=chat(model="tq:auto"))
     assert not [r for r in ollama.journal.paths("/api/generate")]
+
+
+# --- configuration and hygiene
+
+
+def test_sidecar_disabled_routes_everything_to_ollama(make_router, ollama, sidecar) -> None:
+    router = make_router(ollama.url, sidecar.url, sidecar_enabled="0")
+    h = router.client.get("/health").json()
+    assert h["backends"]["sidecar"]["state"] == "disabled" and h["sidecar_available"] is False
+    assert h["status"] == "ok"
+    r = router.client.post("/v1/chat/completions", json=chat(LONG))
+    assert r.headers["x-tqstack-backend"] == "ollama"
+    assert not sidecar.journal.generations()
+
+
+def test_contents_never_logged(router, ollama, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    secret = "SECRET-PROMPT-7f3a"
+    router.client.post("/v1/chat/completions", json=chat(secret))
+    ollama.faults.update(die_after_chunks=1)
+    router.client.post("/v1/chat/completions", json=chat(secret, stream=True))
+    ollama.faults.reset()
+    ollama.faults.update(error_status=400, error_message="bad")
+    router.client.post("/v1/chat/completions", json=chat(secret))
+    router.client.post("/v1/chat/completions", content=b'{"model": "' + secret.encode())
+    assert any(r.name.startswith("tqstack") for r in caplog.records)  # the router did log
+    assert secret not in caplog.text
+    assert "Hello from the fake" not in caplog.text

@@ -126,3 +126,12 @@ def test_bearer() -> None:
     assert bearer_ok("Bearer k3y", "k3y") and bearer_ok("bearer k3y", "k3y")
     assert not bearer_ok("Bearer nope", "k3y") and not bearer_ok(None, "k3y")
     assert not bearer_ok("Basic k3y", "k3y") and not bearer_ok("Bearer ", "k3y")
+
+
+def test_memory_saver_setting() -> None:
+    from services.router.memory import memory_saver_enabled
+
+    gb = 1024**3
+    assert memory_saver_enabled("auto", 16 * gb) and memory_saver_enabled("auto", 32 * gb)
+    assert not memory_saver_enabled("auto", 64 * gb)
+    assert memory_saver_enabled("1", 64 * gb) and not memory_saver_enabled("0", 8 * gb)
