@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             port=settings.sidecar_port,
             log_level=settings.log_level.lower(),
             access_log=False,
+            # Streams can run for minutes: on shutdown cut them (their jobs get cancelled).
+            timeout_graceful_shutdown=5,
         )
     )
 
