@@ -125,3 +125,36 @@ def test_corrupted_or_partial_dir_is_redone(models_dir, smollm2_dir, tmp_path):
     leftovers = [p.name for p in root.iterdir() if p.name.startswith(f".{NAME}.") and p.is_dir()]
     assert leftovers == []
     shutil.rmtree(root)
+
+
+def test_concurrent_callers_convert_once(models_dir, smollm2_dir, tmp_path, monkeypatch):
+    """Test suites of several services share one models dir: the lock makes one convert."""
+    import threading
+
+    from services.models import embedded
+
+    root = _private_models_dir(tmp_path, models_dir)
+    calls = []
+    real_convert = embedded.convert_gguf
+
+    def counting_convert(*args, **kwargs):
+        calls.append(threading.get_ident())
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "convert_gguf", counting_convert)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(ensure_model(NAME, root, progress=False))
+        except Exception as e:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == [] and results == [root / NAME] * 3
+    assert len(calls) == 1
+    shutil.rmtree(root)
