@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     tq_boundary_layers: int = 0
     tq_boundary_bits: int = 8
     tq_rotation_seed: int = 0
+    tq_center_keys: bool = True
     tq_enabled: bool = True
 
     @field_validator("prompt_token_threshold", mode="before")

@@ -31,6 +31,9 @@ class PackedSide:
     dim: int
     use_rotation: bool
     seed: int
+    # Keys only: the fixed vector subtracted before quantizing (rotated space). Adding
+    # q·center to every score of a query changes no softmax, so attention ignores it.
+    center: mx.array | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -65,6 +68,8 @@ class TurboQuantKVCache(_BaseCache):
     use_rotation = True
     use_normalization = True
     seed = 0
+    center_keys = True
+    key_center: mx.array | None = None
 
     def __init__(self, config: TurboQuantConfig | None = None, **overrides: Any):
         """Build from a :class:`TurboQuantConfig` (fields may be overridden by keyword)."""
@@ -77,6 +82,7 @@ class TurboQuantKVCache(_BaseCache):
             "use_rotation",
             "use_normalization",
             "seed",
+            "center_keys",
         }
         unknown = set(overrides) - known
         if unknown:
@@ -89,7 +95,9 @@ class TurboQuantKVCache(_BaseCache):
         self.use_rotation = bool(get("use_rotation"))
         self.use_normalization = bool(get("use_normalization"))
         self.seed = int(get("seed"))
+        self.center_keys = bool(get("center_keys"))
         self._resolve()
+        self.key_center = None
         self.keys = None
         self.values = None
         self.offset = 0
@@ -118,10 +126,21 @@ class TurboQuantKVCache(_BaseCache):
             self.values[0].shape[-1] * 32 // self.value_bits,
         )
 
-    def _encode(self, x: mx.array, spec: SideSpec) -> tuple[mx.array, ...]:
+    def _rotate(self, x: mx.array) -> mx.array:
         if self.use_rotation:
-            x = rotate(x, get_rotation(x.shape[-1], self.seed))
-        return quantize(x, spec)
+            return rotate(x, get_rotation(x.shape[-1], self.seed))
+        return x.astype(mx.float32)
+
+    def _center(self, k_rot: mx.array) -> mx.array:
+        # Fixed at the first store: changing it later would shift old and new scores
+        # differently. Position 0 is left out (usually BOS, an outlier attention sink).
+        if self.key_center is None:
+            n = k_rot.shape[2]
+            if n > 1:
+                self.key_center = mx.mean(k_rot[:, :, 1:], axis=2, keepdims=True)
+            else:
+                self.key_center = mx.zeros((*k_rot.shape[:2], 1, k_rot.shape[-1]))
+        return k_rot - self.key_center
 
     # ------------------------------------------------------------------ mlx-lm interface
 
@@ -130,8 +149,11 @@ class TurboQuantKVCache(_BaseCache):
         _check_patch_installed()
         B, n_kv, n_new, k_dim = keys.shape
         v_dim = values.shape[-1]
-        k_new = self._encode(keys, self.key_spec(k_dim))
-        v_new = self._encode(values, self.value_spec(v_dim))
+        k_rot = self._rotate(keys)
+        if self.center_keys:
+            k_rot = self._center(k_rot)
+        k_new = quantize(k_rot, self.key_spec(k_dim))
+        v_new = quantize(self._rotate(values), self.value_spec(v_dim))
         prev = self.offset
         if self.keys is None or prev + n_new > self.keys[0].shape[2]:
             self._grow(k_new, v_new, n_new)
@@ -172,7 +194,12 @@ class TurboQuantKVCache(_BaseCache):
         k_dim, v_dim = self._dims()
         return (
             PackedSide(
-                self._sliced(self.keys), self.key_spec(k_dim), k_dim, self.use_rotation, self.seed
+                self._sliced(self.keys),
+                self.key_spec(k_dim),
+                k_dim,
+                self.use_rotation,
+                self.seed,
+                self.key_center,
             ),
             PackedSide(
                 self._sliced(self.values),
@@ -189,10 +216,11 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def state(self) -> tuple[mx.array, ...] | list:
-        """Stored arrays sliced to ``offset``: key parts then value parts."""
+        """Stored arrays sliced to ``offset``: key parts, value parts, [key center]."""
         if self.keys is None:
             return []
-        return (*self._sliced(self.keys), *self._sliced(self.values))
+        center = () if self.key_center is None else (self.key_center,)
+        return (*self._sliced(self.keys), *self._sliced(self.values), *center)
 
     @state.setter
     def state(self, v) -> None:
@@ -200,17 +228,27 @@ class TurboQuantKVCache(_BaseCache):
             self.keys = self.values = None
             self.offset = 0
             return
+
         # An affine side is (packed, scales, biases), a codebook side (packed, norms):
         # norms have one axis less than packed, scales the same number of axes.
-        n_key = 3 if v[1].ndim == v[0].ndim else 2
-        self.keys, self.values = tuple(v[:n_key]), tuple(v[n_key:])
-        if len(self.values) not in (2, 3):
+        def side_len(i: int) -> int:
+            return 3 if v[i + 1].ndim == v[i].ndim else 2
+
+        try:
+            n_key = side_len(0)
+            n_val = side_len(n_key)
+        except IndexError as exc:
+            raise ValueError(f"not a TurboQuantKVCache state ({len(v)} arrays)") from exc
+        rest = v[n_key + n_val :]
+        if len(rest) > 1:
             raise ValueError(f"not a TurboQuantKVCache state ({len(v)} arrays)")
+        self.keys, self.values = tuple(v[:n_key]), tuple(v[n_key : n_key + n_val])
+        self.key_center = rest[0] if rest else None
         self.offset = self.keys[0].shape[2]
 
     @property
     def meta_state(self) -> tuple[str, ...]:
-        """Configuration as strings (mlx-lm's convention), offset last."""
+        """Configuration as strings (mlx-lm's convention)."""
         return (
             self.quantizer,
             str(self.key_bits),
@@ -220,11 +258,13 @@ class TurboQuantKVCache(_BaseCache):
             _to_bool_str(self.use_normalization),
             str(self.seed),
             str(self.offset),
+            _to_bool_str(self.center_keys),
         )
 
     @meta_state.setter
     def meta_state(self, v) -> None:
-        quantizer, kb, vb, gs, rot, norm, seed, offset = v
+        quantizer, kb, vb, gs, rot, norm, seed, offset, center = v
+        self.center_keys = center == "1"
         self.quantizer = quantizer
         self.key_bits, self.value_bits, self.group_size = int(kb), int(vb), int(gs)
         self.use_rotation, self.use_normalization = rot == "1", norm == "1"
@@ -269,14 +309,18 @@ class TurboQuantKVCache(_BaseCache):
         """Bytes allocated (whole steps), as mlx-lm's caches report it."""
         if self.keys is None:
             return 0
-        return sum(p.nbytes for p in (*self.keys, *self.values))
+        return sum(p.nbytes for p in (*self.keys, *self.values)) + self._center_nbytes()
+
+    def _center_nbytes(self) -> int:
+        return 0 if self.key_center is None else self.key_center.nbytes
 
     @property
     def used_nbytes(self) -> int:
         """Bytes holding the ``offset`` stored positions."""
         if self.keys is None:
             return 0
-        return sum(p.nbytes * self.offset // p.shape[2] for p in (*self.keys, *self.values))
+        parts = (*self.keys, *self.values)
+        return sum(p.nbytes * self.offset // p.shape[2] for p in parts) + self._center_nbytes()
 
     @property
     def fp16_nbytes(self) -> int:

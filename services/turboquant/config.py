@@ -16,7 +16,9 @@ class TurboQuantConfig:
     (codebook sides above 4 bits fall back to affine); ``group_size`` for affine;
     ``use_rotation``/``use_normalization`` as documented in docs/turboquant.md;
     ``boundary_layers``/``boundary_bits``: the first and last N softmax layers at
-    ``boundary_bits`` (16 or more: left unquantized); ``seed`` picks the rotation.
+    ``boundary_bits`` (16 or more: left unquantized); ``seed`` picks the rotation;
+    ``center_keys``: store keys minus a fixed per-head mean (exact for attention, see
+    docs/turboquant.md).
     """
 
     key_bits: int = 4
@@ -28,6 +30,7 @@ class TurboQuantConfig:
     boundary_layers: int = 0
     boundary_bits: int = 8
     seed: int = 0
+    center_keys: bool = True
 
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
@@ -62,4 +65,5 @@ class TurboQuantConfig:
             boundary_layers=int(settings.tq_boundary_layers),
             boundary_bits=int(settings.tq_boundary_bits),
             seed=int(settings.tq_rotation_seed),
+            center_keys=bool(settings.tq_center_keys),
         )

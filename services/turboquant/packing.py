@@ -2,7 +2,7 @@
 
 A row of ``D`` codes of ``b`` bits is one little-endian bit stream: code ``j`` occupies
 bits ``[b*j, b*j + b)``; bit ``k`` of the stream is bit ``k % 32`` of word ``k // 32``.
-For b = 2, 4, 8 no code straddles a word; for b = 3 some do. This is bit-for-bit what
+For b = 2, 4, 8 no code straddles a word; for b = 3, 5, 6 some do. This is bit-for-bit what
 ``mx.quantize`` produces, so :func:`unpack` can use MLX's own dequantize kernel.
 """
 
@@ -13,7 +13,7 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def packed_words(dim: int, bits: int) -> int:

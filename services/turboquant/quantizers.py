@@ -2,7 +2,7 @@
 
 Two kinds, chosen per side (keys, values) by a :class:`SideSpec`:
 
-- ``affine``: ``mx.quantize`` group scale + bias (2/3/4/8 bits, group 32/64/128), stored
+- ``affine``: ``mx.quantize`` group scale + bias (2/3/4/5/6/8 bits, group 32/64/128), stored
   as mlx-lm's ``QuantizedKVCache`` tuple ``(packed, scales, biases)``.
 - ``codebook``: the paper's Lloyd-Max codebook for a rotated unit vector's coordinates
   (2/3/4 bits), stored as ``(packed indices, norms)``.
@@ -27,7 +27,7 @@ from .codebook import boundaries, centroids
 from .packing import pack, packed_words, unpack
 
 QUANTIZERS = ("affine", "codebook")
-AFFINE_BITS = (2, 3, 4, 8)
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 CODEBOOK_BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)
 SIDE_DTYPE = mx.float16

@@ -117,6 +117,25 @@ def test_rotation_reduces_error_with_outlier_channels():
     assert out[True] < out[False]
 
 
+def test_key_centering_is_exact_for_attention():
+    # Softmax ignores a per-query constant: attention over the stored (centered) keys equals
+    # attention over the same keys with the center added back.
+    q, k, v = _data(L=3, T=50, seed=12)
+    cfg = TurboQuantConfig(quantizer="codebook", key_bits=3, value_bits=4)
+    _, (kv, vv) = _fill(cfg, k, v)
+    assert kv.center is not None and float(mx.abs(kv.center).max()) > 0.1
+    out = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal")
+    k_back = unrotate(dequantize(kv.parts, kv.spec) + kv.center, kv.rotation)
+    assert _rel(out, _ref(q, k_back, _dequantized(vv), mask="causal")) < 2e-4
+    # And centering does not cost accuracy (8 bits: both within rounding of the truth).
+    for center in (True, False):
+        cfg = TurboQuantConfig(key_bits=8, value_bits=8, center_keys=center)
+        _, (kv, vv) = _fill(cfg, k, v)
+        assert (kv.center is not None) == center
+        got = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal")
+        assert _rel(got, _ref(q, k, v, mask="causal")) < 0.015
+
+
 @pytest.mark.parametrize("quantizer", ["affine", "codebook"])
 def test_masks(quantizer):
     q, k, v = _data(L=5, T=40, seed=5)

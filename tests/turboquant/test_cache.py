@@ -41,6 +41,8 @@ def _decoded(cache, side="keys"):
     """The float vectors the cache stands for (un-rotated), for checking contents."""
     view = cache.update_and_fetch.__self__._views()[0 if side == "keys" else 1]
     x = dequantize(view.parts, view.spec)
+    if view.center is not None:
+        x = x + view.center
     return unrotate(x, view.rotation) if view.rotation is not None else x
 
 
@@ -158,19 +160,24 @@ def test_make_mask_follows_offset():
 
 def test_nbytes_and_compression():
     k, v = _kv(512, heads=4, dim=128)
-    c = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook", key_bits=4, value_bits=3))
+    cfg = TurboQuantConfig(quantizer="codebook", key_bits=4, value_bits=3, center_keys=False)
+    c = TurboQuantKVCache(cfg)
     c.update_and_fetch(k, v)
     assert c.fp16_nbytes == 512 * 4 * 128 * 2 * 2
     # codebook: b*D/8 bytes + 2 for the norm per vector.
     assert c.used_nbytes == 512 * 4 * ((4 * 128 // 8 + 2) + (3 * 128 // 8 + 2))
     assert c.nbytes == c.used_nbytes  # exactly two whole steps
     assert c.effective_bits() == pytest.approx((4.125 + 3.125) / 2)
-    a = TurboQuantKVCache(TurboQuantConfig(key_bits=4, value_bits=4, group_size=64))
+    a = TurboQuantKVCache(TurboQuantConfig(key_bits=4, value_bits=4, center_keys=False))
     a.update_and_fetch(k, v)
     ref = QuantizedKVCache(group_size=64, bits=4)
     ref.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
     assert a.nbytes == ref.nbytes  # same bytes as mlx-lm's fp16 4-bit cache
     assert a.effective_bits() == pytest.approx(4.5)
+    # Key centering adds one float32 vector per KV head.
+    centered = TurboQuantKVCache(TurboQuantConfig(key_bits=4, value_bits=4))
+    centered.update_and_fetch(k, v)
+    assert centered.nbytes == a.nbytes + 4 * 128 * 4
 
 
 def test_constructor_overrides_and_validation():
@@ -179,7 +186,7 @@ def test_constructor_overrides_and_validation():
     with pytest.raises(TypeError):
         TurboQuantKVCache(bits=4)
     with pytest.raises(ValueError):
-        TurboQuantConfig(key_bits=5)
+        TurboQuantConfig(key_bits=7)
     with pytest.raises(ValueError):
         TurboQuantConfig(quantizer="qjl")
 
@@ -250,3 +257,24 @@ def test_rotation_matrix_shared_by_seed():
     a = TurboQuantKVCache(TurboQuantConfig(seed=4))
     views = a.update_and_fetch(*_kv(2))
     assert views[0].rotation is get_rotation(64, 4)
+
+
+def test_key_centering_state_and_first_single_token():
+    k, v = _kv(40)
+    c = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook"))
+    c.update_and_fetch(k, v)
+    assert c.key_center.shape == (1, 2, 1, 64)
+    assert len(c.state) == 2 + 2 + 1 and c.meta_state[-1] == "1"
+    d = TurboQuantKVCache.from_state(c.state, c.meta_state)
+    assert mx.array_equal(d.key_center, c.key_center)
+    assert TurboQuantKVCache.from_state(c.state).key_center is not None
+    c.trim(40)
+    c.update_and_fetch(k[:, :, :3], v[:, :, :3])
+    assert mx.array_equal(d.key_center, c.key_center)  # fixed once chosen
+    # A cache whose first chunk is one token cannot estimate a mean: no shift at all.
+    one = TurboQuantKVCache()
+    one.update_and_fetch(k[:, :, :1], v[:, :, :1])
+    assert float(mx.abs(one.key_center).max()) == 0.0
+    off = TurboQuantKVCache(TurboQuantConfig(center_keys=False))
+    off.update_and_fetch(k, v)
+    assert off.key_center is None and len(off.state) == 6 and off.meta_state[-1] == "0"

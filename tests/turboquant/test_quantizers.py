@@ -33,7 +33,7 @@ def _rotated(shape, seed):
 # --------------------------------------------------------------------------- packing
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_pack_roundtrip_and_matches_mx_quantize_layout(bits):
     n = 2**bits
     codes = mx.random.randint(0, n, (3, 5, 128)).astype(mx.uint32)
@@ -54,7 +54,7 @@ def test_pack_rejects_bad_dims():
     with pytest.raises(ValueError):
         packed_words(80, 3)
     with pytest.raises(ValueError):
-        packed_words(64, 5)
+        packed_words(64, 7)
 
 
 # --------------------------------------------------------------------------- codebook
@@ -179,6 +179,6 @@ def test_effective_bits():
 
 def test_spec_validation_and_codebook_fallback():
     assert make_side_spec("codebook", 8).quantizer == "affine"
-    for bad in [("affine", 5, 64), ("codebook", 1, 64), ("affine", 4, 48), ("lut", 4, 64)]:
+    for bad in [("affine", 7, 64), ("codebook", 1, 64), ("affine", 4, 48), ("lut", 4, 64)]:
         with pytest.raises(ValueError):
             SideSpec(*bad).validate()
