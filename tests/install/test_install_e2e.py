@@ -137,6 +137,7 @@ def test_install_use_reinstall_uninstall(tmp_path, models_dir):
             text=True,
             timeout=60,
         )
+        print(status.stdout)
         assert status.returncode == 0, status.stdout + status.stderr
         assert f"router   UP     {base}" in status.stdout
         assert "sidecar  UP" in status.stdout and "smollm2" in status.stdout
