@@ -135,7 +135,7 @@ if [ "$start_services" = 1 ]; then
   tq_services_start "$mode"
   changed+=("services: $mode ($(case "$mode" in
     detached) echo "pid files in $TQ_RUN, logs in $(tq_log_dir detached)" ;;
-    systemd) echo "units in $TQ_SYSTEMD_DIR, logs in $(tq_log_dir systemd); 'loginctl enable-linger $USER' keeps them running after logout" ;;
+    systemd) echo "units in $TQ_SYSTEMD_DIR, logs in $(tq_log_dir systemd); 'loginctl enable-linger ${USER:-$(id -un)}' keeps them running after logout" ;;
     launchd) echo "agents in $TQ_AGENTS_DIR, logs in ~/Library/Logs" ;; esac))")
 
   wait_s=${TQSTACK_WAIT_S:-600}
