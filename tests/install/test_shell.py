@@ -15,16 +15,18 @@ from tests.conftest import REPO, free_port
 
 from .conftest import clean_env
 
-OURS = [
+ALL = [
     REPO / "install.sh",
     REPO / "uninstall.sh",
     *sorted((REPO / "scripts").glob("*.sh")),
     REPO / "scripts" / "lib" / "common.sh",
     REPO / "scripts" / "lib" / "services.sh",
 ]
+# shellcheck gates the install/operate scripts; the run-*/test scripts have their own owners.
+OURS = [p for p in ALL if p.name not in ("run-router.sh", "run-sidecar.sh", "test.sh")]
 
 
-@pytest.mark.parametrize("script", OURS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", ALL, ids=lambda p: p.name)
 def test_bash_parses_and_is_strict(script):
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
