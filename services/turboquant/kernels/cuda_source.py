@@ -90,7 +90,10 @@ __device__ void decode_split(
   constexpr int VW = (VB == 8 || VB == 3) ? 2 : 1; // words holding one V octet
   static_assert(TPB % NOC == 0 && TILE % TL == 0 && (TILE * NC) % 32 == 0, "tile shape");
 
-  __shared__ __align__(16) float qs[HB][D];
+  // Each 32-coordinate chunk padded to 36 floats: the NC chunks read by one warp land in
+  // different banks (v2 had them 128 B apart: a 4-way conflict on every query read).
+  constexpr int QP = 36;
+  __shared__ __align__(16) float qs[HB][NC * QP];
   __shared__ float qsum[HB][NC];
   __shared__ float sc[HB][TILE];
   __shared__ float m_run[HB], l_run[HB], alpha[HB];
@@ -116,7 +119,7 @@ __device__ void decode_split(
 
   for (int i = tid; i < HB * D; i += TPB) {
     int g = i / D, d = i % D;
-    qs[g][d] = q[b * q_st[0] + (h0 + g) * q_st[1] + d * q_st[3]] * qscale;
+    qs[g][(d >> 5) * QP + (d & 31)] = q[b * q_st[0] + (h0 + g) * q_st[1] + d * q_st[3]] * qscale;
     red[g][d] = 0.f;
   }
   if constexpr (CB) {
@@ -132,7 +135,7 @@ __device__ void decode_split(
     for (int i = tid; i < HB * NC; i += TPB) {
       int g = i / NC, ch = i % NC;
       float s = 0.f;
-      for (int e = 0; e < 32; ++e) s += qs[g][ch * 32 + e];
+      for (int e = 0; e < 32; ++e) s += qs[g][ch * QP + e];
       qsum[g][ch] = s;
     }
   }
@@ -222,7 +225,7 @@ __device__ void decode_split(
         float part[HB];
 #pragma unroll
         for (int g = 0; g < HB; ++g) {
-          const float4* qv = reinterpret_cast<const float4*>(&qs[g][ch * 32]);
+          const float4* qv = reinterpret_cast<const float4*>(&qs[g][ch * QP]);
           float a = 0.f;
 #pragma unroll
           for (int e4 = 0; e4 < 8; ++e4) {
