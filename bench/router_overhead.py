@@ -246,6 +246,7 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round, fewer streams")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--section", default="router_overhead", help="docs/benchmarks.md section")
     args = ap.parse_args()
     if args.serve_upstream:
         serve_upstream(args.serve_upstream, args.chunks)
@@ -368,7 +369,10 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_section("router_overhead", "Router overhead (added latency vs direct)", body)
+        title = "Router overhead (added latency vs direct)"
+        if args.section != "router_overhead":
+            title += f" [{args.section}]"
+        write_section(args.section, title, body)
 
 
 def _internal_overhead_ms(metrics: str) -> float:

@@ -52,11 +52,16 @@ class ClientGone(Exception):
 class Router:
     """Per-app state and the request handlers (one instance per ``create_app``)."""
 
+    keepalive = 256  # idle upstream connections kept, over all pools
+    shards = 16  # connection pools the relayed requests are spread over
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = RouterMetrics()
         self.sidecar_enabled = settings.sidecar_enabled != "0"
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # health checks, /v1/models
+        self.clients: list[httpx.AsyncClient] = []
+        self._next_client = 0
         self.monitor: HealthMonitor | None = None
         self.saver: MemorySaver | None = None
         self.active_streams = 0
@@ -72,10 +77,20 @@ class Router:
             write=30.0,
             pool=s.upstream_connect_timeout_s,
         )
-        # No connection cap: every client stream holds one upstream connection.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-            self.client = client
+        # No connection cap: every client stream holds one upstream connection. Several
+        # clients (pools): httpcore scans its whole pool on every request, so one pool of
+        # hundreds of streams costs more CPU than the relaying itself.
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=max(1, self.keepalive // self.shards)
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            self.clients = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+                )
+                for _ in range(self.shards)
+            ]
+            client = self.client = self.clients[0]
             self.monitor = HealthMonitor(
                 client,
                 ollama_url=s.ollama_base_url,
@@ -115,6 +130,10 @@ class Router:
                 self.sidecar_enabled and m.backends[SIDECAR].available, m.sidecar_context
             ),
         }
+
+    def _pick_client(self) -> httpx.AsyncClient:
+        self._next_client = (self._next_client + 1) % len(self.clients)
+        return self.clients[self._next_client]
 
     def threshold(self) -> tuple[int, str]:
         arch = self.monitor.sidecar_architecture if self.monitor else None
@@ -220,7 +239,7 @@ class Router:
                     result = await _until_disconnect(
                         request,
                         lambda b=backend, p=payload, h=headers: send_upstream(
-                            self.client, b, self._url(b, endpoint), p, h, stream
+                            self._pick_client(), b, self._url(b, endpoint), p, h, stream
                         ),
                     )
                 except BeforeFirstByte as e:
