@@ -22,6 +22,7 @@ from .routing import OLLAMA, SIDECAR, Backend
 log = logging.getLogger("tqstack.router.health")
 
 SHOW_CACHE_S = 300.0  # /api/show answers change only when a model is re-pulled
+SHOW_RETRY_S = 10.0  # after a failed /api/show, requests do not wait on it again for this long
 
 
 @dataclass
@@ -200,7 +201,10 @@ class HealthMonitor:
             if r.status_code == 200:
                 ctx = context_from_show(r.json())
         except Exception:
-            return hit[1] if hit else None  # unknown: assume it fits rather than refuse
+            # unknown: assume it fits rather than refuse; ask again in a while, not per request
+            ctx = hit[1] if hit else None
+            self._show_cache[model] = (time.monotonic() - SHOW_CACHE_S + SHOW_RETRY_S, ctx)
+            return ctx
         self._show_cache[model] = (time.monotonic(), ctx)
         return ctx
 

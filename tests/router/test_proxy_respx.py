@@ -178,3 +178,21 @@ async def test_context_learned_from_api_show_and_sidecar_health() -> None:
     assert nowhere.json()["error"]["code"] == "context_length_exceeded"
     assert nowhere.headers["x-should-retry"] == "false"
     assert health["context_lengths"] == {"ollama": {OLLAMA_MODEL: 40960}, "sidecar": 65536}
+
+
+@pytest.mark.anyio
+async def test_failing_api_show_is_not_asked_on_every_request() -> None:
+    app = create_app(router_settings(OLLAMA, SIDECAR, health_interval_s=60))
+    with respx.mock(assert_all_called=False) as mock:
+        mock.get(f"{OLLAMA}/api/version").respond(200, json={"version": "0.33.0"})
+        mock.get(f"{OLLAMA}/api/ps").respond(200, json={"models": []})
+        mock.get(f"{SIDECAR}/health").mock(side_effect=httpx.ConnectError("refused"))
+        show = mock.post(f"{OLLAMA}/api/show").mock(side_effect=httpx.ReadTimeout("slow"))
+        mock.post(f"{OLLAMA}/v1/chat/completions").respond(200, json={"id": "x"})
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://r") as c:
+                for _ in range(3):
+                    r = await c.post("/v1/chat/completions", json=chat())
+                    assert r.status_code == 200  # unknown context: assumed to fit
+    assert show.call_count == 1
