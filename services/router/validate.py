@@ -60,8 +60,9 @@ def _check_common(body: dict[str, Any]) -> None:
         raise bad_request(
             "You must provide a 'model' parameter.", "model", "missing_required_parameter"
         )
-    if not isinstance(model, str) or not model.strip():
-        raise bad_request("'model' must be a non-empty string.", "model")
+    if not isinstance(model, str):
+        # an empty string is allowed: it means "auto", like "auto" and "default"
+        raise bad_request("'model' must be a string.", "model")
     if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
         raise bad_request("'stream' must be a boolean.", "stream")
     for key in ("max_tokens", "max_completion_tokens"):

@@ -578,3 +578,9 @@ def test_contents_never_logged(router, ollama, caplog) -> None:
     assert any(r.name.startswith("tqstack") for r in caplog.records)  # the router did log
     assert secret not in caplog.text
     assert "Hello from the fake" not in caplog.text
+
+
+def test_empty_model_means_auto(router, ollama) -> None:
+    r = router.client.post("/v1/chat/completions", json=chat(model=""))
+    assert r.status_code == 200 and r.headers["x-tqstack-route"] == "auto-short"
+    assert ollama.journal.generations()[-1].body["model"] == OLLAMA_MODEL
