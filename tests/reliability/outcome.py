@@ -134,9 +134,15 @@ async def request(
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     hdrs = {"content-type": "application/json", **(headers or {})}
 
+    seen: list[str] = []  # what had arrived when a transport error struck, for the report
+
     async def go() -> Outcome:
         async with client.stream("POST", path, content=content, headers=hdrs) as r:
-            data = await r.aread()
+            seen.append(f"status {r.status_code} from {r.headers.get('x-tqstack-backend')}")
+            data = b""
+            async for piece in r.aiter_raw():
+                data += piece
+                seen[1:] = [f"{len(data)} bytes"]
             backend = r.headers.get("x-tqstack-backend")
             ctype = r.headers.get("content-type", "")
             if r.status_code == 200 and stream:
@@ -150,7 +156,8 @@ async def request(
     except asyncio.TimeoutError:
         out = Outcome("hung", detail=f"no verdict in {deadline_s}s")
     except httpx.HTTPError as e:
-        out = Outcome("lost", detail=f"{type(e).__name__}: {e}")
+        where = ", ".join(seen) or "before the response headers"
+        out = Outcome("lost", detail=f"{type(e).__name__} ({where}) {path} stream={stream}")
     out.elapsed = time.perf_counter() - t0
     return out
 
