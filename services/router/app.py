@@ -37,12 +37,16 @@ from .proxy import (
     upstream_headers,
 )
 from .routing import OLLAMA, SIDECAR, Backend, BackendView
-from .validate import check_chat, check_completion, read_json_body
+from .validate import check_chat, check_completion, check_embeddings, read_json_body
 
 log = logging.getLogger("tqstack.router")
 
-Endpoint = Literal["chat", "completions"]
-PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+Endpoint = Literal["chat", "completions", "embeddings"]
+PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
 
 
 class ClientGone(Exception):
@@ -330,6 +334,86 @@ class Router:
     def _count(self, endpoint: str, backend: str, route: str, status: int) -> None:
         self.metrics.requests.labels(endpoint, backend, route, str(status)).inc()
 
+    # --- embeddings: Ollama only (the sidecar generates, it does not embed)
+    async def embeddings(self, request: Request) -> Response:
+        """Relay ``/v1/embeddings`` to Ollama."""
+        rid = request.scope.get("state", {}).get("request_id", "")
+        route = "prefix"
+        try:
+            body = await read_json_body(request, self.settings.max_request_bytes)
+            check_embeddings(body)
+            target = routing.parse_model(body["model"].strip())
+            if target.forced == SIDECAR:
+                raise APIError(
+                    400,
+                    "The sidecar does not serve embeddings; use an Ollama model.",
+                    param="model",
+                    code="unsupported_value",
+                    component="router",
+                    should_retry=False,
+                )
+            if target.forced is None:
+                route = "auto-short"
+            if not self.monitor.backends[OLLAMA].available:
+                raise APIError(
+                    503,
+                    "Ollama, which serves embeddings, is down.",
+                    type="server_error",
+                    code="backend_unavailable",
+                    component="router",
+                    headers={"retry-after": "1"},
+                    should_retry=True,
+                )
+            up_model = self._upstream_model(OLLAMA, target)
+            payload = json.dumps({**body, "model": up_model}).encode()
+            headers = upstream_headers(request.headers, rid, False)
+            try:
+                result = await _until_disconnect(
+                    request,
+                    lambda: send_upstream(
+                        self._pick_client(),
+                        OLLAMA,
+                        self._url(OLLAMA, "embeddings"),
+                        payload,
+                        headers,
+                        False,
+                    ),
+                )
+            except BeforeFirstByte as e:
+                self.monitor.record_failure(OLLAMA, e.kind)
+                if e.error is not None:
+                    raise e.error from None
+                raise APIError(
+                    503,
+                    f"Ollama could not take the request ({e}).",
+                    type="server_error",
+                    code="backend_unavailable",
+                    component=OLLAMA,
+                    headers={"retry-after": "1"},
+                    should_retry=True,
+                ) from None
+            _, content = result
+            self._count("embeddings", OLLAMA, route, 200)
+            return Response(
+                content,
+                200,
+                media_type="application/json",
+                headers={
+                    "x-request-id": rid,
+                    "x-tqstack-backend": OLLAMA,
+                    "x-tqstack-route": route,
+                },
+            )
+        except ClientGone:
+            self._count("embeddings", OLLAMA, route, 499)
+            return Response(status_code=499)
+        except APIError as e:
+            backend = OLLAMA if e.component == OLLAMA else "router"
+            e.headers.setdefault("x-tqstack-backend", backend)
+            e.headers.setdefault("x-tqstack-route", route if backend == OLLAMA else "none")
+            self._count("embeddings", backend, route, e.status)
+            raise
+
     # --- models
     async def list_models(self) -> list[dict[str, Any]]:
         """Both backends' models under prefixed ids, plus the bare ids we auto-route."""
@@ -505,6 +589,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # and no per-request model validation cost on the hot path).
     app.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/embeddings", router.embeddings, methods=["POST"])
     app.add_route("/v1/models", router.models, methods=["GET"])
     app.add_route("/v1/models/{model_id:path}", router.model, methods=["GET"])
     app.add_route("/health", router.health, methods=["GET"])

@@ -137,3 +137,16 @@ def check_completion(body: dict[str, Any]) -> None:
         raise bad_request(
             "'prompt' must be a string, an array of strings or of token ids.", "prompt"
         )
+
+
+def check_embeddings(body: dict[str, Any]) -> None:
+    """Validate a ``/v1/embeddings`` body."""
+    _check_common(body)
+    inp = body.get("input")
+    if inp is None:
+        raise bad_request("You must provide 'input'.", "input", "missing_required_parameter")
+    ok = isinstance(inp, str) or (
+        isinstance(inp, list) and bool(inp) and all(isinstance(x, (str, int, list)) for x in inp)
+    )
+    if not ok:
+        raise bad_request("'input' must be a string or a non-empty array.", "input")

@@ -584,3 +584,18 @@ def test_empty_model_means_auto(router, ollama) -> None:
     r = router.client.post("/v1/chat/completions", json=chat(model=""))
     assert r.status_code == 200 and r.headers["x-tqstack-route"] == "auto-short"
     assert ollama.journal.generations()[-1].body["model"] == OLLAMA_MODEL
+
+
+def test_embeddings_go_to_ollama(router, ollama) -> None:
+    r = router.client.post(
+        "/v1/embeddings", json={"model": "ollama:llama3.2:1b", "input": ["a", "b"]}
+    )
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+    assert r.headers["x-tqstack-backend"] == "ollama"
+    assert ollama.journal.paths("/v1/embeddings")[-1].body["model"] == "llama3.2:1b"
+    r = router.client.post("/v1/embeddings", json={"model": "tq:auto", "input": "a"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_value"
+    r = router.client.post("/v1/embeddings", json={"model": "auto"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    r = router.client.post("/v1/embeddings", json={"model": "ollama:nope", "input": "a"})
+    assert r.status_code == 404 and r.json()["error"]["component"] == "ollama"

@@ -122,3 +122,8 @@ def test_models_list(router) -> None:
 def test_legacy_completions(router) -> None:
     r = client(router).completions.create(model="tq:auto", prompt="Once upon")
     assert r.choices[0].text == "Hello from the fake"
+
+
+def test_embeddings(router) -> None:
+    r = client(router).embeddings.create(model="ollama:llama3.2:1b", input="hi")
+    assert len(r.data) == 1 and len(r.data[0].embedding) == 3

@@ -64,6 +64,7 @@ class FakeOllama(FakeBackend):
             Route("/v1/models/{model:path}", self.v1_model),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
         ]
 
     # --- native API
@@ -313,3 +314,24 @@ class FakeOllama(FakeBackend):
         )
         events.append(DONE)
         return FakeStream(events, self.faults, self.journal)
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self.record(request)
+        checked = self._check(body)
+        if isinstance(checked, Response):
+            return checked
+        fault = await self.generation_faults(request)
+        if fault is not None:
+            return fault
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": checked,
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                    for i in range(len(inputs))
+                ],
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
+        )
