@@ -28,6 +28,7 @@ from services.sidecar.schemas import GenParams
 log = logging.getLogger("tqstack.sidecar")
 
 PREFILL_STEP = 512  # prompt tokens per forward pass: bounds latency of cancel/progress
+MIN_REUSE_TOKENS = 16  # shorter cached prefixes are not worth reusing
 KV_SNAPSHOT_EVERY = 16  # decode tokens between per-request KV memory snapshots
 
 
@@ -110,6 +111,20 @@ def _keep_leading_space(detok: Any) -> None:
 
     if isinstance(detok, (BPEStreamingDetokenizer, SPMStreamingDetokenizer)):
         detok.text, detok.offset = "\x00", 1
+
+
+def _with_history(processors: list, prefix: list[int]) -> list:
+    """Penalties must see the prompt tokens a prefix-cache hit skipped, or reuse would
+    change the answer: generate_step only shows processors the tokens it processes."""
+    import mlx.core as mx
+
+    # Penalty windows are 64 tokens: the tail is all any processor looks at.
+    head = mx.array(prefix[-256:])
+
+    def wrap(proc):
+        return lambda tokens, logits: proc(mx.concatenate([head, tokens]), logits)
+
+    return [wrap(proc) for proc in processors]
 
 
 class Engine:
@@ -308,6 +323,10 @@ class Engine:
         cache, rest = None, prompt
         if self._prompt_cache is not None and self._prompt_cache.max_size > 0:
             cache, rest = self._prompt_cache.fetch_nearest_cache(model_id, list(prompt))
+        if cache is not None and len(prompt) - len(rest) < MIN_REUSE_TOKENS:
+            # A few shared template tokens save nothing and would tie this request's cache to
+            # another conversation's (quantization state included): start fresh.
+            cache, rest = None, prompt
         if cache is not None and not rest:
             # Exact hit: the last prompt token must go through the model again for logits.
             if can_trim_prompt_cache(cache):
@@ -361,6 +380,8 @@ class Engine:
             p.frequency_penalty,
             64,
         )
+        if processors and job.cached_tokens:
+            processors = _with_history(processors, job.prompt[: job.cached_tokens])
         total = len(job.prompt)
         # A cache that cannot be trimmed (recurrent layers of hybrid models) can only be
         # reused by prompts that extend its tokens exactly: keep a copy at prompt[:-1] too, so

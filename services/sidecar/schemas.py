@@ -151,7 +151,8 @@ def gen_params(req: _SamplingFields, vocab_size: int) -> GenParams:
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
+        # mlx-lm's top-k rejects k >= vocabulary size; that many is no filter at all.
+        top_k=req.top_k if req.top_k and req.top_k < vocab_size else 0,
         min_p=req.min_p or 0.0,
         stop=_stop_list(req.stop),
         seed=req.seed,

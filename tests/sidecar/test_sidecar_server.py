@@ -352,14 +352,25 @@ def test_non_stream_client_gone_stops_generation(sidecar: Sidecar) -> None:
     assert h["counters"]["cancelled"] == before + 1
 
 
-def test_repetition_penalty_changes_greedy_output(sidecar: Sidecar) -> None:
-    msgs = [{"role": "user", "content": "Say the word cat ten times."}]
-    plain = chat(sidecar, messages=msgs, max_tokens=12).choices[0].message.content
-    penalised = (
-        chat(sidecar, messages=msgs, max_tokens=12, extra_body={"repetition_penalty": 2.0})
-        .choices[0]
-        .message.content
-    )
-    assert plain != penalised
-    with_freq = chat(sidecar, messages=msgs, max_tokens=12, frequency_penalty=2.0)
-    assert with_freq.choices[0].message.content != plain
+def test_penalties_change_the_answer_and_survive_prefix_reuse(sidecar: Sidecar) -> None:
+    # Its own system prompt: no other test's cached conversation shares a usable prefix.
+    msgs = [
+        {"role": "system", "content": "Penalties."},
+        {"role": "user", "content": "Say the word cat ten times."},
+    ]
+
+    def say(reuse: bool, **kw) -> str:
+        extra = kw.pop("extra_body", {})
+        extra["cache_prompt"] = reuse
+        r = chat(sidecar, messages=msgs, max_tokens=10, extra_body=extra, **kw)
+        return r.choices[0].message.content
+
+    plain = say(False)
+    penalised = say(False, extra_body={"repetition_penalty": 1.8})
+    assert penalised != plain
+    chat(sidecar, messages=msgs, max_tokens=1)  # leave this prompt in the prefix cache
+    # With the prompt reused from the cache the penalty still sees the prompt's tokens.
+    assert say(True, extra_body={"repetition_penalty": 1.8}) == penalised
+    freq = say(False, frequency_penalty=1.5)
+    assert freq != plain
+    assert say(True, frequency_penalty=1.5) == freq
