@@ -18,8 +18,11 @@ from .conftest import chat
 N = 100
 
 
-async def open_and_drop(port: int, body: dict, events_before_drop: int) -> None:
-    """One raw HTTP client that leaves after ``events_before_drop`` SSE events."""
+async def open_and_drop(port: int, body: dict, events_before_drop: int, before_drop=None) -> None:
+    """One raw HTTP client that leaves after ``events_before_drop`` SSE events.
+
+    ``before_drop()`` runs (synchronously, so nothing else happens) just before the drop.
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     raw = json.dumps(body).encode()
     writer.write(
@@ -34,6 +37,8 @@ async def open_and_drop(port: int, body: dict, events_before_drop: int) -> None:
         got += piece
     if events_before_drop == 0:
         await asyncio.sleep(0.2)  # the request is waiting on the backend
+    if before_drop is not None:
+        before_drop()
     writer.transport.abort()  # RST, like a killed client
 
 
