@@ -201,8 +201,6 @@ class Router:
             if m.sidecar_model and model == m.sidecar_model:
                 model = "tq:" + model  # the sidecar's bare id names the sidecar
             target = routing.parse_model(model)
-            if target.forced == OLLAMA and not target.name:
-                target = routing.ModelTarget(OLLAMA, "")
             self._check_sidecar_target(target)
             ollama_name = self._upstream_model(OLLAMA, target)
             ollama_ctx = await m.ollama_context(ollama_name)
