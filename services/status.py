@@ -120,6 +120,56 @@ def _gb(n: Any) -> str:
     return f"{n / 1024**3:.1f} GB" if isinstance(n, int | float) else "?"
 
 
+def _kv_line(sh: dict) -> str | None:
+    """One line about the sidecar's KV cache: kind, bits, layers, bytes per token."""
+    cache = sh.get("cache") if isinstance(sh.get("cache"), dict) else {}
+    layers = sh.get("compressed_layers")
+    if cache.get("turboquant") is False:
+        kind = "plain mlx-lm cache (TQ_ENABLED=0)"
+    elif cache:
+        kind = (
+            f"TurboQuant {cache.get('quantizer', '?')} K{cache.get('key_bits', '?')}"
+            f"/V{cache.get('value_bits', '?')} bits"
+        )
+        if cache.get("group_size"):
+            kind += f", group {cache['group_size']}"
+    else:
+        kind = "KV cache"
+    parts = [kind]
+    if isinstance(layers, list) and cache.get("turboquant") is not False:
+        total = sh.get("num_layers")
+        parts.append(f"{len(layers)}{f'/{total}' if total else ''} layers compressed")
+    fp16, actual = cache.get("kv_bytes_per_token_fp16"), cache.get("kv_bytes_per_token_actual")
+    if isinstance(fp16, int) and isinstance(actual, int) and actual:
+        parts.append(f"{actual:,} B/token vs {fp16:,} fp16 ({fp16 / actual:.2f}x smaller)")
+    return "         KV cache: " + ", ".join(parts)
+
+
+def _sidecar_details(sh: dict) -> list[str]:
+    """Lines under the sidecar's UP line: cache, requests (with their KV bytes), memory."""
+    lines = [_kv_line(sh)]
+    reqs = [r for r in sh.get("requests") or [] if isinstance(r, dict)]
+    line = (
+        f"         requests: {sh.get('active_requests', 0)} active, "
+        f"{sh.get('queued_requests', 0)} queued"
+    )
+    actual = sum(r.get("kv_actual_bytes") or 0 for r in reqs)
+    fp16 = sum(r.get("kv_fp16_equivalent_bytes") or 0 for r in reqs)
+    if actual:
+        line += f"; their KV cache holds {_mb(actual)} (fp16 would be {_mb(fp16)})"
+    lines.append(line)
+    mem = sh.get("memory")
+    if isinstance(mem, dict) and mem:
+        # Byte counts in MB; anything else (entry counts) as it is.
+        shown = [
+            f"{k.removesuffix('_bytes')} {_mb(v)}" if k.endswith("_bytes") else f"{k} {v}"
+            for k, v in mem.items()
+            if v is not None
+        ]
+        lines.append("         memory: " + ", ".join(shown))
+    return [ln for ln in lines if ln]
+
+
 def render(report: dict) -> str:
     """The one-screen text view of :func:`gather`'s report."""
     lines = [f"tqstack status   (config: {report['config']})"]
@@ -164,29 +214,7 @@ def render(report: dict) -> str:
             f"sidecar  UP     {s['url']}   model {sh.get('model', '?')}"
             f" ({sh.get('architecture', '?')}), context {sh.get('context_length', '?')}"
         )
-        layers = sh.get("compressed_layers")
-        cache = sh.get("cache") if isinstance(sh.get("cache"), dict) else {}
-        kv = (
-            f"         KV cache: {len(layers)} layers compressed"
-            if isinstance(layers, list)
-            else ""
-        )
-        if cache:
-            actual = cache.get("actual_bytes")
-            fp16 = cache.get("fp16_equivalent_bytes")
-            kv += f", in use {_mb(actual)} (fp16 would be {_mb(fp16)})"
-        if kv:
-            lines.append(kv)
-        lines.append(
-            f"         requests: {sh.get('active_requests', 0)} active, "
-            f"{sh.get('queued_requests', 0)} queued"
-        )
-        mem = sh.get("memory")
-        if isinstance(mem, dict) and mem:
-            lines.append(
-                "         memory: "
-                + ", ".join(f"{k} {_mb(v)}" for k, v in mem.items() if v is not None)
-            )
+        lines += _sidecar_details(sh)
     elif s["loading"]:
         lines.append(f"sidecar  LOADING {s['url']}   (model still loading)")
     else:

@@ -29,17 +29,27 @@ ROUTER_HEALTH = {
     "threshold_source": "auto:pure_sdpa",
     "context_lengths": {"ollama": {"qwen3.5:35b": 262144}, "sidecar": 8192},
 }
-SIDECAR_HEALTH = {
+SIDECAR_HEALTH = {  # the shape services/sidecar/engine.py reports
     "status": "ok",
     "model": "smollm2-135m-instruct",
     "architecture": "pure_sdpa",
     "context_length": 8192,
+    "num_layers": 30,
     "compressed_layers": list(range(30)),
-    "cache": {"fp16_equivalent_bytes": 4 * 2**20, "actual_bytes": 2**20},
+    "cache": {
+        "type": "turboquant",
+        "turboquant": True,
+        "key_bits": 4,
+        "value_bits": 4,
+        "group_size": 64,
+        "quantizer": "affine",
+        "kv_bytes_per_token_fp16": 23040,
+        "kv_bytes_per_token_actual": 6480,
+    },
     "active_requests": 1,
     "queued_requests": 0,
-    "requests": [],
-    "memory": {"active_bytes": 300 * 2**20},
+    "requests": [{"id": "r1", "kv_actual_bytes": 2**20, "kv_fp16_equivalent_bytes": 4 * 2**20}],
+    "memory": {"mlx_active_bytes": 300 * 2**20, "prompt_cache_entries": 2},
 }
 
 
@@ -92,8 +102,10 @@ def test_everything_up(tmp_path):
     assert "threshold: 6000 tokens (auto:pure_sdpa)" in out
     assert "context lengths: ollama:qwen3.5:35b 262144, sidecar 8192" in out
     assert "sidecar  UP" in out and "smollm2-135m-instruct (pure_sdpa), context 8192" in out
-    assert "30 layers compressed, in use 1.0 MB (fp16 would be 4.0 MB)" in out
-    assert "1 active, 0 queued" in out
+    assert "KV cache: TurboQuant affine K4/V4 bits, group 64, 30/30 layers compressed" in out
+    assert "6,480 B/token vs 23,040 fp16 (3.56x smaller)" in out
+    assert "1 active, 0 queued; their KV cache holds 1.0 MB (fp16 would be 4.0 MB)" in out
+    assert "mlx_active 300.0 MB, prompt_cache_entries 2" in out
     assert "ollama   UP" in out and "version 0.19.2" in out and "qwen3.5:35b (22.0 GB)" in out
     assert "memory   " in out and "GB total" in out
 
@@ -174,3 +186,35 @@ def test_preflight_ports(tmp_path, busy):
     else:
         assert r.returncode == 0, r.stdout
         assert f"port {port} free" in r.stdout and "Ollama not found" in r.stdout
+
+
+def test_render_plain_cache_and_loading_failure():
+    from services.status import render
+
+    plain = dict(SIDECAR_HEALTH, cache={"type": "mlx-lm plain KVCache", "turboquant": False})
+    report = {
+        "config": "/x/config.env",
+        "router_url": "http://127.0.0.1:1",
+        "router": {"up": False, "serving": False, "code": None, "health": "ConnectError"},
+        "sidecar": {
+            "url": "http://127.0.0.1:2",
+            "up": True,
+            "loading": False,
+            "code": 200,
+            "health": plain,
+        },
+        "ollama": {
+            "url": "http://127.0.0.1:3",
+            "up": False,
+            "version": None,
+            "loaded": [],
+            "model": "m",
+        },
+        "memory": {"total": 8 * 2**30},
+        "memory_saver": "auto",
+        "services": {"mode": None, "pids": {}},
+    }
+    out = render(report)
+    assert "router   DOWN   http://127.0.0.1:1   (ConnectError)" in out
+    assert "KV cache: plain mlx-lm cache (TQ_ENABLED=0), 6,480 B/token" in out
+    assert "memory   8.0 GB total; memory saver: auto" in out
