@@ -140,7 +140,9 @@ def _kv_line(sh: dict) -> str | None:
         total = sh.get("num_layers")
         parts.append(f"{len(layers)}{f'/{total}' if total else ''} layers compressed")
     fp16, actual = cache.get("kv_bytes_per_token_fp16"), cache.get("kv_bytes_per_token_actual")
-    if isinstance(fp16, int) and isinstance(actual, int) and actual:
+    if cache.get("turboquant") is False and isinstance(actual or fp16, int):
+        parts.append(f"{actual or fp16:,} B/token")
+    elif isinstance(fp16, int) and isinstance(actual, int) and actual:
         parts.append(f"{actual:,} B/token vs {fp16:,} fp16 ({fp16 / actual:.2f}x smaller)")
     return "         KV cache: " + ", ".join(parts)
 

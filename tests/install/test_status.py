@@ -191,7 +191,15 @@ def test_preflight_ports(tmp_path, busy):
 def test_render_plain_cache_and_loading_failure():
     from services.status import render
 
-    plain = dict(SIDECAR_HEALTH, cache={"type": "mlx-lm plain KVCache", "turboquant": False})
+    plain = dict(
+        SIDECAR_HEALTH,
+        cache={
+            "type": "mlx-lm plain KVCache",
+            "turboquant": False,
+            "kv_bytes_per_token_fp16": 23040,
+            "kv_bytes_per_token_actual": 23040,
+        },
+    )
     report = {
         "config": "/x/config.env",
         "router_url": "http://127.0.0.1:1",
@@ -216,5 +224,5 @@ def test_render_plain_cache_and_loading_failure():
     }
     out = render(report)
     assert "router   DOWN   http://127.0.0.1:1   (ConnectError)" in out
-    assert "KV cache: plain mlx-lm cache (TQ_ENABLED=0), 6,480 B/token" in out
+    assert "KV cache: plain mlx-lm cache (TQ_ENABLED=0), 23,040 B/token\n" in out
     assert "memory   8.0 GB total; memory saver: auto" in out
