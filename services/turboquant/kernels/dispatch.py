@@ -1,0 +1,63 @@
+"""Hook the fused CUDA decode kernel into ``attention.decode_attention`` (docs/turboquant.md).
+
+``install()`` registers :func:`cuda_decode_kernel` with ``set_decode_kernel`` when MLX
+runs on CUDA; elsewhere (Metal, CPU) nothing changes and the portable path runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+from .fused_decode import (
+    AFFINE_BITS,
+    CODEBOOK_BITS,
+    HEAD_DIMS,
+    cuda_available,
+    fused_decode_attention,
+)
+
+
+def supports(q_rot: mx.array, keys: Any, values: Any, mask: Any) -> bool:
+    """Whether the kernel handles this decode call (else the portable path must)."""
+    ks, vs = keys.spec, values.spec
+    if q_rot.shape[2] != 1 or (mask is not None and not isinstance(mask, str)):
+        return False  # additive/boolean mask arrays are left to the portable path
+    if isinstance(mask, str) and mask != "causal":
+        return False
+    if ks.quantizer != vs.quantizer or keys.dim != values.dim or keys.dim not in HEAD_DIMS:
+        return False
+    allowed = AFFINE_BITS if ks.quantizer == "affine" else CODEBOOK_BITS
+    if ks.bits not in allowed or vs.bits not in allowed:
+        return False
+    if ks.quantizer == "affine":
+        gk = keys.dim // keys.parts[1].shape[-1]
+        gv = values.dim // values.parts[1].shape[-1]
+        return gk == gv and gk >= 32
+    return True
+
+
+def cuda_decode_kernel(q_rot, keys, values, scale, mask=None, sinks=None):
+    """``DecodeKernel`` for ``set_decode_kernel``: fused output, or ``None`` to decline."""
+    if not supports(q_rot, keys, values, mask):
+        return None
+    kwargs: dict[str, Any] = {"quantizer": keys.spec.quantizer, "sinks": sinks}
+    if keys.spec.quantizer == "codebook":
+        # codebook.centroids is cached: one device array per (bits, dim).
+        from services.turboquant.codebook import centroids
+
+        kwargs["centroids_k"] = centroids(keys.spec.bits, keys.dim)
+        kwargs["centroids_v"] = centroids(values.spec.bits, values.dim)
+    # A single query is the last position: "causal" hides nothing from it.
+    return fused_decode_attention(q_rot, keys.parts, values.parts, scale, **kwargs)
+
+
+def install() -> bool:
+    """Register the CUDA decode kernel if MLX runs on CUDA; True when installed."""
+    if not cuda_available():
+        return False
+    from services.turboquant.attention import set_decode_kernel
+
+    set_decode_kernel(cuda_decode_kernel)
+    return True

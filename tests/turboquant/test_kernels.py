@@ -1,0 +1,173 @@
+"""Fused decode kernel: float64 reference and packing everywhere, the CUDA kernel on CUDA.
+
+The CUDA tests are skipped where MLX has no CUDA device; on the GPU machine they check
+the kernel against the float64 reference on fresh random inputs for every supported head
+dim, GQA ratio and bit width, odd lengths and outputs poisoned with NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from services.turboquant.kernels import cuda_available, fused_decode, reference
+from services.turboquant.kernels.cases import make_case, pack_codes
+from services.turboquant.kernels.dispatch import install, supports
+
+TOL = 2e-5  # the kernel computes in float32 on exactly the stored values
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    # Fresh inputs every run: the kernel must compute the function, not match a snapshot.
+    return np.random.default_rng()
+
+
+# ----------------------------------------------------------------- reference (everywhere)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_codes_matches_mlx_dequantize(rng, bits):
+    x = mx.array(rng.standard_normal((3, 5, 128)).astype(np.float32))
+    w, s, b = mx.quantize(x, group_size=32, bits=bits)
+    ones, zeros = mx.ones_like(s), mx.zeros_like(b)
+    codes_mlx = np.array(mx.dequantize(w, ones, zeros, group_size=32, bits=bits))
+    codes = reference.unpack_codes(np.array(w), bits, 128)
+    np.testing.assert_array_equal(codes, codes_mlx.astype(np.int64))
+    assert codes.max() > (1 << bits) // 2  # not a degenerate all-small draw
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_codes_is_the_mlx_layout(rng, bits):
+    x = mx.array(rng.standard_normal((4, 7, 64)).astype(np.float32))
+    w, _, _ = mx.quantize(x, group_size=64, bits=bits)
+    words = np.array(w)
+    np.testing.assert_array_equal(pack_codes(reference.unpack_codes(words, bits, 64), bits), words)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequant_affine_matches_mlx(rng, bits):
+    x = mx.array(rng.standard_normal((2, 3, 9, 128)).astype(np.float16))
+    w, s, b = mx.quantize(x, group_size=64, bits=bits)
+    ref = reference.dequant_affine(
+        np.array(w), np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32)), bits, 128
+    )
+    got = np.array(mx.dequantize(w, s, b, group_size=64, bits=bits).astype(mx.float32))
+    # MLX dequantizes in float16: compare at that precision.
+    np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4), (6, 1)])
+def test_reference_attention_matches_sdpa(rng, hq, hkv):
+    q = rng.standard_normal((2, hq, 1, 64))
+    k = rng.standard_normal((2, hkv, 33, 64)) * 2
+    v = rng.standard_normal((2, hkv, 33, 64))
+    scale = 1 / 8
+    ref = reference.decode_attention(q, k, v, scale)
+    f32 = [mx.array(a.astype(np.float32)) for a in (q, k, v)]
+    got = np.array(mx.fast.scaled_dot_product_attention(*f32, scale=scale))
+    assert reference.rel_error(got, ref) < 1e-5
+
+
+def test_reference_sinks_are_an_extra_softmax_column(rng):
+    q = rng.standard_normal((1, 4, 1, 32))
+    k = rng.standard_normal((1, 2, 10, 32))
+    v = rng.standard_normal((1, 2, 10, 32))
+    sinks = rng.standard_normal(4) * 3
+    out = reference.decode_attention(q, k, v, 0.3, sinks)
+    for h in range(4):
+        s = q[0, h, 0] @ k[0, h // 2].T * 0.3
+        logits = np.concatenate([[sinks[h]], s])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        np.testing.assert_allclose(out[0, h, 0], p[1:] @ v[0, h // 2], rtol=1e-10)
+
+
+def test_rel_error_flags_nan():
+    assert math.isnan(reference.rel_error(np.array([1.0, np.nan]), np.array([1.0, 2.0])))
+
+
+# ----------------------------------------------------------------- launch shape (everywhere)
+@pytest.mark.parametrize("tile", [64, 128])
+def test_splits_cover_the_context_without_empty_splits(rng, tile):
+    for length in [1, 63, 64, 65, *rng.integers(2, 300_000, size=50).tolist()]:
+        for bps in [1, 2, 8, 16, 600]:
+            s = fused_decode.num_splits(length, bps, tile=tile)
+            # The kernel's own chunk formula.
+            chunk = math.ceil(math.ceil(length / s) / tile) * tile
+            assert s >= 1 and chunk % tile == 0
+            assert (s - 1) * chunk < length <= s * chunk, (length, bps, s, chunk)
+
+
+def test_heads_per_block_divides_the_group():
+    for group in range(1, 33):
+        hb = fused_decode.heads_per_block(group)
+        assert group % hb == 0 and 1 <= hb <= fused_decode.MAX_HEADS_PER_BLOCK
+
+
+def _side(quantizer, bits, dim, parts):
+    return SimpleNamespace(
+        spec=SimpleNamespace(quantizer=quantizer, bits=bits), dim=dim, parts=parts
+    )
+
+
+def test_supports_declines_what_the_kernel_does_not_do():
+    q = mx.zeros((1, 4, 1, 128))
+    aff = _side("affine", 4, 128, (mx.zeros((1, 2, 5, 16)), mx.zeros((1, 2, 5, 2))))
+    cb = _side("codebook", 3, 128, (mx.zeros((1, 2, 5, 12)), mx.zeros((1, 2, 5))))
+    assert supports(q, aff, aff, None) and supports(q, aff, aff, "causal")
+    assert supports(q, cb, cb, None)
+    assert not supports(q, aff, aff, mx.zeros((1, 1, 1, 5)))  # array masks: portable path
+    assert not supports(q, aff, cb, None)  # mixed quantizers
+    assert not supports(mx.zeros((1, 4, 3, 128)), aff, aff, None)  # prefill
+    odd = _side("affine", 4, 96, (mx.zeros((1, 2, 5, 12)), mx.zeros((1, 2, 5, 3))))
+    assert not supports(mx.zeros((1, 4, 1, 96)), odd, odd, None)
+
+
+def test_install_only_on_cuda():
+    assert install() == cuda_available()
+    if cuda_available():
+        from services.turboquant.attention import set_decode_kernel
+
+        set_decode_kernel(None)
+
+
+# ----------------------------------------------------------------- CUDA kernel
+cuda = pytest.mark.skipif(not cuda_available(), reason="needs MLX on a CUDA GPU")
+
+SHAPES = [(1, 32, 8, 128), (2, 16, 2, 256), (1, 8, 8, 64), (1, 28, 4, 128), (1, 4, 1, 32)]
+FORMATS = [
+    ("affine", 4, 4, 64),
+    ("affine", 8, 8, 64),
+    ("affine", 3, 3, 64),
+    ("affine", 2, 2, 32),
+    ("affine", 8, 4, 128),
+    ("codebook", 4, 4, 0),
+    ("codebook", 3, 3, 0),
+    ("codebook", 2, 2, 0),
+    ("codebook", 4, 3, 0),
+]
+
+
+@cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f[0]}{f[1]}{f[2]}g{f[3]}")
+@pytest.mark.parametrize("length", [1, 77, 1000, 4099])
+def test_kernel_matches_float64_reference(rng, shape, fmt, length):
+    bsz, hq, hkv, d = shape
+    qz, kb, vb, gs = fmt
+    case = make_case(
+        rng, batch=bsz, q_heads=hq, kv_heads=hkv, dim=d, length=length, quantizer=qz,
+        key_bits=kb, value_bits=vb, group_size=min(gs or 64, d),
+        capacity_extra=int(rng.integers(1, 300)), sinks=bool(length % 2),
+    )  # fmt: skip
+    ref = case.reference()
+    # Default launch, forced splits (some empty), another block/tile shape.
+    for kw in ({}, {"splits": 7}, {"tpb": 128, "tile": 128}):
+        out = fused_decode.fused_decode_attention(
+            case.q_rot, case.keys, case.values, case.scale, poison=True, **case.kwargs(), **kw
+        )
+        err = reference.rel_error(np.array(out), ref)
+        assert err <= TOL, (kw, err)  # NaN (an unwritten element) fails too
