@@ -17,6 +17,7 @@ from typing import Any
 from .attention import decode_attention, set_decode_kernel
 from .cache import PackedSide, TurboQuantKVCache
 from .config import TurboQuantConfig
+from .kernels import install as _install_cuda_decode  # fused decode kernel on CUDA (#7)
 from .patch import (
     UnsupportedModelError,
     check_model_supported,
@@ -28,6 +29,8 @@ from .patch import (
 )
 from .persistence import load_turboquant_cache, save_turboquant_cache
 from .quantizers import effective_bits
+
+_install_cuda_decode()  # no-op unless MLX runs on CUDA
 
 __all__ = [
     "PackedSide",
