@@ -91,7 +91,9 @@ def run_checks(km, rng) -> list[dict]:
         print(f"checks {bsz}x{hq}/{hkv}x{d} at {time.perf_counter() - t_start:.0f}s", flush=True)
         for qz, kb, vb, gs in CHECK_FORMATS:
             gs = min(gs or 64, d)
-            lengths = CHECK_LENGTHS + (CHECK_LENGTHS_MAIN if (bsz, hq, hkv, d) == CHECK_SHAPES[0] else [])
+            lengths = CHECK_LENGTHS + (
+                CHECK_LENGTHS_MAIN if (bsz, hq, hkv, d) == CHECK_SHAPES[0] else []
+            )
             for n in lengths:
                 case = from_cases.make_case(
                     rng,
@@ -221,7 +223,7 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                 mx.eval([x for _, x in tree_flatten(s)])
                 sets.append(s)
 
-            def ours(s, kind):
+            def ours(s, kind, scale=scale, signs=signs):
                 def f():
                     q_rot = mx.hadamard_transform(s["q"].astype(mx.float32) * signs)
                     if kind == "affine":
@@ -241,24 +243,24 @@ def run_timings(km, contexts, shapes) -> list[dict]:
 
                 return f
 
-            def kernel_only(s, **kw):
+            def kernel_only(s, scale=scale, **kw):
                 q_rot = s["q"].astype(mx.float32)
                 mx.eval(q_rot)
                 return lambda: fd.fused_decode_attention(q_rot, s["k4"], s["v4"], scale, **kw)
 
             variants = {
                 "fp16": [
-                    lambda s=s: mx.fast.scaled_dot_product_attention(
+                    lambda s=s, scale=scale: mx.fast.scaled_dot_product_attention(
                         s["q"], s["k"], s["v"], scale=scale
                     )
                     for s in sets
                 ],
                 "mlx-lm affine 8b": [
-                    lambda s=s: mlx_qsdpa(s["q"], s["k8"], s["v8"], scale, None, 64, 8)
+                    lambda s=s, scale=scale: mlx_qsdpa(s["q"], s["k8"], s["v8"], scale, None, 64, 8)
                     for s in sets
                 ],
                 "mlx-lm affine 4b": [
-                    lambda s=s: mlx_qsdpa(s["q"], s["k4"], s["v4"], scale, None, 64, 4)
+                    lambda s=s, scale=scale: mlx_qsdpa(s["q"], s["k4"], s["v4"], scale, None, 64, 4)
                     for s in sets
                 ],
                 "ours affine 4b": [ours(s, "affine") for s in sets],
@@ -269,7 +271,11 @@ def run_timings(km, contexts, shapes) -> list[dict]:
             }
             for name, fns in variants.items():
                 t = bench_time(fns)
-                base = "ours affine 4b" if name.startswith("kernel") else name.replace(" (kernel only)", "")
+                base = (
+                    "ours affine 4b"
+                    if name.startswith("kernel")
+                    else name.replace(" (kernel only)", "")
+                )
                 rows.append(
                     dict(
                         heads=f"{hq}/{hkv}",
