@@ -17,8 +17,12 @@ from .codebook import centroids
 from .packing import unpack
 from .rotation import rotate, unrotate
 
-# Context positions per tile in the portable codebook path: bounds what is materialised.
-CODEBOOK_BLOCK = 1024
+# Context positions per tile of the blocked paths: bounds what is materialised.
+CONTEXT_BLOCK = 1024
+# From this many query positions on, affine scores are computed by dequantizing one tile
+# of keys at a time and using a dense matmul (BLAS on CPU): mx.quantized_matmul is fast
+# for a few query rows, but its CPU kernel is far slower than BLAS for a prefill chunk.
+DENSE_PREFILL_MIN_QUERIES = 32
 
 DecodeKernel = Callable[..., "mx.array | None"]
 _decode_kernel: DecodeKernel | None = None
@@ -78,7 +82,8 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
         k_parts = tuple(mx.expand_dims(p, 2) for p in k_parts)
         v_parts = tuple(mx.expand_dims(p, 2) for p in v_parts)
 
-    scores = _scores(q, k_parts, keys.spec)
+    dense = L >= DENSE_PREFILL_MIN_QUERIES
+    scores = _scores(q, k_parts, keys.spec, dense)
     scores = _apply_mask(scores, mask, n_rep)
     if sinks is not None:
         sink = sinks.astype(mx.float32)
@@ -88,7 +93,7 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
         probs = probs[..., 1:]
     else:
         probs = mx.softmax(scores, axis=-1, precise=True)
-    out = _weighted_values(probs, v_parts, values.spec)
+    out = _weighted_values(probs, v_parts, values.spec, dense)
     if n_rep > 1:
         out = out.reshape(B, n_q, L, out.shape[-1])
     return out
@@ -111,37 +116,53 @@ def _apply_mask(scores: mx.array, mask: Any, n_rep: int) -> mx.array:
     return scores + mask.astype(mx.float32)
 
 
-def _scores(q: mx.array, parts: tuple[mx.array, ...], spec) -> mx.array:
-    if spec.quantizer == "affine":
+def _tiles(parts: tuple[mx.array, ...], spec):
+    """``(start, stop, x, col_scale)`` per context tile: ``x`` float32 ``(.., tile, D)``.
+
+    Codebook tiles are bare centroids; their per-vector norms come back as ``col_scale``
+    (``(.., 1, tile)``), cheaper to apply to the ``L x tile`` product than to the tile.
+    """
+    n = parts[0].shape[-2]
+    for start in range(0, n, CONTEXT_BLOCK):
+        stop = min(start + CONTEXT_BLOCK, n)
+        if spec.quantizer == "affine":
+            packed, scales, biases = (p[..., start:stop, :] for p in parts)
+            x = mx.dequantize(
+                packed,
+                scales.astype(mx.float32),
+                biases.astype(mx.float32),
+                group_size=spec.group_size,
+                bits=spec.bits,
+            )
+            yield start, stop, x, None
+        else:
+            packed, norms = parts
+            dim = packed.shape[-1] * 32 // spec.bits
+            idx = unpack(packed[..., start:stop, :], spec.bits).astype(mx.uint32)
+            x = mx.take(centroids(spec.bits, dim), idx)
+            yield start, stop, x, norms[..., None, start:stop].astype(mx.float32)
+
+
+def _scores(q: mx.array, parts: tuple[mx.array, ...], spec, dense: bool) -> mx.array:
+    if spec.quantizer == "affine" and not dense:
         return mx.quantized_matmul(
             q, *parts, transpose=True, group_size=spec.group_size, bits=spec.bits
         )
-    packed, norms = parts
-    dim = q.shape[-1]
-    table = centroids(spec.bits, dim)
     blocks = []
-    for start in range(0, packed.shape[-2], CODEBOOK_BLOCK):
-        stop = start + CODEBOOK_BLOCK
-        k_blk = mx.take(table, unpack(packed[..., start:stop, :], spec.bits).astype(mx.uint32))
+    for _start, _stop, k_blk, col_scale in _tiles(parts, spec):
         s = q @ k_blk.swapaxes(-1, -2)
-        # The per-vector norm scales a whole score column: apply it after the matmul.
-        blocks.append(s * norms[..., None, start:stop].astype(mx.float32))
+        blocks.append(s if col_scale is None else s * col_scale)
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
 
 
-def _weighted_values(probs: mx.array, parts: tuple[mx.array, ...], spec) -> mx.array:
-    if spec.quantizer == "affine":
+def _weighted_values(probs: mx.array, parts: tuple[mx.array, ...], spec, dense: bool):
+    if spec.quantizer == "affine" and not dense:
         return mx.quantized_matmul(
             probs, *parts, transpose=False, group_size=spec.group_size, bits=spec.bits
         )
-    packed, norms = parts
-    dim = packed.shape[-1] * 32 // spec.bits
-    table = centroids(spec.bits, dim)
     out = None
-    for start in range(0, packed.shape[-2], CODEBOOK_BLOCK):
-        stop = start + CODEBOOK_BLOCK
-        v_blk = mx.take(table, unpack(packed[..., start:stop, :], spec.bits).astype(mx.uint32))
-        p = probs[..., start:stop] * norms[..., None, start:stop].astype(mx.float32)
-        part = p @ v_blk
+    for start, stop, v_blk, col_scale in _tiles(parts, spec):
+        p = probs[..., start:stop]
+        part = (p if col_scale is None else p * col_scale) @ v_blk
         out = part if out is None else out + part
     return out

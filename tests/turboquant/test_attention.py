@@ -82,7 +82,7 @@ BOUNDS = {
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("L", [1, 7])
+@pytest.mark.parametrize("L", [1, 7, 40])
 def test_matches_dequantized_math_and_bounded_vs_fp32(name, L):
     q, k, v = _data(L=L, seed=L)
     cache, (kv, vv) = _fill(CONFIGS[name], k, v)
@@ -190,9 +190,23 @@ def test_codebook_blocks_equal_single_block(monkeypatch):
     q, k, v = _data(L=2, T=100, seed=9)
     _, (kv, vv) = _fill(TurboQuantConfig(quantizer="codebook", key_bits=3), k, v)
     whole = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal")
-    monkeypatch.setattr(attn, "CODEBOOK_BLOCK", 16)  # 7 blocks, the last one partial
+    monkeypatch.setattr(attn, "CONTEXT_BLOCK", 16)  # 7 blocks, the last one partial
     tiled = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal")
     assert _rel(tiled, whole) < 1e-5
+
+
+@pytest.mark.parametrize("quantizer", ["affine", "codebook"])
+def test_dense_prefill_path_equals_quantized_path(monkeypatch, quantizer):
+    # Long query chunks use dequantize-a-tile + dense matmul; few queries use
+    # quantized_matmul (affine). Both compute the same attention.
+    q, k, v = _data(L=40, T=300, seed=13)
+    cfg = TurboQuantConfig(quantizer=quantizer, key_bits=3, value_bits=4)
+    _, (kv, vv) = _fill(cfg, k, v)
+    monkeypatch.setattr(attn, "CONTEXT_BLOCK", 128)
+    dense = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal")
+    monkeypatch.setattr(attn, "DENSE_PREFILL_MIN_QUERIES", 10_000)
+    quant = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal")
+    assert _rel(dense, quant) < 1e-5
 
 
 def test_decode_kernel_hook():
