@@ -1,0 +1,202 @@
+"""End-to-end decode speed and KV memory: fp16 KVCache vs the TurboQuant cache.
+
+Random-weight models with the real shapes of Llama-3.1-8B and Qwen3.5-35B-A3B (hybrid:
+10 of 40 layers hold KV) are built on the device, their attention caches are filled
+with ``context`` random tokens' keys/values (no prefill needed for decode speed), then
+``steps`` greedy decode steps are timed. KV memory is *measured*: active device memory
+after filling the caches minus before. On the GPU machine:
+
+    python bench/e2e_decode_gpu.py --out $OUT            # writes e2e_decode_gpu.json
+
+and back here ``--render e2e_decode_gpu.json --machine ... --command ...`` writes the
+"e2e_decode_gpu" section of docs/benchmarks.md. ``--tiny`` runs scaled-down shapes on any
+machine (a smoke test of the plumbing, not a benchmark).
+
+Not yet run on the GPU (the session's device time went to the kernel): see bench/gpu_notes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Public config.json shapes (text part).
+LLAMA_31_8B = dict(
+    model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+    vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
+)  # fmt: skip
+QWEN35_35B_A3B = dict(
+    model_type="qwen3_5_moe_text", hidden_size=2048, num_hidden_layers=40,
+    num_attention_heads=16, num_key_value_heads=2, head_dim=256, rms_norm_eps=1e-6,
+    vocab_size=248320, full_attention_interval=4, linear_num_key_heads=16,
+    linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8,
+    moe_intermediate_size=512, shared_expert_intermediate_size=512,
+    tie_word_embeddings=False, max_position_embeddings=262144,
+    rope_parameters={"type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+)  # fmt: skip
+TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=512)
+
+
+def build(name: str, tiny: bool):
+    """A float16 random-weight model with ``name``'s shapes (smaller ones with ``tiny``)."""
+    import mlx.core as mx
+
+    if name == "llama-3.1-8b":
+        from mlx_lm.models import llama
+
+        cfg = dict(LLAMA_31_8B, **(TINY if tiny else {}))
+        model = llama.Model(llama.ModelArgs(**cfg))
+    else:
+        from mlx_lm.models import qwen3_5_moe
+
+        cfg = dict(QWEN35_35B_A3B)
+        if tiny:
+            cfg.update(TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=64, linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=32,
+                       linear_value_head_dim=32)  # fmt: skip
+        model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs(model_type="qwen3_5_moe", text_config=cfg))
+    # float16 like a real checkpoint; --tiny stays float32 (MLX's CPU GatherMM needs it).
+    model.set_dtype(mx.float32 if tiny else mx.float16)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def fill(cache: list, context: int) -> None:
+    """Put ``context`` random tokens' keys/values into every attention cache of the list."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from services.turboquant import TurboQuantKVCache
+
+    for c in cache:
+        if isinstance(c, (KVCache, TurboQuantKVCache)) and hasattr(c, "_bench_shape"):
+            n_kv, d = c._bench_shape
+            # In chunks: a 128K-token fp32 temporary for all heads would dwarf the cache.
+            for start in range(0, context, 8192):
+                n = min(8192, context - start)
+                k = mx.random.normal((1, n_kv, n, d)).astype(mx.float16)
+                v = mx.random.normal((1, n_kv, n, d)).astype(mx.float16)
+                c.update_and_fetch(k, v)
+                mx.eval(list(c.state))
+
+
+def attention_shapes(model, cache: list) -> None:
+    """Tag each attention cache with its layer's (kv heads, head dim)."""
+    from mlx_lm.models.cache import KVCache
+
+    from services.turboquant import TurboQuantKVCache
+
+    args = getattr(model, "language_model", model).args
+    n_kv = args.num_key_value_heads
+    d = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    for c in cache:
+        if isinstance(c, (KVCache, TurboQuantKVCache)):
+            c._bench_shape = (n_kv, d)
+
+
+def run_one(model, kind: str, context: int, steps: int) -> dict:
+    """Decode tok/s, measured KV bytes and peak memory for one cache kind and context."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from services.turboquant import TurboQuantConfig, make_turboquant_cache
+
+    mx.synchronize()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    if kind == "fp16":
+        cache = make_prompt_cache(model)
+    else:
+        cache = make_turboquant_cache(model, TurboQuantConfig(key_bits=4, value_bits=4))
+    attention_shapes(model, cache)
+    fill(cache, context)
+    mx.synchronize()
+    kv_bytes = mx.get_active_memory() - before
+    mx.reset_peak_memory()
+    tok = mx.array([[1]])
+    for _ in range(3):  # warm-up (kernel compiles, graph caches)
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
+        mx.eval(tok)
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
+        mx.eval(tok)
+    dt = time.perf_counter() - t
+    row = dict(cache=kind, context=context, tok_s=steps / dt, kv_bytes=int(kv_bytes),
+               peak_bytes=int(mx.get_peak_memory()))  # fmt: skip
+    del cache
+    mx.clear_cache()
+    return row
+
+
+def render(path: str, machine: str | None, command: str | None) -> None:
+    """Write the e2e_decode_gpu section of docs/benchmarks.md from a results JSON."""
+    from bench.report import markdown_table, write_section
+
+    res = json.loads(Path(path).read_text())
+    rows, by = [], {(r["model"], r["cache"], r["context"]): r for r in res["rows"]}
+    for (model, kind, ctx), r in sorted(by.items()):
+        base = by.get((model, "fp16", ctx))
+        rows.append([model, f"{ctx // 1024}K", kind, f"{r['tok_s']:.1f}",
+                     f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-",
+                     f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}"])  # fmt: skip
+    body = f"MLX {res['mlx']}, {res['gpu']}.\n\n" + markdown_table(
+        ["model", "context", "cache", "decode tok/s", "vs fp16", "KV MiB (measured)", "peak GiB"],
+        rows,
+    )
+    write_section("e2e_decode_gpu", "End-to-end decode on the GPU", body, machine=machine or res["gpu"],
+                  command=command)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--models", default="llama-3.1-8b,qwen3.5-35b-a3b")
+    ap.add_argument("--contexts", default="4096,32768,131072")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
+    ap.add_argument("--render")
+    ap.add_argument("--machine")
+    ap.add_argument("--command")
+    args = ap.parse_args()
+    if args.render:
+        render(args.render, args.machine, args.command)
+        return
+
+    import mlx.core as mx
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"mlx": mx.__version__, "gpu": str(mx.default_device()), "rows": []}
+    try:
+        import subprocess
+
+        res["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip()  # fmt: skip
+    except (OSError, Exception):  # noqa: BLE001 - no GPU tool on this machine
+        pass
+    for name in args.models.split(","):
+        model = build(name, args.tiny)
+        for ctx in (int(c) for c in args.contexts.split(",")):
+            for kind in ("fp16", "turboquant"):
+                row = dict(model=name, **run_one(model, kind, ctx, args.steps))
+                res["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                (out / "e2e_decode_gpu.json").write_text(json.dumps(res, indent=1))
+        del model
+        mx.clear_cache()
+
+
+if __name__ == "__main__":
+    main()
