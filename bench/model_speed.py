@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c[1] is None or c[0] != "float32"]
         print("no system OpenBLAS found: measuring without the preload only", file=sys.stderr)
 
+    load_before = os.getloadavg()[0]
     rows, baseline = [], {}
     for i, name in enumerate(args.models):
         model_dir = str(ensure_model(name, models_dir, progress=False))
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Prompt of {args.prompt_tokens} tokens (CPython `pydoc_data` prose), then "
         f"{args.decode_tokens} greedy decode steps; best of {args.repeats} after one warm-up, "
         f"each configuration in its own process (LD_PRELOAD acts at start). "
-        f"Device: {res['device']}. Absolute figures on a shared CPU are noisy: read the ratios, "
-        "measured in one run.\n\n"
+        f"Device: {res['device']}. Load average (1 min) {load_before:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end, on {os.cpu_count()} cores: absolute figures on a "
+        "shared CPU are noisy, read the ratios, measured in one run.\n\n"
         + markdown_table(headers, rows)
         + "\nNLL: mean next-token negative log-likelihood over the prompt, from the same prefill; "
         "ΔNLL against the model's first row (float32), i.e. what the weight dtype costs in "
