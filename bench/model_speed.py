@@ -83,10 +83,14 @@ def measure(model_dir: str, dtype: str, prompt_tokens: int, decode_tokens: int, 
     }
 
 
-def run_child(model_dir: str, dtype: str, preload: str | None, args) -> dict:
+def run_child(
+    model_dir: str, dtype: str, preload: str | None, args, extra_env: dict[str, str]
+) -> dict:
     """Run :func:`measure` in a fresh process with or without the OpenBLAS preload."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    env.update(extra_env)
     if preload:
         env["LD_PRELOAD"] = preload
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -130,23 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         args.models_dir or os.environ.get("TQSTACK_TEST_MODELS_DIR") or REPO / ".cache" / "models"
     )
     blas = find_openblas()
+    # (weights dtype, preload, extra environment, label, first model only)
     configs = [
-        ("float32", blas, "float32 + OpenBLAS preload"),
-        ("float32", None, "float32, wheel's BLAS"),
+        ("float32", blas, {}, "float32 + OpenBLAS preload", False),
+        ("float32", blas, {"OPENBLAS_NUM_THREADS": "1"}, "float32 + OpenBLAS, 1 thread", True),
+        ("float32", None, {}, "float32, wheel's BLAS", True),
+        ("bfloat16", blas, {}, "bfloat16", False),
+        ("float16", blas, {}, "float16", False),
     ]
-    configs += [("bfloat16", blas, "bfloat16"), ("float16", blas, "float16")]
     if blas is None:
-        configs = [c for c in configs if c[1] is None or c[0] != "float32"]
+        configs = [c for c in configs if "OpenBLAS" not in c[3]]
         print("no system OpenBLAS found: measuring without the preload only", file=sys.stderr)
 
     load_before = os.getloadavg()[0]
     rows, baseline = [], {}
     for i, name in enumerate(args.models):
         model_dir = str(ensure_model(name, models_dir, progress=False))
-        # The slow no-OpenBLAS float32 row once (first model) is enough to show the gap.
-        model_configs = [c for c in configs if i == 0 or c[1] is not None or c[0] != "float32"]
-        for dtype, preload, label in model_configs:
-            res = run_child(model_dir, dtype, preload, args)
+        # The float32 variants once (first model) are enough to show the gap.
+        for dtype, preload, extra_env, label, first_only in configs:
+            if first_only and i > 0:
+                continue
+            res = run_child(model_dir, dtype, preload, args, extra_env)
             key = (name, "ref")
             baseline.setdefault(key, res)  # the first configuration of a model is the reference
             ref = baseline[key]
