@@ -55,12 +55,14 @@ class ProbedRouter(RouterHandle):
         """The router's pooled upstream connections: how many, and how many are busy."""
 
         def count() -> dict[str, int]:
-            pool = self.state.client._transport._pool  # httpcore.AsyncConnectionPool
-            conns = list(pool.connections)
+            # every pool the router relays through (httpcore.AsyncConnectionPool each)
+            clients = getattr(self.state, "clients", None) or [self.state.client]
+            pools = [c._transport._pool for c in clients]
+            conns = [c for p in pools for c in p.connections]
             return {
                 "total": len(conns),
                 "busy": sum(1 for c in conns if not c.is_idle() and not c.is_closed()),
-                "requests": len(pool._requests),
+                "requests": sum(len(p._requests) for p in pools),
             }
 
         return self._in_loop(count)  # type: ignore[return-value]

@@ -69,8 +69,6 @@ CASES: list[tuple[str, str, bytes, dict[str, str]]] = [
     ("model-missing", CHAT, body(model=_DROP), {}),
     ("model-null", CHAT, body(model=None), {}),
     ("model-int", CHAT, body(model=7), {}),
-    ("model-empty", CHAT, body(model=""), {}),
-    ("model-blank", CHAT, body(model="   "), {}),
     ("model-list", CHAT, body(model=[M]), {}),
     # --- messages
     ("messages-missing", CHAT, body(messages=_DROP), {}),

@@ -1,6 +1,6 @@
 """A scaled-down chaos run (the 10,000-request one is ``bench/reliability.py chaos``).
 
-Both fake backends are stopped and restarted at random while 600 mixed requests run
+Both fake backends are stopped and restarted at random while 400 mixed requests run
 (stream / non-stream, chat / completions, short / long routes). Lost, hung, malformed and
 router-made 5xx answers must all be zero; afterwards every request succeeds again and the
 router holds no stream, task or busy upstream connection.
@@ -55,7 +55,7 @@ class Chaos(threading.Thread):
             fake.start()
 
 
-def test_chaos_600_requests(rel_router) -> None:
+def test_chaos_400_requests(rel_router) -> None:
     # a big Ollama context so long prompts can fall back to it as well
     ollama = FakeOllama(num_ctx=65536).start()
     sidecar = FakeSidecar().start()
@@ -67,7 +67,7 @@ def test_chaos_600_requests(rel_router) -> None:
         chaos.start()
         try:
             tally = run_many_sync(
-                r.url, chaos_bodies(600, seed=1), concurrency=24, deadline_s=DEADLINE
+                r.url, chaos_bodies(400, seed=1), concurrency=24, deadline_s=DEADLINE
             )
         finally:
             chaos.halt.set()
@@ -75,7 +75,7 @@ def test_chaos_600_requests(rel_router) -> None:
         s = json.dumps(tally.summary())
         assert chaos.kills >= 5, s
         assert tally.bad == 0, s
-        assert tally.counts["ok"] > 300, s  # fallback keeps most requests whole
+        assert tally.counts["ok"] > 200, s  # fallback keeps most requests whole
         assert all(not k.startswith("router:") for k in tally.upstream_errors), s
 
         # recovery: both back, every request succeeds, nothing left open in the router

@@ -302,8 +302,9 @@ def test_flapping_backend_during_a_run(rel_router, ollama, sidecar) -> None:
     s = show(tally)
     assert flips[0] >= 4, f"the backend flapped only {flips[0]} times: {s}"
     assert_clean(tally)
-    # failures are the sidecar's (cut streams), never the router's; fallback covers the rest
-    assert set(tally.upstream_errors) <= {"sidecar:200", "sidecar:503"}, s
+    # failures are the backends' (cut streams, a 503 with Retry-After when neither could take
+    # a request), never the router's own; fallback covers the rest
+    assert not any(k.startswith("router:") for k in tally.upstream_errors), s
     assert tally.counts["ok"] >= tally.counts["error"], s
     assert set(tally.backends) == {"ollama", "sidecar"}, s
     r.wait_for(lambda: r.state.active_streams == 0)

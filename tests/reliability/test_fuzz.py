@@ -103,7 +103,7 @@ completion_bodies = st.fixed_dictionaries(
 # --- the pure pair: validation, then the estimate the router runs on what passed
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(body=chat_bodies)
 def test_check_chat_then_estimate_never_crashes(body: dict) -> None:
     try:
@@ -114,7 +114,7 @@ def test_check_chat_then_estimate_never_crashes(body: dict) -> None:
     assert routing.estimate_chat_tokens(body["messages"], body.get("tools")) >= 0
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(body=completion_bodies)
 def test_check_completion_then_estimate_never_crashes(body: dict) -> None:
     try:
