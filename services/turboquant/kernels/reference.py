@@ -39,30 +39,33 @@ def dequant_codebook(words, norms, centroids, bits: int, dim: int) -> np.ndarray
     return c[codes] * np.asarray(norms, dtype=np.float64)[..., None]
 
 
-def decode_attention(q, k, v, scale: float, sinks=None) -> np.ndarray:
-    """Softmax attention of one query token, float64; GQA by ``h // (Hq / Hkv)``.
+def decode_attention(q, k, v, scale: float, sinks=None, causal: bool = False) -> np.ndarray:
+    """Softmax attention in float64; GQA by ``h // (Hq / Hkv)``.
 
-    ``q`` ``(B, Hq, 1, D)``, ``k``/``v`` ``(B, Hkv, T, D)``, ``sinks`` ``(Hq,)`` or None.
+    ``q`` ``(B, Hq, L, D)`` (the last ``L`` positions of the context), ``k``/``v``
+    ``(B, Hkv, T, D)``, ``sinks`` ``(Hq,)`` or None; ``causal`` hides each query's future.
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    bsz, hq, _, d = q.shape
-    hkv = k.shape[1]
+    bsz, hq, n_q, d = q.shape
+    hkv, total = k.shape[1], k.shape[2]
     # Query head h = g * rep + r reads KV head g.
-    qg = q.reshape(bsz, hkv, hq // hkv, d)
-    s = (np.einsum("bgrd,bgtd->bgrt", qg, k) * scale).reshape(bsz, hq, 1, -1)
+    qg = q.reshape(bsz, hkv, hq // hkv, n_q, d)
+    s = np.einsum("bgrld,bgtd->bgrlt", qg, k) * scale
+    if causal:
+        visible = (total - n_q + np.arange(n_q))[:, None] >= np.arange(total)[None]
+        s = np.where(visible, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     if sinks is not None:
-        sk = np.asarray(sinks, dtype=np.float64)[None, :, None, None]
+        sk = np.asarray(sinks, dtype=np.float64).reshape(1, hkv, hq // hkv, 1, 1)
         m = np.maximum(m, sk)
     p = np.exp(s - m)
     denom = p.sum(axis=-1, keepdims=True)
     if sinks is not None:
         denom = denom + np.exp(sk - m)
-    pg = p.reshape(bsz, hkv, hq // hkv, -1)
-    out = np.einsum("bgrt,bgtd->bgrd", pg, v).reshape(bsz, hq, 1, d)
-    return out / denom
+    out = np.einsum("bgrlt,bgtd->bgrld", p, v) / denom
+    return out.reshape(bsz, hq, n_q, v.shape[-1])
 
 
 def rel_error(out, ref) -> float:
