@@ -24,6 +24,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -78,15 +79,20 @@ class Child:
         self.name, self.argv, self.port, self.ready_path = name, argv, port, ready_path
         self.env = _env(**env)
         self.proc: subprocess.Popen | None = None
+        self.log: Path | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Child:
+        # the router's own output is kept (appended across restarts) and scanned after a run
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            self.argv, cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT
         )
+        if self.log:
+            out.close()
         wait_ready(self.url + self.ready_path, self.proc)
         return self
 
@@ -137,7 +143,22 @@ def router(ollama: Child, sidecar: Child, **settings: str) -> Child:
         "UPSTREAM_READ_TIMEOUT_S": "5",
         **settings,
     }
-    return Child("router", [sys.executable, "-m", "services.router"], port, "/health", **env)
+    child = Child("router", [sys.executable, "-m", "services.router"], port, "/health", **env)
+    child.log = Path(tempfile.gettempdir()) / f"tqstack-reliability-router-{port}.log"
+    return child
+
+
+def log_problems(child: Child) -> dict[str, Any]:
+    """Errors and tracebacks the router wrote during the run (it logs no request content)."""
+    if not child.log or not child.log.exists():
+        return {}
+    lines = child.log.read_text(errors="replace").splitlines()
+    bad = [ln for ln in lines if "Traceback" in ln or " ERROR " in ln or "Exception" in ln]
+    return {
+        "router_log": str(child.log),
+        "router_log_error_lines": len(bad),
+        "router_log_examples": bad[:5],
+    }
 
 
 def set_faults(child: Child, **faults: Any) -> None:
@@ -254,6 +275,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 1),
         **tally.summary(),
         "after_recovery": after.summary(),
+        **log_problems(r),
     }
     for c in (r, o, s):
         c.stop()
@@ -332,6 +354,7 @@ async def disconnects(args: argparse.Namespace) -> dict[str, Any]:
         "router_fds": [base["fds"], after["fds"]],
         "router_upstream_sockets": [base["upstream_sockets"], after["upstream_sockets"]],
         "router_rss_kib": [base["rss_kib"], after["rss_kib"]],
+        **log_problems(r),
     }
     for c in (r, o, s):
         c.stop()
@@ -340,17 +363,30 @@ async def disconnects(args: argparse.Namespace) -> dict[str, Any]:
 
 async def load(args: argparse.Namespace) -> dict[str, Any]:
     """``--streams`` streams open at once through the router, all read to the end."""
-    o = fake("ollama", {"chunk_delay_s": 0.2, "reply_tokens": 40}).start()
+    from tests.reliability.outcome import Outcome, classify_sse
+
+    # 60 pieces 1 s apart: each stream lasts a minute, longer than opening them all takes here
+    o = fake("ollama", {"chunk_delay_s": 1.0, "reply_tokens": 60}).start()
     s = fake("sidecar").start()
-    r = router(o, s).start()
+    r = router(o, s, HEALTH_TIMEOUT_S="2", HEALTH_FAILURES_DOWN="2").start()
     n = args.streams
-    barrier = asyncio.Barrier(n)
     tally = Tally()
-    peak = [0]
+    peak = {"router": 0, "upstream": 0}
+    finished = asyncio.Event()
+
+    async def sample() -> None:
+        async with httpx.AsyncClient(timeout=10) as c:
+            while not finished.is_set():
+                try:
+                    h = (await c.get(r.url + "/health")).json()
+                    u = (await c.get(o.url + "/_control/state")).json()
+                    peak["router"] = max(peak["router"], h["active_streams"])
+                    peak["upstream"] = max(peak["upstream"], u["active_streams"])
+                except (httpx.HTTPError, ValueError):
+                    pass
+                await asyncio.sleep(1.0)
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        from tests.reliability.outcome import Outcome, classify_sse
-
         t = time.perf_counter()
         body = {
             "model": OLLAMA_MODEL,
@@ -359,32 +395,29 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
         }
         try:
             async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-                data = b""
-                first = True
-                async for chunk in resp.aiter_raw():
-                    data += chunk
-                    if first and b"data:" in data:
-                        first = False
-                        await asyncio.wait_for(barrier.wait(), 120)
-                        if i == 0:
-                            peak[0] = router_health(r)["active_streams"]
+                data = await resp.aread()
                 out = classify_sse(data, resp.headers.get("x-tqstack-backend"))
                 if resp.status_code != 200:
                     out = Outcome("error", resp.status_code, detail=data[:200].decode())
-        except (httpx.HTTPError, asyncio.TimeoutError) as e:
+        except httpx.HTTPError as e:
             out = Outcome("lost", detail=repr(e))
         out.elapsed = time.perf_counter() - t
         tally.add(out)
 
     t0 = time.monotonic()
+    sampler = asyncio.create_task(sample())
     async with client_for(r.url, n) as client:
         await asyncio.gather(*(one(client, i) for i in range(n)))
+    finished.set()
+    await sampler
     out = {
         "scenario": "load",
         "streams": n,
-        "peak_router_active_streams": peak[0],
+        "peak_router_active_streams": peak["router"],
+        "peak_upstream_open_streams": peak["upstream"],
         "elapsed_s": round(time.monotonic() - t0, 1),
         **tally.summary(),
+        **log_problems(r),
     }
     for c in (r, o, s):
         c.stop()
@@ -428,6 +461,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "rss_growth_pct": round(100.0 * (rss_end - rss_warm) / rss_warm, 2),
         "rss_samples_kib": samples,
         "fds": [fds_warm, open_fds(r.pid)],
+        **log_problems(r),
     }
     for c in (r, o, s):
         c.stop()
