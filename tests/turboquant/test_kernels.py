@@ -17,7 +17,7 @@ import pytest
 from services.turboquant.kernels import cuda_available, fused_decode, reference
 from services.turboquant.kernels.blockwise import blockwise_attention
 from services.turboquant.kernels.cases import make_case, pack_codes
-from services.turboquant.kernels.dispatch import install, supports
+from services.turboquant.kernels.dispatch import AFFINE_MIN_CONTEXT, install, supports, worthwhile
 
 TOL = 2e-5  # the kernel computes in float32 on exactly the stored values
 
@@ -125,6 +125,16 @@ def test_supports_declines_what_the_kernel_does_not_do():
     assert not supports(mx.zeros((1, 4, 3, 128)), aff, aff, None)  # prefill
     odd = _side("affine", 4, 96, (mx.zeros((1, 2, 5, 12)), mx.zeros((1, 2, 5, 3))))
     assert not supports(mx.zeros((1, 4, 1, 96)), odd, odd, None)
+
+
+def test_affine_uses_the_kernel_only_where_it_was_measured_faster():
+    def aff(dim, length):
+        return _side("affine", 4, dim, (mx.zeros((1, 2, length, dim // 8)),))
+
+    assert worthwhile(aff(128, AFFINE_MIN_CONTEXT))
+    assert not worthwhile(aff(128, AFFINE_MIN_CONTEXT - 1))
+    assert not worthwhile(aff(256, 4 * AFFINE_MIN_CONTEXT))
+    assert worthwhile(_side("codebook", 4, 256, (mx.zeros((1, 2, 10, 32)),)))
 
 
 def test_install_only_on_cuda():

@@ -18,6 +18,12 @@ from .fused_decode import (
     fused_decode_attention,
 )
 
+# Where the fused kernel beat MLX's quantized_matmul route for the affine format on the
+# H200 (bench/gpu_notes.md, kernel v2): D <= 128 from ~16K tokens on. Codebook has no fast
+# portable route, so it always takes the kernel.
+AFFINE_MIN_CONTEXT = 16384
+AFFINE_MAX_DIM = 128
+
 
 def supports(q_rot: mx.array, keys: Any, values: Any, mask: Any) -> bool:
     """Whether the kernel handles this decode call (else the portable path must)."""
@@ -38,9 +44,16 @@ def supports(q_rot: mx.array, keys: Any, values: Any, mask: Any) -> bool:
     return True
 
 
+def worthwhile(keys: Any) -> bool:
+    """Whether the kernel is measured faster than the portable path for this cache."""
+    if keys.spec.quantizer != "affine":
+        return True
+    return keys.dim <= AFFINE_MAX_DIM and keys.parts[0].shape[2] >= AFFINE_MIN_CONTEXT
+
+
 def cuda_decode_kernel(q_rot, keys, values, scale, mask=None, sinks=None):
     """``DecodeKernel`` for ``set_decode_kernel``: fused output, or ``None`` to decline."""
-    if not supports(q_rot, keys, values, mask):
+    if not supports(q_rot, keys, values, mask) or not worthwhile(keys):
         return None
     kwargs: dict[str, Any] = {"quantizer": keys.spec.quantizer, "sinks": sinks}
     if keys.spec.quantizer == "codebook":
