@@ -78,7 +78,7 @@ CHECK_LENGTHS_MAIN = [1, 129, 1000, 33333]  # also, for the first shape
 TOL = 2e-5  # fp32 arithmetic on exactly the stored values
 
 
-def run_checks(km, rng) -> list[dict]:
+def run_checks(km, rng, quick: bool = False) -> list[dict]:
     """Kernel vs float64 reference on fresh random inputs; every output poisoned first."""
     import mlx.core as mx
 
@@ -87,9 +87,12 @@ def run_checks(km, rng) -> list[dict]:
     fd = importlib.import_module(km.__name__ + ".fused_decode")
     rows = []
     t_start = time.perf_counter()
-    for bsz, hq, hkv, d in CHECK_SHAPES:
+    # quick: two shapes and four formats (~1 min instead of ~5, mostly kernel compiles).
+    shapes = CHECK_SHAPES[:2] if quick else CHECK_SHAPES
+    formats = [CHECK_FORMATS[i] for i in (0, 2, 6, 7)] if quick else CHECK_FORMATS
+    for bsz, hq, hkv, d in shapes:
         print(f"checks {bsz}x{hq}/{hkv}x{d} at {time.perf_counter() - t_start:.0f}s", flush=True)
-        for qz, kb, vb, gs in CHECK_FORMATS:
+        for qz, kb, vb, gs in formats:
             gs = min(gs or 64, d)
             lengths = CHECK_LENGTHS + (
                 CHECK_LENGTHS_MAIN if (bsz, hq, hkv, d) == CHECK_SHAPES[0] else []
@@ -338,6 +341,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--contexts", default="4096,32768,131072,262144")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
     ap.add_argument("--render", help="attention_gpu.json to write into docs/benchmarks.md")
     ap.add_argument("--machine", default=None)
     ap.add_argument("--command", default=None)
@@ -381,7 +385,7 @@ def main() -> None:
     res = {"mlx": mx.__version__, "gpu": gpu, "cuda": km.cuda_available()}
     print(res, flush=True)
     rng = np.random.default_rng(int(time.time()))
-    checks = [] if args.skip_checks else run_checks(km, rng)
+    checks = [] if args.skip_checks else run_checks(km, rng, args.quick_checks)
     errs = [c["rel_err"] for c in checks]
     res.update(
         checks=checks,
