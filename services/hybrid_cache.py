@@ -458,6 +458,20 @@ def _config_from_args(ns: argparse.Namespace) -> Any:
     return TurboQuantConfig.from_settings(load_settings(**overrides))
 
 
+def format_layers(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'`` (compact layer lists for humans)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for i in indices:
+        if run and i != run[-1] + 1:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(parts) or "none"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the KV report and memory table for a model directory (config.json only)."""
     ap = argparse.ArgumentParser(prog="python -m services.hybrid_cache", description=main.__doc__)
@@ -482,11 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"model type:        {report.model_type} ({report.kind}, {report.num_layers} layers)")
-    print(f"compressed layers: {report.compressed_layers}")
+    print(
+        f"compressed layers: {format_layers(report.compressed_layers)} "
+        f"({len(report.compressed_layers)} of {report.num_layers})"
+    )
     if report.boundary_layers:
-        print(f"boundary layers:   {report.boundary_layers}")
+        print(f"boundary layers:   {format_layers(report.boundary_layers)}")
     if report.sliding_layers:
-        print(f"sliding layers:    {report.sliding_layers} (left uncompressed)")
+        print(f"sliding layers:    {format_layers(report.sliding_layers)} (left uncompressed)")
     if report.state_layers:
         print(f"state layers:      {len(report.state_layers)} (recurrent state, no KV cache)")
     print(
