@@ -10,9 +10,9 @@ Cache specs (shared with ``bench/kv_cache.py``)::
     fp                          the model's KVCache (model dtype)
     mlx8, mlx4, mlx4g32         mlx-lm QuantizedKVCache, bits[, group size] (default g64)
     tq:affine:k4v4              ours; quantizer affine|codebook, key/value bits
-    tq:affine:k4v3:g32:norot:nonorm:b2:bb8
-                                group 32, rotation off, normalization off,
-                                2 boundary layers at 8 bits
+    tq:affine:k4v3:g32:norot:nonorm:nocenter:b2:bb8
+                                group 32, rotation off, normalization off, key
+                                centering off, 2 boundary layers at 8 bits
 
 Usage::
 
@@ -135,6 +135,8 @@ def parse_spec(spec: str) -> CacheSpec:
             opts["use_normalization"] = False
         elif p == "norm":
             opts["use_normalization"] = True
+        elif p == "nocenter":
+            opts["center_keys"] = False
         elif p.startswith("bb"):
             opts["boundary_bits"] = int(p[2:])
         elif p.startswith("b"):

@@ -49,13 +49,16 @@ DEFAULT_CONFIGS = [
     "tq:affine:k4v4",
     "tq:affine:k4v4:norot",
     "tq:affine:k4v4:nonorm",
+    "tq:affine:k4v4:nocenter",
     "tq:affine:k3v3",
     "tq:affine:k8v4",
     "tq:codebook:k4v4",
+    "tq:codebook:k4v4:nocenter",
     "tq:codebook:k4v4:b2",
     "tq:codebook:k4v3",
     "tq:codebook:k3v3",
     "tq:codebook:k4v2",
+    "tq:codebook:k3v2",
     "tq:codebook:k8v2",  # codebook sides above 4 bits are affine: K affine-8, V codebook-2
 ]
 SPEED_CONFIGS = ["fp", "mlx4", "tq:affine:k4v4", "tq:codebook:k4v4"]
@@ -120,6 +123,40 @@ def _fmt_ratio(r: Result, base: Result, ctx: int, absolute: bool) -> str:
     return f"{r.decode_tps[ctx] / base.decode_tps[ctx]:.2f}x"
 
 
+def goal_lines(results: list[Result]) -> list[str]:
+    """The issue's quality goals checked against this run's figures (met or missed)."""
+    base = next(r for r in results if r.spec.kind == "fp")
+    ok = [r for r in results if not math.isnan(r.ppl)]
+    ours = [r for r in ok if r.spec.kind == "tq"]
+
+    def delta(r: Result) -> float:
+        return 100 * (r.ppl / base.ppl - 1)
+
+    lines = []
+    for ratio, bits, limit in ((3.5, 16 / 3.5, 1.0), (5.0, 16 / 5.0, 5.0)):
+        fit = [r for r in ours if r.bits <= bits + 1e-9]
+        if not fit:
+            lines.append(f"- Δppl ≤ +{limit:g} % at ≥ {ratio}x: no config of ours measured there.")
+            continue
+        best = min(fit, key=delta)
+        verdict = "met" if delta(best) <= limit else "**missed**"
+        lines.append(
+            f"- Δppl ≤ +{limit:g} % at ≥ {ratio}x (≤ {bits:.2f} bits): {verdict}; best "
+            f"`{best.spec.name}` {delta(best):+.2f} % at {best.bits:.3f} bits."
+        )
+    for m in (r for r in ok if r.spec.kind == "mlx"):
+        fit = [r for r in ours if r.bits <= m.bits + 1e-9]
+        if not fit:
+            continue
+        best = min(fit, key=delta)
+        verdict = "better" if delta(best) < delta(m) else "**not better**"
+        lines.append(
+            f"- vs mlx-lm `{m.spec.name}` ({m.bits:.2f} bits, {delta(m):+.2f} %): {verdict}; "
+            f"`{best.spec.name}` {delta(best):+.2f} % at {best.bits:.3f} bits."
+        )
+    return lines
+
+
 def render(
     results: list[Result], contexts: Sequence[int], absolute: bool, model_name: str, tokens: int
 ) -> str:
@@ -155,7 +192,8 @@ def render(
         f"context; cache MiB: cache `nbytes` there. Specs: see `bench/eval_ppl.py`.\n\n"
         f"![perplexity vs bits per element]({PLOT.name})\n"
     )
-    return notes + "\n" + markdown_table(headers, rows)
+    goals = "Goals of issue #3, checked on this run:\n\n" + "\n".join(goal_lines(results)) + "\n"
+    return notes + "\n" + markdown_table(headers, rows) + "\n" + goals
 
 
 def plot(results: list[Result], path: Path, model_name: str) -> None:
