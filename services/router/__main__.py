@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.router_port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        # longer than clients' own idle expiry (httpx/OpenAI SDK: 5 s): at uvicorn's default
+        # of 5 s a request sent on a connection being closed is reset unanswered
+        timeout_keep_alive=75,
         timeout_graceful_shutdown=5,
     )
     return 0
