@@ -475,7 +475,9 @@ def format_layers(indices: Sequence[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the KV report and memory table for a model directory (config.json only)."""
     ap = argparse.ArgumentParser(prog="python -m services.hybrid_cache", description=main.__doc__)
-    ap.add_argument("--model", required=True, help="model directory or config.json")
+    ap.add_argument(
+        "--model", required=True, help="model directory, its config.json, or embedded:<name>"
+    )
     ap.add_argument("--contexts", default="8192,32768,131072", help="comma-separated tokens")
     ap.add_argument("--bits", type=int, help="TQ_KV_BITS (default: from config.env)")
     ap.add_argument("--key-bits", type=int)
@@ -486,7 +488,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ns = ap.parse_args(argv)
     contexts = [int(c.replace("_", "")) for c in ns.contexts.split(",") if c.strip()]
-    report = describe_model(model_skeleton(ns.model), _config_from_args(ns))
+    model_path = ns.model
+    if model_path.startswith("embedded:"):
+        from services.config import load_settings
+        from services.models.embedded import resolve_model
+
+        model_path = resolve_model(model_path, load_settings().resolved_models_dir)
+    report = describe_model(model_skeleton(model_path), _config_from_args(ns))
     if ns.json:
         out = report.to_dict()
         out["memory"] = [
