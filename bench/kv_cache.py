@@ -51,15 +51,16 @@ DEFAULT_CONFIGS = [
     "tq:affine:k4v4:nonorm",
     "tq:affine:k4v4:nocenter",
     "tq:affine:k3v3",
-    "tq:affine:k8v4",
     "tq:codebook:k4v4",
     "tq:codebook:k4v4:nocenter",
     "tq:codebook:k4v4:b2",
     "tq:codebook:k4v3",
     "tq:codebook:k3v3",
-    "tq:codebook:k4v2",
     "tq:codebook:k3v2",
-    "tq:codebook:k8v2",  # codebook sides above 4 bits are affine: K affine-8, V codebook-2
+    # codebook sides above 4 bits are affine: K affine-5/6/8 + V codebook
+    "tq:codebook:k5v3",
+    "tq:codebook:k6v2",
+    "tq:codebook:k8v2",
 ]
 SPEED_CONFIGS = ["fp", "mlx4", "tq:affine:k4v4", "tq:codebook:k4v4"]
 

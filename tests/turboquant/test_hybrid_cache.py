@@ -189,6 +189,8 @@ def test_compressed_bytes_match_a_filled_cache():
         tq_config(key_bits=8, value_bits=3, group_size=32),
         tq_config(quantizer="codebook", key_bits=4, value_bits=3),
         tq_config(quantizer="codebook", key_bits=3, value_bits=3, use_normalization=False),
+        tq_config(quantizer="codebook", key_bits=5, value_bits=3),  # K affine-5, V codebook-3
+        tq_config(key_bits=6, value_bits=2, group_size=128),
     ):
         model = tiny_llama(layers=2, head_dim=64)
         report = hc.describe_model(model, cfg)
