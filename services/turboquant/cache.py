@@ -63,8 +63,10 @@ class TurboQuantKVCache(_BaseCache):
     value_bits = 4
     group_size = 64
     quantizer = "affine"
-    key_quantizer = "affine"
+    key_quantizer = "affine"  # resolved per side (a codebook side > 4 bits is affine)
     value_quantizer = "affine"
+    requested_key_quantizer: str | None = None  # per-side choice; None: `quantizer`
+    requested_value_quantizer: str | None = None
     use_rotation = True
     use_normalization = True
     seed = 0
@@ -83,6 +85,8 @@ class TurboQuantKVCache(_BaseCache):
             "use_normalization",
             "seed",
             "center_keys",
+            "key_quantizer",
+            "value_quantizer",
         }
         unknown = set(overrides) - known
         if unknown:
@@ -96,6 +100,8 @@ class TurboQuantKVCache(_BaseCache):
         self.use_normalization = bool(get("use_normalization"))
         self.seed = int(get("seed"))
         self.center_keys = bool(get("center_keys"))
+        self.requested_key_quantizer = get("key_quantizer") or None
+        self.requested_value_quantizer = get("value_quantizer") or None
         self._resolve()
         self.key_center = None
         self.keys = None
@@ -104,21 +110,23 @@ class TurboQuantKVCache(_BaseCache):
 
     def _resolve(self) -> None:
         # Validates the combination and records which quantizer each side really uses.
-        self.key_quantizer = self._spec(self.key_bits).quantizer
-        self.value_quantizer = self._spec(self.value_bits).quantizer
+        self.key_quantizer = self._spec(self.key_bits, self.requested_key_quantizer).quantizer
+        self.value_quantizer = self._spec(self.value_bits, self.requested_value_quantizer).quantizer
 
-    def _spec(self, bits: int) -> SideSpec:
-        return make_side_spec(self.quantizer, bits, self.group_size, self.use_normalization)
+    def _spec(self, bits: int, requested: str | None) -> SideSpec:
+        return make_side_spec(
+            requested or self.quantizer, bits, self.group_size, self.use_normalization
+        )
 
     # ------------------------------------------------------------------ specs per side
 
     def key_spec(self, dim: int) -> SideSpec:
         """Key-side spec resolved for head dim ``dim``."""
-        return self._spec(self.key_bits).for_dim(dim)
+        return self._spec(self.key_bits, self.requested_key_quantizer).for_dim(dim)
 
     def value_spec(self, dim: int) -> SideSpec:
         """Value-side spec resolved for head dim ``dim``."""
-        return self._spec(self.value_bits).for_dim(dim)
+        return self._spec(self.value_bits, self.requested_value_quantizer).for_dim(dim)
 
     def _dims(self) -> tuple[int, int]:
         return (
@@ -259,19 +267,26 @@ class TurboQuantKVCache(_BaseCache):
             str(self.seed),
             str(self.offset),
             _to_bool_str(self.center_keys),
+            self.requested_key_quantizer or "",
+            self.requested_value_quantizer or "",
         )
 
     @meta_state.setter
     def meta_state(self, v) -> None:
-        quantizer, kb, vb, gs, rot, norm, seed, offset, center = v
+        quantizer, kb, vb, gs, rot, norm, seed, offset, center, kq, vq = v
         self.center_keys = center == "1"
+        self.requested_key_quantizer = kq or None
+        self.requested_value_quantizer = vq or None
         self.quantizer = quantizer
         self.key_bits, self.value_bits, self.group_size = int(kb), int(vb), int(gs)
         self.use_rotation, self.use_normalization = rot == "1", norm == "1"
         self.seed, self.offset = int(seed), int(offset)
         self._resolve()
         if self.keys is not None:
-            expect = (num_parts(self._spec(self.key_bits)), num_parts(self._spec(self.value_bits)))
+            expect = (
+                num_parts(self._spec(self.key_bits, self.requested_key_quantizer)),
+                num_parts(self._spec(self.value_bits, self.requested_value_quantizer)),
+            )
             if (len(self.keys), len(self.values)) != expect:
                 raise ValueError("state does not match meta_state's quantizers")
 

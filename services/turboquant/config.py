@@ -18,7 +18,8 @@ class TurboQuantConfig:
     ``boundary_layers``/``boundary_bits``: the first and last N softmax layers at
     ``boundary_bits`` (16 or more: left unquantized); ``seed`` picks the rotation;
     ``center_keys``: store keys minus a fixed per-head mean (exact for attention, see
-    docs/turboquant.md).
+    docs/turboquant.md); ``key_quantizer``/``value_quantizer``: per-side override of
+    ``quantizer`` (e.g. affine keys with codebook values).
     """
 
     key_bits: int = 4
@@ -31,10 +32,13 @@ class TurboQuantConfig:
     boundary_bits: int = 8
     seed: int = 0
     center_keys: bool = True
+    key_quantizer: str | None = None
+    value_quantizer: str | None = None
 
     def __post_init__(self) -> None:
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        for q in (self.quantizer, self.key_quantizer, self.value_quantizer):
+            if q is not None and q not in QUANTIZERS:
+                raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {q!r}")
         if self.boundary_layers < 0:
             raise ValueError("boundary_layers must be >= 0")
         self.key_spec()
@@ -43,13 +47,19 @@ class TurboQuantConfig:
     def key_spec(self) -> SideSpec:
         """The validated spec of the key side."""
         return make_side_spec(
-            self.quantizer, self.key_bits, self.group_size, self.use_normalization
+            self.key_quantizer or self.quantizer,
+            self.key_bits,
+            self.group_size,
+            self.use_normalization,
         )
 
     def value_spec(self) -> SideSpec:
         """The validated spec of the value side."""
         return make_side_spec(
-            self.quantizer, self.value_bits, self.group_size, self.use_normalization
+            self.value_quantizer or self.quantizer,
+            self.value_bits,
+            self.group_size,
+            self.use_normalization,
         )
 
     @classmethod

@@ -183,12 +183,20 @@ def test_nbytes_and_compression():
 def test_constructor_overrides_and_validation():
     c = TurboQuantKVCache(TurboQuantConfig(), key_bits=8, quantizer="codebook")
     assert (c.key_quantizer, c.value_quantizer) == ("affine", "codebook")
+    mixed = TurboQuantKVCache(TurboQuantConfig(quantizer="affine", value_quantizer="codebook"))
+    assert (mixed.key_quantizer, mixed.value_quantizer) == ("affine", "codebook")
+    mixed.update_and_fetch(*_kv(5))
+    assert [len(mixed.keys), len(mixed.values)] == [3, 2]
+    back = TurboQuantKVCache.from_state(mixed.state, mixed.meta_state)
+    assert back.value_spec(64).quantizer == "codebook" and back.meta_state == mixed.meta_state
     with pytest.raises(TypeError):
         TurboQuantKVCache(bits=4)
     with pytest.raises(ValueError):
         TurboQuantConfig(key_bits=7)
     with pytest.raises(ValueError):
         TurboQuantConfig(quantizer="qjl")
+    with pytest.raises(ValueError):
+        TurboQuantConfig(value_quantizer="qjl")
 
 
 def test_from_kv_cache_equals_incremental():
@@ -264,7 +272,7 @@ def test_key_centering_state_and_first_single_token():
     c = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook"))
     c.update_and_fetch(k, v)
     assert c.key_center.shape == (1, 2, 1, 64)
-    assert len(c.state) == 2 + 2 + 1 and c.meta_state[-1] == "1"
+    assert len(c.state) == 2 + 2 + 1 and c.meta_state[8] == "1"
     d = TurboQuantKVCache.from_state(c.state, c.meta_state)
     assert mx.array_equal(d.key_center, c.key_center)
     assert TurboQuantKVCache.from_state(c.state).key_center is not None
@@ -277,4 +285,4 @@ def test_key_centering_state_and_first_single_token():
     assert float(mx.abs(one.key_center).max()) == 0.0
     off = TurboQuantKVCache(TurboQuantConfig(center_keys=False))
     off.update_and_fetch(k, v)
-    assert off.key_center is None and len(off.state) == 6 and off.meta_state[-1] == "0"
+    assert off.key_center is None and len(off.state) == 6 and off.meta_state[8] == "0"
