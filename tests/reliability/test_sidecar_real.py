@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import stop_process
-from tests.sidecar.test_sidecar_server import Sidecar, start_sidecar, wait_idle
+from tests.sidecar.harness import Sidecar, start_sidecar
+from tests.sidecar.test_sidecar_server import wait_idle
 
 from .outcome import classify_json, classify_sse, envelope_component
 from .test_disconnects import open_and_drop
@@ -128,7 +129,7 @@ json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-5, 5)
-    | st.floats(allow_nan=False)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
