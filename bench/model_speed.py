@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         + "\nNLL: mean next-token negative log-likelihood over the prompt, from the same prefill; "
         "ΔNLL against the model's first row (float32), i.e. what the weight dtype costs in "
         "quality.\n"
+        + "\nDecode steps are matrix-vector products bound by memory traffic, so fewer bytes per "
+        "weight can win decode even without BLAS (Gemma reads its 262144 x 640 tied embedding "
+        "every token); under heavy load (see load average) multi-threaded OpenBLAS also loses "
+        "time to oversubscription.\n"
         + "\nWhy the launcher preloads OpenBLAS and casts to float32 on Linux CPU: the `mlx[cpu]` "
         "wheel's bundled BLAS is slow, and bf16/fp16 matmuls never use BLAS.\n"
     )
