@@ -179,8 +179,8 @@ def test_sidecar_truncated_mid_event_and_mid_body(rel_router, ollama) -> None:
     assert set(tally.upstream_errors) <= {"sidecar:200", "sidecar:502"}, s
 
 
-def test_sidecar_non_json_success_body_is_a_clean_502(rel_router, ollama, sidecar) -> None:
-    r = rel_router(ollama.url, sidecar.url)
+def test_backend_non_json_success_body_is_a_clean_502(rel_router, sidecar) -> None:
+    """An "Ollama" that answers 200 with HTML: a 502 naming it, never relayed as an answer."""
 
     async def garbage(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -188,15 +188,15 @@ def test_sidecar_non_json_success_body_is_a_clean_502(rel_router, ollama, sideca
 
     fake = UpstreamServer(garbage).start()
     try:
-        r2 = rel_router(fake.url, sidecar.url)  # an "Ollama" answering HTML with 200
-        r2.wait_for(lambda: r2.backend_state("ollama") != "unknown")
+        r = rel_router(fake.url, sidecar.url)
+        r.wait_for(lambda: r.backend_state("ollama") != "unknown")
         bodies = [(CHAT, chat("hi", model="ollama:" + OLLAMA_MODEL)) for _ in range(6)]
-        tally = run_many_sync(r2.url, bodies, concurrency=6, deadline_s=DEADLINE)
+        tally = run_many_sync(r.url, bodies, concurrency=6, deadline_s=DEADLINE)
+        assert r.client.get("/health").status_code == 200
     finally:
         fake.stop()
     assert_clean(tally)
     assert tally.upstream_errors == {"ollama:502": 6}, show(tally)
-    assert r.client.get("/health").status_code == 200
 
 
 # --- backends down, returning, flapping
