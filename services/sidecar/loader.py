@@ -56,23 +56,18 @@ def context_length_of(config: dict[str, Any]) -> int | None:
     return None
 
 
-def choose_dtype(setting: str) -> Any:
-    """``auto``: float32 on a CPU device (fp16/bf16 matmuls are slow there), else as stored."""
-    if setting in _DTYPES:
-        return _DTYPES[setting]
-    if mx.default_device() == mx.cpu:
-        return mx.float32
-    return None
-
-
 def load(settings: Any) -> LoadedModel:
     """Resolve ``settings.sidecar_model`` and load it with mlx-lm in the chosen dtype."""
     from mlx_lm.utils import load as mlx_load
 
+    from services.models.embedded import runtime_dtype
+
     spec = settings.sidecar_model
     path = resolve_spec(spec, settings.resolved_models_dir)
     model, tokenizer, config = mlx_load(path, return_config=True)
-    dtype = choose_dtype(settings.sidecar_dtype)
+    # One rule for every loader: float32 on Linux CPU, the manifest's GPU dtype for embedded models.
+    name = runtime_dtype(settings.sidecar_dtype, path)
+    dtype = _DTYPES[name] if name else None
     if dtype is not None:
         # Only floating parameters change; packed quantized weights stay as they are.
         model.set_dtype(dtype)
