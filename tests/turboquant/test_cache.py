@@ -286,3 +286,21 @@ def test_key_centering_state_and_first_single_token():
     off = TurboQuantKVCache(TurboQuantConfig(center_keys=False))
     off.update_and_fetch(k, v)
     assert off.key_center is None and len(off.state) == 6 and off.meta_state[8] == "0"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "gemma3_text"])
+def test_saved_hybrid_cache_continues_exactly(tmp_path, arch):
+    # Mixed lists (ArraysCache / RotatingKVCache + ours) survive save/load bit for bit.
+    from services.turboquant import make_turboquant_cache
+    from tests.turboquant.tiny_models import tiny_gemma3_text, tiny_qwen3_5
+
+    model = {"qwen3_5": tiny_qwen3_5, "gemma3_text": tiny_gemma3_text}[arch]()
+    cache = make_turboquant_cache(model, TurboQuantConfig(quantizer="codebook", key_bits=3))
+    model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8] * 4]), cache=cache)
+    path = tmp_path / "hybrid.safetensors"
+    save_turboquant_cache(path, cache)
+    loaded = load_turboquant_cache(path)
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
+    assert any(isinstance(c, TurboQuantKVCache) for c in loaded)
+    nxt = mx.array([[9]])
+    assert mx.array_equal(model(nxt, cache=cache), model(nxt, cache=loaded))
