@@ -7,9 +7,10 @@ docs/benchmarks.md) plus a plot of perplexity vs bits per element (docs/kv_cache
   (scales, biases, norms) counted at float16, as they would be in an fp16 model.
 - perplexity: ``bench.eval_ppl`` (Python Language Reference prose, 64-token chunks through a
   persistent cache, so attention really reads the cache under test).
-- decode: tokens/s of single-token steps after prefilling to each context length; on CPU
-  shown as a ratio to the ``fp`` row of the same run (absolute figures with ``--absolute``).
-- peak memory: MLX peak over the model weights while prefilling to the longest context.
+- decode: tokens/s of single-token steps after prefilling to each context length, configs
+  timed in interleaved rounds (best round kept); on CPU shown as a ratio to the ``fp`` row
+  of the same run (absolute figures with ``--absolute``).
+- peak memory: MLX peak above the memory in use before each prefill (256-token chunks).
 
 Default CPU run (about 15 minutes on 2 idle cores; much longer on a shared machine)::
 
@@ -29,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -86,34 +88,57 @@ def kv_bytes_per_token(model: nn.Module, spec: CacheSpec, fp16: int) -> int:
     return round(fp16 * spec.bits_per_element(model) / 16)
 
 
-def decode_speed(
-    model: nn.Module, spec: CacheSpec, tokens: Sequence[int], contexts: Sequence[int], steps: int
-) -> tuple[dict[int, float], int, int]:
-    """Decode tokens/s at each context, peak bytes over the weights, final cache bytes."""
-    cache = spec.make(model)
-    mx.synchronize()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
+def _step(model: nn.Module, cache: list[Any], tok: mx.array, steps: int) -> float:
+    """Seconds for ``steps`` greedy single-token decode steps."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
+        mx.eval(tok)
+    return time.perf_counter() - t0
+
+
+def decode_speeds(
+    model: nn.Module,
+    results: list[Result],
+    tokens: Sequence[int],
+    contexts: Sequence[int],
+    steps: int,
+    rounds: int = 3,
+) -> None:
+    """Fill ``decode_tps``, ``peak_bytes`` and ``cache_bytes`` of ``results`` in place.
+
+    All configs are prefilled to each context, then timed in interleaved rounds and the best
+    round kept, so a burst of load from other processes skews no single config.
+    """
     ids = mx.array(list(tokens))
-    filled = 0
-    out: dict[int, float] = {}
+    caches = [r.spec.make(model) for r in results]
+    filled = [0] * len(results)
+    peaks = [0] * len(results)
     for ctx in sorted(contexts):
-        for start in range(filled, ctx, 256):
-            stop = min(start + 256, ctx)
-            mx.eval(model(ids[None, start:stop], cache=cache))
-        filled = ctx
-        tok = ids[None, filled : filled + 1]
-        mx.eval(model(tok, cache=cache))  # warm-up step (kernels, allocation growth)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            logits = model(tok, cache=cache)
-            tok = mx.argmax(logits[:, -1:], axis=-1)
-            mx.eval(tok)
-        out[ctx] = steps / (time.perf_counter() - t0)
-        filled += steps + 1
-    peak = mx.get_peak_memory() - base
-    mem = hybrid_cache.cache_memory(cache)["actual_bytes"]
-    return out, peak, mem
+        for i, cache in enumerate(caches):
+            mx.synchronize()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            for start in range(filled[i], ctx, 256):
+                mx.eval(model(ids[None, start : min(start + 256, ctx)], cache=cache))
+            peaks[i] = max(peaks[i], mx.get_peak_memory() - base)
+            filled[i] = ctx
+            _step(model, cache, ids[None, ctx : ctx + 1], 1)  # warm-up (kernels, growth)
+        best = [math.inf] * len(results)
+        for _ in range(rounds):
+            for i, cache in enumerate(caches):
+                best[i] = min(best[i], _step(model, cache, ids[None, ctx : ctx + 1], steps))
+        for i, r in enumerate(results):
+            r.decode_tps[ctx] = steps / best[i]
+            # Trim the timed steps away where possible, so the next context starts exact.
+            if all(c.is_trimmable() for c in caches[i]):
+                for c in caches[i]:
+                    c.trim(c.offset - ctx)
+            else:
+                filled[i] = ctx + 1 + rounds * steps
+    for r, cache, peak in zip(results, caches, peaks, strict=True):
+        r.peak_bytes = peak
+        r.cache_bytes = hybrid_cache.cache_memory(cache)["actual_bytes"]
 
 
 def _fmt_ratio(r: Result, base: Result, ctx: int, absolute: bool) -> str:
@@ -189,8 +214,9 @@ def render(
         "chunks through a persistent cache; `fp` is the model-dtype `KVCache` (float32 here), "
         "listed at 16 bits as the fp16 reference for sizes. bits/el and KV B/token count only "
         "the compressed layers, side data at fp16 (mlx-lm's cache stores it in the model "
-        "dtype). Peak MiB: MLX peak above the weights while prefilling to the longest "
-        f"context; cache MiB: cache `nbytes` there. Specs: see `bench/eval_ppl.py`.\n\n"
+        "dtype). Decode: configs timed in interleaved rounds, best of 3 kept. Peak MiB: MLX "
+        "peak above the memory in use before each prefill step (256-token chunks); cache MiB: "
+        f"cache `nbytes` at the longest context. Specs: see `bench/eval_ppl.py`.\n\n"
         f"![perplexity vs bits per element]({PLOT.name})\n"
     )
     goals = "Goals of issue #3, checked on this run:\n\n" + "\n".join(goal_lines(results)) + "\n"
@@ -245,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     ap.add_argument("--speed", default=",".join(SPEED_CONFIGS),
                     help="configs timed for decode ('all' or a list)")  # fmt: skip
-    ap.add_argument("--contexts", default="256,1024", help="decode context lengths")
+    ap.add_argument("--contexts", default="256,1024,2048", help="decode context lengths")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per context")
     ap.add_argument("--device", choices=["cpu", "gpu"], default=None)
     ap.add_argument("--absolute", action="store_true", help="tokens/s instead of ratios")
@@ -259,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     contexts = [int(c) for c in ns.contexts.split(",") if c]
     specs = [parse_spec(s) for s in ns.configs.split(",") if s]
     timed = {s.name for s in specs} if ns.speed == "all" else set(ns.speed.split(","))
-    need = max(ns.tokens, max(contexts) + (ns.steps + 1) * len(contexts) + 1)
+    need = max(ns.tokens, max(contexts) + 2)
     tokens = text_tokens(tok, need)
     fp16 = hybrid_cache.describe_model(model, parse_spec("tq:affine:k4v4").tq_config())
     fp16_bytes = fp16.kv_bytes_per_token_fp16
@@ -271,16 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             total, count = chunked_nll(model, tokens[: ns.tokens], spec.make(model))
             r.ppl = math.exp(total / count)
-            if spec.name in timed:
-                r.decode_tps, r.peak_bytes, r.cache_bytes = decode_speed(
-                    model, spec, tokens, contexts, ns.steps
-                )
         except Exception as e:  # one broken config must not lose the whole run
             r.error = f"{type(e).__name__}: {e}"[:120]
         results.append(r)
-        tps = " ".join(f"{c}:{v:.1f}" for c, v in r.decode_tps.items())
-        print(f"{spec.name:28} bits {r.bits:6.3f} ppl {r.ppl:8.3f} {tps} "
+        print(f"{spec.name:28} bits {r.bits:6.3f} ppl {r.ppl:8.3f} "
               f"({time.perf_counter() - t0:.0f}s) {r.error or ''}", flush=True)  # fmt: skip
+    speed = [r for r in results if r.spec.name in timed and r.error is None]
+    if speed:
+        decode_speeds(model, speed, tokens, contexts, ns.steps)
+        for r in speed:
+            tps = " ".join(f"{c}:{v:.2f}" for c, v in r.decode_tps.items())
+            print(f"{r.spec.name:28} decode tok/s {tps} peak {r.peak_bytes}", flush=True)
 
     body = render(results, contexts, ns.absolute, name, ns.tokens)
     print(body)
