@@ -183,6 +183,32 @@ def goal_lines(results: list[Result]) -> list[str]:
     return lines
 
 
+ABLATIONS = [
+    ("key centering", "tq:affine:k4v4:nocenter", "tq:affine:k4v4"),
+    ("key centering (codebook)", "tq:codebook:k4v4:nocenter", "tq:codebook:k4v4"),
+    ("rotation", "tq:affine:k4v4:norot", "tq:affine:k4v4"),
+    ("normalization (norm baking)", "tq:affine:k4v4:nonorm", "tq:affine:k4v4"),
+    ("2 boundary layers at 8 bits", "tq:codebook:k4v4", "tq:codebook:k4v4:b2"),
+    ("keys 4 -> 5 bits, values 4 -> 3", "tq:codebook:k4v4", "tq:codebook:k5v3"),
+    ("values 8 -> 2 bits", "tq:affine:k8v8", "tq:codebook:k8v2"),
+]
+
+
+def ablation_lines(results: list[Result]) -> list[str]:
+    """One line per on/off pair present in this run: Δppl without -> with."""
+    base = next(r for r in results if r.spec.kind == "fp")
+    by = {r.spec.name: r for r in results if not math.isnan(r.ppl)}
+    lines = []
+    for label, off, on in ABLATIONS:
+        if off in by and on in by:
+            a, b = (100 * (by[n].ppl / base.ppl - 1) for n in (off, on))
+            lines.append(
+                f"- {label}: `{off}` {a:+.2f} % ({by[off].bits:.2f} bits) -> "
+                f"`{on}` {b:+.2f} % ({by[on].bits:.2f} bits)"
+            )
+    return lines
+
+
 def render(
     results: list[Result], contexts: Sequence[int], absolute: bool, model_name: str, tokens: int
 ) -> str:
@@ -220,6 +246,9 @@ def render(
         f"![perplexity vs bits per element]({PLOT.name})\n"
     )
     goals = "Goals of issue #3, checked on this run:\n\n" + "\n".join(goal_lines(results)) + "\n"
+    ablations = ablation_lines(results)
+    if ablations:
+        goals += "\nWhat each option does here (same run):\n\n" + "\n".join(ablations) + "\n"
     return notes + "\n" + markdown_table(headers, rows) + "\n" + goals
 
 
