@@ -224,7 +224,10 @@ class Router:
             if reason == "fallback":
                 self.metrics.fallbacks.labels(other(backend), backend, "down").inc()
             attempts = [backend]
-            if decision.alternate and self._views(ollama_ctx)[decision.alternate].available:
+            # Try the alternate even when health last saw it down: it may be back before the
+            # next poll, and a refused connection costs less than a 503 (a disabled sidecar
+            # is never tried).
+            if decision.alternate and (decision.alternate != SIDECAR or self.sidecar_enabled):
                 attempts.append(decision.alternate)
             backend_label, route_label = backend, reason
             result: Upstream | tuple[httpx.Response, bytes] | None = None

@@ -219,6 +219,22 @@ def test_queue_full_429_passes_retry_after(router, sidecar) -> None:
     assert r.json()["error"]["component"] == "sidecar"
 
 
+def test_alternate_marked_down_is_still_tried_before_a_503(make_router, ollama) -> None:
+    # The sidecar comes back between health polls while Ollama dies: the request must not
+    # get a 503 just because health has not seen the sidecar return yet.
+    fake = FakeSidecar(free_port())
+    router = make_router(ollama.url, fake.url, health_interval_s=30)
+    assert router.backend_state("sidecar") == "down"
+    with fake:
+        ollama.stop()
+        r = router.client.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 200
+        assert (r.headers["x-tqstack-backend"], r.headers["x-tqstack-route"]) == (
+            "sidecar",
+            "fallback",
+        )
+
+
 def test_both_down_is_503(make_router) -> None:
     router = make_router(f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}")
     h = router.client.get("/health")
