@@ -9,8 +9,13 @@ py=$(tq_find_python)
 [ -n "$py" ] || { echo "tqstack: python >= 3.10 is required" >&2; exit 1; }
 venv=${TQSTACK_TEST_VENV:-.venv}
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -U pip >/dev/null
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+# pip's output goes to a log, shown only when the install fails.
+log=$(mktemp)
+if ! { "$venv/bin/python" -m pip install -q --disable-pip-version-check -U pip &&
+       "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"; } >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"; echo "tqstack: installing the test environment failed" >&2; exit 1
+fi
+rm -f "$log"
 tq_ensure_openblas
 tq_preload_openblas
 # Real-model tests share one converted model across runs.
