@@ -358,13 +358,20 @@ async def _sse(
 
 async def _collect(engine: Engine, job: Job, answer: _Answer, request: Request) -> dict[str, Any]:
     content, reasoning, calls = [], [], []
+    next_check = time.monotonic() + 0.5
     while True:
+        # Look for a gone client every 0.5 s even while tokens keep arriving: a fast decode
+        # never leaves the queue empty long enough for the timeout branch alone to notice.
         try:
             ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
         except asyncio.TimeoutError:
+            ev = None
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + 0.5
             if await request.is_disconnected():
                 engine.cancel(job)
                 raise APIError(499, "Client disconnected.", code="client_disconnected") from None
+        if ev is None:
             continue
         if isinstance(ev, Delta):
             content.append(ev.content)
