@@ -10,19 +10,8 @@ repo=$(cd "$here/.." && pwd)
 # shellcheck source=scripts/lib/common.sh
 . "$here/lib/common.sh"
 
-TQSTACK_HOME=$(tq_home)
-export TQSTACK_HOME
-if [ -z "${TQSTACK_CONFIG:-}" ] && [ -f "$TQSTACK_HOME/config.env" ]; then
-  export TQSTACK_CONFIG=$TQSTACK_HOME/config.env
-fi
-export PYTHONUNBUFFERED=1
-
-# The interpreter: a checkout's .venv, then the installed virtualenv, then any python >= 3.10.
-py=""
-for c in "$repo/.venv/bin/python" "$TQSTACK_HOME/venv/bin/python"; do
-  if [ -x "$c" ]; then py=$c; break; fi
-done
-[ -n "$py" ] || py=$(tq_find_python)
+tq_launcher_env "$repo"
+py=$TQ_PY
 [ -n "$py" ] || tq_die "no python >= 3.10 found (run install.sh)"
 "$py" -c 'import services.sidecar, mlx_lm' 2>/dev/null \
   || tq_die "$py cannot import tqstack and mlx-lm (run install.sh, or pip install -e '$repo')"

@@ -7,6 +7,7 @@ Every key is documented once, in ``docs/config.env.example`` (kept in sync by a 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +18,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path("~/ai/turboquant").expanduser()
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost`` (the only binds allowed without a key)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default_config_path() -> Path:

@@ -62,6 +62,26 @@ tq_home() {
   printf '%s\n' "$h"
 }
 
+# Set up the environment of a foreground launcher (run-router.sh, run-sidecar.sh) and set
+# TQ_PY to the interpreter to use: a checkout's .venv, then the installed virtualenv, then
+# any python >= 3.10. Exports TQSTACK_HOME, TQSTACK_CONFIG (when config.env exists) and
+# PYTHONUNBUFFERED. Call it directly, not in $(...): the exports must reach the caller.
+# shellcheck disable=SC2034  # TQ_PY is read by the launchers that source this file
+tq_launcher_env() {
+  local repo=$1 c
+  TQSTACK_HOME=$(tq_home)
+  export TQSTACK_HOME
+  if [ -z "${TQSTACK_CONFIG:-}" ] && [ -f "$TQSTACK_HOME/config.env" ]; then
+    export TQSTACK_CONFIG=$TQSTACK_HOME/config.env
+  fi
+  export PYTHONUNBUFFERED=1
+  TQ_PY=""
+  for c in "$repo/.venv/bin/python" "$TQSTACK_HOME/venv/bin/python"; do
+    if [ -x "$c" ]; then TQ_PY=$c; return 0; fi
+  done
+  TQ_PY=$(tq_find_python)
+}
+
 # Which service manager to use: launchd (macOS), systemd (a working user systemd), detached.
 # TQSTACK_SERVICE_MODE=launchd|systemd|detached forces one (auto is the default).
 tq_service_mode() {

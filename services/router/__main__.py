@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 
-from services.config import load_settings
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+from services.config import is_loopback, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 
-from services.config import load_settings
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+from services.config import is_loopback, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     settings = load_settings(args.config, **overrides)
-    if not _is_loopback(settings.sidecar_host):
+    if not is_loopback(settings.sidecar_host):
         # the sidecar has no authentication: only the router (on loopback) may reach it
         print(
             f"tqstack-sidecar: refusing to listen on {settings.sidecar_host}: the sidecar has no "

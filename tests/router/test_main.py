@@ -8,7 +8,8 @@ import subprocess
 import httpx
 import pytest
 
-from services.router.__main__ import is_loopback, main
+from services.config import is_loopback
+from services.router.__main__ import main
 from tests.conftest import REPO, free_port, stop_process, wait_http
 
 
