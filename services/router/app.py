@@ -49,6 +49,22 @@ PATHS = {
 }
 
 
+def _unavailable(e: BeforeFirstByte, backend: Backend, what: str) -> APIError:
+    """The error for a request no backend took: the upstream's own error when it sent one,
+    else a retryable 503 naming the backend."""
+    if e.error is not None:
+        return e.error
+    return APIError(
+        503,
+        f"{what} ({e}).",
+        type="server_error",
+        code="backend_unavailable",
+        component=backend,
+        headers={"retry-after": "1"},
+        should_retry=True,
+    )
+
+
 class ClientGone(Exception):
     """The client disconnected while we were waiting on the backend."""
 
@@ -255,17 +271,7 @@ class Router:
                         self.metrics.fallbacks.labels(backend, attempts[i + 1], e.kind).inc()
                         route_label = "fallback"
                         continue
-                    if e.error is not None:
-                        raise e.error from None
-                    raise APIError(
-                        503,
-                        f"No backend could take the request ({e}).",
-                        type="server_error",
-                        code="backend_unavailable",
-                        component=backend,
-                        headers={"retry-after": "1"},
-                        should_retry=True,
-                    ) from None
+                    raise _unavailable(e, backend, "No backend could take the request") from None
                 except APIError as e:
                     kind = "timeout" if e.status == 504 else "status"
                     self.metrics.upstream_errors.labels(backend, kind).inc()
@@ -382,17 +388,7 @@ class Router:
                 )
             except BeforeFirstByte as e:
                 self.monitor.record_failure(OLLAMA, e.kind)
-                if e.error is not None:
-                    raise e.error from None
-                raise APIError(
-                    503,
-                    f"Ollama could not take the request ({e}).",
-                    type="server_error",
-                    code="backend_unavailable",
-                    component=OLLAMA,
-                    headers={"retry-after": "1"},
-                    should_retry=True,
-                ) from None
+                raise _unavailable(e, OLLAMA, "Ollama could not take the request") from None
             _, content = result
             self._count("embeddings", OLLAMA, route, 200)
             return Response(

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from .faults import Faults, Journal, Recorded
 from .server import UpstreamServer
+from .sse import DONE, FakeStream, data
 
 
 class FakeBackend:
@@ -101,6 +102,31 @@ class FakeBackend:
             Route("/_control/faults", set_faults, methods=["POST"]),
             Route("/_control/state", state, methods=["GET"]),
         ]
+
+    def text_completion(self, body: dict[str, Any], base: dict[str, Any]) -> Response:
+        """A ``/v1/completions`` answer (both backends send the same shape), streamed or not."""
+        pieces = words(self.faults.reply_tokens)
+        if not body.get("stream"):
+            return JSONResponse(
+                {
+                    **base,
+                    "choices": [{"text": "".join(pieces), "index": 0, "finish_reason": "stop"}],
+                    "usage": {
+                        "prompt_tokens": 1,
+                        "completion_tokens": len(pieces),
+                        "total_tokens": 1 + len(pieces),
+                    },
+                }
+            )
+        events = [
+            data({**base, "choices": [{"text": p, "index": 0, "finish_reason": None}]})
+            for p in pieces
+        ]
+        events.append(
+            data({**base, "choices": [{"text": "", "index": 0, "finish_reason": "stop"}]})
+        )
+        events.append(DONE)
+        return FakeStream(events, self.faults, self.journal)
 
 
 def words(n: int) -> list[str]:

@@ -243,26 +243,4 @@ class FakeSidecar(FakeBackend):
         fault = await self.generation_faults(request)
         if fault is not None:
             return fault
-        pieces = words(self.faults.reply_tokens)
-        base = self._base("text_completion")
-        if not body.get("stream"):
-            return JSONResponse(
-                {
-                    **base,
-                    "choices": [{"text": "".join(pieces), "index": 0, "finish_reason": "stop"}],
-                    "usage": {
-                        "prompt_tokens": 1,
-                        "completion_tokens": len(pieces),
-                        "total_tokens": 1 + len(pieces),
-                    },
-                }
-            )
-        events = [
-            data({**base, "choices": [{"text": p, "index": 0, "finish_reason": None}]})
-            for p in pieces
-        ]
-        events.append(
-            data({**base, "choices": [{"text": "", "index": 0, "finish_reason": "stop"}]})
-        )
-        events.append(DONE)
-        return FakeStream(events, self.faults, self.journal)
+        return self.text_completion(body, self._base("text_completion"))
