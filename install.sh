@@ -67,6 +67,15 @@ echo "== installing tqstack and MLX into the virtualenv (a few minutes the first
 # shellcheck disable=SC2086  # TQSTACK_PIP_ARGS is a list of words on purpose
 "$venv/bin/python" -m pip install -q --disable-pip-version-check ${TQSTACK_PIP_ARGS:-} "$target" \
   || tq_die "pip install failed (see above); re-run install.sh when fixed"
+if [ "${TQSTACK_CUDA:-0}" = "1" ]; then
+  # mlx-cpu (a Linux base dependency) and mlx-cuda-13 both ship mlx/lib/libmlx.so: install
+  # the CUDA one last so its library is the one on disk.
+  mlxv=$("$venv/bin/python" -c 'from importlib.metadata import version; print(version("mlx"))')
+  # shellcheck disable=SC2086
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check ${TQSTACK_PIP_ARGS:-} \
+    --force-reinstall --no-deps "mlx-cuda-13==$mlxv" \
+    || tq_die "could not install mlx-cuda-13==$mlxv (TQSTACK_CUDA=1)"
+fi
 # From $TQSTACK_HOME: in the checkout, `import services` would find the source tree instead.
 (cd "$TQSTACK_HOME" && "$venv/bin/python" -c 'import mlx.core, mlx_lm, services.router, services.sidecar') \
   || tq_die "the virtualenv cannot import MLX or tqstack"
