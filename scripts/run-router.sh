@@ -13,7 +13,6 @@ repo=$(cd "$here/.." && pwd)
 
 tq_launcher_env "$repo"
 py=$TQ_PY
-[ -n "$py" ] || tq_die "no python >= 3.10 found (run install.sh)"
 "$py" -c 'import services.router.app' 2>/dev/null \
   || tq_die "$py cannot import tqstack (run install.sh, or pip install -e '$repo')"
 

@@ -12,7 +12,6 @@ repo=$(cd "$here/.." && pwd)
 
 tq_launcher_env "$repo"
 py=$TQ_PY
-[ -n "$py" ] || tq_die "no python >= 3.10 found (run install.sh)"
 "$py" -c 'import services.sidecar, mlx_lm' 2>/dev/null \
   || tq_die "$py cannot import tqstack and mlx-lm (run install.sh, or pip install -e '$repo')"
 

@@ -64,8 +64,9 @@ tq_home() {
 
 # Set up the environment of a foreground launcher (run-router.sh, run-sidecar.sh) and set
 # TQ_PY to the interpreter to use: a checkout's .venv, then the installed virtualenv, then
-# any python >= 3.10. Exports TQSTACK_HOME, TQSTACK_CONFIG (when config.env exists) and
-# PYTHONUNBUFFERED. Call it directly, not in $(...): the exports must reach the caller.
+# any python >= 3.10 (none: exit with an error). Exports TQSTACK_HOME, TQSTACK_CONFIG (when
+# config.env exists) and PYTHONUNBUFFERED. Call it directly, not in $(...): the exports must
+# reach the caller.
 # shellcheck disable=SC2034  # TQ_PY is read by the launchers that source this file
 tq_launcher_env() {
   local repo=$1 c
@@ -80,6 +81,7 @@ tq_launcher_env() {
     if [ -x "$c" ]; then TQ_PY=$c; return 0; fi
   done
   TQ_PY=$(tq_find_python)
+  [ -n "$TQ_PY" ] || tq_die "no python >= 3.10 found (run install.sh)"
 }
 
 # Which service manager to use: launchd (macOS), systemd (a working user systemd), detached.
