@@ -30,6 +30,19 @@ from tests.upstreams import UpstreamServer
 LONG = "word " * 6000  # ~7,500 estimated tokens: over the pure-SDPA threshold, to the sidecar
 
 
+def lone_router_env(python_env: dict[str, str], tmp_path, port: int, **extra: str) -> dict:
+    """Environment for a real router process on ``port`` with no config file, no sidecar and
+    an Ollama address nothing answers on (the discard port)."""
+    return {
+        **python_env,
+        "TQSTACK_CONFIG": str(tmp_path / "none.env"),
+        "ROUTER_PORT": str(port),
+        "OLLAMA_URL": "http://127.0.0.1:9",
+        "SIDECAR_ENABLED": "0",
+        **extra,
+    }
+
+
 class ProbedRouter(RouterHandle):
     """A router handle that can count the router's live asyncio tasks and upstream sockets."""
 

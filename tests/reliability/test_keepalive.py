@@ -14,6 +14,8 @@ import time
 
 from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_http
 
+from .conftest import lone_router_env
+
 CLIENT_KEEPALIVE_S = 5.0  # httpx.Limits().keepalive_expiry, the OpenAI SDK's default
 
 
@@ -38,14 +40,7 @@ def _get(sock: socket.socket) -> bytes:
 
 def test_idle_connection_is_kept_past_the_clients_expiry(python_env, tmp_path) -> None:
     port = free_port()
-    env = {
-        **python_env,
-        "TQSTACK_CONFIG": str(tmp_path / "none.env"),
-        "ROUTER_PORT": str(port),
-        "OLLAMA_URL": "http://127.0.0.1:9",
-        "SIDECAR_ENABLED": "0",
-        "LOG_LEVEL": "WARNING",
-    }
+    env = lone_router_env(python_env, tmp_path, port, LOG_LEVEL="WARNING")
     proc = subprocess.Popen(
         [PYTHON, "-m", "services.router"],
         cwd=REPO,

@@ -18,7 +18,7 @@ from services.router import auth
 from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_http
 from tests.upstreams import UpstreamServer
 
-from .conftest import OLLAMA_MODEL, chat
+from .conftest import OLLAMA_MODEL, chat, lone_router_env
 
 KEY = "sk-tq-" + "k" * 40
 
@@ -77,13 +77,7 @@ def _listening(port: int) -> list[str]:
 
 def test_router_process_listens_on_loopback_only(python_env, tmp_path) -> None:
     port = free_port()
-    env = {
-        **python_env,
-        "TQSTACK_CONFIG": str(tmp_path / "none.env"),
-        "ROUTER_PORT": str(port),
-        "OLLAMA_URL": "http://127.0.0.1:9",
-        "SIDECAR_ENABLED": "0",
-    }
+    env = lone_router_env(python_env, tmp_path, port)
     env.pop("ROUTER_HOST", None)
     env.pop("TQSTACK_API_KEY", None)
     proc = subprocess.Popen(
