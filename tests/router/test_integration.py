@@ -305,17 +305,22 @@ def test_upstream_error_event_is_passed_once(router, sidecar) -> None:
     assert len(errors) == 1 and "out of KV budget" in errors[0]
 
 
+def _send_stream_request(s: socket.socket) -> None:
+    """A streamed chat request on a raw socket, so the test controls when it is closed."""
+    body = json.dumps(chat(stream=True)).encode()
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
 def test_client_disconnect_closes_upstream_within_a_second(router, ollama) -> None:
     ollama.faults.update(hang_after_chunks=2)
     with socket.create_connection(("127.0.0.1", router.server.port)) as s:
-        body = json.dumps(chat(stream=True)).encode()
-        s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+        _send_stream_request(s)
         got = b""
         while got.count(b"data:") < 2:
             got += s.recv(65536)
@@ -333,14 +338,7 @@ def test_client_disconnect_closes_upstream_within_a_second(router, ollama) -> No
 def test_client_disconnect_before_first_byte_cancels_upstream(router, ollama) -> None:
     ollama.faults.update(hang_after_headers=True)
     with socket.create_connection(("127.0.0.1", router.server.port)) as s:
-        body = json.dumps(chat(stream=True)).encode()
-        s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+        _send_stream_request(s)
         router.wait_for(lambda: ollama.journal.active_streams == 1)
     closed = time.monotonic()
     router.wait_for(lambda: bool(ollama.journal.disconnects), timeout=3)
