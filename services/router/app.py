@@ -37,6 +37,7 @@ from .proxy import (
     upstream_headers,
 )
 from .routing import OLLAMA, SIDECAR, Backend, BackendView
+from .upstream_pool import upstream_client
 from .validate import check_chat, check_completion, check_embeddings, read_json_body
 
 log = logging.getLogger("tqstack.router")
@@ -105,9 +106,7 @@ class Router:
         )
         async with contextlib.AsyncExitStack() as stack:
             self.clients = [
-                await stack.enter_async_context(
-                    httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
-                )
+                await stack.enter_async_context(upstream_client(timeout, limits))
                 for _ in range(self.shards)
             ]
             client = self.client = self.clients[0]
