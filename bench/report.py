@@ -31,8 +31,15 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def write_section(name: str, title: str, body: str, *, machine: str | None = None,
-                  command: str | None = None, doc: Path = DOC) -> None:
+def write_section(
+    name: str,
+    title: str,
+    body: str,
+    *,
+    machine: str | None = None,
+    command: str | None = None,
+    doc: Path = DOC,
+) -> None:
     """Replace the section ``name`` in docs/benchmarks.md (append it if absent)."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (
@@ -42,8 +49,14 @@ def write_section(name: str, title: str, body: str, *, machine: str | None = Non
         f"<!-- bench:{name}:end -->\n"
     )
     text = doc.read_text() if doc.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)}:start -->.*?<!-- bench:{re.escape(name)}:end -->\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)}:start -->.*?<!-- bench:{re.escape(name)}:end -->\n?", re.S
+    )
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section
+    )
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
 

@@ -22,4 +22,5 @@ tq_preload_openblas
 export TQSTACK_TEST_MODELS_DIR=${TQSTACK_TEST_MODELS_DIR:-$PWD/.cache/models}
 
 "$venv/bin/ruff" check services tests bench
+"$venv/bin/ruff" format --check services tests bench
 exec "$venv/bin/python" -m pytest "$@"

@@ -127,7 +127,11 @@ def install_error_handlers(app: FastAPI, component: str) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return error_response(
-            400, message, param=param, code="invalid_value", component=component,
+            400,
+            message,
+            param=param,
+            code="invalid_value",
+            component=component,
             headers={"x-should-retry": "false"},
         )
 

@@ -23,7 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, *, timeout: float = 60.0, ok=(200,), proc: subprocess.Popen | None = None) -> httpx.Response:
+def wait_http(
+    url: str, *, timeout: float = 60.0, ok=(200,), proc: subprocess.Popen | None = None
+) -> httpx.Response:
     """Poll ``url`` until it answers one of ``ok``; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     last: object = None
