@@ -13,6 +13,10 @@ Cache specs (shared with ``bench/kv_cache.py``)::
     tq:affine:k4v3:g32:norot:nonorm:nocenter:b2:bb8
                                 group 32, rotation off, normalization off, key
                                 centering off, 2 boundary layers at 8 bits
+    tq:codebook:k4v4:kchan:g128:s1:w64
+                                keys per channel (kchan|kaff|kcb; values vaff|vcb),
+                                groups of 128, 1 sink position and a 64-position
+                                window in full precision
 
 Usage::
 
@@ -123,8 +127,16 @@ def parse_spec(spec: str) -> CacheSpec:
     opts: dict[str, Any] = {"quantizer": parts[0]}
     if parts[0] not in ("affine", "codebook"):
         raise ValueError(f"unknown quantizer in {spec!r}")
+    side_quantizers = {"kchan": ("key_quantizer", "channel"), "kaff": ("key_quantizer", "affine")}
+    side_quantizers |= {"kcb": ("key_quantizer", "codebook"), "vaff": ("value_quantizer", "affine")}
+    side_quantizers |= {"vcb": ("value_quantizer", "codebook")}
     for p in parts[1:]:
-        if p.startswith("k") and "v" in p:
+        if p in side_quantizers:
+            key, name = side_quantizers[p]
+            opts[key] = name
+        elif p[:1] in "sw" and p[1:].isdigit():
+            opts["sink_tokens" if p[0] == "s" else "window"] = int(p[1:])
+        elif p.startswith("k") and "v" in p:
             kb, vb = p[1:].split("v")
             opts["key_bits"], opts["value_bits"] = int(kb), int(vb)
         elif p.startswith("g"):

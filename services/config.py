@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     tq_boundary_bits: int = 8
     tq_rotation_seed: int = 0
     tq_center_keys: bool = True
+    tq_key_quantizer: Literal["", "affine", "codebook", "channel"] = ""  # "": tq_quantizer
+    tq_value_quantizer: Literal["", "affine", "codebook"] = ""  # "": tq_quantizer
+    tq_sink_tokens: int = 0
+    tq_window: int = 0
     tq_enabled: bool = True
 
     @field_validator("prompt_token_threshold", mode="before")

@@ -141,11 +141,14 @@ def side_nbytes(spec: Any, dim: int) -> int:
     """Bytes our cache stores for one ``dim``-vector of a side (keys or values).
 
     ``spec`` is a ``SideSpec`` (``config.key_spec()``/``value_spec()``). affine: packed
-    codes + a float16 scale and bias per group; codebook: packed codes + one float16 norm.
+    codes + a float16 scale and bias per group; codebook: packed codes + one float16 norm;
+    channel: codes + a float16 scale and bias per channel and group of positions (a share).
     Normalization (norm baking) folds into those numbers and costs no byte.
     """
     if spec.bits >= 16:
         return dim * FP16_BYTES
+    if spec.quantizer == "channel":  # per channel: a scale and bias per group of positions
+        return dim * spec.bits / 8 + 2 * SIDE_BYTES * dim / int(spec.group_size)
     packed = _packed_bytes(dim, spec.bits)
     if spec.quantizer == "codebook":
         return packed + SIDE_BYTES
@@ -186,6 +189,22 @@ class ModelKVReport:
     kv_bytes_per_token_compressed: int  # the same layers with our cache
     sliding_bytes_per_token_fp16: int = 0  # sliding layers (bounded by their windows)
     layers: list[LayerKV] = field(default_factory=list)
+    # Compressed layers keep this many positions in full precision at most (attention
+    # sinks, the recent window and one block not yet quantized): a fixed cost per sequence.
+    full_precision_positions: int = 0
+    full_precision_extra_bytes: int = 0  # what each such position costs above compressed
+
+    def compressed_bytes_at(self, context: int) -> int:
+        """Compressed-layer bytes of one sequence at ``context`` (fixed part included)."""
+        fixed = min(context, self.full_precision_positions)
+        return (
+            self.kv_bytes_per_token_compressed * context + self.full_precision_extra_bytes * fixed
+        )
+
+    def bits_per_element_at(self, context: int) -> float:
+        """Effective bits per element at ``context``, the full-precision positions included."""
+        elems = self.kv_bytes_per_token_fp16 / FP16_BYTES * context
+        return 8 * self.compressed_bytes_at(context) / elems if elems else 16.0
 
     @property
     def compression(self) -> float:
@@ -280,6 +299,10 @@ def describe_model(model: nn.Module, config: Any) -> ModelKVReport:
     boundary = boundary_layer_indices(softmax, int(getattr(config, "boundary_layers", 0)))
     layers: list[LayerKV] = []
     fp16 = comp = sliding = 0
+    fixed_bytes = 0
+    fixed = int(getattr(config, "sink_tokens", 0)) + int(getattr(config, "window", 0))
+    key_q = getattr(config, "key_quantizer", None) or getattr(config, "quantizer", "")
+    fixed += int(config.group_size) - 1 if key_q == "channel" else 0
     for i, c in enumerate(caches):
         name = type(c).__name__
         if _is_plain_kv(c):
@@ -293,7 +316,11 @@ def describe_model(model: nn.Module, config: Any) -> ModelKVReport:
             if cfg is None:
                 comp += lk.fp16_bytes_per_token
             else:
-                comp += n_kv * (side_nbytes(cfg.key_spec(), kd) + side_nbytes(cfg.value_spec(), vd))
+                packed = n_kv * (
+                    side_nbytes(cfg.key_spec(), kd) + side_nbytes(cfg.value_spec(), vd)
+                )
+                comp += packed
+                fixed_bytes += lk.fp16_bytes_per_token - packed
         elif isinstance(c, RotatingKVCache):
             n_kv, kd, vd = layer_kv_shape(model, i)
             lk = LayerKV(i, name, "sliding", n_kv, kd, vd, window=int(c.max_size))
@@ -315,9 +342,11 @@ def describe_model(model: nn.Module, config: Any) -> ModelKVReport:
         state_layers=state,
         boundary_layers=boundary,
         kv_bytes_per_token_fp16=fp16,
-        kv_bytes_per_token_compressed=comp,
+        kv_bytes_per_token_compressed=round(comp),
         sliding_bytes_per_token_fp16=sliding,
         layers=layers,
+        full_precision_positions=fixed if fixed_bytes else 0,
+        full_precision_extra_bytes=round(fixed_bytes),
     )
 
 
@@ -351,7 +380,7 @@ def kv_memory_table(report: ModelKVReport, contexts: Sequence[int]) -> list[KVMe
             KVMemoryRow(
                 context=int(ctx),
                 fp16_bytes=report.kv_bytes_per_token_fp16 * ctx + window,
-                compressed_bytes=report.kv_bytes_per_token_compressed * ctx + window,
+                compressed_bytes=report.compressed_bytes_at(ctx) + window,
             )
         )
     return rows

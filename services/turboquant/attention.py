@@ -51,6 +51,8 @@ def turboquant_attention(
     k_rot, v_rot = keys.rotation, values.rotation
     # rotate() returns a new float32 array: the caller's queries are never written to.
     q = rotate(queries, k_rot) if k_rot is not None else queries.astype(mx.float32)
+    if not keys.body_only:
+        return attend_segments(queries, q, keys, values, scale, mask, sinks).astype(queries.dtype)
     if queries.shape[2] == 1:
         out = decode_attention(q, keys, values, scale, mask, sinks)
     else:
@@ -85,18 +87,74 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
     dense = L >= DENSE_PREFILL_MIN_QUERIES
     scores = _scores(q, k_parts, keys.spec, dense)
     scores = _apply_mask(scores, mask, n_rep)
-    if sinks is not None:
-        sink = sinks.astype(mx.float32)
-        sink = sink.reshape(n_kv, n_rep, 1, 1) if n_rep > 1 else sink.reshape(n_q, 1, 1)
-        sink = mx.broadcast_to(sink, (*scores.shape[:-1], 1))
-        probs = mx.softmax(mx.concatenate([sink, scores], axis=-1), axis=-1, precise=True)
-        probs = probs[..., 1:]
-    else:
-        probs = mx.softmax(scores, axis=-1, precise=True)
+    probs = _softmax(scores, sinks, n_kv, n_rep, n_q)
     out = _weighted_values(probs, v_parts, values.spec, dense)
     if n_rep > 1:
         out = out.reshape(B, n_q, L, out.shape[-1])
     return out
+
+
+def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
+    """Attention over full-precision head and tail around the quantized body.
+
+    Scores of the three segments are laid side by side in position order, so the mask
+    and the softmax see the whole context; the body's value sum is rotated back before it
+    joins the others. Float32 ``(B, H_q, L, D_v)`` in the model's (unrotated) space.
+    """
+    B, n_q, L, D = queries.shape
+    n_kv = keys.parts[0].shape[1]
+    n_rep = n_q // n_kv
+
+    def grouped(x: mx.array) -> mx.array:  # GQA: (B, H_kv, n_rep, L, D), no cache copies
+        return x.reshape(B, n_kv, n_rep, L, x.shape[-1]) if n_rep > 1 else x
+
+    def shared(x: mx.array) -> mx.array:
+        return mx.expand_dims(x, 2) if n_rep > 1 else x
+
+    q_fp = grouped(queries.astype(mx.float32) * scale)
+    q_body = grouped(q_rot * scale)
+    dense = L >= DENSE_PREFILL_MIN_QUERIES
+    n_head, n_body = keys.head.shape[2], keys.n_body
+    scores = []
+    if n_head:
+        scores.append(q_fp @ shared(keys.head.astype(mx.float32)).swapaxes(-1, -2))
+    if n_body:
+        k_parts = tuple(shared(p) for p in keys.parts)
+        s = _scores(q_body, k_parts, keys.spec, dense)
+        if keys.center is not None:  # exact scores: other segments are not centred
+            s = s + q_body @ shared(keys.center).swapaxes(-1, -2)
+        scores.append(s)
+    if keys.tail.shape[2]:
+        scores.append(q_fp @ shared(keys.tail.astype(mx.float32)).swapaxes(-1, -2))
+    scores = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
+    scores = _apply_mask(scores, mask, n_rep)
+    probs = _softmax(scores, sinks, n_kv, n_rep, n_q)
+    out = None
+    if n_head:
+        out = probs[..., :n_head] @ shared(values.head.astype(mx.float32))
+    if n_body:
+        v_parts = tuple(shared(p) for p in values.parts)
+        body = _weighted_values(probs[..., n_head : n_head + n_body], v_parts, values.spec, dense)
+        rot = values.rotation
+        body = unrotate(body, rot) if rot is not None else body
+        out = body if out is None else out + body
+    if values.tail.shape[2]:
+        tail = probs[..., n_head + n_body :] @ shared(values.tail.astype(mx.float32))
+        out = tail if out is None else out + tail
+    if n_rep > 1:
+        out = out.reshape(B, n_q, L, out.shape[-1])
+    return out
+
+
+def _softmax(scores: mx.array, sinks, n_kv: int, n_rep: int, n_q: int) -> mx.array:
+    """Float32 softmax over the context; learned ``sinks`` logits take their share."""
+    if sinks is None:
+        return mx.softmax(scores, axis=-1, precise=True)
+    sink = sinks.astype(mx.float32)
+    sink = sink.reshape(n_kv, n_rep, 1, 1) if n_rep > 1 else sink.reshape(n_q, 1, 1)
+    sink = mx.broadcast_to(sink, (*scores.shape[:-1], 1))
+    probs = mx.softmax(mx.concatenate([sink, scores], axis=-1), axis=-1, precise=True)
+    return probs[..., 1:]
 
 
 def _apply_mask(scores: mx.array, mask: Any, n_rep: int) -> mx.array:
@@ -122,6 +180,21 @@ def _tiles(parts: tuple[mx.array, ...], spec):
     Codebook tiles are bare centroids; their per-vector norms come back as ``col_scale``
     (``(.., 1, tile)``), cheaper to apply to the ``L x tile`` product than to the tile.
     """
+    if spec.per_channel:  # transposed: positions on the last axis, (.., D, tile) per tile
+        n = parts[1].shape[-1] * spec.group_size
+        for start in range(0, n, CONTEXT_BLOCK):
+            stop = min(start + CONTEXT_BLOCK, n)
+            w0, w1 = start * spec.bits // 32, stop * spec.bits // 32
+            g0, g1 = start // spec.group_size, stop // spec.group_size
+            x = mx.dequantize(
+                parts[0][..., w0:w1],
+                parts[1][..., g0:g1].astype(mx.float32),
+                parts[2][..., g0:g1].astype(mx.float32),
+                group_size=spec.group_size,
+                bits=spec.bits,
+            )
+            yield start, stop, x, None
+        return
     n = parts[0].shape[-2]
     for start in range(0, n, CONTEXT_BLOCK):
         stop = min(start + CONTEXT_BLOCK, n)
@@ -144,6 +217,13 @@ def _tiles(parts: tuple[mx.array, ...], spec):
 
 
 def _scores(q: mx.array, parts: tuple[mx.array, ...], spec, dense: bool) -> mx.array:
+    if spec.per_channel:
+        if not dense:  # keys stored transposed: q (.., L, D) @ K^T (.., D, T)
+            return mx.quantized_matmul(
+                q, *parts, transpose=False, group_size=spec.group_size, bits=spec.bits
+            )
+        blocks = [q @ k_t for _a, _b, k_t, _ in _tiles(parts, spec)]
+        return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
     if spec.quantizer == "affine" and not dense:
         return mx.quantized_matmul(
             q, *parts, transpose=True, group_size=spec.group_size, bits=spec.bits

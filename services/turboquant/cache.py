@@ -18,13 +18,26 @@ import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from .config import TurboQuantConfig
-from .quantizers import SideSpec, make_side_spec, num_parts, quantize
-from .rotation import get_rotation, rotate
+from .quantizers import (
+    KEY_ONLY_QUANTIZERS,
+    SideSpec,
+    dequantize,
+    make_side_spec,
+    num_parts,
+    quantize,
+)
+from .rotation import get_rotation, rotate, unrotate
 
 
 @dataclass(frozen=True, eq=False)
 class PackedSide:
-    """The stored keys or values of one layer, sliced to the cache's offset."""
+    """The stored keys or values of one layer at the cache's offset, in position order.
+
+    ``head`` (the attention-sink positions) and ``tail`` (the most recent positions) are
+    full precision, unrotated, in the model's dtype; ``parts`` is the quantized body
+    between them, rotated, ``body_len`` positions (layout per ``spec``: per-vector
+    ``(B, H, T, ..)``, or transposed ``(B, H, D, ..)`` for per-channel keys).
+    """
 
     parts: tuple[mx.array, ...]
     spec: SideSpec
@@ -34,12 +47,27 @@ class PackedSide:
     # Keys only: the fixed vector subtracted before quantizing (rotated space). Adding
     # q·center to every score of a query changes no softmax, so attention ignores it.
     center: mx.array | None = None
+    head: mx.array | None = None
+    tail: mx.array | None = None
+    body_len: int | None = None
+
+    @property
+    def n_body(self) -> int:
+        """Positions in the quantized body."""
+        if self.body_len is not None:
+            return self.body_len
+        return body_positions(self.parts, self.spec)
+
+    @property
+    def body_only(self) -> bool:
+        """Only a quantized body, no full-precision head or tail (what the kernels take)."""
+        return _len(self.head) == 0 and _len(self.tail) == 0 and not self.spec.per_channel
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """Logical ``(B, H_kv, T, D)`` of the vectors this side stands for."""
-        b, h, t = self.parts[0].shape[:3]
-        return (b, h, t, self.dim)
+        b, h = self.parts[0].shape[:2]
+        return (b, h, _len(self.head) + self.n_body + _len(self.tail), self.dim)
 
     @property
     def rotation(self):
@@ -47,17 +75,40 @@ class PackedSide:
         return get_rotation(self.dim, self.seed) if self.use_rotation else None
 
 
+def _len(x: mx.array | None) -> int:
+    return 0 if x is None else x.shape[2]
+
+
+def body_positions(parts: tuple[mx.array, ...], spec: SideSpec) -> int:
+    """How many positions a stored body holds."""
+    if spec.per_channel:
+        return parts[1].shape[-1] * spec.group_size
+    return parts[0].shape[2]
+
+
 def _to_bool_str(v: bool) -> str:
     return "1" if v else "0"
 
 
 class TurboQuantKVCache(_BaseCache):
-    """Compressed KV cache of one softmax-attention layer (see docs/turboquant.md)."""
+    """Compressed KV cache of one softmax-attention layer (see docs/turboquant.md).
+
+    Positions live in three segments, in order: the first ``sink_tokens`` in full
+    precision (attention sinks), the quantized body, and a full-precision tail of the most
+    recent positions. The tail is quantized into the body once it holds ``window`` plus one
+    block (``group_size`` positions for per-channel keys, else one) positions.
+    """
 
     step = 256
+    CENTER_POSITIONS = 64  # positions the key centre is the mean of
     # Defaults as class attributes: mlx-lm's from_state builds with __new__ (no __init__).
     keys: tuple[mx.array, ...] | None = None
     values: tuple[mx.array, ...] | None = None
+    head_k: mx.array | None = None
+    head_v: mx.array | None = None
+    tail_k: mx.array | None = None
+    tail_v: mx.array | None = None
+    body_len = 0
     offset = 0
     key_bits = 4
     value_bits = 4
@@ -71,24 +122,29 @@ class TurboQuantKVCache(_BaseCache):
     use_normalization = True
     seed = 0
     center_keys = True
+    sink_tokens = 0
+    window = 0
     key_center: mx.array | None = None
+
+    _OPTIONS = (
+        "key_bits",
+        "value_bits",
+        "group_size",
+        "quantizer",
+        "use_rotation",
+        "use_normalization",
+        "seed",
+        "center_keys",
+        "key_quantizer",
+        "value_quantizer",
+        "sink_tokens",
+        "window",
+    )
 
     def __init__(self, config: TurboQuantConfig | None = None, **overrides: Any):
         """Build from a :class:`TurboQuantConfig` (fields may be overridden by keyword)."""
         cfg = config or TurboQuantConfig()
-        known = {
-            "key_bits",
-            "value_bits",
-            "group_size",
-            "quantizer",
-            "use_rotation",
-            "use_normalization",
-            "seed",
-            "center_keys",
-            "key_quantizer",
-            "value_quantizer",
-        }
-        unknown = set(overrides) - known
+        unknown = set(overrides) - set(self._OPTIONS)
         if unknown:
             raise TypeError(f"unknown TurboQuantKVCache options: {sorted(unknown)}")
         get = lambda k: overrides.get(k, getattr(cfg, k))  # noqa: E731
@@ -102,16 +158,23 @@ class TurboQuantKVCache(_BaseCache):
         self.center_keys = bool(get("center_keys"))
         self.requested_key_quantizer = get("key_quantizer") or None
         self.requested_value_quantizer = get("value_quantizer") or None
+        self.sink_tokens = int(get("sink_tokens"))
+        self.window = int(get("window"))
+        if self.sink_tokens < 0 or self.window < 0:
+            raise ValueError("sink_tokens and window must be >= 0")
         self._resolve()
         self.key_center = None
-        self.keys = None
-        self.values = None
+        self.keys = self.values = None
+        self.head_k = self.head_v = self.tail_k = self.tail_v = None
+        self.body_len = 0
         self.offset = 0
 
     def _resolve(self) -> None:
         # Validates the combination and records which quantizer each side really uses.
         self.key_quantizer = self._spec(self.key_bits, self.requested_key_quantizer).quantizer
         self.value_quantizer = self._spec(self.value_bits, self.requested_value_quantizer).quantizer
+        if self.value_quantizer in KEY_ONLY_QUANTIZERS:
+            raise ValueError(f"the {self.value_quantizer!r} quantizer is for keys only")
 
     def _spec(self, bits: int, requested: str | None) -> SideSpec:
         return make_side_spec(
@@ -128,93 +191,137 @@ class TurboQuantKVCache(_BaseCache):
         """Value-side spec resolved for head dim ``dim``."""
         return self._spec(self.value_bits, self.requested_value_quantizer).for_dim(dim)
 
+    @property
+    def block(self) -> int:
+        """Positions quantized together: a per-channel key group spans positions."""
+        return self.group_size if self.key_quantizer in KEY_ONLY_QUANTIZERS else 1
+
     def _dims(self) -> tuple[int, int]:
-        return (
-            self.keys[0].shape[-1] * 32 // self.key_bits,
-            self.values[0].shape[-1] * 32 // self.value_bits,
-        )
+        ref_k = self.head_k if self.head_k is not None else self.tail_k
+        ref_v = self.head_v if self.head_v is not None else self.tail_v
+        return ref_k.shape[-1], ref_v.shape[-1]
 
     def _rotate(self, x: mx.array) -> mx.array:
         if self.use_rotation:
             return rotate(x, get_rotation(x.shape[-1], self.seed))
         return x.astype(mx.float32)
 
+    def _unrotate(self, x: mx.array) -> mx.array:
+        if self.use_rotation:
+            return unrotate(x, get_rotation(x.shape[-1], self.seed))
+        return x
+
     def _center(self, k_rot: mx.array) -> mx.array:
-        # Fixed at the first store: changing it later would shift old and new scores
-        # differently. Position 0 is left out (usually BOS, an outlier attention sink).
+        # Fixed once: changing it later would shift old and new scores differently.
+        if not self._centering:
+            return k_rot
         if self.key_center is None:
-            n = k_rot.shape[2]
-            if n > 1:
-                self.key_center = mx.mean(k_rot[:, :, 1:], axis=2, keepdims=True)
-            else:
-                self.key_center = mx.zeros((*k_rot.shape[:2], 1, k_rot.shape[-1]))
+            # Position 0 is left out when no sink holds it (usually BOS, an outlier).
+            first = 1 if self.head_k.shape[2] == 0 else 0
+            window = self._rotate(self.tail_k[:, :, first : self.CENTER_POSITIONS])
+            self.key_center = mx.mean(window, axis=2, keepdims=True)
         return k_rot - self.key_center
 
     # ------------------------------------------------------------------ mlx-lm interface
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[PackedSide, PackedSide]:
-        """Rotate, quantize and append ``(B, H_kv, L, D)`` keys/values; return packed views."""
+        """Append ``(B, H_kv, L, D)`` keys/values (quantizing what leaves the tail)."""
         _check_patch_installed()
-        B, n_kv, n_new, k_dim = keys.shape
-        v_dim = values.shape[-1]
-        k_rot = self._rotate(keys)
-        if self.center_keys:
-            k_rot = self._center(k_rot)
-        k_new = quantize(k_rot, self.key_spec(k_dim))
-        v_new = quantize(self._rotate(values), self.value_spec(v_dim))
-        prev = self.offset
-        if self.keys is None or prev + n_new > self.keys[0].shape[2]:
-            self._grow(k_new, v_new, n_new)
-        self.offset = prev + n_new
-        for stored, new in ((self.keys, k_new), (self.values, v_new)):
-            for arr, part in zip(stored, new, strict=True):
-                arr[:, :, prev : self.offset, ...] = part
+        n = keys.shape[2]
+        if self.head_k is None:
+            empty = lambda x: x[:, :, :0]  # noqa: E731
+            self.head_k, self.head_v = empty(keys), empty(values)
+            self.tail_k, self.tail_v = empty(keys), empty(values)
+        i = 0
+        room = self.sink_tokens - self.head_k.shape[2]
+        if room > 0:  # the sink fills first (the body and tail are empty until then)
+            i = min(room, n)
+            self.head_k = mx.concatenate([self.head_k, keys[:, :, :i]], axis=2)
+            self.head_v = mx.concatenate([self.head_v, values[:, :, :i]], axis=2)
+        if i < n:
+            self.tail_k = mx.concatenate([self.tail_k, keys[:, :, i:]], axis=2)
+            self.tail_v = mx.concatenate([self.tail_v, values[:, :, i:]], axis=2)
+        self.offset += n
+        over = self.tail_k.shape[2] - self.window
+        if over >= self.block and self._center_ready():
+            self._compress(over // self.block * self.block)
         return self._views()
 
-    def _grow(self, k_new: tuple, v_new: tuple, n_new: int) -> None:
-        # Same growth policy as mlx-lm's QuantizedKVCache: whole steps of 256 positions.
-        new_steps = (self.step + n_new - 1) // self.step * self.step
+    @property
+    def _centering(self) -> bool:
+        # Per-channel keys have a zero point per group: a centre would gain nothing.
+        return self.center_keys and self.key_quantizer not in KEY_ONLY_QUANTIZERS
 
-        def zeros_like_steps(part: mx.array) -> mx.array:
-            shape = (*part.shape[:2], new_steps, *part.shape[3:])
-            return mx.zeros(shape, dtype=part.dtype)
+    def _center_ready(self) -> bool:
+        # The centre is the mean of the first CENTER_POSITIONS positions after the sink,
+        # whatever the chunking, so a prompt always stores the same bytes (prefix reuse).
+        return (
+            not self._centering
+            or self.key_center is not None
+            or self.tail_k.shape[2] >= self.CENTER_POSITIONS
+        )
 
+    def _compress(self, n: int) -> None:
+        """Quantize the oldest ``n`` tail positions into the body."""
+        k, v = self.tail_k[:, :, :n], self.tail_v[:, :, :n]
+        k_spec, v_spec = self.key_spec(k.shape[-1]), self.value_spec(v.shape[-1])
+        k_new = quantize(self._center(self._rotate(k)), k_spec)
+        v_new = quantize(self._rotate(v), v_spec)
+        self.tail_k, self.tail_v = self.tail_k[:, :, n:], self.tail_v[:, :, n:]
+        start, stop = self.body_len, self.body_len + n
         if self.keys is None:
-            self.keys = tuple(zeros_like_steps(p) for p in k_new)
-            self.values = tuple(zeros_like_steps(p) for p in v_new)
-            return
-        prev = self.offset
+            self.keys = tuple(_alloc(p, k_spec, n, self.step) for p in k_new)
+            self.values = tuple(_alloc(p, v_spec, n, self.step) for p in v_new)
+        elif stop > body_positions(self.keys, k_spec):
+            self.keys = tuple(_extend(p, k_spec, start, n, self.step) for p in self.keys)
+            self.values = tuple(_extend(p, v_spec, start, n, self.step) for p in self.values)
+        for stored, new, spec in ((self.keys, k_new, k_spec), (self.values, v_new, v_spec)):
+            for arr, part in zip(stored, new, strict=True):
+                arr[_span(part, spec, start, stop)] = part
+        self.body_len = stop
 
-        def extend(old: mx.array) -> mx.array:
-            if prev % self.step != 0:
-                old = old[:, :, :prev, ...]
-            return mx.concatenate([old, zeros_like_steps(old)], axis=2)
-
-        self.keys = tuple(extend(p) for p in self.keys)
-        self.values = tuple(extend(p) for p in self.values)
-
-    def _sliced(self, side: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
-        if self.offset == side[0].shape[2]:
+    def _body(self, side: tuple[mx.array, ...], spec: SideSpec) -> tuple[mx.array, ...]:
+        if body_positions(side, spec) == self.body_len:
             return side
-        return tuple(p[:, :, : self.offset, ...] for p in side)
+        return tuple(p[_span(p, spec, 0, self.body_len)] for p in side)
+
+    def _body_views(self) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+        k_dim, v_dim = self._dims()
+        k_spec, v_spec = self.key_spec(k_dim), self.value_spec(v_dim)
+        if self.keys is None:  # nothing quantized yet: zero-length parts of the right form
+            B, H = self.head_k.shape[:2]
+            probe_k = mx.zeros((B, H, self.block, k_dim), dtype=mx.float32)
+            probe_v = mx.zeros((B, H, self.block, v_dim), dtype=mx.float32)
+            k_parts = tuple(p[_span(p, k_spec, 0, 0)] for p in quantize(probe_k, k_spec))
+            v_parts = tuple(p[_span(p, v_spec, 0, 0)] for p in quantize(probe_v, v_spec))
+            return k_parts, v_parts
+        return self._body(self.keys, k_spec), self._body(self.values, v_spec)
 
     def _views(self) -> tuple[PackedSide, PackedSide]:
         k_dim, v_dim = self._dims()
+        k_parts, v_parts = self._body_views()
         return (
             PackedSide(
-                self._sliced(self.keys),
+                k_parts,
                 self.key_spec(k_dim),
                 k_dim,
                 self.use_rotation,
                 self.seed,
                 self.key_center,
+                self.head_k,
+                self.tail_k,
+                self.body_len,
             ),
             PackedSide(
-                self._sliced(self.values),
+                v_parts,
                 self.value_spec(v_dim),
                 v_dim,
                 self.use_rotation,
                 self.seed,
+                None,
+                self.head_v,
+                self.tail_v,
+                self.body_len,
             ),
         )
 
@@ -224,35 +331,48 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def state(self) -> tuple[mx.array, ...] | list:
-        """Stored arrays sliced to ``offset``: key parts, value parts, [key center]."""
-        if self.keys is None:
+        """``head_k, head_v, tail_k, tail_v``, key body parts, value body parts, [center]."""
+        if self.head_k is None:
             return []
+        k_parts, v_parts = self._body_views()
         center = () if self.key_center is None else (self.key_center,)
-        return (*self._sliced(self.keys), *self._sliced(self.values), *center)
+        return (self.head_k, self.head_v, self.tail_k, self.tail_v, *k_parts, *v_parts, *center)
 
     @state.setter
     def state(self, v) -> None:
         if v is None or len(v) == 0:
             self.keys = self.values = None
-            self.offset = 0
+            self.head_k = self.head_v = self.tail_k = self.tail_v = None
+            self.offset = self.body_len = 0
             return
 
-        # An affine side is (packed, scales, biases), a codebook side (packed, norms):
-        # norms have one axis less than packed, scales the same number of axes.
+        # An affine/channel side is (packed, scales, biases), a codebook side (packed,
+        # norms): norms have one axis less than packed, scales the same number of axes.
         def side_len(i: int) -> int:
             return 3 if v[i + 1].ndim == v[i].ndim else 2
 
         try:
-            n_key = side_len(0)
-            n_val = side_len(n_key)
+            n_key = side_len(4)
+            n_val = side_len(4 + n_key)
         except IndexError as exc:
             raise ValueError(f"not a TurboQuantKVCache state ({len(v)} arrays)") from exc
-        rest = v[n_key + n_val :]
+        rest = v[4 + n_key + n_val :]
         if len(rest) > 1:
             raise ValueError(f"not a TurboQuantKVCache state ({len(v)} arrays)")
-        self.keys, self.values = tuple(v[:n_key]), tuple(v[n_key : n_key + n_val])
+        self.head_k, self.head_v, self.tail_k, self.tail_v = v[:4]
+        self.keys = tuple(v[4 : 4 + n_key])
+        self.values = tuple(v[4 + n_key : 4 + n_key + n_val])
         self.key_center = rest[0] if rest else None
-        self.offset = self.keys[0].shape[2]
+        self._set_body_len()
+        self.offset = self.head_k.shape[2] + self.body_len + self.tail_k.shape[2]
+
+    def _set_body_len(self) -> None:
+        # Positions in the stored body, read with the current quantizer settings.
+        if self.keys is None:
+            self.body_len = 0
+            return
+        k_dim, _ = self._dims()
+        self.body_len = body_positions(self.keys, self.key_spec(k_dim))
 
     @property
     def meta_state(self) -> tuple[str, ...]:
@@ -269,18 +389,24 @@ class TurboQuantKVCache(_BaseCache):
             _to_bool_str(self.center_keys),
             self.requested_key_quantizer or "",
             self.requested_value_quantizer or "",
+            str(self.sink_tokens),
+            str(self.window),
+            str(self.body_len),
         )
 
     @meta_state.setter
     def meta_state(self, v) -> None:
-        quantizer, kb, vb, gs, rot, norm, seed, offset, center, kq, vq = v
+        if len(v) != 14:
+            raise ValueError(f"not a TurboQuantKVCache meta_state ({len(v)} strings)")
+        quantizer, kb, vb, gs, rot, norm, seed, offset, center, kq, vq, sink, win, body = v
         self.center_keys = center == "1"
         self.requested_key_quantizer = kq or None
         self.requested_value_quantizer = vq or None
         self.quantizer = quantizer
         self.key_bits, self.value_bits, self.group_size = int(kb), int(vb), int(gs)
         self.use_rotation, self.use_normalization = rot == "1", norm == "1"
-        self.seed, self.offset = int(seed), int(offset)
+        self.seed = int(seed)
+        self.sink_tokens, self.window = int(sink), int(win)
         self._resolve()
         if self.keys is not None:
             expect = (
@@ -289,6 +415,14 @@ class TurboQuantKVCache(_BaseCache):
             )
             if (len(self.keys), len(self.values)) != expect:
                 raise ValueError("state does not match meta_state's quantizers")
+            self._set_body_len()
+            if self.body_len != int(body):
+                raise ValueError("state does not match meta_state's body length")
+        self.offset = int(offset)
+        if self.head_k is not None:
+            held = self.head_k.shape[2] + self.body_len + self.tail_k.shape[2]
+            if held != self.offset:
+                raise ValueError("state does not match meta_state's offset")
 
     @classmethod
     def from_state(cls, state, meta_state=None) -> TurboQuantKVCache:
@@ -300,14 +434,57 @@ class TurboQuantKVCache(_BaseCache):
         return obj
 
     def is_trimmable(self) -> bool:
-        """Always: trimming only moves ``offset`` back."""
+        """Always (a trim into the quantized body keeps what it can)."""
         return True
 
     def trim(self, n: int) -> int:
-        """Drop the last ``n`` positions; returns how many were dropped."""
+        """Drop the last ``n`` positions; returns how many were dropped.
+
+        The tail goes first, then the body, then the sink. Per-channel keys share their
+        ranges over a group: the positions kept of a cut group come back to the tail,
+        dequantized.
+        """
         n = min(self.offset, n)
+        if n == 0:
+            return 0
+        left = n
+        t = self.tail_k.shape[2]
+        cut = min(left, t)
+        self.tail_k, self.tail_v = self.tail_k[:, :, : t - cut], self.tail_v[:, :, : t - cut]
+        left -= cut
+        if left and self.body_len:
+            cut = min(left, self.body_len)
+            keep = self.body_len - cut
+            left -= cut
+            aligned = keep // self.block * self.block
+            if aligned < keep:
+                self.tail_k, self.tail_v = self._decompress(aligned, keep)
+            self.body_len = aligned
+            if aligned == 0:  # nothing quantized is left: the next fill starts afresh
+                self.keys = self.values = None
+                self.key_center = None
+        if left:
+            h = self.head_k.shape[2]
+            self.head_k, self.head_v = self.head_k[:, :, : h - left], self.head_v[:, :, : h - left]
         self.offset -= n
         return n
+
+    def _decompress(self, start: int, stop: int) -> tuple[mx.array, mx.array]:
+        """Body positions ``[start, stop)`` back in full precision (model dtype)."""
+        k_dim, v_dim = self._dims()
+        out = []
+        for side, spec, ref, center in (
+            (self.keys, self.key_spec(k_dim), self.tail_k, self.key_center),
+            (self.values, self.value_spec(v_dim), self.tail_v, None),
+        ):
+            # whole groups out, then the positions asked for
+            lo, hi = start // self.block * self.block, _steps(stop, self.block)
+            x = dequantize(tuple(p[_span(p, spec, lo, hi)] for p in side), spec)
+            x = x[:, :, start - lo : stop - lo]
+            if center is not None:
+                x = x + center
+            out.append(self._unrotate(x).astype(ref.dtype))
+        return out[0], out[1]
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         """The attention mask for the next ``N`` queries (mlx-lm's helper)."""
@@ -317,14 +494,18 @@ class TurboQuantKVCache(_BaseCache):
 
     def empty(self) -> bool:
         """True until something was stored (``state`` empty)."""
-        return self.keys is None
+        return self.head_k is None
+
+    def _fp_arrays(self) -> tuple[mx.array, ...]:
+        return (self.head_k, self.head_v, self.tail_k, self.tail_v)
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated (whole steps), as mlx-lm's caches report it."""
-        if self.keys is None:
+        """Bytes allocated (body in whole steps), as mlx-lm's caches report it."""
+        if self.head_k is None:
             return 0
-        return sum(p.nbytes for p in (*self.keys, *self.values)) + self._center_nbytes()
+        body = 0 if self.keys is None else sum(p.nbytes for p in (*self.keys, *self.values))
+        return body + sum(a.nbytes for a in self._fp_arrays()) + self._center_nbytes()
 
     def _center_nbytes(self) -> int:
         return 0 if self.key_center is None else self.key_center.nbytes
@@ -332,23 +513,24 @@ class TurboQuantKVCache(_BaseCache):
     @property
     def used_nbytes(self) -> int:
         """Bytes holding the ``offset`` stored positions."""
-        if self.keys is None:
+        if self.head_k is None:
             return 0
-        parts = (*self.keys, *self.values)
-        return sum(p.nbytes * self.offset // p.shape[2] for p in parts) + self._center_nbytes()
+        k_parts, v_parts = self._body_views()
+        body = sum(p.nbytes for p in (*k_parts, *v_parts))
+        return body + sum(a.nbytes for a in self._fp_arrays()) + self._center_nbytes()
 
     @property
     def fp16_nbytes(self) -> int:
         """What an fp16 ``KVCache`` would hold for the same ``offset`` positions."""
-        if self.keys is None:
+        if self.head_k is None:
             return 0
-        B, H = self.keys[0].shape[:2]
+        B, H = self.head_k.shape[:2]
         k_dim, v_dim = self._dims()
         return B * H * self.offset * (k_dim + v_dim) * 2
 
     def effective_bits(self) -> float:
         """Stored bits per cached element (keys and values together); needs data."""
-        if self.keys is None or self.offset == 0:
+        if self.head_k is None or self.offset == 0:
             raise ValueError("cache is empty")
         return 16.0 * self.used_nbytes / self.fp16_nbytes
 
@@ -356,7 +538,7 @@ class TurboQuantKVCache(_BaseCache):
         return (
             f"TurboQuantKVCache(quantizer={self.quantizer!r}, key_bits={self.key_bits}, "
             f"value_bits={self.value_bits}, group_size={self.group_size}, "
-            f"offset={self.offset})"
+            f"sink_tokens={self.sink_tokens}, window={self.window}, offset={self.offset})"
         )
 
     @classmethod
@@ -370,6 +552,48 @@ class TurboQuantKVCache(_BaseCache):
             v = kv_cache.values[:, :, : kv_cache.offset, :]
             obj.update_and_fetch(k, v)
         return obj
+
+
+# --------------------------------------------------------------------------- body storage
+# A per-vector side is (B, H, T, ..) in every part; a per-channel key side is transposed,
+# (B, H, D, T*b/32) codes and (B, H, D, T/g) scales and biases: positions on the last axis.
+
+
+def _span(part: mx.array, spec: SideSpec, start: int, stop: int) -> tuple:
+    """The index of positions ``[start, stop)`` in one stored part."""
+    if not spec.per_channel:
+        return (slice(None), slice(None), slice(start, stop))
+    if part.dtype == mx.uint32:  # packed codes: 32/b positions per word
+        return (..., slice(start * spec.bits // 32, stop * spec.bits // 32))
+    return (..., slice(start // spec.group_size, stop // spec.group_size))
+
+
+def _steps(n: int, step: int) -> int:
+    return (n + step - 1) // step * step
+
+
+def _alloc(part: mx.array, spec: SideSpec, n: int, step: int) -> mx.array:
+    """A zeroed part with room for ``n`` positions rounded up to whole steps."""
+    return _extend(part[_span(part, spec, 0, 0)], spec, 0, n, step)
+
+
+def _extend(part: mx.array, spec: SideSpec, used: int, n: int, step: int) -> mx.array:
+    """``part`` cut to ``used`` positions plus zeroed whole steps for ``n`` more (mlx-lm's
+    growth policy)."""
+    kept = part[_span(part, spec, 0, used)]
+    axis = kept.ndim - 1 if spec.per_channel else 2
+    shape = list(kept.shape)
+    shape[axis] = _width(part, spec, _steps(n, step))
+    return mx.concatenate([kept, mx.zeros(shape, dtype=kept.dtype)], axis=axis)
+
+
+def _width(part: mx.array, spec: SideSpec, n: int) -> int:
+    """How many entries along the position axis ``n`` positions take in ``part``."""
+    if not spec.per_channel:
+        return n
+    if part.dtype == mx.uint32:
+        return n * spec.bits // 32
+    return n // spec.group_size
 
 
 def _check_patch_installed() -> None:

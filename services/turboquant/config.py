@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .quantizers import QUANTIZERS, SideSpec, make_side_spec
+from .quantizers import KEY_ONLY_QUANTIZERS, QUANTIZERS, SideSpec, make_side_spec
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class TurboQuantConfig:
     ``boundary_bits`` (16 or more: left unquantized); ``seed`` picks the rotation;
     ``center_keys``: store keys minus a fixed per-head mean (exact for attention, see
     docs/turboquant.md); ``key_quantizer``/``value_quantizer``: per-side override of
-    ``quantizer`` (e.g. affine keys with codebook values).
+    ``quantizer`` (e.g. affine keys with codebook values; ``channel`` is keys only);
+    ``sink_tokens``: the first positions kept in full precision (attention sinks);
+    ``window``: the most recent positions kept in full precision before they are quantized.
     """
 
     key_bits: int = 4
@@ -34,6 +36,8 @@ class TurboQuantConfig:
     center_keys: bool = True
     key_quantizer: str | None = None
     value_quantizer: str | None = None
+    sink_tokens: int = 0
+    window: int = 0
 
     def __post_init__(self) -> None:
         for q in (self.quantizer, self.key_quantizer, self.value_quantizer):
@@ -41,6 +45,10 @@ class TurboQuantConfig:
                 raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {q!r}")
         if self.boundary_layers < 0:
             raise ValueError("boundary_layers must be >= 0")
+        if self.sink_tokens < 0 or self.window < 0:
+            raise ValueError("sink_tokens and window must be >= 0")
+        if (self.value_quantizer or self.quantizer) in KEY_ONLY_QUANTIZERS:
+            raise ValueError("the 'channel' quantizer is for keys only")
         self.key_spec()
         self.value_spec()
 
@@ -76,4 +84,8 @@ class TurboQuantConfig:
             boundary_bits=int(settings.tq_boundary_bits),
             seed=int(settings.tq_rotation_seed),
             center_keys=bool(settings.tq_center_keys),
+            key_quantizer=settings.tq_key_quantizer or None,
+            value_quantizer=settings.tq_value_quantizer or None,
+            sink_tokens=int(settings.tq_sink_tokens),
+            window=int(settings.tq_window),
         )

@@ -17,7 +17,7 @@ from mlx_lm.models import cache as mlx_cache
 
 from .cache import TurboQuantKVCache
 
-FORMAT = "tqstack-prompt-cache/1"
+FORMAT = "tqstack-prompt-cache/2"  # /2: head, tail and body segments
 _OURS = "TurboQuantKVCache"
 
 

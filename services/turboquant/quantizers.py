@@ -6,6 +6,10 @@ Two kinds, chosen per side (keys, values) by a :class:`SideSpec`:
   as mlx-lm's ``QuantizedKVCache`` tuple ``(packed, scales, biases)``.
 - ``codebook``: the paper's Lloyd-Max codebook for a rotated unit vector's coordinates
   (2/3/4 bits), stored as ``(packed indices, norms)``.
+- ``channel`` (keys only): affine scale + bias per channel over groups of ``group_size``
+  *positions* (KIVI's key layout), stored transposed: ``(packed (.., D, T*b/32), scales
+  (.., D, T/g), biases)``. Key outliers sit in fixed channels; a per-channel range absorbs
+  them, where a per-vector range lets one outlier channel coarsen all the others.
 
 Normalization (``use_normalization``, our definition of TQ_USE_NORMALIZATION): *norm
 baking*. Each vector is rescaled so that its dequantized form keeps the original L2
@@ -26,7 +30,8 @@ import mlx.core as mx
 from .codebook import boundaries, centroids
 from .packing import pack, packed_words, unpack
 
-QUANTIZERS = ("affine", "codebook")
+QUANTIZERS = ("affine", "codebook", "channel")
+KEY_ONLY_QUANTIZERS = ("channel",)
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 CODEBOOK_BITS = (2, 3, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -47,15 +52,22 @@ class SideSpec:
         """Raise ``ValueError`` for an unsupported combination; return self."""
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
-        allowed = AFFINE_BITS if self.quantizer == "affine" else CODEBOOK_BITS
+        allowed = CODEBOOK_BITS if self.quantizer == "codebook" else AFFINE_BITS
         if self.bits not in allowed:
             raise ValueError(f"{self.quantizer} supports bits {allowed}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group size must be one of {GROUP_SIZES}, got {self.group_size}")
         return self
 
+    @property
+    def per_channel(self) -> bool:
+        """Groups run along positions (transposed layout), not along the head dim."""
+        return self.quantizer == "channel"
+
     def for_dim(self, dim: int) -> SideSpec:
         """The spec actually used for vectors of ``dim``: group capped at ``dim``."""
+        if self.per_channel:
+            return self  # groups run over positions: the head dim does not bound them
         packed_words(dim, self.bits)  # raises for a head dim we cannot pack
         return SideSpec(
             self.quantizer, self.bits, min(self.group_size, dim), self.use_normalization
@@ -77,6 +89,8 @@ def make_side_spec(
 
 def effective_bits(quantizer: str, bits: int, dim: int, group_size: int = 64) -> float:
     """Bits stored per element: affine ``b + 32/g`` (fp16 scale+bias), codebook ``b + 16/D``."""
+    if quantizer == "channel":
+        return bits + 2 * 16 / group_size
     if quantizer == "affine":
         return bits + 2 * 16 / min(group_size, dim)
     if quantizer == "codebook":
@@ -168,6 +182,25 @@ def codebook_dequantize(parts: tuple[mx.array, mx.array], bits: int) -> mx.array
     return mx.take(centroids(bits, dim), idx) * norms.astype(mx.float32)[..., None]
 
 
+# --------------------------------------------------------------------------- channel
+
+
+def channel_quantize(x: mx.array, bits: int, group_size: int) -> tuple[mx.array, ...]:
+    """``(packed (.., D, T*b/32), scales (.., D, T/g), biases)`` of ``x`` ``(.., T, D)``.
+
+    ``T`` must be a multiple of ``group_size``. Norm baking does not apply: a group here
+    spans many vectors.
+    """
+    xt = mx.swapaxes(x.astype(mx.float32), -1, -2)
+    packed, scales, biases = mx.quantize(xt, group_size=group_size, bits=bits)
+    return packed, scales.astype(SIDE_DTYPE), biases.astype(SIDE_DTYPE)
+
+
+def channel_dequantize(parts: tuple[mx.array, ...], bits: int, group_size: int) -> mx.array:
+    """float32 ``(.., T, D)`` from a channel tuple."""
+    return mx.swapaxes(affine_dequantize(parts, bits, group_size), -1, -2)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -175,6 +208,8 @@ def quantize(x: mx.array, spec: SideSpec) -> tuple[mx.array, ...]:
     """Quantize ``(..., D)`` vectors according to ``spec`` (already resolved for ``D``)."""
     if spec.quantizer == "affine":
         return affine_quantize(x, spec.bits, spec.group_size, spec.use_normalization)
+    if spec.quantizer == "channel":
+        return channel_quantize(x, spec.bits, spec.group_size)
     return codebook_quantize(x, spec.bits, spec.use_normalization)
 
 
@@ -182,9 +217,11 @@ def dequantize(parts: tuple[mx.array, ...], spec: SideSpec) -> mx.array:
     """The float32 vectors a stored tuple stands for."""
     if spec.quantizer == "affine":
         return affine_dequantize(parts, spec.bits, spec.group_size)  # type: ignore[arg-type]
+    if spec.quantizer == "channel":
+        return channel_dequantize(parts, spec.bits, spec.group_size)
     return codebook_dequantize(parts, spec.bits)  # type: ignore[arg-type]
 
 
 def num_parts(spec: SideSpec) -> int:
-    """How many arrays one stored side has (affine 3, codebook 2)."""
-    return 3 if spec.quantizer == "affine" else 2
+    """How many arrays one stored side has (affine and channel 3, codebook 2)."""
+    return 2 if spec.quantizer == "codebook" else 3

@@ -17,7 +17,7 @@ from services.turboquant import (
     save_turboquant_cache,
 )
 from services.turboquant.quantizers import dequantize
-from services.turboquant.rotation import get_rotation, unrotate
+from services.turboquant.rotation import get_rotation, rotate, unrotate
 
 CONFIGS = [
     TurboQuantConfig(),
@@ -62,12 +62,15 @@ def test_update_and_fetch_grows_in_steps_and_stores(cfg):
     k, v = _kv(300)
     kv, vv = c.update_and_fetch(k[:, :, :10], v[:, :, :10])
     assert c.offset == 10 and kv.shape == (1, 2, 10, 64) and vv.shape == (1, 2, 10, 64)
-    assert c.keys[0].shape[2] == 256  # one step allocated
-    for i in range(10, 300, 29):
+    # a centred cache quantizes once it has the 64 positions its key centre is taken from
+    assert (c.keys is None) == cfg.center_keys
+    kv, vv = c.update_and_fetch(k[:, :, 10:70], v[:, :, 10:70])
+    assert c.keys[0].shape[2] == 256 and c.body_len == 70  # one step allocated
+    for i in range(70, 300, 29):
         kv, vv = c.update_and_fetch(k[:, :, i : i + 29], v[:, :, i : i + 29])
     assert c.offset == 300 and c.size() == 300 and kv.shape[2] == 300
-    # Grown at offset 242 by one step (mlx-lm's policy: cut to offset, add a step).
-    assert c.keys[0].shape[2] == 242 + 256
+    # Grown at offset 244 by one step (mlx-lm's policy: cut to offset, add a step).
+    assert c.keys[0].shape[2] == 244 + 256
     # The stored vectors decode back close to what went in (8-bit sides tightly).
     for side, ref, bits in (("keys", k, cfg.key_bits), ("values", v, cfg.value_bits)):
         got = _decoded(c, side)
@@ -84,7 +87,7 @@ def test_state_meta_state_from_state_roundtrip():
         assert isinstance(meta, tuple) and all(isinstance(m, str) for m in meta)
         state = c.state
         assert all(isinstance(a, mx.array) for a in state)
-        assert state[0].shape[2] == 70  # sliced to offset
+        assert state[4].shape[2] == 70  # the body's codes, sliced to offset
         d = TurboQuantKVCache.from_state(state, meta)
         assert d.offset == 70 and d.meta_state == meta
         for a, b in zip(d.state, state, strict=True):
@@ -114,23 +117,23 @@ def test_empty_state_roundtrip():
 
 def test_trim():
     c = TurboQuantKVCache()
-    k, v = _kv(50)
+    k, v = _kv(100)
     c.update_and_fetch(k, v)
     assert c.is_trimmable()
-    assert c.trim(20) == 20 and c.offset == 30
-    assert c.state[0].shape[2] == 30
+    assert c.trim(20) == 20 and c.offset == 80
+    assert c.state[4].shape[2] == 80 and c.body_len == 80
     kv, _ = c.update_and_fetch(*_kv(5, seed=2))
-    assert c.offset == 35 and kv.shape[2] == 35
-    assert c.trim(100) == 35 and c.offset == 0
+    assert c.offset == 85 and kv.shape[2] == 85
+    assert c.trim(100) == 85 and c.offset == 0
 
 
 def test_trim_then_refill_matches_fresh_cache():
     # Overwriting trimmed positions must give exactly what a fresh cache stores.
-    k, v = _kv(40)
+    k, v = _kv(100)
     a = TurboQuantKVCache()
     a.update_and_fetch(k, v)
     a.trim(15)
-    a.update_and_fetch(k[:, :, 25:], v[:, :, 25:])
+    a.update_and_fetch(k[:, :, 85:], v[:, :, 85:])
     b = TurboQuantKVCache()
     b.update_and_fetch(k, v)
     for x, y in zip(a.state, b.state, strict=True):
@@ -185,7 +188,7 @@ def test_constructor_overrides_and_validation():
     assert (c.key_quantizer, c.value_quantizer) == ("affine", "codebook")
     mixed = TurboQuantKVCache(TurboQuantConfig(quantizer="affine", value_quantizer="codebook"))
     assert (mixed.key_quantizer, mixed.value_quantizer) == ("affine", "codebook")
-    mixed.update_and_fetch(*_kv(5))
+    mixed.update_and_fetch(*_kv(70))
     assert [len(mixed.keys), len(mixed.values)] == [3, 2]
     back = TurboQuantKVCache.from_state(mixed.state, mixed.meta_state)
     assert back.value_spec(64).quantizer == "codebook" and back.meta_state == mixed.meta_state
@@ -268,24 +271,28 @@ def test_rotation_matrix_shared_by_seed():
 
 
 def test_key_centering_state_and_first_single_token():
-    k, v = _kv(40)
+    k, v = _kv(100)
     c = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook"))
     c.update_and_fetch(k, v)
     assert c.key_center.shape == (1, 2, 1, 64)
-    assert len(c.state) == 2 + 2 + 1 and c.meta_state[8] == "1"
+    assert len(c.state) == 4 + 2 + 2 + 1 and c.meta_state[8] == "1"
     d = TurboQuantKVCache.from_state(c.state, c.meta_state)
     assert mx.array_equal(d.key_center, c.key_center)
     assert TurboQuantKVCache.from_state(c.state).key_center is not None
-    c.trim(40)
+    c.trim(30)
     c.update_and_fetch(k[:, :, :3], v[:, :, :3])
     assert mx.array_equal(d.key_center, c.key_center)  # fixed once chosen
-    # A cache whose first chunk is one token cannot estimate a mean: no shift at all.
-    one = TurboQuantKVCache()
-    one.update_and_fetch(k[:, :, :1], v[:, :, :1])
-    assert float(mx.abs(one.key_center).max()) == 0.0
+    # The centre is the mean of the first 64 positions however they were fed (position 0,
+    # usually BOS, left out), so a prompt always stores the same bytes.
+    one = TurboQuantKVCache(TurboQuantConfig(quantizer="codebook"))
+    for i in range(100):
+        one.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    assert mx.array_equal(one.key_center, d.key_center)
+    want = mx.mean(rotate(k[:, :, 1:64], get_rotation(64, 0)), axis=2, keepdims=True)
+    assert float(mx.abs(one.key_center - want).max()) < 1e-5
     off = TurboQuantKVCache(TurboQuantConfig(center_keys=False))
     off.update_and_fetch(k, v)
-    assert off.key_center is None and len(off.state) == 6 and off.meta_state[8] == "0"
+    assert off.key_center is None and len(off.state) == 4 + 6 and off.meta_state[8] == "0"
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "gemma3_text"])

@@ -1,6 +1,6 @@
 """Generation with our cache matches generation with mlx-lm's KVCache (tiny random models).
 
-Logits are compared teacher-forced (both runs see the same tokens), over a 48-token prompt
+Logits are compared teacher-forced (both runs see the same tokens), over an 80-token prompt (past the 64 positions a centred cache waits for)
 and 6 decode steps, as the RMS error relative to the reference logits' RMS. Bounds come
 from measurements on these models with margin: a broken cache (wrong rotation, wrong
 layer, stale positions) gives a relative error near 1.
@@ -23,7 +23,7 @@ from tests.turboquant.tiny_models import (
     tiny_qwen3_5,
 )
 
-PROMPT_LEN, STEPS = 48, 6
+PROMPT_LEN, STEPS = 80, 6
 
 # (config, max relative RMS logit error) -- tight at 8 bits, looser at 4 and 3.
 CASES = [
@@ -33,6 +33,9 @@ CASES = [
     (dict(key_bits=8, value_bits=4, group_size=32), 0.2),
     (dict(key_bits=3, value_bits=3), 0.5),
     (dict(quantizer="codebook", key_bits=3, value_bits=3), 0.5),
+    # the product default: keys per channel, codebook values, sink and window kept exact
+    (dict(quantizer="codebook", key_quantizer="channel", group_size=32, sink_tokens=1), 0.25),
+    (dict(quantizer="codebook", key_bits=3, value_bits=3, sink_tokens=4, window=16), 0.5),
 ]
 
 
