@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     tq_kv_bits: int = 4
     tq_kv_key_bits: int | None = None  # default: tq_kv_bits
     tq_kv_value_bits: int | None = None  # default: tq_kv_bits
-    tq_kv_group_size: int = 64
+    tq_kv_group_size: int = 128
     tq_quantizer: Literal["affine", "codebook"] = "affine"
     tq_use_rotation: bool = True
     tq_use_normalization: bool = True
@@ -92,9 +92,9 @@ class Settings(BaseSettings):
     tq_boundary_bits: int = 8
     tq_rotation_seed: int = 0
     tq_center_keys: bool = True
-    tq_key_quantizer: Literal["", "affine", "codebook", "channel"] = ""  # "": tq_quantizer
+    tq_key_quantizer: Literal["", "affine", "codebook", "channel"] = "channel"  # "": tq_quantizer
     tq_value_quantizer: Literal["", "affine", "codebook"] = ""  # "": tq_quantizer
-    tq_sink_tokens: int = 0
+    tq_sink_tokens: int = 1
     tq_window: int = 0
     tq_enabled: bool = True
 

@@ -480,6 +480,10 @@ def _config_from_args(ns: argparse.Namespace) -> Any:
         ("tq_kv_value_bits", ns.value_bits),
         ("tq_kv_group_size", ns.group_size),
         ("tq_quantizer", ns.quantizer),
+        ("tq_key_quantizer", ns.key_quantizer),
+        ("tq_value_quantizer", ns.value_quantizer),
+        ("tq_sink_tokens", ns.sink_tokens),
+        ("tq_window", ns.window),
         ("tq_boundary_layers", ns.boundary_layers),
     ):
         if value is not None:
@@ -513,6 +517,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--value-bits", type=int)
     ap.add_argument("--group-size", type=int)
     ap.add_argument("--quantizer", choices=["affine", "codebook"])
+    ap.add_argument("--key-quantizer", choices=["", "affine", "codebook", "channel"])
+    ap.add_argument("--value-quantizer", choices=["", "affine", "codebook"])
+    ap.add_argument("--sink-tokens", type=int)
+    ap.add_argument("--window", type=int)
     ap.add_argument("--boundary-layers", type=int)
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ns = ap.parse_args(argv)
@@ -546,8 +554,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"KV bytes/token:    {report.kv_bytes_per_token_fp16:,} fp16 -> "
         f"{report.kv_bytes_per_token_compressed:,} compressed "
-        f"({report.compression:.2f}x, {report.bits_per_element:.2f} bits/element)\n"
+        f"({report.compression:.2f}x, {report.bits_per_element:.2f} bits/element)"
     )
+    if report.full_precision_positions:
+        print(
+            f"full precision:    up to {report.full_precision_positions} positions per sequence "
+            "(sink, window, a key group not yet full)"
+        )
+    print()
     print(kv_memory_markdown(report, contexts), end="")
     return 0
 

@@ -513,11 +513,21 @@ class TurboQuantKVCache(_BaseCache):
     @property
     def used_nbytes(self) -> int:
         """Bytes holding the ``offset`` stored positions."""
+        return self.stored_nbytes()
+
+    def stored_nbytes(self, full_precision_bytes: int | None = None) -> int:
+        """Bytes holding the ``offset`` positions; the full-precision head and tail at
+        ``full_precision_bytes`` per element if given (2: as in a float16 model)."""
         if self.head_k is None:
             return 0
         k_parts, v_parts = self._body_views()
         body = sum(p.nbytes for p in (*k_parts, *v_parts))
-        return body + sum(a.nbytes for a in self._fp_arrays()) + self._center_nbytes()
+        fp = self._fp_arrays()
+        if full_precision_bytes is None:
+            fp_bytes = sum(a.nbytes for a in fp)
+        else:
+            fp_bytes = sum(a.size for a in fp) * full_precision_bytes
+        return body + fp_bytes + self._center_nbytes()
 
     @property
     def fp16_nbytes(self) -> int:
@@ -528,11 +538,11 @@ class TurboQuantKVCache(_BaseCache):
         k_dim, v_dim = self._dims()
         return B * H * self.offset * (k_dim + v_dim) * 2
 
-    def effective_bits(self) -> float:
+    def effective_bits(self, full_precision_bytes: int | None = None) -> float:
         """Stored bits per cached element (keys and values together); needs data."""
         if self.head_k is None or self.offset == 0:
             raise ValueError("cache is empty")
-        return 16.0 * self.used_nbytes / self.fp16_nbytes
+        return 16.0 * self.stored_nbytes(full_precision_bytes) / self.fp16_nbytes
 
     def __repr__(self) -> str:
         return (

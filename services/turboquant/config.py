@@ -71,6 +71,17 @@ class TurboQuantConfig:
         )
 
     @classmethod
+    def recommended(cls, **overrides: Any) -> TurboQuantConfig:
+        """The stack's default (the ``TQ_*`` defaults): keys per channel in groups of 128
+        positions, affine values, one sink position kept exact (docs/turboquant.md).
+
+        The field defaults above are the paper's plain layout (every position quantized,
+        per vector); this is what measured best (docs/benchmarks.md, KV cache configs).
+        """
+        base = dict(quantizer="affine", key_quantizer="channel", group_size=128, sink_tokens=1)
+        return cls(**(base | overrides))
+
+    @classmethod
     def from_settings(cls, settings: Any) -> TurboQuantConfig:
         """Build from ``services.config.Settings`` (the ``TQ_*`` keys)."""
         return cls(

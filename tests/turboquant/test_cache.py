@@ -228,6 +228,13 @@ def test_config_from_settings():
     cfg = TurboQuantConfig.from_settings(s)
     assert (cfg.key_bits, cfg.value_bits, cfg.quantizer) == (4, 3, "codebook")
     assert not cfg.use_normalization and cfg.boundary_layers == 2 and cfg.seed == 9
+    # the library's recommended config is the stack's default
+    defaults = TurboQuantConfig.from_settings(load_settings(config_path="/nonexistent"))
+    assert defaults == TurboQuantConfig.recommended()
+    assert defaults.key_quantizer == "channel" and defaults.sink_tokens == 1
+    custom = load_settings(tq_key_quantizer="", tq_value_quantizer="codebook", tq_window=32)
+    cfg = TurboQuantConfig.from_settings(custom)
+    assert (cfg.key_quantizer, cfg.value_quantizer, cfg.window) == (None, "codebook", 32)
 
 
 def test_save_load_mixed_list(tmp_path):
