@@ -6,7 +6,7 @@ Typical use::
     from services.turboquant import TurboQuantConfig, make_turboquant_cache
 
     model, tokenizer = load(path)
-    cache = make_turboquant_cache(model, TurboQuantConfig(key_bits=4, value_bits=3))
+    cache = make_turboquant_cache(model, TurboQuantConfig.recommended())
     text = generate(model, tokenizer, prompt, prompt_cache=cache)
 """
 

@@ -39,3 +39,19 @@ def test_kv_table_matches_hybrid_cache(smollm2_dir):
     assert (
         f"{report.kv_bytes_per_token_fp16:,} → {report.kv_bytes_per_token_compressed:,}" in README
     )
+
+
+@pytest.mark.model
+def test_library_example_runs(smollm2_dir):
+    """The README's Python example, on the embedded model: the cache really fills."""
+    section = README.split("## The TurboQuant cache from Python", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'load("models/smollm2-135m-instruct")' in code
+    code = code.replace('"models/smollm2-135m-instruct"', repr(str(smollm2_dir)))
+    printed: list[str] = []
+    scope = {"print": lambda *a: printed.append(" ".join(map(str, a)))}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert printed and printed[0].strip()
+    tq = [c for c in scope["cache"] if type(c).__name__ == "TurboQuantKVCache"]
+    assert len(tq) == 30 and all(c.offset > 10 for c in tq)
+    assert tq[0].key_quantizer == "channel" and tq[0].sink_tokens == 1
