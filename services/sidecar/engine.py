@@ -520,15 +520,17 @@ class Engine:
         limit = ctx
         budget_mb = self.settings.sidecar_kv_budget_mb
         per_token = max(1, self.backend.bytes_per_token_actual)
+        fixed = int(getattr(self.backend, "fixed_bytes_actual", 0))  # full-precision sink etc.
         if budget_mb > 0:
-            budget_tokens = budget_mb * 1024 * 1024 // per_token
+            budget_tokens = max(0, budget_mb * 1024 * 1024 - fixed) // per_token
             need = prompt_tokens + (requested or 1)
             if need > budget_tokens:
                 raise APIError(
                     400,
                     f"The KV cache for {need} tokens ({prompt_tokens} in the prompt, "
                     f"{requested or 1} for the completion) needs "
-                    f"{need * per_token / 2**20:.1f} MiB at {per_token} bytes per token; "
+                    f"{(need * per_token + fixed) / 2**20:.1f} MiB at {per_token} bytes per "
+                    "token; "
                     f"the sidecar's KV budget (SIDECAR_KV_BUDGET_MB) is {budget_mb} MiB, "
                     f"{budget_tokens} tokens.",
                     param="max_tokens",

@@ -29,6 +29,8 @@ class KVBackend:
     num_layers: int = 0
     bytes_per_token_fp16: int = 0
     bytes_per_token_actual: int = 0
+    # per sequence, above bytes_per_token_actual: positions the cache keeps in full precision
+    fixed_bytes_actual: int = 0
     patched_modules: list[str] = field(default_factory=list)
 
     def make_cache(self) -> list:
@@ -103,6 +105,7 @@ def build_backend(model: Any, settings: Any, dtype_itemsize: int) -> KVBackend:
             num_layers=int(report.num_layers),
             bytes_per_token_fp16=int(report.kv_bytes_per_token_fp16),
             bytes_per_token_actual=int(report.kv_bytes_per_token_compressed),
+            fixed_bytes_actual=report.full_precision_positions * report.full_precision_extra_bytes,
             patched_modules=patched,
         )
     cache = make_prompt_cache(model)

@@ -49,6 +49,12 @@ def test_kv_budget_caps_the_default_and_rejects_beyond() -> None:
         e.plan_max_tokens(1024, None)
 
 
+def test_kv_budget_counts_the_full_precision_positions() -> None:
+    e = engine(budget_mb=1, context=4096)
+    e.backend.fixed_bytes_actual = 100 * PER_TOKEN  # e.g. the sink and a key group not yet full
+    assert e.plan_max_tokens(100, None) == 1024 - 100 - 100
+
+
 def test_empty_prompt_is_400() -> None:
     with pytest.raises(APIError) as e:
         engine().plan_max_tokens(0, None)
