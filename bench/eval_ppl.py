@@ -203,21 +203,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--caches", default="fp,mlx8,mlx4,tq:affine:k4v4,tq:codebook:k4v4")
+    ap.add_argument(
+        "--write",
+        metavar="SECTION",
+        help="also write the table to docs/benchmarks.md as section SECTION (first cache: fp)",
+    )
     ns = ap.parse_args(argv)
     model, tok = load_float32(ns.model)
     tokens = text_tokens(tok, ns.tokens)
     base = None
     print(f"{'cache':40} {'bits/el':>8} {'ppl':>9} {'delta':>8} {'s':>6}")
+    rows = []
     for name in ns.caches.split(","):
         spec = parse_spec(name)
         t0 = time.perf_counter()
         ppl = perplexity(model, tokens, spec, ns.chunk)
         base = base or ppl
+        bits, delta = spec.bits_per_element(model), 100 * (ppl / base - 1)
+        rows.append([f"`{spec.name}`", f"{bits:.3f}", f"{ppl:.3f}", f"{delta:+.2f} %"])
         print(
-            f"{spec.name:40} {spec.bits_per_element(model):8.3f} {ppl:9.3f} "
-            f"{100 * (ppl / base - 1):+7.2f}% {time.perf_counter() - t0:6.1f}",
+            f"{spec.name:40} {bits:8.3f} {ppl:9.3f} {delta:+7.2f}% {time.perf_counter() - t0:6.1f}",
             flush=True,
         )
+    if ns.write:
+        from bench.report import markdown_table, write_section
+
+        body = (
+            f"Perplexity over {ns.tokens:,} tokens of CPython's `pydoc_data/topics.py` prose, "
+            f"{ns.chunk}-token chunks through a persistent cache (as in the KV cache configs "
+            "section; Δppl against the first row of this run). bits/el per position of a long "
+            "context (see that section for the full-precision positions).\n\n"
+            + markdown_table(["cache", "bits/el", "ppl", "Δppl"], rows)
+        )
+        write_section(ns.write, f"KV cache perplexity ({Path(ns.model).name}, CPU)", body)
     return 0
 
 
