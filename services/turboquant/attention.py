@@ -97,9 +97,10 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
 def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
     """Attention over full-precision head and tail around the quantized body.
 
-    Scores of the three segments are laid side by side in position order, so the mask
-    and the softmax see the whole context; the body's value sum is rotated back before it
-    joins the others. Float32 ``(B, H_q, L, D_v)`` in the model's (unrotated) space.
+    Each segment is scored and masked at its place in the context; one softmax spans them
+    (a shared maximum, then one sum), without gluing the score matrices together: a
+    prefill chunk's scores are the largest arrays here. The body's value sum is rotated
+    back before it joins the others. Float32 ``(B, H_q, L, D_v)``, model (unrotated) space.
     """
     B, n_q, L, D = queries.shape
     n_kv = keys.parts[0].shape[1]
@@ -114,45 +115,78 @@ def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) 
     q_fp = grouped(queries.astype(mx.float32) * scale)
     q_body = grouped(q_rot * scale)
     dense = L >= DENSE_PREFILL_MIN_QUERIES
-    n_head, n_body = keys.head.shape[2], keys.n_body
-    scores = []
+    n_head, n_body, n_tail = keys.head.shape[2], keys.n_body, keys.tail.shape[2]
+    total = n_head + n_body + n_tail
+    segments = []  # (scores, how to sum values with them)
     if n_head:
-        scores.append(q_fp @ shared(keys.head.astype(mx.float32)).swapaxes(-1, -2))
+        s = q_fp @ shared(keys.head.astype(mx.float32)).swapaxes(-1, -2)
+        v = shared(values.head.astype(mx.float32))
+        segments.append((s, 0, lambda p, v=v: p @ v))
     if n_body:
-        k_parts = tuple(shared(p) for p in keys.parts)
-        s = _scores(q_body, k_parts, keys.spec, dense)
+        s = _scores(q_body, tuple(shared(p) for p in keys.parts), keys.spec, dense)
         if keys.center is not None:  # exact scores: other segments are not centred
             s = s + q_body @ shared(keys.center).swapaxes(-1, -2)
-        scores.append(s)
-    if keys.tail.shape[2]:
-        scores.append(q_fp @ shared(keys.tail.astype(mx.float32)).swapaxes(-1, -2))
-    scores = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)
-    scores = _apply_mask(scores, mask, n_rep)
-    probs = _softmax(scores, sinks, n_kv, n_rep, n_q)
-    out = None
-    if n_head:
-        out = probs[..., :n_head] @ shared(values.head.astype(mx.float32))
-    if n_body:
         v_parts = tuple(shared(p) for p in values.parts)
-        body = _weighted_values(probs[..., n_head : n_head + n_body], v_parts, values.spec, dense)
-        rot = values.rotation
-        body = unrotate(body, rot) if rot is not None else body
-        out = body if out is None else out + body
-    if values.tail.shape[2]:
-        tail = probs[..., n_head + n_body :] @ shared(values.tail.astype(mx.float32))
-        out = tail if out is None else out + tail
+
+        def body_values(p: mx.array) -> mx.array:
+            out = _weighted_values(p, v_parts, values.spec, dense)
+            rot = values.rotation
+            return unrotate(out, rot) if rot is not None else out
+
+        segments.append((s, n_head, body_values))
+    if n_tail:
+        s = q_fp @ shared(keys.tail.astype(mx.float32)).swapaxes(-1, -2)
+        v = shared(values.tail.astype(mx.float32))
+        segments.append((s, n_head + n_body, lambda p, v=v: p @ v))
+    masked = [
+        _apply_mask(s, _mask_columns(mask, start, start + s.shape[-1], L, total), n_rep)
+        for s, start, _ in segments
+    ]
+    top = None
+    for s in masked:
+        m = mx.max(s, axis=-1, keepdims=True)
+        top = m if top is None else mx.maximum(top, m)
+    sink = _sink_logits(sinks, top.shape, n_kv, n_rep, n_q) if sinks is not None else None
+    if sink is not None:
+        top = mx.maximum(top, sink)
+    out = denom = None
+    for s, (_, _, weigh) in zip(masked, segments, strict=True):
+        p = mx.exp(s - top)
+        part, mass = weigh(p), mx.sum(p, axis=-1, keepdims=True)
+        out = part if out is None else out + part
+        denom = mass if denom is None else denom + mass
+    if sink is not None:
+        denom = denom + mx.exp(sink - top)
+    out = out / denom
     if n_rep > 1:
         out = out.reshape(B, n_q, L, out.shape[-1])
     return out
+
+
+def _mask_columns(mask: Any, start: int, stop: int, q_len: int, k_len: int) -> Any:
+    """The part of ``mask`` over context positions ``[start, stop)``."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unsupported mask {mask!r}")
+        # Queries are the last q_len positions of the context.
+        return mx.arange(k_len - q_len, k_len)[:, None] >= mx.arange(start, stop)[None]
+    return mask[..., start:stop]
+
+
+def _sink_logits(sinks: mx.array, shape: tuple, n_kv: int, n_rep: int, n_q: int) -> mx.array:
+    """Learned per-head sink logits broadcast to ``shape`` (scores with one column)."""
+    sink = sinks.astype(mx.float32)
+    sink = sink.reshape(n_kv, n_rep, 1, 1) if n_rep > 1 else sink.reshape(n_q, 1, 1)
+    return mx.broadcast_to(sink, shape)
 
 
 def _softmax(scores: mx.array, sinks, n_kv: int, n_rep: int, n_q: int) -> mx.array:
     """Float32 softmax over the context; learned ``sinks`` logits take their share."""
     if sinks is None:
         return mx.softmax(scores, axis=-1, precise=True)
-    sink = sinks.astype(mx.float32)
-    sink = sink.reshape(n_kv, n_rep, 1, 1) if n_rep > 1 else sink.reshape(n_q, 1, 1)
-    sink = mx.broadcast_to(sink, (*scores.shape[:-1], 1))
+    sink = _sink_logits(sinks, (*scores.shape[:-1], 1), n_kv, n_rep, n_q)
     probs = mx.softmax(mx.concatenate([sink, scores], axis=-1), axis=-1, precise=True)
     return probs[..., 1:]
 

@@ -73,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quantizer", default="affine")
     ap.add_argument("--key-bits", type=int, default=4)
     ap.add_argument("--value-bits", type=int, default=4)
+    ap.add_argument(
+        "--layout",
+        choices=["recommended", "plain"],
+        default="recommended",
+        help="the stack's default layout, or the paper's (every position, per vector)",
+    )
     args = ap.parse_args(argv)
     from mlx_lm import load
     from mlx_lm.utils import dequantize_model
@@ -81,12 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = dequantize_model(model)  # float32 weights: the fast path on CPU + BLAS
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
-    cfg = TurboQuantConfig(
-        quantizer=args.quantizer, key_bits=args.key_bits, value_bits=args.value_bits
-    )
+    bits = dict(quantizer=args.quantizer, key_bits=args.key_bits, value_bits=args.value_bits)
+    if args.layout == "plain":
+        cfg = TurboQuantConfig(**bits)
+    else:
+        cfg = TurboQuantConfig.recommended(**bits)
     print(
         f"| mode | peak above weights (MB) | cache (MB) | seconds |  ({args.tokens} tokens, "
-        f"chunks of {args.step}, {cfg.quantizer} k{cfg.key_bits}v{cfg.value_bits})"
+        f"chunks of {args.step}, {args.layout} {cfg.quantizer} k{cfg.key_bits}v{cfg.value_bits})"
     )
     for r in measure(model, args.tokens, cfg, args.step):
         print(
