@@ -195,12 +195,8 @@ def _apply_mask(scores: mx.array, mask: Any, n_rep: int) -> mx.array:
     if mask is None:
         return scores
     if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unsupported mask {mask!r}")
         q_len, k_len = scores.shape[-2:]
-        # Queries are the last q_len positions of the context.
-        q_idx = mx.arange(k_len - q_len, k_len)
-        mask = q_idx[:, None] >= mx.arange(k_len)[None]
+        mask = _mask_columns(mask, 0, k_len, q_len, k_len)
     if n_rep > 1 and mask.ndim > 3:
         mask = mx.expand_dims(mask, -3)
     if mask.dtype == mx.bool_:
