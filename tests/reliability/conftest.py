@@ -8,11 +8,14 @@ count its tasks and its upstream connections after a run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from services.router.app import create_app
+from tests.conftest import PYTHON, REPO, stop_process, wait_http
 from tests.router.conftest import (  # noqa: F401  (fixtures re-exported for this package)
     OLLAMA_MODEL,
     SIDECAR_MODEL,
@@ -41,6 +44,24 @@ def lone_router_env(python_env: dict[str, str], tmp_path, port: int, **extra: st
         "SIDECAR_ENABLED": "0",
         **extra,
     }
+
+
+@contextlib.contextmanager
+def lone_router(env: dict[str, str], port: int) -> Iterator[subprocess.Popen]:
+    """``python -m services.router`` with ``env``, answering /health (200 or 503) on
+    ``port``; stopped on exit."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "services.router"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", ok=(200, 503), proc=proc, timeout=60)
+        yield proc
+    finally:
+        stop_process(proc)
 
 
 class ProbedRouter(RouterHandle):

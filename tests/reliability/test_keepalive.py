@@ -9,12 +9,11 @@ router, started the way users start it, must keep idle connections open longer.
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 
-from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_http
+from tests.conftest import free_port
 
-from .conftest import lone_router_env
+from .conftest import lone_router, lone_router_env
 
 CLIENT_KEEPALIVE_S = 5.0  # httpx.Limits().keepalive_expiry, the OpenAI SDK's default
 
@@ -41,18 +40,7 @@ def _get(sock: socket.socket) -> bytes:
 def test_idle_connection_is_kept_past_the_clients_expiry(python_env, tmp_path) -> None:
     port = free_port()
     env = lone_router_env(python_env, tmp_path, port, LOG_LEVEL="WARNING")
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "services.router"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", ok=(200, 503), proc=proc, timeout=60)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            assert _get(s).startswith(b"HTTP/1.1 ")
-            time.sleep(CLIENT_KEEPALIVE_S + 1.0)  # idle longer than any httpx client would wait
-            assert _get(s).startswith(b"HTTP/1.1 "), "the router closed an idle connection first"
-    finally:
-        stop_process(proc)
+    with lone_router(env, port), socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert _get(s).startswith(b"HTTP/1.1 ")
+        time.sleep(CLIENT_KEEPALIVE_S + 1.0)  # idle longer than any httpx client would wait
+        assert _get(s).startswith(b"HTTP/1.1 "), "the router closed an idle connection first"

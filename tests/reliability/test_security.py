@@ -18,7 +18,7 @@ from services.router import auth
 from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_http
 from tests.upstreams import UpstreamServer
 
-from .conftest import OLLAMA_MODEL, chat, lone_router_env
+from .conftest import OLLAMA_MODEL, chat, lone_router, lone_router_env
 
 KEY = "sk-tq-" + "k" * 40
 
@@ -80,18 +80,8 @@ def test_router_process_listens_on_loopback_only(python_env, tmp_path) -> None:
     env = lone_router_env(python_env, tmp_path, port)
     env.pop("ROUTER_HOST", None)
     env.pop("TQSTACK_API_KEY", None)
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "services.router"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", ok=(200, 503), proc=proc, timeout=60)
+    with lone_router(env, port):
         assert _listening(port) == ["0100007F"]  # 127.0.0.1, and nothing else
-    finally:
-        stop_process(proc)
 
 
 def test_sidecar_refuses_a_public_bind(monkeypatch, capsys) -> None:
