@@ -300,9 +300,8 @@ def describe_model(model: nn.Module, config: Any) -> ModelKVReport:
     layers: list[LayerKV] = []
     fp16 = comp = sliding = 0
     fixed_bytes = 0
-    fixed = int(getattr(config, "sink_tokens", 0)) + int(getattr(config, "window", 0))
-    key_q = getattr(config, "key_quantizer", None) or getattr(config, "quantizer", "")
-    fixed += int(config.group_size) - 1 if key_q == "channel" else 0
+    fixed = int(config.sink_tokens) + int(config.window)
+    fixed += int(config.group_size) - 1 if config.key_spec().per_channel else 0
     for i, c in enumerate(caches):
         name = type(c).__name__
         if _is_plain_kv(c):

@@ -22,6 +22,7 @@ from .quantizers import (
     KEY_ONLY_QUANTIZERS,
     SideSpec,
     dequantize,
+    empty_parts,
     make_side_spec,
     num_parts,
     quantize,
@@ -289,12 +290,8 @@ class TurboQuantKVCache(_BaseCache):
         k_dim, v_dim = self._dims()
         k_spec, v_spec = self.key_spec(k_dim), self.value_spec(v_dim)
         if self.keys is None:  # nothing quantized yet: zero-length parts of the right form
-            B, H = self.head_k.shape[:2]
-            probe_k = mx.zeros((B, H, self.block, k_dim), dtype=mx.float32)
-            probe_v = mx.zeros((B, H, self.block, v_dim), dtype=mx.float32)
-            k_parts = tuple(p[_span(p, k_spec, 0, 0)] for p in quantize(probe_k, k_spec))
-            v_parts = tuple(p[_span(p, v_spec, 0, 0)] for p in quantize(probe_v, v_spec))
-            return k_parts, v_parts
+            lead = self.head_k.shape[:2]
+            return empty_parts(k_spec, lead, k_dim), empty_parts(v_spec, lead, v_dim)
         return self._body(self.keys, k_spec), self._body(self.values, v_spec)
 
     def _views(self) -> tuple[PackedSide, PackedSide]:

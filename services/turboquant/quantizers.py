@@ -222,6 +222,17 @@ def dequantize(parts: tuple[mx.array, ...], spec: SideSpec) -> mx.array:
     return codebook_dequantize(parts, spec.bits)  # type: ignore[arg-type]
 
 
+def empty_parts(spec: SideSpec, lead: tuple[int, ...], dim: int) -> tuple[mx.array, ...]:
+    """The stored tuple of zero positions (what a side holds before anything is quantized)."""
+    words = mx.uint32
+    if spec.per_channel:
+        return (mx.zeros((*lead, dim, 0), words),) + 2 * (mx.zeros((*lead, dim, 0), SIDE_DTYPE),)
+    packed = mx.zeros((*lead, 0, packed_words(dim, spec.bits)), words)
+    if spec.quantizer == "codebook":
+        return (packed, mx.zeros((*lead, 0), SIDE_DTYPE))
+    return (packed,) + 2 * (mx.zeros((*lead, 0, dim // spec.group_size), SIDE_DTYPE),)
+
+
 def num_parts(spec: SideSpec) -> int:
     """How many arrays one stored side has (affine and channel 3, codebook 2)."""
     return 2 if spec.quantizer == "codebook" else 3

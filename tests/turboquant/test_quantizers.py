@@ -182,3 +182,21 @@ def test_spec_validation_and_codebook_fallback():
     for bad in [("affine", 7, 64), ("codebook", 1, 64), ("affine", 4, 48), ("lut", 4, 64)]:
         with pytest.raises(ValueError):
             SideSpec(*bad).validate()
+
+
+@pytest.mark.parametrize(
+    "quantizer,bits,group", [("affine", 4, 64), ("affine", 3, 32), ("codebook", 3, 64),
+                             ("channel", 4, 128), ("channel", 3, 32)],
+)  # fmt: skip
+def test_empty_parts_have_the_form_of_quantized_parts(quantizer, bits, group):
+    from services.turboquant.quantizers import empty_parts, make_side_spec, quantize
+
+    spec = make_side_spec(quantizer, bits, group).for_dim(64)
+    full = quantize(mx.random.normal((1, 3, 128, 64)), spec)
+    empty = empty_parts(spec, (1, 3), 64)
+    assert len(empty) == len(full)
+    for e, f in zip(empty, full, strict=True):
+        assert e.dtype == f.dtype and e.size == 0
+        # same shape, with the position axis (the one that grows) at zero
+        axis = f.ndim - 1 if spec.per_channel else 2
+        assert e.shape == f.shape[:axis] + (0,) + f.shape[axis + 1 :]
