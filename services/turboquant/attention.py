@@ -9,6 +9,7 @@ fused kernel can be plugged in with :func:`set_decode_kernel`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -26,6 +27,19 @@ DENSE_PREFILL_MIN_QUERIES = 32
 
 DecodeKernel = Callable[..., "mx.array | None"]
 _decode_kernel: DecodeKernel | None = None
+BodyKernel = Callable[..., "tuple[mx.array, mx.array] | None"]
+_body_kernel: BodyKernel | None = None
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@lru_cache(maxsize=1)
+def no_float32_quantized_matmul() -> bool:
+    """MLX's CUDA backend has no float32-activation ``quantized_matmul`` (0.32.4: "No
+    implementation for problem shape ... activation: float32"): dequantize tiles there."""
+    from .kernels.fused_decode import cuda_available
+
+    return cuda_available()
 
 
 def set_decode_kernel(fn: DecodeKernel | None) -> DecodeKernel | None:
@@ -39,6 +53,19 @@ def set_decode_kernel(fn: DecodeKernel | None) -> DecodeKernel | None:
     return old
 
 
+def set_body_decode_kernel(fn: BodyKernel | None) -> BodyKernel | None:
+    """Install ``fn(q_rot, keys, values, scale)`` for decode; returns the old one.
+
+    ``fn`` attends one query per head over the quantized body only and returns
+    ``(out, lse2)``: the normalised rotated-space output and the base-2 log-sum-exp of
+    ``scale * log2(e) * q.k`` (without the key centre), or ``None`` to decline. The
+    full-precision sink and tail, the centre and learned sinks are joined here.
+    """
+    global _body_kernel
+    old, _body_kernel = _body_kernel, fn
+    return old
+
+
 def turboquant_attention(
     queries: mx.array,
     keys: Any,
@@ -49,8 +76,14 @@ def turboquant_attention(
 ) -> mx.array:
     """SDPA of ``(B, H_q, L, D)`` queries over packed sides; output in the queries' dtype."""
     k_rot, v_rot = keys.rotation, values.rotation
+    if queries.shape[2] == 1 and mask == "causal":
+        mask = None  # the one query is the last position: it sees the whole context
     # rotate() returns a new float32 array: the caller's queries are never written to.
     q = rotate(queries, k_rot) if k_rot is not None else queries.astype(mx.float32)
+    if queries.shape[2] == 1 and mask is None and _body_kernel is not None and keys.n_body:
+        body = _body_kernel(q, keys, values, scale)
+        if body is not None:
+            return join_body(queries, q, body, keys, values, scale, sinks).astype(queries.dtype)
     if not keys.body_only:
         return attend_segments(queries, q, keys, values, scale, mask, sinks).astype(queries.dtype)
     if queries.shape[2] == 1:
@@ -84,7 +117,7 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
         k_parts = tuple(mx.expand_dims(p, 2) for p in k_parts)
         v_parts = tuple(mx.expand_dims(p, 2) for p in v_parts)
 
-    dense = L >= DENSE_PREFILL_MIN_QUERIES
+    dense = L >= DENSE_PREFILL_MIN_QUERIES or no_float32_quantized_matmul()
     scores = _scores(q, k_parts, keys.spec, dense)
     scores = _apply_mask(scores, mask, n_rep)
     probs = _softmax(scores, sinks, n_kv, n_rep, n_q)
@@ -114,7 +147,7 @@ def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) 
 
     q_fp = grouped(queries.astype(mx.float32) * scale)
     q_body = grouped(q_rot * scale)
-    dense = L >= DENSE_PREFILL_MIN_QUERIES
+    dense = L >= DENSE_PREFILL_MIN_QUERIES or no_float32_quantized_matmul()
     n_head, n_body, n_tail = keys.head.shape[2], keys.n_body, keys.tail.shape[2]
     total = n_head + n_body + n_tail
     segments = []  # (scores, how to sum values with them)
@@ -161,6 +194,58 @@ def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) 
     if n_rep > 1:
         out = out.reshape(B, n_q, L, out.shape[-1])
     return out
+
+
+def _exp2(x: mx.array) -> mx.array:
+    return mx.exp(x * LN2)  # MLX has log2 but no exp2
+
+
+def join_body(queries, q_rot, body, keys, values, scale, sinks=None) -> mx.array:
+    """One decode query's output from the body's ``(out, lse2)`` and the full-precision
+    sink and tail (scored here: a few hundred positions at most); float32, model space.
+
+    Each part is a normalised output with its base-2 log-sum-exp; they are weighed by
+    ``2^(lse - max)``, as the splits of a flash-decoding kernel are.
+    """
+    B, n_q, _, D = queries.shape
+    n_kv = keys.parts[0].shape[1]
+    n_rep = n_q // n_kv
+    out_b, lse_b = body
+    if values.rotation is not None:
+        out_b = unrotate(out_b, values.rotation)
+    if keys.center is not None:  # the kernel's scores leave out q.centre; the others have none
+        qg = q_rot.reshape(B, n_kv, n_rep, D)
+        shift = (qg @ keys.center[:, :, 0, :, None]) * (scale * LOG2E)
+        lse_b = lse_b + shift.reshape(B, n_q, 1, 1)
+    outs, lses = [out_b], [lse_b]
+    fp = [x for x in (keys.head, keys.tail) if x is not None and x.shape[2]]
+    if fp:
+        vfp = [x for x in (values.head, values.tail) if x is not None and x.shape[2]]
+        k = fp[0] if len(fp) == 1 else mx.concatenate(fp, axis=2)
+        v = vfp[0] if len(vfp) == 1 else mx.concatenate(vfp, axis=2)
+        qg = queries.astype(mx.float32).reshape(B, n_kv, n_rep, D)
+        z = (qg @ k.astype(mx.float32).swapaxes(-1, -2)) * (scale * LOG2E)  # (B, Hkv, rep, n)
+        m = mx.max(z, axis=-1, keepdims=True)
+        p = _exp2(z - m)
+        l_fp = mx.sum(p, axis=-1, keepdims=True)
+        o_fp = (p @ v.astype(mx.float32)) / l_fp
+        outs.append(o_fp.reshape(B, n_q, 1, -1))
+        lses.append((m + mx.log2(l_fp)).reshape(B, n_q, 1, 1))
+    top = lses[0]
+    for x in lses[1:]:
+        top = mx.maximum(top, x)
+    sink = None
+    if sinks is not None:
+        sink = (sinks.astype(mx.float32) * LOG2E).reshape(1, n_q, 1, 1)
+        top = mx.maximum(top, sink)
+    out = denom = None
+    for o, x in zip(outs, lses, strict=True):
+        w = _exp2(x - top)
+        out = o * w if out is None else out + o * w
+        denom = w if denom is None else denom + w
+    if sink is not None:
+        denom = denom + _exp2(sink - top)
+    return out / denom
 
 
 def _mask_columns(mask: Any, start: int, stop: int, q_len: int, k_len: int) -> Any:

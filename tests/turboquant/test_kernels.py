@@ -140,9 +140,9 @@ def test_affine_uses_the_kernel_only_where_it_was_measured_faster():
 def test_install_only_on_cuda():
     assert install() == cuda_available()
     if cuda_available():
-        from services.turboquant.attention import set_decode_kernel
+        from services.turboquant.attention import set_body_decode_kernel
 
-        set_decode_kernel(None)
+        set_body_decode_kernel(None)
 
 
 # ----------------------------------------------------------------- blockwise prefill (everywhere)
@@ -231,3 +231,56 @@ def test_kernel_matches_float64_reference(rng, shape, fmt, length):
         )
         err = reference.rel_error(np.array(out), ref)
         assert err <= TOL, (kw, err)  # NaN (an unwritten element) fails too
+
+
+# ----------------------------------------------------------------- body kernel join (everywhere)
+def _portable_body(q_rot, keys, values, scale):
+    """What a body kernel returns, computed with MLX ops: (normalised out, base-2 lse)."""
+    from services.turboquant.quantizers import dequantize
+
+    k, v = dequantize(keys.parts, keys.spec), dequantize(values.parts, values.spec)
+    b, hq, _, d = q_rot.shape
+    n_kv = k.shape[1]
+    z = (q_rot.reshape(b, n_kv, hq // n_kv, d) @ k.swapaxes(-1, -2)) * (scale * math.log2(math.e))
+    m = mx.max(z, axis=-1, keepdims=True)
+    p = mx.exp((z - m) * math.log(2))
+    s = mx.sum(p, axis=-1, keepdims=True)
+    return ((p @ v) / s).reshape(b, hq, 1, -1), (m + mx.log2(s)).reshape(b, hq, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(key_quantizer="channel", group_size=128, sink_tokens=1),  # the default layout
+        dict(sink_tokens=2, window=40),  # per-vector keys with a centre, sink and tail
+        dict(),  # the plain layout: body only (centre and learned sinks still count)
+        dict(quantizer="codebook", key_bits=3, value_bits=3, sink_tokens=1),
+    ],
+    ids=["default", "sink-tail-centre", "plain", "codebook"],
+)
+@pytest.mark.parametrize("sinks", [False, True])
+def test_a_body_kernel_is_joined_with_the_full_precision_segments(rng, cfg, sinks):
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.attention import set_body_decode_kernel, turboquant_attention
+    from services.turboquant.kernels.cases import cache_case
+
+    case = cache_case(
+        rng, TurboQuantConfig(**cfg), batch=2, q_heads=8, kv_heads=2, dim=64, length=300,
+        sinks=sinks,
+    )  # fmt: skip
+    calls = []
+
+    def body(q_rot, keys, values, scale):
+        calls.append(keys.n_body)
+        return _portable_body(q_rot, keys, values, scale)
+
+    old = set_body_decode_kernel(body)
+    try:
+        out = turboquant_attention(
+            case.queries, case.keys, case.values, case.scale, None, case.sinks
+        )
+    finally:
+        set_body_decode_kernel(old)
+    assert calls and calls[0] == case.keys.n_body > 0
+    # float16 output: its rounding is the error floor.
+    assert reference.rel_error(np.array(out.astype(mx.float32)), case.reference()) < 1e-3

@@ -15,6 +15,61 @@ import numpy as np
 from .reference import decode_attention, dequant_affine, dequant_codebook
 
 
+def decoded(side) -> mx.array:
+    """What a packed side stands for: position-ordered float32 ``(B, H, T, D)`` (head,
+    dequantized body, tail), in the model's space."""
+    from services.turboquant.quantizers import dequantize
+    from services.turboquant.rotation import unrotate
+
+    pieces = [] if side.head is None else [side.head.astype(mx.float32)]
+    if side.n_body:
+        x = dequantize(side.parts, side.spec)
+        if side.center is not None:
+            x = x + side.center
+        if side.rotation is not None:
+            x = unrotate(x, side.rotation)
+        pieces.append(x)
+    if side.tail is not None:
+        pieces.append(side.tail.astype(mx.float32))
+    return mx.concatenate(pieces, axis=2)
+
+
+@dataclass
+class CacheCase:
+    """A real :class:`TurboQuantKVCache` after a decode step, its query and reference."""
+
+    queries: mx.array  # (B, Hq, 1, D) float16, model space
+    keys: object  # PackedSide
+    values: object
+    scale: float
+    sinks: mx.array | None
+
+    def reference(self) -> np.ndarray:
+        """Float64 attention over exactly what the cache stores."""
+        sinks = None if self.sinks is None else np.array(self.sinks)
+        k, v = (np.array(decoded(x)) for x in (self.keys, self.values))
+        return decode_attention(np.array(self.queries.astype(mx.float32)), k, v, self.scale, sinks)
+
+
+def cache_case(rng, config, *, batch, q_heads, kv_heads, dim, length, sinks=False) -> CacheCase:
+    """Fill a cache built from ``config`` with ``length - 1`` random positions as a prompt,
+    then one more as a decode step; keys have outlier channels like real ones."""
+    from services.turboquant import TurboQuantKVCache, install_patch
+
+    install_patch()
+    cache = TurboQuantKVCache(config)
+    shape = (batch, kv_heads, length, dim)
+    chan = 1.0 + 4.0 * (rng.random(dim) < 0.05)  # a few large channels
+    k = mx.array((rng.standard_normal(shape) * chan + 0.5).astype(np.float16))
+    v = mx.array(rng.standard_normal(shape).astype(np.float16))
+    if length > 1:
+        cache.update_and_fetch(k[:, :, :-1], v[:, :, :-1])
+    ks, vs = cache.update_and_fetch(k[:, :, -1:], v[:, :, -1:])
+    q = mx.array((rng.standard_normal((batch, q_heads, 1, dim)) * 1.5).astype(np.float16))
+    sk = mx.array(rng.standard_normal(q_heads).astype(np.float32)) if sinks else None
+    return CacheCase(q, ks, vs, 1.0 / float(np.sqrt(dim)), sk)
+
+
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Little-endian bit-stream packing of ``(..., D)`` codes into ``(..., D*bits/32)`` uint32."""
     codes = np.asarray(codes, dtype=np.uint64)

@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from . import mma_decode
 from .fused_decode import (
     AFFINE_BITS,
     CODEBOOK_BITS,
@@ -66,11 +67,23 @@ def cuda_decode_kernel(q_rot, keys, values, scale, mask=None, sinks=None):
     return fused_decode_attention(q_rot, keys.parts, values.parts, scale, **kwargs)
 
 
+def mma_body_kernel(q_rot, keys, values, scale):
+    """``BodyKernel`` for ``set_body_decode_kernel``: the tensor-core kernel (v4) takes
+    every layout it can read -- the default per-channel keys with a sink and tail too."""
+    if not mma_decode.supports(q_rot, keys, values):
+        return None
+    return mma_decode.mma_body_attention(q_rot, keys, values, scale)
+
+
 def install() -> bool:
-    """Register the CUDA decode kernel if MLX runs on CUDA; True when installed."""
+    """Register the CUDA decode kernel if MLX runs on CUDA; True when installed.
+
+    The v4 tensor-core kernel replaces v3 (``cuda_decode_kernel``, kept for the bench):
+    v4 reads every layout v3 did but head dim 32, and is faster (bench/gpu_notes.md).
+    """
     if not cuda_available():
         return False
-    from services.turboquant.attention import set_decode_kernel
+    from services.turboquant.attention import set_body_decode_kernel
 
-    set_decode_kernel(cuda_decode_kernel)
+    set_body_decode_kernel(mma_body_kernel)
     return True

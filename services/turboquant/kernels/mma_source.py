@@ -1,0 +1,416 @@
+"""CUDA source of the tensor-core decode kernel (v4) for ``mx.fast.cuda_kernel``.
+
+One warp scores 16 positions x 8 query heads per ``mma.m16n8k16`` (f16 in, f32 out):
+``S^T = K . Q^T`` with the dequantized keys as the A operand and the query as B, then
+``O^T += V^T . P^T`` with the dequantized values as A and the probabilities as B (moved
+from the score layout by ``movmatrix``). Codes are turned into fp16 in registers
+(``0x6400 | code`` is ``1024 + code`` exactly), scaled in fp16, never written back.
+
+A warp owns super-tiles of 128 positions (8 steps of 16) and keeps its own online
+softmax; the block's warps merge in shared memory and write one partial ``(acc, m, l)``
+per split (base-2 exponentials). Key layouts (``KQ``): 0 affine per vector, 1 codebook
+per vector, 2 affine per channel (transposed, groups of ``KGS >= 64`` positions: a
+super-tile's step ``s`` row ``r`` is position ``8r + s`` of the tile, so one packed word of
+a channel feeds one lane's row over all 8 steps). Value layouts (``VQ``): 0 affine,
+1 codebook. Dims are permuted between lanes freely (the same permutation on both
+operands); the output permutation is undone when the partials are written.
+"""
+
+MMA_HEADER = r"""
+#include <cuda_fp16.h>
+
+#define TQM_NEG_INF (__int_as_float(0xff800000u))
+
+namespace tqm {
+
+__device__ __forceinline__ float tofloat(float x) { return x; }
+__device__ __forceinline__ float tofloat(__half x) { return __half2float(x); }
+
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// c(16x8, f32) += a(16x16, f16, row) . b(16x8, f16, col)
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Transpose an 8x8 fp16 matrix held one half2 per lane (row lane/4, cols 2(lane%4)+{0,1}).
+__device__ __forceinline__ uint32_t trans8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// Two codes (< 1024) -> half2 exactly, without an int->float conversion.
+__device__ __forceinline__ __half2 codes2h(uint32_t c0, uint32_t c1) {
+  return __hsub2(u2h(c0 | (c1 << 16) | 0x64006400u), u2h(0x64006400u));
+}
+
+// Code e (a constant after unrolling) of a bit stream that starts at bit 0 of w.
+template <int B, int N>
+__device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[N], int e) {
+  const int bit = e * B;
+  const int wi = bit >> 5, sh = bit & 31;
+  uint32_t v = w[wi] >> sh;
+  if (sh + B > 32) v |= w[wi + 1] << (32 - sh);
+  return v & ((1u << B) - 1u);
+}
+
+// out[0..NA) = the bit stream of row (nw words) from bit `bit` on. UNAL: the start may not
+// be word aligned (one more word read, funnel-shifted). Reads are clamped inside the row.
+template <int NA, bool UNAL>
+__device__ __forceinline__ void load_bits(const uint32_t* row, int64_t bit, int nw, uint32_t (&out)[NA]) {
+  const int64_t w0 = bit >> 5;
+  constexpr int NR = NA + (UNAL ? 1 : 0);
+  uint32_t raw[NR];
+#pragma unroll
+  for (int i = 0; i < NR; ++i) {
+    const int64_t wi = w0 + i < nw ? w0 + i : nw - 1;
+    raw[i] = row[wi];
+  }
+  if constexpr (UNAL) {
+    const int sh = (int)(bit & 31);
+#pragma unroll
+    for (int i = 0; i < NA; ++i) out[i] = __funnelshift_r(raw[i], raw[i + 1], sh);
+  } else {
+#pragma unroll
+    for (int i = 0; i < NA; ++i) out[i] = raw[i];
+  }
+}
+
+// Dequantized pair (x0 = s0*c0 + b0, x1 = s1*c1 + b1) as half2, affine or codebook.
+template <bool CB>
+__device__ __forceinline__ uint32_t deq_pair(uint32_t c0, uint32_t c1, __half2 s, __half2 b,
+                                             const float* lut, int lane) {
+  if constexpr (CB) {
+    const float x0 = lut[c0 * 32 + lane] * __low2float(s);
+    const float x1 = lut[c1 * 32 + lane] * __high2float(s);
+    return h2u(__floats2half2_rn(x0, x1));
+  } else {
+    return h2u(__hfma2(codes2h(c0, c1), s, b));
+  }
+}
+
+template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, typename ST>
+__device__ void mma_decode_split(
+    const float* q, const int64_t* q_st,
+    const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
+    const ST* ks, const int* ks_sh, const int64_t* ks_st, const ST* kbias, const int64_t* kb_st,
+    const uint32_t* vw, const int* vw_sh, const int64_t* vw_st,
+    const ST* vs, const int64_t* vs_st, const ST* vbias, const int64_t* vb_st,
+    const float* lut_k, const float* lut_v, const float* params, const int* iparams,
+    int n_kv, int G, float* o_part, float* ml_part) {
+  constexpr bool KCB = KQ == 1, KCH = KQ == 2, VCB = VQ == 1;
+  constexpr int NKB = D / 16;  // k-blocks of the score product
+  constexpr int NMT = D / 16;  // m-tiles of the value product
+  constexpr int KD = D / 4;    // key dims per lane (per-vector keys)
+  constexpr int VD = D / 8;    // value dims per lane
+  // Per-vector keys: a lane's KD dims; channel keys: a lane's 8 positions of one channel.
+  constexpr int KBITS = KCH ? 8 * KB : KD * KB;
+  constexpr int NAK = (KBITS + 31) / 32;
+  // Channel rows start at bit 8 * KB * lane-row: word aligned only for 4 and 8 bits.
+  constexpr bool UNAL_K = KCH ? ((8 * KB) % 32 != 0) : (KBITS % 32 != 0);
+  constexpr int NG = (!KCH && !KCB && KD >= KGS) ? KD / KGS : 1;  // key groups per lane
+  constexpr int NAV = (VD * VB + 31) / 32;
+  constexpr bool UNAL_V = (VD * VB) % 32 != 0;
+  static_assert(!KCH || KGS >= 64, "channel groups must hold a half super-tile");
+  static_assert(VGS >= VD && (KCH || KGS >= 4), "group shapes");
+
+  __shared__ float lutk_s[KCB ? (1 << KB) * 32 : 1];
+  __shared__ float lutv_s[VCB ? (1 << VB) * 32 : 1];
+  __shared__ float red_o[WARPS][8][D];
+  __shared__ float red_m[WARPS][8], red_l[WARPS][8];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x, S = gridDim.x;
+  const int n_ht = (G + 7) / 8;
+  const int hkv = blockIdx.y / n_ht, ht = blockIdx.y % n_ht;
+  const int b = blockIdx.z;
+  const int N = iparams[0];
+  const float qscale = params[0];  // softmax scale * log2(e)
+  int chunk = (N + S - 1) / S;
+  chunk = (chunk + 127) / 128 * 128;
+  const int start = split * chunk;
+  const int end = min(N, start + chunk);
+
+  if constexpr (KCB) {
+    for (int i = threadIdx.x; i < (1 << KB) * 32; i += blockDim.x) lutk_s[i] = lut_k[i >> 5];
+  }
+  if constexpr (VCB) {
+    for (int i = threadIdx.x; i < (1 << VB) * 32; i += blockDim.x) lutv_s[i] = lut_v[i >> 5];
+  }
+
+  // B operand of the score product: lane (g, t) holds head g, dims t*KD + 4kb + {0,1},{2,3}.
+  const int head_n = ht * 8 + g;
+  uint32_t qf[NKB][2];
+  {
+    const bool ok = head_n < G;
+    const float* qp = q + b * q_st[0] + (int64_t)(hkv * G + (ok ? head_n : 0)) * q_st[1];
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb) {
+#pragma unroll
+      for (int c2 = 0; c2 < 2; ++c2) {
+        const int d = t * KD + 4 * kb + 2 * c2;
+        const float x0 = ok ? qp[d * q_st[3]] * qscale : 0.f;
+        const float x1 = ok ? qp[(d + 1) * q_st[3]] * qscale : 0.f;
+        qf[kb][c2] = h2u(__floats2half2_rn(x0, x1));
+      }
+    }
+  }
+  __syncthreads();
+
+  const uint32_t* kbase = kw + b * kw_st[0] + hkv * kw_st[1];
+  const uint32_t* vbase = vw + b * vw_st[0] + hkv * vw_st[1];
+  const ST* ksb = ks + b * ks_st[0] + hkv * ks_st[1];
+  const ST* kbb = kbias + b * kb_st[0] + hkv * kb_st[1];
+  const ST* vsb = vs + b * vs_st[0] + hkv * vs_st[1];
+  const ST* vbb = vbias + b * vb_st[0] + hkv * vb_st[1];
+  const int k_nw = kw_sh[3];  // words per stored row
+  const int v_nw = vw_sh[3];
+  const int v_grp = (VD * g) / VGS;
+
+  float m_run[2] = {TQM_NEG_INF, TQM_NEG_INF};
+  float l_run[2] = {0.f, 0.f};
+  float o[NMT][4];
+#pragma unroll
+  for (int mt = 0; mt < NMT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+  for (int P0 = start + warp * 128; P0 < end; P0 += WARPS * 128) {
+    // ---------------------------------------------------------------- scores S^T
+    float sc[8][4];
+#pragma unroll
+    for (int s = 0; s < 8; ++s) sc[s][0] = sc[s][1] = sc[s][2] = sc[s][3] = 0.f;
+
+    if constexpr (KCH) {
+      // Row g of step s is position P0 + 8g + s, row g+8 is P0 + 64 + 8g + s.
+      int grp[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) grp[r] = min((P0 + 64 * r) / KGS, ks_sh[3] - 1);
+#pragma unroll
+      for (int kb = 0; kb < NKB; ++kb) {
+        uint32_t cw[2][4][NAK];
+        __half2 sc2[2][2], bi2[2][2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int d = t * KD + 4 * kb + c;
+            load_bits<NAK, UNAL_K>(kbase + d * kw_st[2], (int64_t)(P0 + 64 * r + 8 * g) * KB, k_nw, cw[r][c]);
+          }
+#pragma unroll
+          for (int c2 = 0; c2 < 2; ++c2) {
+            const int d = t * KD + 4 * kb + 2 * c2;
+            const int64_t o0 = d * ks_st[2] + grp[r] * ks_st[3];
+            const int64_t o1 = (d + 1) * ks_st[2] + grp[r] * ks_st[3];
+            const int64_t p0 = d * kb_st[2] + grp[r] * kb_st[3];
+            const int64_t p1 = (d + 1) * kb_st[2] + grp[r] * kb_st[3];
+            sc2[r][c2] = __floats2half2_rn(tofloat(ksb[o0]), tofloat(ksb[o1]));
+            bi2[r][c2] = __floats2half2_rn(tofloat(kbb[p0]), tofloat(kbb[p1]));
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          uint32_t a[4];
+          a[0] = deq_pair<false>(code_at<KB>(cw[0][0], s), code_at<KB>(cw[0][1], s), sc2[0][0], bi2[0][0], nullptr, lane);
+          a[1] = deq_pair<false>(code_at<KB>(cw[1][0], s), code_at<KB>(cw[1][1], s), sc2[1][0], bi2[1][0], nullptr, lane);
+          a[2] = deq_pair<false>(code_at<KB>(cw[0][2], s), code_at<KB>(cw[0][3], s), sc2[0][1], bi2[0][1], nullptr, lane);
+          a[3] = deq_pair<false>(code_at<KB>(cw[1][2], s), code_at<KB>(cw[1][3], s), sc2[1][1], bi2[1][1], nullptr, lane);
+          mma16816(sc[s], a, qf[kb][0], qf[kb][1]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        uint32_t kr[2][NAK];
+        float ksc[2][NG], kbi[2][NG];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int p = min(P0 + 16 * s + g + 8 * r, N - 1);
+          load_bits<NAK, UNAL_K>(kbase + p * kw_st[2], (int64_t)t * KD * KB, k_nw, kr[r]);
+#pragma unroll
+          for (int j = 0; j < NG; ++j) {
+            if constexpr (KCB) {
+              ksc[r][j] = tofloat(ksb[p * ks_st[2]]);
+              kbi[r][j] = 0.f;
+            } else {
+              const int gi = (t * KD + j * KGS) / KGS;
+              ksc[r][j] = tofloat(ksb[p * ks_st[2] + gi * ks_st[3]]);
+              kbi[r][j] = tofloat(kbb[p * kb_st[2] + gi * kb_st[3]]);
+            }
+          }
+        }
+#pragma unroll
+        for (int kb = 0; kb < NKB; ++kb) {
+          const int j = NG > 1 ? (4 * kb) / KGS : 0;
+          uint32_t a[4];
+#pragma unroll
+          for (int c2 = 0; c2 < 2; ++c2) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const __half2 s2 = __float2half2_rn(ksc[r][j]);
+              const __half2 b2 = __float2half2_rn(kbi[r][j]);
+              a[2 * c2 + r] = deq_pair<KCB>(code_at<KB>(kr[r], 4 * kb + 2 * c2),
+                                            code_at<KB>(kr[r], 4 * kb + 2 * c2 + 1), s2, b2, lutk_s, lane);
+            }
+          }
+          mma16816(sc[s], a, qf[kb][0], qf[kb][1]);
+        }
+      }
+    }
+
+    // ---------------------------------------------------------------- online softmax
+    float mt2[2] = {TQM_NEG_INF, TQM_NEG_INF};
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int pos = KCH ? P0 + 64 * r + 8 * g + s : P0 + 16 * s + g + 8 * r;
+        if (pos >= end) sc[s][2 * r] = sc[s][2 * r + 1] = TQM_NEG_INF;
+        mt2[0] = fmaxf(mt2[0], sc[s][2 * r]);
+        mt2[1] = fmaxf(mt2[1], sc[s][2 * r + 1]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) mt2[i] = fmaxf(mt2[i], __shfl_xor_sync(0xffffffffu, mt2[i], off));
+      const float m_new = fmaxf(m_run[i], mt2[i]);  // finite: row 0 of step 0 is valid
+      const float alpha = exp2f(m_run[i] - m_new);
+      m_run[i] = m_new;
+      l_run[i] *= alpha;
+#pragma unroll
+      for (int mt = 0; mt < NMT; ++mt) {
+        o[mt][i] *= alpha;
+        o[mt][2 + i] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[s][e] = exp2f(sc[s][e] - m_run[e & 1]);
+        l_run[e & 1] += sc[s][e];
+      }
+    }
+
+    // ---------------------------------------------------------------- values O^T += V^T P^T
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const uint32_t pb0 = trans8x8(h2u(__floats2half2_rn(sc[s][0], sc[s][1])));
+      const uint32_t pb1 = trans8x8(h2u(__floats2half2_rn(sc[s][2], sc[s][3])));
+      // This lane's A rows use step positions k = 2t, 2t+1, 2t+8, 2t+9.
+      uint32_t vr[4][NAV];
+      float vsc[4], vbi[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int k = 2 * t + (i & 1) + 8 * (i >> 1);
+        const int pos = KCH ? P0 + 64 * (k >> 3) + 8 * (k & 7) + s : P0 + 16 * s + k;
+        const int p = min(pos, N - 1);
+        load_bits<NAV, UNAL_V>(vbase + p * vw_st[2], (int64_t)VD * g * VB, v_nw, vr[i]);
+        if constexpr (VCB) {
+          vsc[i] = tofloat(vsb[p * vs_st[2]]);
+          vbi[i] = 0.f;
+        } else {
+          vsc[i] = tofloat(vsb[p * vs_st[2] + v_grp * vs_st[3]]);
+          vbi[i] = tofloat(vbb[p * vb_st[2] + v_grp * vb_st[3]]);
+        }
+      }
+      const __half2 s01 = __floats2half2_rn(vsc[0], vsc[1]), s23 = __floats2half2_rn(vsc[2], vsc[3]);
+      const __half2 b01 = __floats2half2_rn(vbi[0], vbi[1]), b23 = __floats2half2_rn(vbi[2], vbi[3]);
+#pragma unroll
+      for (int mt = 0; mt < NMT; ++mt) {
+        uint32_t a[4];
+        a[0] = deq_pair<VCB>(code_at<VB>(vr[0], 2 * mt), code_at<VB>(vr[1], 2 * mt), s01, b01, lutv_s, lane);
+        a[1] = deq_pair<VCB>(code_at<VB>(vr[0], 2 * mt + 1), code_at<VB>(vr[1], 2 * mt + 1), s01, b01, lutv_s, lane);
+        a[2] = deq_pair<VCB>(code_at<VB>(vr[2], 2 * mt), code_at<VB>(vr[3], 2 * mt), s23, b23, lutv_s, lane);
+        a[3] = deq_pair<VCB>(code_at<VB>(vr[2], 2 * mt + 1), code_at<VB>(vr[3], 2 * mt + 1), s23, b23, lutv_s, lane);
+        mma16816(o[mt], a, pb0, pb1);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- merge the warps
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], off);
+  }
+  if (g == 0) {
+    red_m[warp][2 * t] = m_run[0];
+    red_m[warp][2 * t + 1] = m_run[1];
+    red_l[warp][2 * t] = l_run[0];
+    red_l[warp][2 * t + 1] = l_run[1];
+  }
+#pragma unroll
+  for (int mt = 0; mt < NMT; ++mt) {
+    const int d = VD * g + 2 * mt;
+    red_o[warp][2 * t][d] = o[mt][0];
+    red_o[warp][2 * t + 1][d] = o[mt][1];
+    red_o[warp][2 * t][d + 1] = o[mt][2];
+    red_o[warp][2 * t + 1][d + 1] = o[mt][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
+    const int h = i / D, d = i % D;
+    const int head = ht * 8 + h;
+    if (head >= G) continue;
+    float M = TQM_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) M = fmaxf(M, red_m[w][h]);
+    float L = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float mw = red_m[w][h];
+      if (mw == TQM_NEG_INF) continue;  // a warp with no positions
+      const float f = exp2f(mw - M);
+      L = fmaf(red_l[w][h], f, L);
+      acc = fmaf(red_o[w][h][d], f, acc);
+    }
+    const int64_t row = ((int64_t)(b * n_kv + hkv) * G + head) * S + split;
+    o_part[row * D + d] = acc;
+    if (d == 0) {
+      ml_part[row * 2] = M;
+      ml_part[row * 2 + 1] = L;
+    }
+  }
+}
+
+}  // namespace tqm
+"""
+
+MMA_SPLIT_SOURCE = r"""
+  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, ST>(
+      q, q_strides.data(),
+      kw, kw_shape.data(), kw_strides.data(),
+      ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
+      vw, vw_shape.data(), vw_strides.data(),
+      vs, vs_strides.data(), vb, vb_strides.data(),
+      lut_k, lut_v, params, iparams,
+      kw_shape[1], q_shape[1] / kw_shape[1], o_part, ml_part);
+"""
+
+# Merges the splits of one (batch, query head): unnormalised partials -> the normalised
+# output and its base-2 log-sum-exp (so the caller can join full-precision segments).
+MMA_COMBINE_SOURCE = r"""
+  const int row = blockIdx.x;
+  const int d = threadIdx.x;
+  const int S = ml_part_shape[2];
+  const float* ml = ml_part + (int64_t)row * S * 2;
+  float M = TQM_NEG_INF;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
+  float L = 0.f, acc = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float m = ml[2 * s];
+    if (m == TQM_NEG_INF) continue;  // an empty split
+    const float w = exp2f(m - M);
+    L = fmaf(ml[2 * s + 1], w, L);
+    acc = fmaf(o_part[((int64_t)row * S + s) * D + d], w, acc);
+  }
+  out[(int64_t)row * D + d] = L > 0.f ? acc / L : 0.f;
+  if (d == 0) lse[row] = L > 0.f ? M + log2f(L) : TQM_NEG_INF;
+"""
