@@ -142,6 +142,75 @@ def run_checks(km, rng, quick: bool = False) -> list[dict]:
     return rows
 
 
+# The v4 (tensor-core) kernel is checked through real caches: TurboQuantConfig fields.
+MMA_LAYOUTS = {
+    "default k4v4 chan g128 s1": dict(key_quantizer="channel", group_size=128, sink_tokens=1),
+    "chan k4v4 g64 s1 w64": dict(key_quantizer="channel", sink_tokens=1, window=64),
+    "chan k8v8 g128": dict(key_quantizer="channel", key_bits=8, value_bits=8, group_size=128),
+    "chan k3v3 g128 s1": dict(key_quantizer="channel", key_bits=3, value_bits=3, group_size=128,
+                              sink_tokens=1),
+    "chan k2v4 g128 cbV": dict(key_quantizer="channel", value_quantizer="codebook", key_bits=2,
+                               group_size=128),
+    "plain affine k4v4 g64": dict(),
+    "affine k3v3 g64 s2": dict(key_bits=3, value_bits=3, sink_tokens=2),
+    "affine k8v4 g128": dict(key_bits=8, group_size=128),
+    "affine k2v2 g32": dict(key_bits=2, value_bits=2, group_size=32),
+    "codebook k4v4": dict(quantizer="codebook"),
+    "codebook k3v3 s1": dict(quantizer="codebook", key_bits=3, value_bits=3, sink_tokens=1),
+    "codebook k2v3": dict(quantizer="codebook", key_bits=2, value_bits=3),
+}  # fmt: skip
+MMA_SHAPES = [(1, 32, 8, 128), (2, 16, 2, 256), (1, 8, 8, 64), (1, 28, 4, 128), (1, 64, 4, 128),
+              (1, 12, 1, 64)]  # fmt: skip
+MMA_TOL = 5e-3  # float16 operands on the tensor cores (METHOD: fp16 ~1e-3)
+
+
+def run_mma_checks(rng, quick: bool = False) -> list[dict]:
+    """v4 through real caches (decode step, kernel joined with sink/tail) vs float64."""
+    import mlx.core as mx
+
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.attention import join_body, rotate
+    from services.turboquant.kernels import mma_decode
+    from services.turboquant.kernels.cases import cache_case
+    from services.turboquant.kernels.reference import rel_error
+
+    rows = []
+    t0 = time.perf_counter()
+    layouts = list(MMA_LAYOUTS.items())
+    for shape in MMA_SHAPES[:3] if quick else MMA_SHAPES:
+        bsz, hq, hkv, d = shape
+        print(f"mma checks {shape} at {time.perf_counter() - t0:.0f}s", flush=True)
+        for name, cfg in layouts:
+            lengths = [77, 1000, 4099] + ([129, 33333] if shape == MMA_SHAPES[0] else [])
+            for n in lengths:
+                c = cache_case(rng, TurboQuantConfig(**cfg), batch=bsz, q_heads=hq,
+                               kv_heads=hkv, dim=d, length=n, sinks=bool(n % 2))  # fmt: skip
+                if c.keys.n_body == 0:
+                    continue  # all in the full-precision segments: the portable path's job
+                ok_shape = mma_decode.supports(c.queries, c.keys, c.values)
+                if not ok_shape:
+                    rows.append(dict(shape=str(shape), fmt=name, length=n, rel_err=float("nan"),
+                                     ok=False, note="declined"))  # fmt: skip
+                    print("DECLINED", name, shape, n, flush=True)
+                    continue
+                ref = c.reference()
+                q_rot = rotate(c.queries, c.keys.rotation)
+                errs = []
+                for splits in (None, 7, 1):
+                    body = mma_decode.mma_body_attention(
+                        q_rot, c.keys, c.values, c.scale, splits=splits, poison=True
+                    )
+                    out = join_body(c.queries, q_rot, body, c.keys, c.values, c.scale, c.sinks)
+                    mx.eval(out)
+                    errs.append(rel_error(np.array(out), ref))
+                err = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
+                rows.append(dict(shape=str(shape), fmt=name, length=n, rel_err=err,
+                                 ok=bool(err <= MMA_TOL)))  # fmt: skip
+                if not rows[-1]["ok"]:
+                    print("FAIL", rows[-1], errs, flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- timing
 def bench_time(fns, reps: int = 40, repeat: int = 5) -> float:
     """Seconds per call: build ``reps`` calls over rotating input sets, eval them at once."""
@@ -175,7 +244,9 @@ def kv_bytes(variant: str, hkv: int, n: int, d: int) -> int:
     """Bytes of K and V one decode step must read."""
     if variant == "fp16":
         per = d * 2
-    elif variant.startswith("mlx-lm affine") or variant.startswith("ours affine"):
+    elif variant.startswith("ours default layout"):  # 4-bit codes, fp16 scale+bias per 128
+        per = d // 2 + 4 * d // 128
+    elif variant.startswith(("mlx-lm affine", "ours affine", "v3 affine")):
         bits = int(variant.split()[-1].rstrip("b"))
         per = d * bits // 8 + 2 * (d // 64) * 2
     else:
@@ -184,10 +255,23 @@ def kv_bytes(variant: str, hkv: int, n: int, d: int) -> int:
     return 2 * hkv * n * per
 
 
+def cache_sides(k, v, config):
+    """A cache built from ``config`` holding ``k``/``v``: its packed key and value sides,
+    as attention receives them."""
+    from services.turboquant import TurboQuantKVCache, install_patch
+
+    install_patch()
+    return TurboQuantKVCache(config).update_and_fetch(k, v)
+
+
 def run_timings(km, contexts, shapes) -> list[dict]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models.base import quantized_scaled_dot_product_attention as mlx_qsdpa
+
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.attention import rotate, turboquant_attention
+    from services.turboquant.kernels import mma_decode
 
     fd = importlib.import_module(km.__name__ + ".fused_decode")
     rows = []
@@ -223,6 +307,12 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                         for _ in range(2)
                     )
                     s[f"c{b}"] = mx.sort(mx.random.normal((1 << b,)) / math.sqrt(d))
+                s["tq"] = cache_sides(k, v, TurboQuantConfig.recommended())
+                s["tq_plain"] = cache_sides(k, v, TurboQuantConfig())
+                s["tq_cb4"] = cache_sides(k, v, TurboQuantConfig(quantizer="codebook"))
+                s["tq_cb3"] = cache_sides(
+                    k, v, TurboQuantConfig(quantizer="codebook", key_bits=3, value_bits=3)
+                )
                 mx.eval([x for _, x in tree_flatten(s)])
                 sets.append(s)
 
@@ -246,6 +336,16 @@ def run_timings(km, contexts, shapes) -> list[dict]:
 
                 return f
 
+            def layer(s, key, scale=scale):  # the cache's attention as a model layer calls it
+                ks, vs = s[key]
+                return lambda: turboquant_attention(s["q"], ks, vs, scale)
+
+            def v4_only(s, key, scale=scale):
+                ks, vs = s[key]
+                q_rot = rotate(s["q"], ks.rotation)
+                mx.eval(q_rot)
+                return lambda: mma_decode.mma_body_attention(q_rot, ks, vs, scale)[0]
+
             def kernel_only(s, scale=scale, **kw):
                 q_rot = s["q"].astype(mx.float32)
                 mx.eval(q_rot)
@@ -266,11 +366,14 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                     lambda s=s, scale=scale: mlx_qsdpa(s["q"], s["k4"], s["v4"], scale, None, 64, 4)
                     for s in sets
                 ],
-                "ours affine 4b": [ours(s, "affine") for s in sets],
-                "ours affine 4b (kernel only)": [kernel_only(s) for s in sets],
-                "kernel tpb128 tile64": [kernel_only(s, tpb=128, tile=64) for s in sets],
-                "ours codebook 4b": [ours(s, 4) for s in sets],
-                "ours codebook 3b": [ours(s, 3) for s in sets],
+                "v3 affine 4b": [ours(s, "affine") for s in sets],
+                "v3 affine 4b (kernel only)": [kernel_only(s) for s in sets],
+                "ours default layout": [layer(s, "tq") for s in sets],
+                "ours default layout (kernel only)": [v4_only(s, "tq") for s in sets],
+                "ours affine 4b": [layer(s, "tq_plain") for s in sets],
+                "ours affine 4b (kernel only)": [v4_only(s, "tq_plain") for s in sets],
+                "ours codebook 4b": [layer(s, "tq_cb4") for s in sets],
+                "ours codebook 3b": [layer(s, "tq_cb3") for s in sets],
             }
             for name, fns in variants.items():
                 t = bench_time(fns)
@@ -342,6 +445,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768,131072,262144")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
+    ap.add_argument("--v3-checks", action="store_true", help="also check the v3 kernel")
+    ap.add_argument("--shapes", default="32/8/128,16/2/256", help="timing shapes q/kv/D")
+    ap.add_argument("--checks-only", action="store_true")
     ap.add_argument("--render", help="attention_gpu.json to write into docs/benchmarks.md")
     ap.add_argument("--machine", default=None)
     ap.add_argument("--command", default=None)
@@ -385,7 +491,9 @@ def main() -> None:
     res = {"mlx": mx.__version__, "gpu": gpu, "cuda": km.cuda_available()}
     print(res, flush=True)
     rng = np.random.default_rng(int(time.time()))
-    checks = [] if args.skip_checks else run_checks(km, rng, args.quick_checks)
+    checks = [] if args.skip_checks else run_mma_checks(rng, args.quick_checks)
+    if args.v3_checks:
+        checks += run_checks(km, rng, quick=True)
     errs = [c["rel_err"] for c in checks]
     res.update(
         checks=checks,
@@ -400,7 +508,10 @@ def main() -> None:
     (out / "attention_gpu.json").write_text(json.dumps(res, indent=1))
     res["copy_bw"] = copy_bandwidth()
     contexts = [int(c) for c in args.contexts.split(",")]
-    res["timings"] = run_timings(km, contexts, [(32, 8, 128), (16, 2, 256)])
+    if args.checks_only:
+        return
+    shapes = [tuple(int(x) for x in sh.split("/")) for sh in args.shapes.split(",")]
+    res["timings"] = run_timings(km, contexts, shapes)
     (out / "attention_gpu.json").write_text(json.dumps(res, indent=1))
     print(f"copy bandwidth {res['copy_bw'] / 1e12:.2f} TB/s")
     print(table(res["timings"], res["copy_bw"]))

@@ -43,6 +43,20 @@ QWEN35_35B_A3B = dict(
     tie_word_embeddings=False, max_position_embeddings=262144,
     rope_parameters={"type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
 )  # fmt: skip
+# Cache kinds besides fp16: the stack's default layout (per-channel keys, a full-precision
+# sink; the portable quantized_matmul path) and the paper's plain layout (every position
+# quantized per vector: the layout the fused CUDA kernel takes).
+CACHE_KINDS = ("fp16", "tq-default", "tq-plain")
+
+
+def _tq_config(kind: str):
+    from services.turboquant import TurboQuantConfig
+
+    if kind == "tq-default":
+        return TurboQuantConfig.recommended()
+    return TurboQuantConfig(key_bits=4, value_bits=4)
+
+
 TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=512)
 
 
@@ -110,7 +124,7 @@ def run_one(model, kind: str, context: int, steps: int) -> dict:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from services.turboquant import TurboQuantConfig, make_turboquant_cache
+    from services.turboquant import make_turboquant_cache
 
     mx.synchronize()
     mx.clear_cache()
@@ -118,7 +132,7 @@ def run_one(model, kind: str, context: int, steps: int) -> dict:
     if kind == "fp16":
         cache = make_prompt_cache(model)
     else:
-        cache = make_turboquant_cache(model, TurboQuantConfig(key_bits=4, value_bits=4))
+        cache = make_turboquant_cache(model, _tq_config(kind))
     attention_shapes(model, cache)
     fill(cache, context)
     mx.synchronize()
@@ -165,6 +179,7 @@ def main() -> None:
     ap.add_argument("--models", default="llama-3.1-8b,qwen3.5-35b-a3b")
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--caches", default=",".join(CACHE_KINDS))
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--render")
     ap.add_argument("--machine")
@@ -189,7 +204,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = build(name, args.tiny)
         for ctx in (int(c) for c in args.contexts.split(",")):
-            for kind in ("fp16", "turboquant"):
+            for kind in args.caches.split(","):
                 row = dict(model=name, **run_one(model, kind, ctx, args.steps))
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
