@@ -177,9 +177,14 @@ def run_mma_checks(rng, quick: bool = False) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
     layouts = list(MMA_LAYOUTS.items())
-    for shape in MMA_SHAPES[:3] if quick else MMA_SHAPES:
+    # The default super-tile on every shape; the other one (8 steps) on the first shape.
+    runs = [(shape, mma_decode.STEPS) for shape in (MMA_SHAPES[:3] if quick else MMA_SHAPES)]
+    runs.append((MMA_SHAPES[0], 12 - mma_decode.STEPS))
+    default_steps = mma_decode.STEPS
+    for shape, steps in runs:
+        mma_decode.STEPS = steps
         bsz, hq, hkv, d = shape
-        print(f"mma checks {shape} at {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"mma checks {shape} steps {steps} at {time.perf_counter() - t0:.0f}s", flush=True)
         for name, cfg in layouts:
             lengths = [77, 1000, 4099] + ([129, 33333] if shape == MMA_SHAPES[0] else [])
             for n in lengths:
@@ -196,18 +201,23 @@ def run_mma_checks(rng, quick: bool = False) -> list[dict]:
                 ref = c.reference()
                 q_rot = rotate(c.queries, c.keys.rotation)
                 errs = []
+                # The fused join (default, forced splits: some empty), and the MLX join.
                 for splits in (None, 7, 1):
-                    body = mma_decode.mma_body_attention(
-                        q_rot, c.keys, c.values, c.scale, splits=splits, poison=True
-                    )
-                    out = join_body(c.queries, q_rot, body, c.keys, c.values, c.scale, c.sinks)
+                    out = mma_decode.mma_decode_layer(
+                        c.queries, q_rot, c.keys, c.values, c.scale, c.sinks, splits=splits,
+                        poison=True,
+                    )  # fmt: skip
                     mx.eval(out)
-                    errs.append(rel_error(np.array(out), ref))
+                    errs.append(rel_error(np.array(out.astype(mx.float32)), ref))
+                body = mma_decode.mma_body_attention(q_rot, c.keys, c.values, c.scale, poison=True)
+                out = join_body(c.queries, q_rot, body, c.keys, c.values, c.scale, c.sinks)
+                errs.append(rel_error(np.array(out), ref))
                 err = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
-                rows.append(dict(shape=str(shape), fmt=name, length=n, rel_err=err,
-                                 ok=bool(err <= MMA_TOL)))  # fmt: skip
+                rows.append(dict(shape=str(shape), fmt=f"{name} steps{steps}", length=n,
+                                 rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
                 if not rows[-1]["ok"]:
                     print("FAIL", rows[-1], errs, flush=True)
+    mma_decode.STEPS = default_steps
     return rows
 
 
@@ -276,7 +286,6 @@ def run_timings(km, contexts, shapes) -> list[dict]:
     fd = importlib.import_module(km.__name__ + ".fused_decode")
     rows = []
     for hq, hkv, d in shapes:
-        signs = mx.where(mx.random.uniform(shape=(d,)) > 0.5, 1.0, -1.0)
         for n in contexts:
             set_bytes = 2 * hkv * n * d * 2
             nsets = int(min(8, max(2, math.ceil(4 * L2_BYTES / set_bytes))))
@@ -297,16 +306,6 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                     k8=mx.quantize(k, group_size=64, bits=8),
                     v8=mx.quantize(v, group_size=64, bits=8),
                 )
-                for b in (4, 3):
-                    w = d * b // 32
-                    s[f"cb{b}"] = tuple(
-                        (
-                            mx.random.randint(0, 2**31 - 1, (1, hkv, n, w)).astype(mx.uint32),
-                            (mx.random.uniform(shape=(1, hkv, n)) + 0.5).astype(mx.float16),
-                        )
-                        for _ in range(2)
-                    )
-                    s[f"c{b}"] = mx.sort(mx.random.normal((1 << b,)) / math.sqrt(d))
                 s["tq"] = cache_sides(k, v, TurboQuantConfig.recommended())
                 s["tq_plain"] = cache_sides(k, v, TurboQuantConfig())
                 s["tq_cb4"] = cache_sides(k, v, TurboQuantConfig(quantizer="codebook"))
@@ -316,35 +315,27 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                 mx.eval([x for _, x in tree_flatten(s)])
                 sets.append(s)
 
-            def ours(s, kind, scale=scale, signs=signs):
-                def f():
-                    q_rot = mx.hadamard_transform(s["q"].astype(mx.float32) * signs)
-                    if kind == "affine":
-                        o = fd.fused_decode_attention(q_rot, s["k4"], s["v4"], scale)
-                    else:
-                        ks, vs = s[f"cb{kind}"]
-                        o = fd.fused_decode_attention(
-                            q_rot,
-                            ks,
-                            vs,
-                            scale,
-                            quantizer="codebook",
-                            centroids_k=s[f"c{kind}"],
-                            centroids_v=s[f"c{kind}"],
-                        )
-                    return (mx.hadamard_transform(o) * signs).astype(mx.float16)
-
-                return f
-
             def layer(s, key, scale=scale):  # the cache's attention as a model layer calls it
                 ks, vs = s[key]
                 return lambda: turboquant_attention(s["q"], ks, vs, scale)
 
-            def v4_only(s, key, scale=scale):
+            def v4_only(s, key, scale=scale, **tune):
+                """The split kernel alone; ``tune`` sets STEPS / WARPS / SPLIT_FACTOR."""
                 ks, vs = s[key]
                 q_rot = rotate(s["q"], ks.rotation)
                 mx.eval(q_rot)
-                return lambda: mma_decode.mma_body_attention(q_rot, ks, vs, scale)[0]
+
+                def f():
+                    old = {k: getattr(mma_decode, k) for k in tune}
+                    for k, v in tune.items():
+                        setattr(mma_decode, k, v)
+                    try:
+                        return mma_decode._split(q_rot, ks, vs, scale, None, False)[0]
+                    finally:
+                        for k, v in old.items():
+                            setattr(mma_decode, k, v)
+
+                return f
 
             def kernel_only(s, scale=scale, **kw):
                 q_rot = s["q"].astype(mx.float32)
@@ -366,22 +357,26 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                     lambda s=s, scale=scale: mlx_qsdpa(s["q"], s["k4"], s["v4"], scale, None, 64, 4)
                     for s in sets
                 ],
-                "v3 affine 4b": [ours(s, "affine") for s in sets],
                 "v3 affine 4b (kernel only)": [kernel_only(s) for s in sets],
                 "ours default layout": [layer(s, "tq") for s in sets],
                 "ours default layout (kernel only)": [v4_only(s, "tq") for s in sets],
+                "kernel default steps8": [v4_only(s, "tq", STEPS=8) for s in sets],
+                "kernel default warps8": [v4_only(s, "tq", WARPS=8) for s in sets],
+                "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],
+                "kernel default splits1": [v4_only(s, "tq", SPLIT_FACTOR=1) for s in sets],
                 "ours affine 4b": [layer(s, "tq_plain") for s in sets],
                 "ours affine 4b (kernel only)": [v4_only(s, "tq_plain") for s in sets],
+                "kernel affine steps8": [v4_only(s, "tq_plain", STEPS=8) for s in sets],
                 "ours codebook 4b": [layer(s, "tq_cb4") for s in sets],
                 "ours codebook 3b": [layer(s, "tq_cb3") for s in sets],
             }
             for name, fns in variants.items():
                 t = bench_time(fns)
-                base = (
-                    "ours affine 4b"
-                    if name.startswith("kernel")
-                    else name.replace(" (kernel only)", "")
-                )
+                base = name.replace(" (kernel only)", "")
+                if name.startswith("kernel default"):
+                    base = "ours default layout"
+                elif name.startswith("kernel"):
+                    base = "ours affine 4b"
                 rows.append(
                     dict(
                         heads=f"{hq}/{hkv}",

@@ -29,6 +29,8 @@ DecodeKernel = Callable[..., "mx.array | None"]
 _decode_kernel: DecodeKernel | None = None
 BodyKernel = Callable[..., "tuple[mx.array, mx.array] | None"]
 _body_kernel: BodyKernel | None = None
+LayerKernel = Callable[..., "mx.array | None"]
+_layer_kernel: LayerKernel | None = None
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -66,6 +68,15 @@ def set_body_decode_kernel(fn: BodyKernel | None) -> BodyKernel | None:
     return old
 
 
+def set_layer_decode_kernel(fn: LayerKernel | None) -> LayerKernel | None:
+    """Install ``fn(queries, q_rot, keys, values, scale, sinks)`` for decode; returns the
+    old one. ``fn`` returns the layer's whole output (model space) or ``None`` to decline,
+    in which case the body kernel (if any) and then the portable path are tried."""
+    global _layer_kernel
+    old, _layer_kernel = _layer_kernel, fn
+    return old
+
+
 def turboquant_attention(
     queries: mx.array,
     keys: Any,
@@ -80,8 +91,12 @@ def turboquant_attention(
         mask = None  # the one query is the last position: it sees the whole context
     # rotate() returns a new float32 array: the caller's queries are never written to.
     q = rotate(queries, k_rot) if k_rot is not None else queries.astype(mx.float32)
-    if queries.shape[2] == 1 and mask is None and _body_kernel is not None and keys.n_body:
-        body = _body_kernel(q, keys, values, scale)
+    if queries.shape[2] == 1 and mask is None and keys.n_body:
+        if _layer_kernel is not None:
+            out = _layer_kernel(queries, q, keys, values, scale, sinks)
+            if out is not None:
+                return out.astype(queries.dtype)
+        body = _body_kernel(q, keys, values, scale) if _body_kernel is not None else None
         if body is not None:
             return join_body(queries, q, body, keys, values, scale, sinks).astype(queries.dtype)
     if not keys.body_only:

@@ -140,9 +140,10 @@ def test_affine_uses_the_kernel_only_where_it_was_measured_faster():
 def test_install_only_on_cuda():
     assert install() == cuda_available()
     if cuda_available():
-        from services.turboquant.attention import set_body_decode_kernel
+        from services.turboquant.attention import set_body_decode_kernel, set_layer_decode_kernel
 
         set_body_decode_kernel(None)
+        set_layer_decode_kernel(None)
 
 
 # ----------------------------------------------------------------- blockwise prefill (everywhere)

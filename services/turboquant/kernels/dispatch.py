@@ -75,6 +75,14 @@ def mma_body_kernel(q_rot, keys, values, scale):
     return mma_decode.mma_body_attention(q_rot, keys, values, scale)
 
 
+def mma_layer_kernel(queries, q_rot, keys, values, scale, sinks=None):
+    """``LayerKernel`` for ``set_layer_decode_kernel``: split kernel + fused join (two
+    launches per layer); None where the body kernel + MLX join must do it."""
+    if not mma_decode.supports(q_rot, keys, values):
+        return None
+    return mma_decode.mma_decode_layer(queries, q_rot, keys, values, scale, sinks)
+
+
 def install() -> bool:
     """Register the CUDA decode kernel if MLX runs on CUDA; True when installed.
 
@@ -83,7 +91,8 @@ def install() -> bool:
     """
     if not cuda_available():
         return False
-    from services.turboquant.attention import set_body_decode_kernel
+    from services.turboquant.attention import set_body_decode_kernel, set_layer_decode_kernel
 
+    set_layer_decode_kernel(mma_layer_kernel)
     set_body_decode_kernel(mma_body_kernel)
     return True

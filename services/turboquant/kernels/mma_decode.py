@@ -14,14 +14,21 @@ from functools import cache, lru_cache
 
 import mlx.core as mx
 
-from .mma_source import MMA_COMBINE_SOURCE, MMA_HEADER, MMA_SPLIT_SOURCE
+from .mma_source import (
+    MMA_COMBINE_SOURCE,
+    MMA_HEADER,
+    MMA_JOIN_MAX_FP,
+    MMA_JOIN_SOURCE,
+    MMA_SPLIT_SOURCE,
+)
 
 AFFINE_BITS = (2, 3, 4, 8)
 CODEBOOK_BITS = (2, 3, 4)
 HEAD_DIMS = (64, 128, 256)
-WARPS = 4  # warps per block; each owns super-tiles of 128 positions
-SUPER_TILE = 128
+WARPS = 4  # warps per block; each owns super-tiles of 16 * STEPS positions
+STEPS = 4  # 8 took 255 registers and spilled for per-channel keys (bench/gpu_notes.md)
 NUM_SMS_GUESS = 132  # H200; only steers the split count
+SPLIT_FACTOR = 2  # blocks per SM the split count aims for (255 registers: 2 fit)
 LOG2E = 1.4426950408889634
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
@@ -42,7 +49,6 @@ def _split_kernel():
             "lut_k",
             "lut_v",
             "params",
-            "iparams",
         ],  # fmt: skip
         output_names=["o_part", "ml_part"],
         source=MMA_SPLIT_SOURCE,
@@ -64,6 +70,30 @@ def _combine_kernel():
     )
 
 
+@cache
+def _join_kernel():
+    return mx.fast.cuda_kernel(
+        name="tq_mma_decode_join",
+        input_names=[
+            "o_part",
+            "ml_part",
+            "qf",
+            "kh",
+            "vh",
+            "kt",
+            "vt",
+            "signs",
+            "cshift",
+            "sinks",
+            "params",
+        ],
+        output_names=["out"],
+        source=MMA_JOIN_SOURCE,
+        header=MMA_HEADER,
+        ensure_row_contiguous=False,  # the sink and tail are views of the cache's buffers
+    )
+
+
 @lru_cache(maxsize=64)
 def _const(value: float) -> mx.array:
     return mx.array([value], dtype=mx.float32)
@@ -74,10 +104,10 @@ def _dummy(dtype: mx.Dtype) -> mx.array:
     return mx.zeros((1, 1, 1, 1), dtype=dtype)
 
 
-def num_splits(length: int, blocks: int, num_sms: int = NUM_SMS_GUESS) -> int:
-    """Context splits for about two blocks per SM, each at least one super-tile per warp."""
-    want = max(1, math.ceil(2 * num_sms / max(1, blocks)))
-    tiles = max(1, math.ceil(length / (SUPER_TILE * WARPS)))
+def num_splits(length: int, blocks: int, num_sms: int = NUM_SMS_GUESS, factor: int = 2) -> int:
+    """Context splits for about ``factor`` blocks per SM, each at least one super-tile per warp."""
+    want = max(1, math.ceil(factor * num_sms / max(1, blocks)))
+    tiles = max(1, math.ceil(length / (16 * STEPS * WARPS)))
     return max(1, min(want, tiles))
 
 
@@ -93,7 +123,7 @@ def side_layout(side, values: bool = False) -> tuple[int, int, int] | None:
     if spec.quantizer == "codebook":
         return table["codebook"], spec.bits, side.dim
     if spec.per_channel:
-        if spec.group_size < 64:
+        if spec.group_size < 8 * STEPS:
             return None  # a half super-tile must sit inside one group of positions
         return table["channel"], spec.bits, spec.group_size
     group = side.dim // side.parts[1].shape[-1]
@@ -129,35 +159,117 @@ def mma_body_attention(
     base-2 log-sum-exp of ``scale * log2(e) * q.k`` over the body (the key centre, if
     any, is not included). ``poison`` fills the outputs with NaN first (tests).
     """
+    o_part, ml_part = _split(q_rot, keys, values, scale, splits, poison)
+    b, hq, _, d = q_rot.shape
+    return _combine_kernel()(
+        inputs=[o_part, ml_part],
+        template=[("D", d)],
+        grid=(b * hq * d, 1, 1),
+        threadgroup=(d, 1, 1),
+        output_shapes=[(b, hq, 1, d), (b, hq, 1, 1)],
+        output_dtypes=[mx.float32, mx.float32],
+        init_value=float("nan") if poison else None,
+    )
+
+
+def mma_decode_layer(
+    queries: mx.array,
+    q_rot: mx.array,
+    keys,
+    values,
+    scale: float,
+    sinks: mx.array | None = None,
+    *,
+    splits: int | None = None,
+    poison: bool = False,
+) -> mx.array | None:
+    """The whole decode attention of a layer in two launches: the split kernel over the
+    body, then one join (splits, rotation back, key centre, sink and tail, learned sinks).
+
+    ``queries``: ``(B, Hq, 1, D)`` model space; ``q_rot`` the same rotated (float32).
+    Returns ``(B, Hq, 1, D)`` in the queries' dtype, or None when the full-precision
+    segments are too long for the join (the caller then joins with MLX ops).
+    """
+    head, tail = keys.head, keys.tail
+    has_head = head is not None and head.shape[2] > 0
+    has_tail = tail is not None and tail.shape[2] > 0
+    n_fp = (head.shape[2] if has_head else 0) + (tail.shape[2] if has_tail else 0)
+    rot = keys.rotation
+    if n_fp > MMA_JOIN_MAX_FP or (rot is not None and rot.signs is None):
+        return None
+    o_part, ml_part = _split(q_rot, keys, values, scale, splits, poison)
+    b, hq, _, d = queries.shape
+    n_kv = keys.parts[0].shape[1]
+    fp_dtype = (head if has_head else tail if has_tail else queries).dtype
+    dummy, none32 = _dummy(fp_dtype), _dummy(mx.float32)
+    cshift = none32
+    if keys.center is not None:  # q.centre per head: the body's scores leave it out
+        qg = q_rot.reshape(b, n_kv, hq // n_kv, d)
+        cshift = ((qg @ keys.center[:, :, 0, :, None]) * (scale * LOG2E)).reshape(b, hq)
+    fp = [
+        head if has_head else dummy,
+        values.head if has_head else dummy,
+        tail if has_tail else dummy,
+        values.tail if has_tail else dummy,
+    ]
+    (out,) = _join_kernel()(
+        inputs=[
+            o_part,
+            ml_part,
+            queries,
+            *fp,
+            rot.signs if rot is not None else none32,
+            cshift,
+            sinks.astype(mx.float32) if sinks is not None else none32,
+            _const(scale * LOG2E),
+        ],
+        template=[
+            ("D", d),
+            ("G", hq // n_kv),
+            ("MAXF", MMA_JOIN_MAX_FP),  # fixed: the tail's length must not recompile
+            ("FT", fp_dtype),
+            ("QT", queries.dtype),
+            ("OT", queries.dtype),
+            ("HAS_HEAD", has_head),
+            ("HAS_TAIL", has_tail),
+            ("HAS_ROT", rot is not None),
+            ("HAS_CENTER", keys.center is not None),
+            ("HAS_SINKS", sinks is not None),
+        ],
+        grid=(b * hq * d, 1, 1),
+        threadgroup=(d, 1, 1),
+        output_shapes=[(b, hq, 1, d)],
+        output_dtypes=[queries.dtype],
+        init_value=float("nan") if poison else None,
+    )
+    return out
+
+
+def _split(q_rot, keys, values, scale, splits, poison):
+    """The split kernel: unnormalised partials ``(o_part (B,Hq,S,D), ml_part (B,Hq,S,2))``."""
     k_layout, k_bits, k_group = side_layout(keys)
     v_layout, v_bits, v_group = side_layout(values, values=True)
     b, hq, _, d = q_rot.shape
     hkv = keys.parts[0].shape[1]
-    n = keys.n_body
-    group = hq // hkv
-    n_ht = -(-group // 8)
-    kw, ks = keys.parts[0], keys.parts[1]
+    n_ht = -(-(hq // hkv) // 8)
     kb = keys.parts[2] if k_layout != 1 else _dummy(mx.float16)
-    vw, vs = values.parts[0], values.parts[1]
     vb = values.parts[2] if v_layout != 1 else _dummy(mx.float16)
     lut_k = _lut(keys) if k_layout == 1 else _dummy(mx.float32)
     lut_v = _lut(values) if v_layout == 1 else _dummy(mx.float32)
-    s = splits or num_splits(n, b * hkv * n_ht)
-    init = float("nan") if poison else None
-    o_part, ml_part = _split_kernel()(
+    s = splits or num_splits(keys.n_body, b * hkv * n_ht, factor=SPLIT_FACTOR)
+    return _split_kernel()(
         inputs=[
             q_rot.astype(mx.float32),
-            kw,
-            ks,
+            keys.parts[0],
+            keys.parts[1],
             kb,
-            vw,
-            vs,
+            values.parts[0],
+            values.parts[1],
             vb,
             lut_k,
             lut_v,
             _const(scale * LOG2E),
-            mx.array([n], dtype=mx.int32),
-        ],  # fmt: skip
+        ],
         template=[
             ("KQ", k_layout),
             ("VQ", v_layout),
@@ -167,24 +279,15 @@ def mma_body_attention(
             ("VGS", v_group),
             ("D", d),
             ("WARPS", WARPS),
+            ("STEPS", STEPS),
             ("ST", mx.float16),
-        ],  # fmt: skip
+        ],
         grid=(s * 32 * WARPS, hkv * n_ht, b),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(b, hq, s, d), (b, hq, s, 2)],
         output_dtypes=[mx.float32, mx.float32],
-        init_value=init,
+        init_value=float("nan") if poison else None,
     )
-    out, lse = _combine_kernel()(
-        inputs=[o_part, ml_part],
-        template=[("D", d)],
-        grid=(b * hq * d, 1, 1),
-        threadgroup=(d, 1, 1),
-        output_shapes=[(b, hq, 1, d), (b, hq, 1, 1)],
-        output_dtypes=[mx.float32, mx.float32],
-        init_value=init,
-    )
-    return out, lse
 
 
 def _lut(side) -> mx.array:

@@ -6,18 +6,19 @@ One warp scores 16 positions x 8 query heads per ``mma.m16n8k16`` (f16 in, f32 o
 from the score layout by ``movmatrix``). Codes are turned into fp16 in registers
 (``0x6400 | code`` is ``1024 + code`` exactly), scaled in fp16, never written back.
 
-A warp owns super-tiles of 128 positions (8 steps of 16) and keeps its own online
-softmax; the block's warps merge in shared memory and write one partial ``(acc, m, l)``
-per split (base-2 exponentials). Key layouts (``KQ``): 0 affine per vector, 1 codebook
-per vector, 2 affine per channel (transposed, groups of ``KGS >= 64`` positions: a
-super-tile's step ``s`` row ``r`` is position ``8r + s`` of the tile, so one packed word of
-a channel feeds one lane's row over all 8 steps). Value layouts (``VQ``): 0 affine,
-1 codebook. Dims are permuted between lanes freely (the same permutation on both
-operands); the output permutation is undone when the partials are written.
+A warp owns super-tiles of ``16 * STEPS`` positions (STEPS steps of 16) and keeps its own
+online softmax; the block's warps merge in shared memory and write one partial ``(acc, m,
+l)`` per split (base-2 exponentials). Key layouts (``KQ``): 0 affine per vector, 1 codebook
+per vector, 2 affine per channel (transposed, groups of ``KGS >= 8 * STEPS`` positions:
+step ``s`` row ``r < 8`` is position ``STEPS * r + s`` of the tile, row ``r >= 8`` the same in
+its second half, so one lane reads a run of STEPS positions of a channel at once). Value
+layouts (``VQ``): 0 affine, 1 codebook. Dims are permuted between lanes freely (the same
+permutation on both operands); the output permutation is undone when the partials are written.
 """
 
 MMA_HEADER = r"""
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 #define TQM_NEG_INF (__int_as_float(0xff800000u))
 
@@ -25,6 +26,7 @@ namespace tqm {
 
 __device__ __forceinline__ float tofloat(float x) { return x; }
 __device__ __forceinline__ float tofloat(__half x) { return __half2float(x); }
+__device__ __forceinline__ float tofloat(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
@@ -95,29 +97,30 @@ __device__ __forceinline__ uint32_t deq_pair(uint32_t c0, uint32_t c1, __half2 s
   }
 }
 
-template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, typename ST>
+template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, typename ST>
 __device__ void mma_decode_split(
     const float* q, const int64_t* q_st,
     const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
     const ST* ks, const int* ks_sh, const int64_t* ks_st, const ST* kbias, const int64_t* kb_st,
     const uint32_t* vw, const int* vw_sh, const int64_t* vw_st,
     const ST* vs, const int64_t* vs_st, const ST* vbias, const int64_t* vb_st,
-    const float* lut_k, const float* lut_v, const float* params, const int* iparams,
+    const float* lut_k, const float* lut_v, const float* params,
     int n_kv, int G, float* o_part, float* ml_part) {
   constexpr bool KCB = KQ == 1, KCH = KQ == 2, VCB = VQ == 1;
   constexpr int NKB = D / 16;  // k-blocks of the score product
   constexpr int NMT = D / 16;  // m-tiles of the value product
   constexpr int KD = D / 4;    // key dims per lane (per-vector keys)
   constexpr int VD = D / 8;    // value dims per lane
-  // Per-vector keys: a lane's KD dims; channel keys: a lane's 8 positions of one channel.
-  constexpr int KBITS = KCH ? 8 * KB : KD * KB;
+  constexpr int TP = 16 * STEPS;  // positions per super-tile (STEPS steps of 16)
+  constexpr int HALF = 8 * STEPS;  // channel keys: rows 0-7 and 8-15 cover one half each
+  // Per-vector keys: a lane's KD dims; channel keys: a lane's STEPS positions of a channel.
+  constexpr int KBITS = KCH ? STEPS * KB : KD * KB;
   constexpr int NAK = (KBITS + 31) / 32;
-  // Channel rows start at bit 8 * KB * lane-row: word aligned only for 4 and 8 bits.
-  constexpr bool UNAL_K = KCH ? ((8 * KB) % 32 != 0) : (KBITS % 32 != 0);
+  constexpr bool UNAL_K = KBITS % 32 != 0;
   constexpr int NG = (!KCH && !KCB && KD >= KGS) ? KD / KGS : 1;  // key groups per lane
   constexpr int NAV = (VD * VB + 31) / 32;
   constexpr bool UNAL_V = (VD * VB) % 32 != 0;
-  static_assert(!KCH || KGS >= 64, "channel groups must hold a half super-tile");
+  static_assert(!KCH || KGS >= HALF, "channel groups must hold a half super-tile");
   static_assert(VGS >= VD && (KCH || KGS >= 4), "group shapes");
 
   __shared__ float lutk_s[KCB ? (1 << KB) * 32 : 1];
@@ -131,10 +134,10 @@ __device__ void mma_decode_split(
   const int n_ht = (G + 7) / 8;
   const int hkv = blockIdx.y / n_ht, ht = blockIdx.y % n_ht;
   const int b = blockIdx.z;
-  const int N = iparams[0];
+  const int N = KCH ? ks_sh[3] * KGS : kw_sh[2];  // body positions (channel: whole groups)
   const float qscale = params[0];  // softmax scale * log2(e)
   int chunk = (N + S - 1) / S;
-  chunk = (chunk + 127) / 128 * 128;
+  chunk = (chunk + TP - 1) / TP * TP;
   const int start = split * chunk;
   const int end = min(N, start + chunk);
 
@@ -180,17 +183,17 @@ __device__ void mma_decode_split(
 #pragma unroll
   for (int mt = 0; mt < NMT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
 
-  for (int P0 = start + warp * 128; P0 < end; P0 += WARPS * 128) {
+  for (int P0 = start + warp * TP; P0 < end; P0 += WARPS * TP) {
     // ---------------------------------------------------------------- scores S^T
-    float sc[8][4];
+    float sc[STEPS][4];
 #pragma unroll
-    for (int s = 0; s < 8; ++s) sc[s][0] = sc[s][1] = sc[s][2] = sc[s][3] = 0.f;
+    for (int s = 0; s < STEPS; ++s) sc[s][0] = sc[s][1] = sc[s][2] = sc[s][3] = 0.f;
 
     if constexpr (KCH) {
-      // Row g of step s is position P0 + 8g + s, row g+8 is P0 + 64 + 8g + s.
+      // Row g of step s is position P0 + STEPS*g + s, row g+8 is P0 + HALF + STEPS*g + s.
       int grp[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) grp[r] = min((P0 + 64 * r) / KGS, ks_sh[3] - 1);
+      for (int r = 0; r < 2; ++r) grp[r] = min((P0 + HALF * r) / KGS, ks_sh[3] - 1);
 #pragma unroll
       for (int kb = 0; kb < NKB; ++kb) {
         uint32_t cw[2][4][NAK];
@@ -200,7 +203,7 @@ __device__ void mma_decode_split(
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int d = t * KD + 4 * kb + c;
-            load_bits<NAK, UNAL_K>(kbase + d * kw_st[2], (int64_t)(P0 + 64 * r + 8 * g) * KB, k_nw, cw[r][c]);
+            load_bits<NAK, UNAL_K>(kbase + d * kw_st[2], (int64_t)(P0 + HALF * r + STEPS * g) * KB, k_nw, cw[r][c]);
           }
 #pragma unroll
           for (int c2 = 0; c2 < 2; ++c2) {
@@ -214,7 +217,7 @@ __device__ void mma_decode_split(
           }
         }
 #pragma unroll
-        for (int s = 0; s < 8; ++s) {
+        for (int s = 0; s < STEPS; ++s) {
           uint32_t a[4];
           a[0] = deq_pair<false>(code_at<KB>(cw[0][0], s), code_at<KB>(cw[0][1], s), sc2[0][0], bi2[0][0], nullptr, lane);
           a[1] = deq_pair<false>(code_at<KB>(cw[1][0], s), code_at<KB>(cw[1][1], s), sc2[1][0], bi2[1][0], nullptr, lane);
@@ -225,7 +228,7 @@ __device__ void mma_decode_split(
       }
     } else {
 #pragma unroll
-      for (int s = 0; s < 8; ++s) {
+      for (int s = 0; s < STEPS; ++s) {
         uint32_t kr[2][NAK];
         float ksc[2][NG], kbi[2][NG];
 #pragma unroll
@@ -266,10 +269,10 @@ __device__ void mma_decode_split(
     // ---------------------------------------------------------------- online softmax
     float mt2[2] = {TQM_NEG_INF, TQM_NEG_INF};
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
+    for (int s = 0; s < STEPS; ++s) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int pos = KCH ? P0 + 64 * r + 8 * g + s : P0 + 16 * s + g + 8 * r;
+        const int pos = KCH ? P0 + HALF * r + STEPS * g + s : P0 + 16 * s + g + 8 * r;
         if (pos >= end) sc[s][2 * r] = sc[s][2 * r + 1] = TQM_NEG_INF;
         mt2[0] = fmaxf(mt2[0], sc[s][2 * r]);
         mt2[1] = fmaxf(mt2[1], sc[s][2 * r + 1]);
@@ -290,7 +293,7 @@ __device__ void mma_decode_split(
       }
     }
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
+    for (int s = 0; s < STEPS; ++s) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         sc[s][e] = exp2f(sc[s][e] - m_run[e & 1]);
@@ -300,7 +303,7 @@ __device__ void mma_decode_split(
 
     // ---------------------------------------------------------------- values O^T += V^T P^T
 #pragma unroll
-    for (int s = 0; s < 8; ++s) {
+    for (int s = 0; s < STEPS; ++s) {
       const uint32_t pb0 = trans8x8(h2u(__floats2half2_rn(sc[s][0], sc[s][1])));
       const uint32_t pb1 = trans8x8(h2u(__floats2half2_rn(sc[s][2], sc[s][3])));
       // This lane's A rows use step positions k = 2t, 2t+1, 2t+8, 2t+9.
@@ -309,7 +312,7 @@ __device__ void mma_decode_split(
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int k = 2 * t + (i & 1) + 8 * (i >> 1);
-        const int pos = KCH ? P0 + 64 * (k >> 3) + 8 * (k & 7) + s : P0 + 16 * s + k;
+        const int pos = KCH ? P0 + HALF * (k >> 3) + STEPS * (k & 7) + s : P0 + 16 * s + k;
         const int p = min(pos, N - 1);
         load_bits<NAV, UNAL_V>(vbase + p * vw_st[2], (int64_t)VD * g * VB, v_nw, vr[i]);
         if constexpr (VCB) {
@@ -384,13 +387,13 @@ __device__ void mma_decode_split(
 """
 
 MMA_SPLIT_SOURCE = r"""
-  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, ST>(
+  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, ST>(
       q, q_strides.data(),
       kw, kw_shape.data(), kw_strides.data(),
       ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
       vw, vw_shape.data(), vw_strides.data(),
       vs, vs_strides.data(), vb, vb_strides.data(),
-      lut_k, lut_v, params, iparams,
+      lut_k, lut_v, params,
       kw_shape[1], q_shape[1] / kw_shape[1], o_part, ml_part);
 """
 
@@ -413,4 +416,80 @@ MMA_COMBINE_SOURCE = r"""
   }
   out[(int64_t)row * D + d] = L > 0.f ? acc / L : 0.f;
   if (d == 0) lse[row] = L > 0.f ? M + log2f(L) : TQM_NEG_INF;
+"""
+
+# One block per (batch, query head), one thread per coordinate: merges the body's splits,
+# rotates the body back (Hadamard butterflies in shared memory, then the signs), scores the
+# full-precision sink (``kh``/``vh``) and tail (``kt``/``vt``) in model space and joins them
+# with the learned sink: the rest of the decode layer after the split kernel, one launch.
+MMA_JOIN_MAX_FP = 512  # full-precision positions the join scores in shared memory
+MMA_JOIN_SOURCE = r"""
+  const int row = blockIdx.x;  // b * Hq + hq
+  const int d = threadIdx.x;
+  const int Hq = qf_shape[1];
+  const int b = row / Hq, hq = row % Hq;
+  const int hkv = hq / G;
+  const int S = ml_part_shape[2];
+  const int FH = HAS_HEAD ? kh_shape[2] : 0;
+  const int F = FH + (HAS_TAIL ? kt_shape[2] : 0);
+  const float qs = params[0];  // softmax scale * log2(e)
+  __shared__ float sh[D];
+  __shared__ float zs[MAXF];
+
+  const float* ml = ml_part + (int64_t)row * S * 2;
+  float Mb = TQM_NEG_INF;
+  for (int s = 0; s < S; ++s) Mb = fmaxf(Mb, ml[2 * s]);
+  float Lb = 0.f, acc = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float m = ml[2 * s];
+    if (m == TQM_NEG_INF) continue;
+    const float w = exp2f(m - Mb);
+    Lb = fmaf(ml[2 * s + 1], w, Lb);
+    acc = fmaf(o_part[((int64_t)row * S + s) * D + d], w, acc);
+  }
+  if (HAS_ROT) {  // y M^T with M = diag(signs) H / sqrt(D): Sylvester-order H, then the signs
+    sh[d] = acc;
+    __syncthreads();
+    for (int h = 1; h < D; h <<= 1) {
+      const float x = sh[d], y = sh[d ^ h];
+      __syncthreads();
+      sh[d] = (d & h) ? (y - x) : (x + y);
+      __syncthreads();
+    }
+    acc = sh[d] * rsqrtf((float)D) * signs[d];
+  }
+  if (HAS_CENTER) Mb += cshift[row];  // the body's scores left out q.centre
+
+  float mf = TQM_NEG_INF, lf = 0.f, accf = 0.f;
+  if (F > 0) {
+    const int lane = d & 31, warp = d >> 5;
+    const QT* qp = qf + b * qf_strides[0] + hq * qf_strides[1];
+    for (int f = warp; f < F; f += D / 32) {
+      const bool head = f < FH;
+      const FT* kp = head ? kh + b * kh_strides[0] + hkv * kh_strides[1] + f * kh_strides[2]
+                          : kt + b * kt_strides[0] + hkv * kt_strides[1] + (f - FH) * kt_strides[2];
+      const int64_t ke = head ? kh_strides[3] : kt_strides[3];
+      float s = 0.f;
+      for (int e = lane; e < D; e += 32) s = fmaf(tqm::tofloat(qp[e * qf_strides[3]]), tqm::tofloat(kp[e * ke]), s);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (lane == 0) zs[f] = s * qs;
+    }
+    __syncthreads();
+    for (int f = 0; f < F; ++f) mf = fmaxf(mf, zs[f]);
+    for (int f = 0; f < F; ++f) {
+      const bool head = f < FH;
+      const float v = head ? tqm::tofloat(vh[b * vh_strides[0] + hkv * vh_strides[1] + f * vh_strides[2] + d * vh_strides[3]])
+                           : tqm::tofloat(vt[b * vt_strides[0] + hkv * vt_strides[1] + (f - FH) * vt_strides[2] + d * vt_strides[3]]);
+      const float p = exp2f(zs[f] - mf);
+      lf += p;
+      accf = fmaf(p, v, accf);
+    }
+  }
+  const float zk = HAS_SINKS ? sinks[hq] * 1.4426950408889634f : TQM_NEG_INF;
+  const float T = fmaxf(fmaxf(Mb, mf), zk);
+  const float wb = Mb == TQM_NEG_INF ? 0.f : exp2f(Mb - T);
+  const float wf = F > 0 ? exp2f(mf - T) : 0.f;
+  const float den = Lb * wb + lf * wf + (HAS_SINKS ? exp2f(zk - T) : 0.f);
+  out[(int64_t)row * D + d] = static_cast<OT>((acc * wb + accf * wf) / den);
 """
