@@ -177,9 +177,9 @@ def run_mma_checks(rng, quick: bool = False) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
     layouts = list(MMA_LAYOUTS.items())
-    # The default super-tile on every shape; the other one (8 steps) on the first shape.
-    runs = [(shape, mma_decode.STEPS) for shape in (MMA_SHAPES[:3] if quick else MMA_SHAPES)]
-    runs.append((MMA_SHAPES[0], 12 - mma_decode.STEPS))
+    # The dispatch's super-tile rule on every shape; each forced size on the first shape.
+    runs = [(shape, None) for shape in (MMA_SHAPES[:3] if quick else MMA_SHAPES)]
+    runs += [(MMA_SHAPES[0], 4), (MMA_SHAPES[0], 8)]
     default_steps = mma_decode.STEPS
     for shape, steps in runs:
         mma_decode.STEPS = steps
@@ -213,7 +213,7 @@ def run_mma_checks(rng, quick: bool = False) -> list[dict]:
                 out = join_body(c.queries, q_rot, body, c.keys, c.values, c.scale, c.sinks)
                 errs.append(rel_error(np.array(out), ref))
                 err = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
-                rows.append(dict(shape=str(shape), fmt=f"{name} steps{steps}", length=n,
+                rows.append(dict(shape=str(shape), fmt=f"{name} steps{steps or 'auto'}", length=n,
                                  rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
                 if not rows[-1]["ok"]:
                     print("FAIL", rows[-1], errs, flush=True)

@@ -14,10 +14,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from services.turboquant.kernels import cuda_available, fused_decode, reference
+from services.turboquant.kernels import cuda_available, fused_decode, mma_decode, reference
 from services.turboquant.kernels.blockwise import blockwise_attention
 from services.turboquant.kernels.cases import make_case, pack_codes
-from services.turboquant.kernels.dispatch import AFFINE_MIN_CONTEXT, install, supports, worthwhile
+from services.turboquant.kernels.dispatch import install
 
 TOL = 2e-5  # the kernel computes in float32 on exactly the stored values
 
@@ -108,33 +108,60 @@ def test_heads_per_block_divides_the_group():
         assert group % hb == 0 and 1 <= hb <= fused_decode.MAX_HEADS_PER_BLOCK
 
 
-def _side(quantizer, bits, dim, parts):
-    return SimpleNamespace(
-        spec=SimpleNamespace(quantizer=quantizer, bits=bits), dim=dim, parts=parts
-    )
+def _packed(config, dim=128, length=300, hq=8, hkv=2):
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.kernels.cases import cache_case
+
+    case = cache_case(
+        np.random.default_rng(0), TurboQuantConfig(**config), batch=1, q_heads=hq,
+        kv_heads=hkv, dim=dim, length=length,
+    )  # fmt: skip
+    return mx.zeros((1, hq, 1, dim)), case.keys, case.values
 
 
-def test_supports_declines_what_the_kernel_does_not_do():
-    q = mx.zeros((1, 4, 1, 128))
-    aff = _side("affine", 4, 128, (mx.zeros((1, 2, 5, 16)), mx.zeros((1, 2, 5, 2))))
-    cb = _side("codebook", 3, 128, (mx.zeros((1, 2, 5, 12)), mx.zeros((1, 2, 5))))
-    assert supports(q, aff, aff, None) and supports(q, aff, aff, "causal")
-    assert supports(q, cb, cb, None)
-    assert not supports(q, aff, aff, mx.zeros((1, 1, 1, 5)))  # array masks: portable path
-    assert not supports(q, aff, cb, None)  # mixed quantizers
-    assert not supports(mx.zeros((1, 4, 3, 128)), aff, aff, None)  # prefill
-    odd = _side("affine", 4, 96, (mx.zeros((1, 2, 5, 12)), mx.zeros((1, 2, 5, 3))))
-    assert not supports(mx.zeros((1, 4, 1, 96)), odd, odd, None)
+@pytest.mark.parametrize(
+    "config,dim,layout",
+    [
+        (dict(key_quantizer="channel", group_size=128, sink_tokens=1), 128, (2, 4, 128)),
+        (dict(), 128, (0, 4, 64)),
+        (dict(quantizer="codebook", key_bits=3), 64, (1, 3, 64)),
+        (dict(key_bits=8, value_bits=2, group_size=32), 256, (0, 8, 32)),
+    ],
+)
+def test_v4_reads_the_cache_layouts(config, dim, layout):
+    q, keys, values = _packed(config, dim)
+    assert mma_decode.side_layout(keys) == layout
+    assert mma_decode.supports(q, keys, values)
 
 
-def test_affine_uses_the_kernel_only_where_it_was_measured_faster():
-    def aff(dim, length):
-        return _side("affine", 4, dim, (mx.zeros((1, 2, length, dim // 8)),))
+def test_v4_declines_what_it_cannot_read():
+    q, keys, values = _packed(dict(key_quantizer="channel", group_size=32))
+    assert mma_decode.side_layout(keys) is None  # 8-step tiles at D 128 need groups >= 64
+    assert not mma_decode.supports(q, keys, values)
+    q, keys, values = _packed(dict(key_bits=5, value_bits=6))  # 5/6-bit: portable only
+    assert not mma_decode.supports(q, keys, values)
+    q, keys, values = _packed(dict(sink_tokens=4), length=3)  # nothing quantized yet
+    assert keys.n_body == 0 and not mma_decode.supports(q, keys, values)
+    q, keys, values = _packed(dict(group_size=32), dim=96)  # not a power-of-two head dim
+    assert not mma_decode.supports(q, keys, values)
+    q, keys, values = _packed(dict())
+    assert not mma_decode.supports(mx.zeros((1, 8, 3, 128)), keys, values)  # prefill
 
-    assert worthwhile(aff(128, AFFINE_MIN_CONTEXT))
-    assert not worthwhile(aff(128, AFFINE_MIN_CONTEXT - 1))
-    assert not worthwhile(aff(256, 4 * AFFINE_MIN_CONTEXT))
-    assert worthwhile(_side("codebook", 4, 256, (mx.zeros((1, 2, 10, 32)),)))
+
+def test_v4_super_tile_rule():
+    ch, aff = mma_decode.KEY_LAYOUTS["channel"], mma_decode.KEY_LAYOUTS["affine"]
+    assert mma_decode.steps_for(ch, 128) == 8 and mma_decode.steps_for(ch, 256) == 4
+    assert mma_decode.steps_for(aff, 128) == 4
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_v4_splits_cover_the_context_without_empty_splits(rng, steps):
+    tile = 16 * steps
+    for length in [1, 63, 64, 65, *rng.integers(2, 300_000, size=50).tolist()]:
+        for blocks in [1, 2, 8, 16, 600]:
+            s = mma_decode.num_splits(length, blocks, steps)
+            chunk = math.ceil(math.ceil(length / s) / tile) * tile  # the kernel's own formula
+            assert (s - 1) * chunk < length <= s * chunk, (length, blocks, s, chunk)
 
 
 def test_install_only_on_cuda():
@@ -285,3 +312,39 @@ def test_a_body_kernel_is_joined_with_the_full_precision_segments(rng, cfg, sink
     assert calls and calls[0] == case.keys.n_body > 0
     # float16 output: its rounding is the error floor.
     assert reference.rel_error(np.array(out.astype(mx.float32)), case.reference()) < 1e-3
+
+
+V4_LAYOUTS = {
+    "default": dict(key_quantizer="channel", group_size=128, sink_tokens=1),
+    "channel-k3v3-g64-window": dict(key_quantizer="channel", key_bits=3, value_bits=3,
+                                    sink_tokens=1, window=64),
+    "plain-affine-k4v4": dict(),
+    "affine-k8v2-g32-sink": dict(key_bits=8, value_bits=2, group_size=32, sink_tokens=2),
+    "codebook-k3v3": dict(quantizer="codebook", key_bits=3, value_bits=3),
+}  # fmt: skip
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128), (2, 16, 2, 256), (1, 12, 1, 64)],
+                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
+@pytest.mark.parametrize("layout", list(V4_LAYOUTS), ids=str)
+@pytest.mark.parametrize("length", [300, 4099])
+def test_v4_layer_matches_float64_reference(rng, shape, layout, length):
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.attention import join_body, rotate
+    from services.turboquant.kernels.cases import cache_case
+
+    bsz, hq, hkv, d = shape
+    c = cache_case(rng, TurboQuantConfig(**V4_LAYOUTS[layout]), batch=bsz, q_heads=hq,
+                   kv_heads=hkv, dim=d, length=length, sinks=bool(length % 2))  # fmt: skip
+    assert mma_decode.supports(c.queries, c.keys, c.values)
+    ref = c.reference()
+    q_rot = rotate(c.queries, c.keys.rotation)
+    for splits in (None, 7):  # 7: some splits empty
+        out = mma_decode.mma_decode_layer(
+            c.queries, q_rot, c.keys, c.values, c.scale, c.sinks, splits=splits, poison=True
+        )
+        assert reference.rel_error(np.array(out.astype(mx.float32)), ref) <= 5e-3
+    body = mma_decode.mma_body_attention(q_rot, c.keys, c.values, c.scale, poison=True)
+    out = join_body(c.queries, q_rot, body, c.keys, c.values, c.scale, c.sinks)
+    assert reference.rel_error(np.array(out), ref) <= 5e-3  # float16 operands on tensor cores

@@ -25,8 +25,11 @@ from .mma_source import (
 AFFINE_BITS = (2, 3, 4, 8)
 CODEBOOK_BITS = (2, 3, 4)
 HEAD_DIMS = (64, 128, 256)
-WARPS = 4  # warps per block; each owns super-tiles of 16 * STEPS positions
-STEPS = 4  # 8 took 255 registers and spilled for per-channel keys (bench/gpu_notes.md)
+WARPS = 4  # warps per block; each owns super-tiles of 16 * steps positions
+# Steps of 16 positions per super-tile, measured on the H200 (bench/gpu_notes.md, v4b): 8
+# for per-channel keys at head dim <= 128 (a lane then reads whole 4-bit words: 0.142 vs
+# 0.240 ms at 128K), 4 elsewhere (fewer registers: 0.135 vs 0.156 ms). None: that rule.
+STEPS: int | None = None
 NUM_SMS_GUESS = 132  # H200; only steers the split count
 SPLIT_FACTOR = 2  # blocks per SM the split count aims for (255 registers: 2 fit)
 LOG2E = 1.4426950408889634
@@ -104,11 +107,22 @@ def _dummy(dtype: mx.Dtype) -> mx.array:
     return mx.zeros((1, 1, 1, 1), dtype=dtype)
 
 
-def num_splits(length: int, blocks: int, num_sms: int = NUM_SMS_GUESS, factor: int = 2) -> int:
+def steps_for(key_layout: int, dim: int) -> int:
+    """Steps of 16 positions per super-tile for a key layout and head dim (``STEPS`` rule)."""
+    if STEPS is not None:
+        return STEPS
+    return 8 if key_layout == KEY_LAYOUTS["channel"] and dim <= 128 else 4
+
+
+def num_splits(
+    length: int, blocks: int, steps: int = 4, num_sms: int = NUM_SMS_GUESS, factor: int = 2
+) -> int:
     """Context splits for about ``factor`` blocks per SM, each at least one super-tile per warp."""
     want = max(1, math.ceil(factor * num_sms / max(1, blocks)))
-    tiles = max(1, math.ceil(length / (16 * STEPS * WARPS)))
-    return max(1, min(want, tiles))
+    tile = 16 * steps
+    s = max(1, min(want, math.ceil(length / (tile * WARPS))))
+    chunk = math.ceil(math.ceil(length / s) / tile) * tile  # what the kernel computes
+    return max(1, math.ceil(length / chunk))  # no split left without positions
 
 
 def side_layout(side, values: bool = False) -> tuple[int, int, int] | None:
@@ -123,7 +137,7 @@ def side_layout(side, values: bool = False) -> tuple[int, int, int] | None:
     if spec.quantizer == "codebook":
         return table["codebook"], spec.bits, side.dim
     if spec.per_channel:
-        if spec.group_size < 8 * STEPS:
+        if spec.group_size < 8 * steps_for(KEY_LAYOUTS["channel"], side.dim):
             return None  # a half super-tile must sit inside one group of positions
         return table["channel"], spec.bits, spec.group_size
     group = side.dim // side.parts[1].shape[-1]
@@ -256,7 +270,8 @@ def _split(q_rot, keys, values, scale, splits, poison):
     vb = values.parts[2] if v_layout != 1 else _dummy(mx.float16)
     lut_k = _lut(keys) if k_layout == 1 else _dummy(mx.float32)
     lut_v = _lut(values) if v_layout == 1 else _dummy(mx.float32)
-    s = splits or num_splits(keys.n_body, b * hkv * n_ht, factor=SPLIT_FACTOR)
+    steps = steps_for(k_layout, d)
+    s = splits or num_splits(keys.n_body, b * hkv * n_ht, steps, factor=SPLIT_FACTOR)
     return _split_kernel()(
         inputs=[
             q_rot.astype(mx.float32),
@@ -279,7 +294,7 @@ def _split(q_rot, keys, values, scale, splits, poison):
             ("VGS", v_group),
             ("D", d),
             ("WARPS", WARPS),
-            ("STEPS", STEPS),
+            ("STEPS", steps),
             ("ST", mx.float16),
         ],
         grid=(s * 32 * WARPS, hkv * n_ht, b),
