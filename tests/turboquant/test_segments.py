@@ -214,3 +214,25 @@ def test_effective_bits_count_every_stored_byte():
     key_bytes = 2 * 64 * (body // 2 + body // 32 * 4)
     value_bytes = 2 * body * (64 // 2 + 2)
     assert c.used_nbytes == fp + key_bytes + value_bytes
+
+
+def test_the_tail_left_after_quantizing_does_not_pin_the_prefill_chunk():
+    from services.turboquant import TurboQuantConfig, TurboQuantKVCache
+
+    cache = TurboQuantKVCache(TurboQuantConfig.recommended())
+    shape = (1, 8, 16384 + 100, 128)  # 32 MiB per side in float16; 100 positions stay fp
+    k = mx.random.normal(shape).astype(mx.float16)
+    v = mx.random.normal(shape).astype(mx.float16)
+    mx.eval(k, v)
+    k_bytes = k.nbytes
+    mx.synchronize()
+    base = mx.get_active_memory()
+    cache.update_and_fetch(k, v)
+    mx.eval(list(cache.state))
+    del k, v
+    mx.synchronize()
+    mx.clear_cache()
+    held = mx.get_active_memory() - base + 2 * k_bytes  # the inputs are freed
+    assert 0 < cache.tail_k.shape[2] < 128  # some positions stay in full precision
+    # The compressed body and fp tail are ~9 MiB; a pinned chunk would add 64 MiB.
+    assert held < 24 * 2**20, held / 2**20
