@@ -12,7 +12,7 @@ and back here ``--render e2e_decode_gpu.json --machine ... --command ...`` write
 "e2e_decode_gpu" section of docs/benchmarks.md. ``--tiny`` runs scaled-down shapes on any
 machine (a smoke test of the plumbing, not a benchmark).
 
-Not yet run on the GPU (the session's device time went to the kernel): see bench/gpu_notes.md.
+Results and their caveats: docs/benchmarks.md ("End-to-end decode on the GPU").
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def run_one(model, kind: str, context: int, steps: int) -> dict:
     return row
 
 
-def render(path: str, machine: str | None, command: str | None) -> None:
+def render(path: str, machine: str | None, command: str | None, note: str = "") -> None:
     """Write the e2e_decode_gpu section of docs/benchmarks.md from a results JSON."""
     from bench.report import markdown_table, write_section
 
@@ -165,9 +165,21 @@ def render(path: str, machine: str | None, command: str | None) -> None:
         rows.append([model, f"{ctx // 1024}K", kind, f"{r['tok_s']:.1f}",
                      f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-",
                      f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}"])  # fmt: skip
-    body = f"MLX {res['mlx']}, {res['gpu']}.\n\n" + markdown_table(
-        ["model", "context", "cache", "decode tok/s", "vs fp16", "KV MiB (measured)", "peak GiB"],
-        rows,
+    body = (
+        f"MLX {res['mlx']}, {res['gpu']}.\n\n"
+        + (note + "\n\n" if note else "")
+        + markdown_table(
+            [
+                "model",
+                "context",
+                "cache",
+                "decode tok/s",
+                "vs fp16",
+                "KV MiB (measured)",
+                "peak GiB",
+            ],
+            rows,
+        )
     )
     write_section("e2e_decode_gpu", "End-to-end decode on the GPU", body, machine=machine or res["gpu"],
                   command=command)  # fmt: skip
@@ -184,9 +196,10 @@ def main() -> None:
     ap.add_argument("--render")
     ap.add_argument("--machine")
     ap.add_argument("--command")
+    ap.add_argument("--note", default="", help="extra paragraph for the rendered section")
     args = ap.parse_args()
     if args.render:
-        render(args.render, args.machine, args.command)
+        render(args.render, args.machine, args.command, args.note)
         return
 
     import mlx.core as mx
