@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .attention import decode_attention, set_decode_kernel
+from .attention import (
+    decode_attention,
+    set_body_decode_kernel,
+    set_decode_kernel,
+    set_layer_decode_kernel,
+)
 from .cache import PackedSide, TurboQuantKVCache
 from .config import TurboQuantConfig
 from .kernels import install as _install_cuda_decode  # fused decode kernel on CUDA (#7)
@@ -49,7 +54,9 @@ __all__ = [
     "make_turboquant_cache",
     "patched_modules",
     "save_turboquant_cache",
+    "set_body_decode_kernel",
     "set_decode_kernel",
+    "set_layer_decode_kernel",
     "uninstall_patch",
 ]
 
