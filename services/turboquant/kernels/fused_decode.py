@@ -62,12 +62,14 @@ def _combine_kernel():
 
 
 @lru_cache(maxsize=64)
-def _const(value: float) -> mx.array:
+def const_input(value: float) -> mx.array:
+    """A cached one-element float32 kernel input (no new device array per call)."""
     return mx.array([value], dtype=mx.float32)
 
 
 @lru_cache(maxsize=8)
-def _dummy(dtype: mx.Dtype) -> mx.array:
+def dummy_input(dtype: mx.Dtype) -> mx.array:
+    """A cached stand-in for an input a kernel variant does not read."""
     return mx.zeros((1, 1, 1, 1), dtype=dtype)
 
 
@@ -143,14 +145,14 @@ def fused_decode_attention(
     if codebook:
         kw, ks = keys
         vw, vs = values
-        kb, vb = _dummy(ks.dtype), _dummy(vs.dtype)
+        kb, vb = dummy_input(ks.dtype), dummy_input(vs.dtype)
         lut_k = centroids_k.astype(mx.float32)
         lut_v = centroids_v.astype(mx.float32)
         gs = 32
     else:
         kw, ks, kb = keys
         vw, vs, vb = values
-        lut_k = lut_v = _dummy(mx.float32)
+        lut_k = lut_v = dummy_input(mx.float32)
         gs = d // ks.shape[-1]
         if gs != d // vs.shape[-1] or gs < 32:
             raise ValueError("keys and values must share a group size of at least 32")
@@ -167,7 +169,7 @@ def fused_decode_attention(
             vb,
             lut_k,
             lut_v,
-            _const(scale * LOG2E),
+            const_input(scale * LOG2E),
         ],
         template=[
             ("CB", codebook),
@@ -188,7 +190,11 @@ def fused_decode_attention(
     )
     has_sinks = sinks is not None
     (out,) = _combine_kernel()(
-        inputs=[o_part, ml_part, sinks.astype(mx.float32) if has_sinks else _dummy(mx.float32)],
+        inputs=[
+            o_part,
+            ml_part,
+            sinks.astype(mx.float32) if has_sinks else dummy_input(mx.float32),
+        ],
         template=[("D", d), ("HAS_SINKS", has_sinks)],
         grid=(b * hq * d, 1, 1),
         threadgroup=(d, 1, 1),

@@ -10,10 +10,11 @@ full-precision sink and tail. Import-safe everywhere; kernels build on first CUD
 from __future__ import annotations
 
 import math
-from functools import cache, lru_cache
+from functools import cache
 
 import mlx.core as mx
 
+from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, dummy_input
 from .mma_source import (
     MMA_COMBINE_SOURCE,
     MMA_HEADER,
@@ -30,81 +31,39 @@ WARPS = 4  # warps per block; each owns super-tiles of 16 * steps positions
 # for per-channel keys at head dim <= 128 (a lane then reads whole 4-bit words: 0.142 vs
 # 0.240 ms at 128K), 4 elsewhere (fewer registers: 0.135 vs 0.156 ms). None: that rule.
 STEPS: int | None = None
-NUM_SMS_GUESS = 132  # H200; only steers the split count
 SPLIT_FACTOR = 2  # blocks per SM the split count aims for (255 registers: 2 fit)
-LOG2E = 1.4426950408889634
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
 
+def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strided: bool):
+    # strided: inputs are read through their strides (the cache's views are never copied).
+    return mx.fast.cuda_kernel(
+        name=name,
+        input_names=inputs,
+        output_names=outputs,
+        source=source,
+        header=MMA_HEADER,
+        ensure_row_contiguous=not strided,
+    )
+
+
 @cache
 def _split_kernel():
-    return mx.fast.cuda_kernel(
-        name="tq_mma_decode_split",
-        input_names=[
-            "q",
-            "kw",
-            "ks",
-            "kb",
-            "vw",
-            "vs",
-            "vb",
-            "lut_k",
-            "lut_v",
-            "params",
-        ],  # fmt: skip
-        output_names=["o_part", "ml_part"],
-        source=MMA_SPLIT_SOURCE,
-        header=MMA_HEADER,
-        # The cache's sides are views sliced to the body: read them through their strides.
-        ensure_row_contiguous=False,
-    )
+    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params"]
+    return _kernel("tq_mma_decode_split", inputs, ["o_part", "ml_part"], MMA_SPLIT_SOURCE, True)
 
 
 @cache
 def _combine_kernel():
-    return mx.fast.cuda_kernel(
-        name="tq_mma_decode_combine",
-        input_names=["o_part", "ml_part"],
-        output_names=["out", "lse"],
-        source=MMA_COMBINE_SOURCE,
-        header=MMA_HEADER,
-        ensure_row_contiguous=True,
-    )
+    inputs = ["o_part", "ml_part"]
+    return _kernel("tq_mma_decode_combine", inputs, ["out", "lse"], MMA_COMBINE_SOURCE, False)
 
 
 @cache
 def _join_kernel():
-    return mx.fast.cuda_kernel(
-        name="tq_mma_decode_join",
-        input_names=[
-            "o_part",
-            "ml_part",
-            "qf",
-            "kh",
-            "vh",
-            "kt",
-            "vt",
-            "signs",
-            "cshift",
-            "sinks",
-            "params",
-        ],
-        output_names=["out"],
-        source=MMA_JOIN_SOURCE,
-        header=MMA_HEADER,
-        ensure_row_contiguous=False,  # the sink and tail are views of the cache's buffers
-    )
-
-
-@lru_cache(maxsize=64)
-def _const(value: float) -> mx.array:
-    return mx.array([value], dtype=mx.float32)
-
-
-@lru_cache(maxsize=8)
-def _dummy(dtype: mx.Dtype) -> mx.array:
-    return mx.zeros((1, 1, 1, 1), dtype=dtype)
+    inputs = ["o_part", "ml_part", "qf", "kh", "vh", "kt", "vt", "signs", "cshift", "sinks"]
+    return _kernel("tq_mma_decode_join", [*inputs, "params"], ["out"], MMA_JOIN_SOURCE, True)
 
 
 def steps_for(key_layout: int, dim: int) -> int:
@@ -215,7 +174,7 @@ def mma_decode_layer(
     b, hq, _, d = queries.shape
     n_kv = keys.parts[0].shape[1]
     fp_dtype = (head if has_head else tail if has_tail else queries).dtype
-    dummy, none32 = _dummy(fp_dtype), _dummy(mx.float32)
+    dummy, none32 = dummy_input(fp_dtype), dummy_input(mx.float32)
     cshift = none32
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
         qg = q_rot.reshape(b, n_kv, hq // n_kv, d)
@@ -235,7 +194,7 @@ def mma_decode_layer(
             rot.signs if rot is not None else none32,
             cshift,
             sinks.astype(mx.float32) if sinks is not None else none32,
-            _const(scale * LOG2E),
+            const_input(scale * LOG2E),
         ],
         template=[
             ("D", d),
@@ -266,10 +225,10 @@ def _split(q_rot, keys, values, scale, splits, poison):
     b, hq, _, d = q_rot.shape
     hkv = keys.parts[0].shape[1]
     n_ht = -(-(hq // hkv) // 8)
-    kb = keys.parts[2] if k_layout != 1 else _dummy(mx.float16)
-    vb = values.parts[2] if v_layout != 1 else _dummy(mx.float16)
-    lut_k = _lut(keys) if k_layout == 1 else _dummy(mx.float32)
-    lut_v = _lut(values) if v_layout == 1 else _dummy(mx.float32)
+    kb = keys.parts[2] if k_layout != 1 else dummy_input(mx.float16)
+    vb = values.parts[2] if v_layout != 1 else dummy_input(mx.float16)
+    lut_k = _lut(keys) if k_layout == 1 else dummy_input(mx.float32)
+    lut_v = _lut(values) if v_layout == 1 else dummy_input(mx.float32)
     steps = steps_for(k_layout, d)
     s = splits or num_splits(keys.n_body, b * hkv * n_ht, steps, factor=SPLIT_FACTOR)
     return _split_kernel()(
@@ -283,7 +242,7 @@ def _split(q_rot, keys, values, scale, splits, poison):
             vb,
             lut_k,
             lut_v,
-            _const(scale * LOG2E),
+            const_input(scale * LOG2E),
         ],
         template=[
             ("KQ", k_layout),

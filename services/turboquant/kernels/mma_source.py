@@ -97,6 +97,25 @@ __device__ __forceinline__ uint32_t deq_pair(uint32_t c0, uint32_t c1, __half2 s
   }
 }
 
+// Flash-decoding merge of one (batch, head) row's S split partials for coordinate d:
+// returns the unnormalised sum, with the running max M and the sum of weights L.
+__device__ __forceinline__ float merge_splits(const float* o_part, const float* ml_part, int64_t row,
+                                              int S, int D, int d, float& M, float& L) {
+  const float* ml = ml_part + row * S * 2;
+  M = TQM_NEG_INF;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
+  L = 0.f;
+  float acc = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float m = ml[2 * s];
+    if (m == TQM_NEG_INF) continue;  // an empty split
+    const float w = exp2f(m - M);
+    L = fmaf(ml[2 * s + 1], w, L);
+    acc = fmaf(o_part[(row * S + s) * D + d], w, acc);
+  }
+  return acc;
+}
+
 template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, typename ST>
 __device__ void mma_decode_split(
     const float* q, const int64_t* q_st,
@@ -402,18 +421,8 @@ MMA_SPLIT_SOURCE = r"""
 MMA_COMBINE_SOURCE = r"""
   const int row = blockIdx.x;
   const int d = threadIdx.x;
-  const int S = ml_part_shape[2];
-  const float* ml = ml_part + (int64_t)row * S * 2;
-  float M = TQM_NEG_INF;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
-  float L = 0.f, acc = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float m = ml[2 * s];
-    if (m == TQM_NEG_INF) continue;  // an empty split
-    const float w = exp2f(m - M);
-    L = fmaf(ml[2 * s + 1], w, L);
-    acc = fmaf(o_part[((int64_t)row * S + s) * D + d], w, acc);
-  }
+  float M, L;
+  const float acc = tqm::merge_splits(o_part, ml_part, row, ml_part_shape[2], D, d, M, L);
   out[(int64_t)row * D + d] = L > 0.f ? acc / L : 0.f;
   if (d == 0) lse[row] = L > 0.f ? M + log2f(L) : TQM_NEG_INF;
 """
@@ -436,17 +445,8 @@ MMA_JOIN_SOURCE = r"""
   __shared__ float sh[D];
   __shared__ float zs[MAXF];
 
-  const float* ml = ml_part + (int64_t)row * S * 2;
-  float Mb = TQM_NEG_INF;
-  for (int s = 0; s < S; ++s) Mb = fmaxf(Mb, ml[2 * s]);
-  float Lb = 0.f, acc = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float m = ml[2 * s];
-    if (m == TQM_NEG_INF) continue;
-    const float w = exp2f(m - Mb);
-    Lb = fmaf(ml[2 * s + 1], w, Lb);
-    acc = fmaf(o_part[((int64_t)row * S + s) * D + d], w, acc);
-  }
+  float Mb, Lb;
+  float acc = tqm::merge_splits(o_part, ml_part, row, S, D, d, Mb, Lb);
   if (HAS_ROT) {  // y M^T with M = diag(signs) H / sqrt(D): Sylvester-order H, then the signs
     sh[d] = acc;
     __syncthreads();
