@@ -268,10 +268,11 @@ class TurboQuantKVCache(_BaseCache):
         k_spec, v_spec = self.key_spec(k.shape[-1]), self.value_spec(v.shape[-1])
         k_new = quantize(self._center(self._rotate(k)), k_spec)
         v_new = quantize(self._rotate(v), v_spec)
-        # A copy, not a view: a view of what is left would pin the whole full-precision
-        # prefill chunk it was cut from (16x the body's bytes) until the next step.
-        self.tail_k = mx.contiguous(self.tail_k[:, :, n:])
-        self.tail_v = mx.contiguous(self.tail_v[:, :, n:])
+        self.tail_k, self.tail_v = self.tail_k[:, :, n:], self.tail_v[:, :, n:]
+        if 0 < self.tail_k.shape[2] < n:
+            # Copy what is left of a prefill chunk: a view would pin the whole full-precision
+            # chunk (16x the body's bytes) until the next step. Decode steps keep the view.
+            self.tail_k, self.tail_v = mx.contiguous(self.tail_k), mx.contiguous(self.tail_v)
         start, stop = self.body_len, self.body_len + n
         if self.keys is None:
             self.keys = tuple(_alloc(p, k_spec, n, self.step) for p in k_new)
