@@ -20,9 +20,10 @@ from .rotation import rotate, unrotate
 
 # Context positions per tile of the blocked paths: bounds what is materialised.
 CONTEXT_BLOCK = 1024
-# From this many query positions on, affine scores are computed by dequantizing one tile
-# of keys at a time and using a dense matmul (BLAS on CPU): mx.quantized_matmul is fast
-# for a few query rows, but its CPU kernel is far slower than BLAS for a prefill chunk.
+# From this many query positions on (prefill chunks), the body is walked one tile at a time:
+# dequantized tiles and dense matmuls (BLAS on CPU: mx.quantized_matmul is fast for a few
+# query rows, its CPU kernel far slower for a chunk) under an online softmax, so a chunk's
+# memory is bounded by the chunk times one tile, not by the context.
 DENSE_PREFILL_MIN_QUERIES = 32
 
 DecodeKernel = Callable[..., "mx.array | None"]
@@ -132,14 +133,66 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
         k_parts = tuple(mx.expand_dims(p, 2) for p in k_parts)
         v_parts = tuple(mx.expand_dims(p, 2) for p in v_parts)
 
-    dense = L >= DENSE_PREFILL_MIN_QUERIES or no_float32_quantized_matmul()
-    scores = _scores(q, k_parts, keys.spec, dense)
-    scores = _apply_mask(scores, mask, n_rep)
-    probs = _softmax(scores, sinks, n_kv, n_rep, n_q)
-    out = _weighted_values(probs, v_parts, values.spec, dense)
+    if L >= DENSE_PREFILL_MIN_QUERIES or no_float32_quantized_matmul():
+        total = body_len(k_parts, keys.spec)
+        acc, m, den = _body_state(q, k_parts, v_parts, keys.spec, values.spec, mask, 0, total)
+        if sinks is not None:
+            sink = _sink_logits(sinks, m.shape, n_kv, n_rep, n_q)
+            top = mx.maximum(m, sink)
+            w = mx.exp(m - top)
+            acc, den = acc * w, den * w + mx.exp(sink - top)
+        out = acc / den
+    else:
+        scores = _scores(q, k_parts, keys.spec)
+        scores = _apply_mask(scores, mask, n_rep)
+        probs = _softmax(scores, sinks, n_kv, n_rep, n_q)
+        out = _weighted_values(probs, v_parts, values.spec)
     if n_rep > 1:
         out = out.reshape(B, n_q, L, out.shape[-1])
     return out
+
+
+def body_len(parts: tuple[mx.array, ...], spec) -> int:
+    """Positions a (possibly GQA-expanded) stored body holds."""
+    if spec.per_channel:
+        return parts[1].shape[-1] * spec.group_size
+    return parts[0].shape[-2]
+
+
+def _body_state(q, k_parts, v_parts, k_spec, v_spec, mask, col0: int, total: int, shift=None):
+    """Online softmax over a quantized body, one tile of CONTEXT_BLOCK positions at a time.
+
+    ``q`` is scaled, ``(.., L, D)``; the body's positions start at ``col0`` of a context
+    of ``total`` (for the mask); ``shift`` is added to every score (the key centre's
+    ``q.centre``). Returns ``(acc, m, den)``: the unnormalised rotated-space output, the
+    running max and the sum of ``exp(score - m)``. Only one tile's scores and dequantized
+    vectors exist at a time (a prefill chunk's memory is bounded by the chunk, not the
+    context); the state is evaluated after each tile so the lazy graph does not keep them.
+    """
+    L = q.shape[-2]
+    n_rep = q.shape[2] if q.ndim == 5 else 1
+    acc = m = den = None
+    k_tiles, v_tiles = _tiles(k_parts, k_spec), _tiles(v_parts, v_spec)
+    for (start, stop, k_t, k_scale), (_, _, v_t, v_scale) in zip(k_tiles, v_tiles, strict=True):
+        s = q @ (k_t if k_spec.per_channel else k_t.swapaxes(-1, -2))
+        if k_scale is not None:
+            s = s * k_scale
+        if shift is not None:
+            s = s + shift
+        s = _apply_mask(s, _mask_columns(mask, col0 + start, col0 + stop, L, total), n_rep)
+        top = mx.max(s, axis=-1, keepdims=True)
+        m_new = top if m is None else mx.maximum(m, top)
+        p = mx.exp(s - m_new)
+        pv = (p if v_scale is None else p * v_scale) @ v_t
+        if m is None:
+            acc, den = pv, mx.sum(p, axis=-1, keepdims=True)
+        else:
+            alpha = mx.exp(m - m_new)
+            acc, den = acc * alpha + pv, den * alpha + mx.sum(p, axis=-1, keepdims=True)
+        m = m_new
+        if stop < body_len(k_parts, k_spec):
+            mx.eval(acc, m, den)
+    return acc, m, den
 
 
 def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
@@ -165,23 +218,32 @@ def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) 
     dense = L >= DENSE_PREFILL_MIN_QUERIES or no_float32_quantized_matmul()
     n_head, n_body, n_tail = keys.head.shape[2], keys.n_body, keys.tail.shape[2]
     total = n_head + n_body + n_tail
+    rot = values.rotation
     segments = []  # (scores, how to sum values with them)
+    states = []  # the body walked tile by tile (prefill): (m, acc, den), acc rotated back
     if n_head:
         s = q_fp @ shared(keys.head.astype(mx.float32)).swapaxes(-1, -2)
         v = shared(values.head.astype(mx.float32))
         segments.append((s, 0, lambda p, v=v: p @ v))
     if n_body:
-        s = _scores(q_body, tuple(shared(p) for p in keys.parts), keys.spec, dense)
-        if keys.center is not None:  # exact scores: other segments are not centred
-            s = s + q_body @ shared(keys.center).swapaxes(-1, -2)
+        k_parts = tuple(shared(p) for p in keys.parts)
         v_parts = tuple(shared(p) for p in values.parts)
+        # exact scores: the other segments are not centred
+        shift = None if keys.center is None else q_body @ shared(keys.center).swapaxes(-1, -2)
+        if dense:
+            acc, m, den = _body_state(
+                q_body, k_parts, v_parts, keys.spec, values.spec, mask, n_head, total, shift
+            )
+            states.append((m, unrotate(acc, rot) if rot is not None else acc, den))
+        else:
+            s = _scores(q_body, k_parts, keys.spec)
+            s = s if shift is None else s + shift
 
-        def body_values(p: mx.array) -> mx.array:
-            out = _weighted_values(p, v_parts, values.spec, dense)
-            rot = values.rotation
-            return unrotate(out, rot) if rot is not None else out
+            def body_values(p: mx.array) -> mx.array:
+                out = _weighted_values(p, v_parts, values.spec)
+                return unrotate(out, rot) if rot is not None else out
 
-        segments.append((s, n_head, body_values))
+            segments.append((s, n_head, body_values))
     if n_tail:
         s = q_fp @ shared(keys.tail.astype(mx.float32)).swapaxes(-1, -2)
         v = shared(values.tail.astype(mx.float32))
@@ -191,16 +253,20 @@ def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) 
         for s, start, _ in segments
     ]
     top = None
-    for s in masked:
-        m = mx.max(s, axis=-1, keepdims=True)
+    for m in [mx.max(s, axis=-1, keepdims=True) for s in masked] + [st[0] for st in states]:
         top = m if top is None else mx.maximum(top, m)
     sink = _sink_logits(sinks, top.shape, n_kv, n_rep, n_q) if sinks is not None else None
     if sink is not None:
         top = mx.maximum(top, sink)
     out = denom = None
+    parts = []  # (this segment's share of the output, of the denominator)
     for s, (_, _, weigh) in zip(masked, segments, strict=True):
         p = mx.exp(s - top)
-        part, mass = weigh(p), mx.sum(p, axis=-1, keepdims=True)
+        parts.append((weigh(p), mx.sum(p, axis=-1, keepdims=True)))
+    for m, acc, den in states:
+        w = mx.exp(m - top)
+        parts.append((acc * w, den * w))
+    for part, mass in parts:
         out = part if out is None else out + part
         denom = mass if denom is None else denom + mass
     if sink is not None:
@@ -346,17 +412,12 @@ def _tiles(parts: tuple[mx.array, ...], spec):
             yield start, stop, x, norms[..., None, start:stop].astype(mx.float32)
 
 
-def _scores(q: mx.array, parts: tuple[mx.array, ...], spec, dense: bool) -> mx.array:
-    if spec.per_channel:
-        if not dense:  # keys stored transposed: q (.., L, D) @ K^T (.., D, T)
-            return mx.quantized_matmul(
-                q, *parts, transpose=False, group_size=spec.group_size, bits=spec.bits
-            )
-        blocks = [q @ k_t for _a, _b, k_t, _ in _tiles(parts, spec)]
-        return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
-    if spec.quantizer == "affine" and not dense:
+def _scores(q: mx.array, parts: tuple[mx.array, ...], spec) -> mx.array:
+    """Scores of a few query rows (decode) over the whole body: ``(.., L, T)``."""
+    if spec.quantizer in ("affine", "channel"):
+        # Per-channel keys are stored transposed: q (.., L, D) @ K^T (.., D, T).
         return mx.quantized_matmul(
-            q, *parts, transpose=True, group_size=spec.group_size, bits=spec.bits
+            q, *parts, transpose=not spec.per_channel, group_size=spec.group_size, bits=spec.bits
         )
     blocks = []
     for _start, _stop, k_blk, col_scale in _tiles(parts, spec):
@@ -365,8 +426,8 @@ def _scores(q: mx.array, parts: tuple[mx.array, ...], spec, dense: bool) -> mx.a
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
 
 
-def _weighted_values(probs: mx.array, parts: tuple[mx.array, ...], spec, dense: bool):
-    if spec.quantizer == "affine" and not dense:
+def _weighted_values(probs: mx.array, parts: tuple[mx.array, ...], spec):
+    if spec.quantizer == "affine":
         return mx.quantized_matmul(
             probs, *parts, transpose=False, group_size=spec.group_size, bits=spec.bits
         )

@@ -210,6 +210,53 @@ def test_dense_prefill_path_equals_quantized_path(monkeypatch, quantizer):
     assert _rel(dense, quant) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(key_quantizer="channel", group_size=64, sink_tokens=1),  # the default's layout
+        dict(sink_tokens=2, window=16),  # per-vector keys with a centre, sink and tail
+        dict(quantizer="codebook", key_bits=3),
+    ],
+    ids=["channel-sink", "affine-sink-tail-centre", "codebook"],
+)
+def test_prefill_tiles_equal_one_tile_with_segments_and_sinks(monkeypatch, cfg):
+    # The online softmax over tiles of the body must give what one tile gives, joined
+    # with the full-precision sink and tail, with learned sinks and a causal chunk.
+    q, k, v = _data(L=40, T=300, seed=21)
+    _, (kv, vv) = _fill(TurboQuantConfig(**cfg), k, v)
+    assert kv.n_body > 128
+    sinks = mx.array(np.random.default_rng(3).standard_normal(8).astype(np.float32))
+    monkeypatch.setattr(attn, "CONTEXT_BLOCK", 4096)
+    whole = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal", sinks=sinks)
+    monkeypatch.setattr(attn, "CONTEXT_BLOCK", 64)  # several tiles, the last one partial
+    tiled = attn.turboquant_attention(q, kv, vv, scale=0.125, mask="causal", sinks=sinks)
+    assert _rel(tiled, whole) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "cfg", [TurboQuantConfig(), TurboQuantConfig.recommended()], ids=["plain", "default"]
+)
+def test_prefill_memory_is_bounded_by_the_chunk_not_the_context(cfg):
+    extra = {}
+    for total in (4096, 16384):
+        cache = TurboQuantKVCache(cfg)
+        k = mx.random.normal((1, 2, total, 64)).astype(mx.float16)
+        v = mx.random.normal((1, 2, total, 64)).astype(mx.float16)
+        kv, vv = cache.update_and_fetch(k, v)
+        q = mx.random.normal((1, 8, 256, 64))  # a 256-token chunk at the end of the context
+        mx.eval(q, *kv.parts, *vv.parts, kv.tail, vv.tail)
+        del k, v
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(attn.turboquant_attention(q, kv, vv, 0.125, "causal"))
+        extra[total] = mx.get_peak_memory() - base
+    full_scores_16k = 8 * 256 * 16384 * 4  # what the L x T score matrix alone would take
+    assert extra[16384] < 1.5 * extra[4096], extra
+    assert extra[16384] < full_scores_16k / 3, extra
+
+
 def test_decode_kernel_hook():
     q, k, v = _data(seed=10)
     _, (kv, vv) = _fill(TurboQuantConfig(), k, v)

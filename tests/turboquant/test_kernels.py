@@ -8,14 +8,12 @@ dim, GQA ratio and bit width, odd lengths and outputs poisoned with NaN.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from services.turboquant.kernels import cuda_available, fused_decode, mma_decode, reference
-from services.turboquant.kernels.blockwise import blockwise_attention
 from services.turboquant.kernels.cases import make_case, pack_codes
 from services.turboquant.kernels.dispatch import install
 
@@ -171,55 +169,6 @@ def test_install_only_on_cuda():
 
         set_body_decode_kernel(None)
         set_layer_decode_kernel(None)
-
-
-# ----------------------------------------------------------------- blockwise prefill (everywhere)
-def _sides(case, qz, kb, vb, dim):
-    spec = SimpleNamespace
-    return (
-        SimpleNamespace(parts=case.keys, spec=spec(quantizer=qz, bits=kb), dim=dim),
-        SimpleNamespace(parts=case.values, spec=spec(quantizer=qz, bits=vb), dim=dim),
-    )
-
-
-@pytest.mark.parametrize("fmt", [("affine", 4, 4), ("affine", 3, 8), ("codebook", 4, 3)])
-@pytest.mark.parametrize("mask", [None, "causal"])
-@pytest.mark.parametrize("n_q,total", [(1, 300), (37, 300), (37, 37), (5, 129)])
-def test_blockwise_prefill_matches_reference(rng, fmt, mask, n_q, total):
-    qz, kb, vb = fmt
-    case = make_case(
-        rng, batch=2, q_heads=8, kv_heads=2, dim=64, length=total, quantizer=qz, key_bits=kb,
-        value_bits=vb, capacity_extra=11, sinks=bool(n_q % 2),
-    )  # fmt: skip
-    q = mx.array(rng.standard_normal((2, 8, n_q, 64)).astype(np.float32) * 3)
-    keys, values = _sides(case, qz, kb, vb, 64)
-    # block=64: several blocks, the last one partial, some fully in the causal past.
-    out = blockwise_attention(
-        q, keys, values, case.scale, mask, case.sinks, block=64,
-        centroids_k=case.centroids_k, centroids_v=case.centroids_v,
-    )  # fmt: skip
-    sinks = None if case.sinks is None else np.array(case.sinks)
-    ref = reference.decode_attention(
-        np.array(q), case.k_deq, case.v_deq, case.scale, sinks, causal=mask == "causal"
-    )
-    assert reference.rel_error(np.array(out), ref) < 1e-5
-
-
-def test_blockwise_prefill_memory_is_bounded_by_the_block(rng):
-    extra = {}
-    for total in (4096, 16384):
-        case = make_case(rng, batch=1, q_heads=8, kv_heads=2, dim=64, length=total)
-        keys, values = _sides(case, "affine", 4, 4, 64)
-        q = mx.array(rng.standard_normal((1, 8, 256, 64)).astype(np.float32))
-        mx.eval(q, *case.keys, *case.values)
-        mx.synchronize()
-        mx.reset_peak_memory()
-        base = mx.get_active_memory()
-        mx.eval(blockwise_attention(q, keys, values, case.scale, "causal", block=1024))
-        extra[total] = mx.get_peak_memory() - base
-    full_scores_16k = 8 * 256 * 16384 * 4  # what an L x T score matrix alone would take
-    assert extra[16384] < 1.5 * extra[4096], extra
-    assert extra[16384] < full_scores_16k / 3, extra
 
 
 # ----------------------------------------------------------------- CUDA kernel
