@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .cache import body_positions
 from .codebook import centroids
 from .packing import unpack
 from .rotation import rotate, unrotate
@@ -134,7 +135,7 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
         v_parts = tuple(mx.expand_dims(p, 2) for p in v_parts)
 
     if L >= DENSE_PREFILL_MIN_QUERIES or no_float32_quantized_matmul():
-        total = body_len(k_parts, keys.spec)
+        total = body_positions(k_parts, keys.spec)
         acc, m, den = _body_state(q, k_parts, v_parts, keys.spec, values.spec, mask, 0, total)
         if sinks is not None:
             sink = _sink_logits(sinks, m.shape, n_kv, n_rep, n_q)
@@ -150,13 +151,6 @@ def attend(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.array:
     if n_rep > 1:
         out = out.reshape(B, n_q, L, out.shape[-1])
     return out
-
-
-def body_len(parts: tuple[mx.array, ...], spec) -> int:
-    """Positions a (possibly GQA-expanded) stored body holds."""
-    if spec.per_channel:
-        return parts[1].shape[-1] * spec.group_size
-    return parts[0].shape[-2]
 
 
 def _body_state(q, k_parts, v_parts, k_spec, v_spec, mask, col0: int, total: int, shift=None):
@@ -190,7 +184,7 @@ def _body_state(q, k_parts, v_parts, k_spec, v_spec, mask, col0: int, total: int
             alpha = mx.exp(m - m_new)
             acc, den = acc * alpha + pv, den * alpha + mx.sum(p, axis=-1, keepdims=True)
         m = m_new
-        if stop < body_len(k_parts, k_spec):
+        if stop < body_positions(k_parts, k_spec):
             mx.eval(acc, m, den)
     return acc, m, den
 
@@ -277,6 +271,15 @@ def attend_segments(queries, q_rot, keys, values, scale, mask=None, sinks=None) 
     return out
 
 
+def centre_shift2(q_rot: mx.array, keys, scale: float) -> mx.array:
+    """``scale * log2(e) * q_rot . centre`` per query head, ``(B, H_kv, rep, L)``: what a
+    body scored against the centred keys leaves out of every score (base-2 units)."""
+    B, n_q, L, D = q_rot.shape
+    n_kv = keys.parts[0].shape[1]
+    qg = q_rot.reshape(B, n_kv, n_q // n_kv, L, D)
+    return (qg @ keys.center[:, :, None, 0, :, None])[..., 0] * (scale * LOG2E)
+
+
 def _exp2(x: mx.array) -> mx.array:
     return mx.exp(x * LN2)  # MLX has log2 but no exp2
 
@@ -295,9 +298,7 @@ def join_body(queries, q_rot, body, keys, values, scale, sinks=None) -> mx.array
     if values.rotation is not None:
         out_b = unrotate(out_b, values.rotation)
     if keys.center is not None:  # the kernel's scores leave out q.centre; the others have none
-        qg = q_rot.reshape(B, n_kv, n_rep, D)
-        shift = (qg @ keys.center[:, :, 0, :, None]) * (scale * LOG2E)
-        lse_b = lse_b + shift.reshape(B, n_q, 1, 1)
+        lse_b = lse_b + centre_shift2(q_rot, keys, scale).reshape(B, n_q, 1, 1)
     outs, lses = [out_b], [lse_b]
     fp = [x for x in (keys.head, keys.tail) if x is not None and x.shape[2]]
     if fp:

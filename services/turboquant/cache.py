@@ -81,10 +81,10 @@ def _len(x: mx.array | None) -> int:
 
 
 def body_positions(parts: tuple[mx.array, ...], spec: SideSpec) -> int:
-    """How many positions a stored body holds."""
+    """How many positions a stored body holds (also with a GQA axis inserted)."""
     if spec.per_channel:
         return parts[1].shape[-1] * spec.group_size
-    return parts[0].shape[2]
+    return parts[0].shape[-2]
 
 
 def _to_bool_str(v: bool) -> str:

@@ -14,6 +14,7 @@ from functools import cache
 
 import mlx.core as mx
 
+from ..attention import centre_shift2
 from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, dummy_input
 from .mma_source import (
     MMA_COMBINE_SOURCE,
@@ -177,8 +178,7 @@ def mma_decode_layer(
     dummy, none32 = dummy_input(fp_dtype), dummy_input(mx.float32)
     cshift = none32
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
-        qg = q_rot.reshape(b, n_kv, hq // n_kv, d)
-        cshift = ((qg @ keys.center[:, :, 0, :, None]) * (scale * LOG2E)).reshape(b, hq)
+        cshift = centre_shift2(q_rot, keys, scale).reshape(b, hq)
     fp = [
         head if has_head else dummy,
         values.head if has_head else dummy,
