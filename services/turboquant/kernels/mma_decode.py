@@ -1,10 +1,11 @@
 """Tensor-core decode attention over a packed body (v4, CUDA; source in mma_source.py).
 
-:func:`mma_body_attention` scores one rotated query per head against the quantized body
-of a :class:`PackedSide` pair -- per-vector affine or codebook keys, or the default
-per-channel keys -- and returns the body's normalised output (rotated space) and its
-base-2 log-sum-exp, which ``attention.decode_with_body_kernel`` joins with the
-full-precision sink and tail. Import-safe everywhere; kernels build on first CUDA call.
+:func:`mma_decode_layer` is a whole decode layer over a :class:`PackedSide` pair --
+per-vector affine or codebook keys, or the default per-channel keys: the split kernel over
+the quantized body, then one join launch (splits, rotation back, full-precision sink and
+tail, learned sinks). :func:`mma_body_attention` returns the body's normalised output and
+base-2 log-sum-exp instead, for ``attention.join_body`` (used when the sink and tail are
+too long for the join). Import-safe everywhere; kernels build on first CUDA call.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ WARPS = 4  # warps per block; each owns super-tiles of 16 * steps positions
 # for per-channel keys at head dim <= 128 (a lane then reads whole 4-bit words: 0.142 vs
 # 0.240 ms at 128K), 4 elsewhere (fewer registers: 0.135 vs 0.156 ms). None: that rule.
 STEPS: int | None = None
-SPLIT_FACTOR = 2  # blocks per SM the split count aims for (255 registers: 2 fit)
+SPLIT_FACTOR = 2  # blocks per SM the split count aims for (184-255 registers: 2 fit)
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
