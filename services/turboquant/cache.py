@@ -12,6 +12,7 @@ patched attention (patch.py -> attention.py) understands.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -102,6 +103,10 @@ class TurboQuantKVCache(_BaseCache):
 
     step = 256
     CENTER_POSITIONS = 64  # positions the key centre is the mean of
+    # Appends of at most this many positions (decode steps, small drafts) go into a
+    # preallocated tail buffer: one in-place update per side instead of a concatenate
+    # that copies the whole tail (two kernel launches on a GPU) every step. 0: off.
+    TAIL_APPEND_MAX = 16
     # Defaults as class attributes: mlx-lm's from_state builds with __new__ (no __init__).
     keys: tuple[mx.array, ...] | None = None
     values: tuple[mx.array, ...] | None = None
@@ -126,6 +131,10 @@ class TurboQuantKVCache(_BaseCache):
     sink_tokens = 0
     window = 0
     key_center: mx.array | None = None
+    # (keys buffer, values buffer, the tail_k view of it last written): valid only while
+    # tail_k is still that view -- any other path that replaces the tail retires it.
+    _tail_buf: tuple[mx.array, mx.array, mx.array] | None = None
+    _views_cache: tuple | None = None  # (what the body views were cut from, the views)
 
     _OPTIONS = (
         "key_bits",
@@ -186,11 +195,13 @@ class TurboQuantKVCache(_BaseCache):
 
     def key_spec(self, dim: int) -> SideSpec:
         """Key-side spec resolved for head dim ``dim``."""
-        return self._spec(self.key_bits, self.requested_key_quantizer).for_dim(dim)
+        q = self.requested_key_quantizer or self.quantizer
+        return _resolved_spec(q, self.key_bits, self.group_size, self.use_normalization, dim)
 
     def value_spec(self, dim: int) -> SideSpec:
         """Value-side spec resolved for head dim ``dim``."""
-        return self._spec(self.value_bits, self.requested_value_quantizer).for_dim(dim)
+        q = self.requested_value_quantizer or self.quantizer
+        return _resolved_spec(q, self.value_bits, self.group_size, self.use_normalization, dim)
 
     @property
     def block(self) -> int:
@@ -240,13 +251,35 @@ class TurboQuantKVCache(_BaseCache):
             self.head_k = mx.concatenate([self.head_k, keys[:, :, :i]], axis=2)
             self.head_v = mx.concatenate([self.head_v, values[:, :, :i]], axis=2)
         if i < n:
-            self.tail_k = mx.concatenate([self.tail_k, keys[:, :, i:]], axis=2)
-            self.tail_v = mx.concatenate([self.tail_v, values[:, :, i:]], axis=2)
+            self._append_tail(keys[:, :, i:], values[:, :, i:])
         self.offset += n
         over = self.tail_k.shape[2] - self.window
         if over >= self.block and self._center_ready():
             self._compress(over // self.block * self.block)
         return self._views()
+
+    def _append_tail(self, k: mx.array, v: mx.array) -> None:
+        t, n = self.tail_k.shape[2], k.shape[2]
+        if n > self.TAIL_APPEND_MAX:  # a prefill chunk: most of it is quantized right away
+            self._tail_buf = None
+            self.tail_k = mx.concatenate([self.tail_k, k], axis=2)
+            self.tail_v = mx.concatenate([self.tail_v, v], axis=2)
+            return
+        buf = self._tail_buf
+        if buf is None or buf[2] is not self.tail_k or t + n > buf[0].shape[2]:
+            # Room for the window, one block and a draft: decode never outgrows it.
+            cap = max(self.window + self.block + self.TAIL_APPEND_MAX, t + n)
+            bk = mx.zeros((*k.shape[:2], cap, k.shape[3]), dtype=k.dtype)
+            bv = mx.zeros((*v.shape[:2], cap, v.shape[3]), dtype=v.dtype)
+            if t:
+                bk[:, :, :t] = self.tail_k
+                bv[:, :, :t] = self.tail_v
+        else:
+            bk, bv = buf[0], buf[1]
+        bk[:, :, t : t + n] = k
+        bv[:, :, t : t + n] = v
+        self.tail_k, self.tail_v = bk[:, :, : t + n], bv[:, :, : t + n]
+        self._tail_buf = (bk, bv, self.tail_k)
 
     @property
     def _centering(self) -> bool:
@@ -296,7 +329,17 @@ class TurboQuantKVCache(_BaseCache):
         if self.keys is None:  # nothing quantized yet: zero-length parts of the right form
             lead = self.head_k.shape[:2]
             return empty_parts(k_spec, lead, k_dim), empty_parts(v_spec, lead, v_dim)
-        return self._body(self.keys, k_spec), self._body(self.values, v_spec)
+        # The body changes once a block (and its length with it): decode steps in between
+        # reuse the same views instead of slicing six parts again (host time per layer).
+        cached = self._views_cache
+        if cached is not None:
+            keys, values, n, ks, vs = cached[0]
+            if keys is self.keys and values is self.values and n == self.body_len:
+                if ks is k_spec and vs is v_spec:
+                    return cached[1]
+        views = self._body(self.keys, k_spec), self._body(self.values, v_spec)
+        self._views_cache = ((self.keys, self.values, self.body_len, k_spec, v_spec), views)
+        return views
 
     def _views(self) -> tuple[PackedSide, PackedSide]:
         k_dim, v_dim = self._dims()
@@ -506,7 +549,12 @@ class TurboQuantKVCache(_BaseCache):
         if self.head_k is None:
             return 0
         body = 0 if self.keys is None else sum(p.nbytes for p in (*self.keys, *self.values))
-        return body + sum(a.nbytes for a in self._fp_arrays()) + self._center_nbytes()
+        buf = self._tail_buf
+        if buf is not None and buf[2] is self.tail_k:  # the tail is a view of its buffer
+            fp = buf[0].nbytes + buf[1].nbytes + self.head_k.nbytes + self.head_v.nbytes
+        else:
+            fp = sum(a.nbytes for a in self._fp_arrays())
+        return body + fp + self._center_nbytes()
 
     def _center_nbytes(self) -> int:
         return 0 if self.key_center is None else self.key_center.nbytes
@@ -607,10 +655,21 @@ def _width(part: mx.array, spec: SideSpec, n: int) -> int:
     return n // spec.group_size
 
 
-def _check_patch_installed() -> None:
-    from . import patch
+def _patch_installed() -> bool:
+    from . import patch  # here: patch imports this module
 
-    if not patch.is_installed():
+    global _patch_installed
+    _patch_installed = patch.is_installed  # later calls skip the import
+    return patch.is_installed()
+
+
+@lru_cache(maxsize=256)
+def _resolved_spec(quantizer: str, bits: int, group: int, norm: bool, dim: int) -> SideSpec:
+    return make_side_spec(quantizer, bits, group, norm).for_dim(dim)
+
+
+def _check_patch_installed() -> None:
+    if not _patch_installed():
         raise RuntimeError(
             "TurboQuantKVCache needs the attention patch: call "
             "services.turboquant.install_patch() (make_turboquant_cache does it)"

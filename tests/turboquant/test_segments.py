@@ -236,3 +236,54 @@ def test_the_tail_left_after_quantizing_does_not_pin_the_prefill_chunk():
     assert 0 < cache.tail_k.shape[2] < 128  # some positions stay in full precision
     # The compressed body and fp tail are ~9 MiB; a pinned chunk would add 64 MiB.
     assert held < 24 * 2**20, held / 2**20
+
+
+def _decode_steps(cfg, k, v, prefill: int, append_max: int, trim_at: int | None = None):
+    """Prefill, then one position per step (trimming 5 once at ``trim_at``); returns the
+    cache and the attention output of every step."""
+    c = TurboQuantKVCache(cfg)
+    c.TAIL_APPEND_MAX = append_max
+    c.update_and_fetch(k[:, :, :prefill], v[:, :, :prefill])
+    outs = []
+    for i in range(prefill, k.shape[2]):
+        if i == trim_at:
+            c.trim(5)
+            i -= 5
+        kv, vv = c.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        q = k[:, :, i : i + 1] * 0.5
+        outs.append(turboquant_attention(q, kv, vv, 0.125))
+    return c, outs
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_steps_in_the_tail_buffer_equal_the_concatenating_path(name):
+    cfg = CONFIGS[name]
+    k, v = _kv(230, seed=11)
+    c_buf, out_buf = _decode_steps(cfg, k, v, prefill=70, append_max=16, trim_at=150)
+    c_cat, out_cat = _decode_steps(cfg, k, v, prefill=70, append_max=0, trim_at=150)
+    assert c_buf._tail_buf is not None and c_cat._tail_buf is None
+    assert c_buf.offset == c_cat.offset == 225
+    for a, b in zip(c_buf.state, c_cat.state, strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    for a, b in zip(out_buf, out_cat, strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def test_decode_steps_write_one_buffer_until_the_block_is_quantized():
+    cfg = TurboQuantConfig.recommended()  # per-channel keys: blocks of 128 positions
+    k, v = _kv(300, seed=12, dtype=mx.float16)
+    c = TurboQuantKVCache(cfg)
+    c.update_and_fetch(k[:, :, :1], v[:, :, :1])  # the sink position
+    bufs = []
+    for i in range(1, 300):
+        c.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        bufs.append(c._tail_buf[0])
+        assert c._tail_buf[2] is c.tail_k or c.tail_k.shape[2] == 0
+    # One buffer per block of 128 steps (quantizing the block starts the next one).
+    assert len({id(b) for b in bufs}) == 3
+    assert c.body_len == 256 and c.tail_k.shape[2] == 300 - 1 - 256
+    # nbytes reports the buffer the tail lives in, not just the view.
+    fp = 2 * c.head_k.nbytes + 2 * c._tail_buf[0].nbytes
+    assert c._tail_buf[0].shape[2] == 128 + c.TAIL_APPEND_MAX
+    assert c.nbytes == sum(p.nbytes for p in (*c.keys, *c.values)) + fp
+    np.testing.assert_array_equal(np.array(c.tail_k), np.array(k[:, :, 257:]))
