@@ -71,9 +71,11 @@ def set_body_decode_kernel(fn: BodyKernel | None) -> BodyKernel | None:
 
 
 def set_layer_decode_kernel(fn: LayerKernel | None) -> LayerKernel | None:
-    """Install ``fn(queries, q_rot, keys, values, scale, sinks)`` for decode; returns the
-    old one. ``fn`` returns the layer's whole output (model space) or ``None`` to decline,
-    in which case the body kernel (if any) and then the portable path are tried."""
+    """Install ``fn(queries, keys, values, scale, sinks)`` for decode; returns the old one.
+
+    ``fn`` gets the unrotated queries (rotating them is its job: no MLX ops spent on it
+    when a kernel does it) and returns the layer's whole output (model space) or ``None``
+    to decline, in which case the body kernel (if any) and then the portable path run."""
     global _layer_kernel
     old, _layer_kernel = _layer_kernel, fn
     return old
@@ -91,13 +93,14 @@ def turboquant_attention(
     k_rot, v_rot = keys.rotation, values.rotation
     if queries.shape[2] == 1 and mask == "causal":
         mask = None  # the one query is the last position: it sees the whole context
+    one_query = queries.shape[2] == 1 and mask is None and keys.n_body
+    if one_query and _layer_kernel is not None:
+        out = _layer_kernel(queries, keys, values, scale, sinks)  # rotates q itself
+        if out is not None:
+            return out.astype(queries.dtype)
     # rotate() returns a new float32 array: the caller's queries are never written to.
     q = rotate(queries, k_rot) if k_rot is not None else queries.astype(mx.float32)
-    if queries.shape[2] == 1 and mask is None and keys.n_body:
-        if _layer_kernel is not None:
-            out = _layer_kernel(queries, q, keys, values, scale, sinks)
-            if out is not None:
-                return out.astype(queries.dtype)
+    if one_query:
         body = _body_kernel(q, keys, values, scale) if _body_kernel is not None else None
         if body is not None:
             return join_body(queries, q, body, keys, values, scale, sinks).astype(queries.dtype)

@@ -8,6 +8,7 @@ dim, GQA ratio and bit width, odd lengths and outputs poisoned with NaN.
 from __future__ import annotations
 
 import math
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -144,6 +145,38 @@ def test_v4_declines_what_it_cannot_read():
     assert not mma_decode.supports(q, keys, values)
     q, keys, values = _packed(dict())
     assert not mma_decode.supports(mx.zeros((1, 8, 3, 128)), keys, values)  # prefill
+
+
+def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
+    q, keys, values = _packed(dict(key_quantizer="channel", group_size=32))
+    assert mma_decode.side_layout(keys) is None  # 8-step tiles (the rule at D 128)
+    monkeypatch.setattr(mma_decode, "STEPS", 4)  # half super-tiles of 32 fit a group of 32
+    assert mma_decode.side_layout(keys) == (2, 4, 32)
+
+
+def test_split_launches_are_planned_from_their_settings():
+    layouts = ((2, 4, 128), (0, 4, 128))
+    args = (*layouts, 1, 32, 8, 128, 131072, mx.float16, True, None)
+    template, grid, _, shapes = mma_decode._split_plan(*args, None, 2, 4, True)
+    t = dict(template)
+    assert (t["STEPS"], t["FOLD"], t["QROT"], t["WARPS"]) == (8, True, True, 4)
+    assert grid[1:] == (8, 1) and shapes[0][2] == grid[0] // 128  # splits x 4 warps x 32
+    template4, grid4, _, _ = mma_decode._split_plan(*args, 4, 3, 4, False)
+    assert dict(template4)["STEPS"] == 4 and not dict(template4)["FOLD"]
+    assert grid4[0] > grid[0]  # more splits for 3 blocks an SM than for 2
+
+
+def test_compact_kernel_source_keeps_the_code():
+    from services.turboquant.kernels.mma_source import MMA_HEADER, compact
+
+    snippet = '#include <a.h>  // kept\n  int x = 1;  // gone\n\n  f("a // b");  // gone\n'
+    assert compact(snippet) == '#include <a.h>  // kept\nint x = 1;\nf("a // b");\n'
+
+    def tokens(src):  # comments dropped (no string literal in the header holds //)
+        return re.findall(r"\w+|[^\w\s]", re.sub(r"//[^\n]*", "", src))
+
+    small = compact(MMA_HEADER)
+    assert tokens(small) == tokens(MMA_HEADER) and len(small) < 0.8 * len(MMA_HEADER)
 
 
 def test_v4_super_tile_rule():
@@ -291,7 +324,7 @@ def test_v4_layer_matches_float64_reference(rng, shape, layout, length):
     q_rot = rotate(c.queries, c.keys.rotation)
     for splits in (None, 7):  # 7: some splits empty
         out = mma_decode.mma_decode_layer(
-            c.queries, q_rot, c.keys, c.values, c.scale, c.sinks, splits=splits, poison=True
+            c.queries, c.keys, c.values, c.scale, c.sinks, splits=splits, poison=True
         )
         assert reference.rel_error(np.array(out.astype(mx.float32)), ref) <= 5e-3
     body = mma_decode.mma_body_attention(q_rot, c.keys, c.values, c.scale, poison=True)

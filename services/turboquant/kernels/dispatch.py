@@ -14,12 +14,13 @@ from . import mma_decode
 from .fused_decode import cuda_available
 
 
-def mma_layer_kernel(queries, q_rot, keys, values, scale, sinks=None):
-    """``LayerKernel`` for ``set_layer_decode_kernel``: split kernel + fused join (two
-    launches per layer); None where the body kernel + MLX join must do it."""
-    if not mma_decode.supports(q_rot, keys, values):
+def mma_layer_kernel(queries, keys, values, scale, sinks=None):
+    """``LayerKernel`` for ``set_layer_decode_kernel``: split kernel (which rotates the
+    query) + fused join, two launches per layer; None where the body kernel + MLX join
+    must do it."""
+    if not mma_decode.supports(queries, keys, values):
         return None
-    return mma_decode.mma_decode_layer(queries, q_rot, keys, values, scale, sinks)
+    return mma_decode.mma_decode_layer(queries, keys, values, scale, sinks)
 
 
 def mma_body_kernel(q_rot, keys, values, scale):

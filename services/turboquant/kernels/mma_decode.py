@@ -11,18 +11,21 @@ too long for the join). Import-safe everywhere; kernels build on first CUDA call
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, lru_cache
 
 import mlx.core as mx
 
 from ..attention import centre_shift2
+from ..rotation import rotate
 from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, dummy_input
 from .mma_source import (
     MMA_COMBINE_SOURCE,
+    MMA_COMMON,
     MMA_HEADER,
     MMA_JOIN_MAX_FP,
     MMA_JOIN_SOURCE,
     MMA_SPLIT_SOURCE,
+    compact,
 )
 
 AFFINE_BITS = (2, 3, 4, 8)
@@ -34,26 +37,37 @@ WARPS = 4  # warps per block; each owns super-tiles of 16 * steps positions
 # 0.240 ms at 128K), 4 elsewhere (fewer registers: 0.135 vs 0.156 ms). None: that rule.
 STEPS: int | None = None
 SPLIT_FACTOR = 2  # blocks per SM the split count aims for (184-255 registers: 2 fit)
+# Multiply exact codes on the tensor cores and fold a tile's scales and biases into the
+# other operand (bench/gpu_notes.md, session 4): channel keys, values with one group a vector.
+FOLD = True
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
 
-def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strided: bool):
+# Sent without comments (MLX rebuilds and hashes a launch's source on every call; the same
+# SASS, checked with nvcc 13 for sm_90).
+_COMMON_HEADER = compact(MMA_COMMON)
+_SPLIT_HEADER = compact(MMA_HEADER)
+
+
+def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strided: bool,
+            header: str = _COMMON_HEADER):  # fmt: skip
     # strided: inputs are read through their strides (the cache's views are never copied).
     return mx.fast.cuda_kernel(
         name=name,
         input_names=inputs,
         output_names=outputs,
         source=source,
-        header=MMA_HEADER,
+        header=header,
         ensure_row_contiguous=not strided,
     )
 
 
 @cache
 def _split_kernel():
-    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params"]
-    return _kernel("tq_mma_decode_split", inputs, ["o_part", "ml_part"], MMA_SPLIT_SOURCE, True)
+    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs"]
+    outputs = ["o_part", "ml_part"]
+    return _kernel("tq_mma_decode_split", inputs, outputs, MMA_SPLIT_SOURCE, True, _SPLIT_HEADER)
 
 
 @cache
@@ -68,50 +82,62 @@ def _join_kernel():
     return _kernel("tq_mma_decode_join", [*inputs, "params"], ["out"], MMA_JOIN_SOURCE, True)
 
 
-def steps_for(key_layout: int, dim: int) -> int:
-    """Steps of 16 positions per super-tile for a key layout and head dim (``STEPS`` rule)."""
-    if STEPS is not None:
-        return STEPS
+def steps_for(key_layout: int, dim: int, steps: int | None = None) -> int:
+    """Steps of 16 positions per super-tile for a key layout and head dim: ``steps`` (by
+    default the module's ``STEPS``) if set, else the rule."""
+    steps = STEPS if steps is None else steps
+    if steps is not None:
+        return steps
     return 8 if key_layout == KEY_LAYOUTS["channel"] and dim <= 128 else 4
 
 
 def num_splits(
-    length: int, blocks: int, steps: int = 4, num_sms: int = NUM_SMS_GUESS, factor: int = 2
+    length: int,
+    blocks: int,
+    steps: int = 4,
+    num_sms: int = NUM_SMS_GUESS,
+    factor: int = 2,
+    warps: int | None = None,
 ) -> int:
     """Context splits for about ``factor`` blocks per SM, each at least one super-tile per warp."""
     want = max(1, math.ceil(factor * num_sms / max(1, blocks)))
     tile = 16 * steps
-    s = max(1, min(want, math.ceil(length / (tile * WARPS))))
+    s = max(1, min(want, math.ceil(length / (tile * (warps or WARPS)))))
     chunk = math.ceil(math.ceil(length / s) / tile) * tile  # what the kernel computes
     return max(1, math.ceil(length / chunk))  # no split left without positions
 
 
 def side_layout(side, values: bool = False) -> tuple[int, int, int] | None:
     """``(layout, bits, group)`` the kernel reads for a packed side, or None if it cannot."""
-    spec = side.spec
+    # Cached: a decode step asks once per layer, and host time per layer adds up.
+    return _side_layout(side.spec, side.dim, values, side.parts[1].shape[-1], STEPS)
+
+
+@lru_cache(maxsize=256)
+def _side_layout(spec, dim: int, values: bool, cols: int, steps: int | None):
     table = VALUE_LAYOUTS if values else KEY_LAYOUTS
-    if spec.quantizer not in table or side.dim not in HEAD_DIMS:
+    if spec.quantizer not in table or dim not in HEAD_DIMS:
         return None
     allowed = CODEBOOK_BITS if spec.quantizer == "codebook" else AFFINE_BITS
     if spec.bits not in allowed:
         return None
     if spec.quantizer == "codebook":
-        return table["codebook"], spec.bits, side.dim
+        return table["codebook"], spec.bits, dim
     if spec.per_channel:
-        if spec.group_size < 8 * steps_for(KEY_LAYOUTS["channel"], side.dim):
+        if spec.group_size < 8 * steps_for(KEY_LAYOUTS["channel"], dim, steps):
             return None  # a half super-tile must sit inside one group of positions
         return table["channel"], spec.bits, spec.group_size
-    group = side.dim // side.parts[1].shape[-1]
-    if group < 32 or (values and group < side.dim // 8):
+    group = dim // cols
+    if group < 32 or (values and group < dim // 8):
         return None
     return table["affine"], spec.bits, group
 
 
-def supports(q_rot: mx.array, keys, values) -> bool:
-    """Whether :func:`mma_body_attention` handles this decode call."""
-    if q_rot.shape[2] != 1 or keys.dim != values.dim or keys.n_body == 0:
+def supports(queries: mx.array, keys, values) -> bool:
+    """Whether the kernels handle this decode call (``queries`` rotated or not: shapes only)."""
+    if queries.shape[2] != 1 or keys.dim != values.dim or keys.n_body == 0:
         return False
-    if q_rot.shape[1] % keys.parts[0].shape[1]:
+    if queries.shape[1] % keys.parts[0].shape[1]:
         return False
     if keys.parts[1].dtype != mx.float16 or values.parts[1].dtype != mx.float16:
         return False
@@ -134,7 +160,7 @@ def mma_body_attention(
     base-2 log-sum-exp of ``scale * log2(e) * q.k`` over the body (the key centre, if
     any, is not included). ``poison`` fills the outputs with NaN first (tests).
     """
-    o_part, ml_part = _split(q_rot, keys, values, scale, splits, poison)
+    o_part, ml_part = _split(q_rot.astype(mx.float32), None, keys, values, scale, splits, poison)
     b, hq, _, d = q_rot.shape
     return _combine_kernel()(
         inputs=[o_part, ml_part],
@@ -149,7 +175,6 @@ def mma_body_attention(
 
 def mma_decode_layer(
     queries: mx.array,
-    q_rot: mx.array,
     keys,
     values,
     scale: float,
@@ -161,9 +186,9 @@ def mma_decode_layer(
     """The whole decode attention of a layer in two launches: the split kernel over the
     body, then one join (splits, rotation back, key centre, sink and tail, learned sinks).
 
-    ``queries``: ``(B, Hq, 1, D)`` model space; ``q_rot`` the same rotated (float32).
-    Returns ``(B, Hq, 1, D)`` in the queries' dtype, or None when the full-precision
-    segments are too long for the join (the caller then joins with MLX ops).
+    ``queries``: ``(B, Hq, 1, D)`` model space, rotated inside the split kernel (no MLX
+    op per step for it). Returns ``(B, Hq, 1, D)`` in the queries' dtype, or None when the
+    full-precision segments are too long for the join (the caller then joins with MLX ops).
     """
     head, tail = keys.head, keys.tail
     has_head = head is not None and head.shape[2] > 0
@@ -172,14 +197,14 @@ def mma_decode_layer(
     rot = keys.rotation
     if n_fp > MMA_JOIN_MAX_FP or (rot is not None and rot.signs is None):
         return None
-    o_part, ml_part = _split(q_rot, keys, values, scale, splits, poison)
+    o_part, ml_part = _split(queries, rot, keys, values, scale, splits, poison)
     b, hq, _, d = queries.shape
     n_kv = keys.parts[0].shape[1]
     fp_dtype = (head if has_head else tail if has_tail else queries).dtype
     dummy, none32 = dummy_input(fp_dtype), dummy_input(mx.float32)
     cshift = none32
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
-        cshift = centre_shift2(q_rot, keys, scale).reshape(b, hq)
+        cshift = centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
     fp = [
         head if has_head else dummy,
         values.head if has_head else dummy,
@@ -219,22 +244,27 @@ def mma_decode_layer(
     return out
 
 
-def _split(q_rot, keys, values, scale, splits, poison):
-    """The split kernel: unnormalised partials ``(o_part (B,Hq,S,D), ml_part (B,Hq,S,2))``."""
-    k_layout, k_bits, k_group = side_layout(keys)
-    v_layout, v_bits, v_group = side_layout(values, values=True)
-    b, hq, _, d = q_rot.shape
-    hkv = keys.parts[0].shape[1]
-    n_ht = -(-(hq // hkv) // 8)
-    kb = keys.parts[2] if k_layout != 1 else dummy_input(mx.float16)
-    vb = values.parts[2] if v_layout != 1 else dummy_input(mx.float16)
-    lut_k = _lut(keys) if k_layout == 1 else dummy_input(mx.float32)
-    lut_v = _lut(values) if v_layout == 1 else dummy_input(mx.float32)
-    steps = steps_for(k_layout, d)
-    s = splits or num_splits(keys.n_body, b * hkv * n_ht, steps, factor=SPLIT_FACTOR)
+def _split(q, rot, keys, values, scale, splits, poison):
+    """The split kernel: unnormalised partials ``(o_part (B,Hq,S,D), ml_part (B,Hq,S,2))``.
+
+    ``q`` is rotated by the kernel when ``rot`` is given (a Hadamard rotation), else read
+    as it is (already rotated, or a cache without rotation).
+    """
+    k_layout = side_layout(keys)
+    v_layout = side_layout(values, values=True)
+    b, hq, _, d = q.shape
+    plan = _split_plan(
+        k_layout, v_layout, b, hq, keys.parts[0].shape[1], d, keys.n_body, q.dtype,
+        rot is not None, splits, STEPS, SPLIT_FACTOR, WARPS, FOLD,
+    )  # fmt: skip
+    template, grid, threadgroup, out_shapes = plan
+    kb = keys.parts[2] if k_layout[0] != 1 else dummy_input(mx.float16)
+    vb = values.parts[2] if v_layout[0] != 1 else dummy_input(mx.float16)
+    lut_k = _lut(keys) if k_layout[0] == 1 else dummy_input(mx.float32)
+    lut_v = _lut(values) if v_layout[0] == 1 else dummy_input(mx.float32)
     return _split_kernel()(
         inputs=[
-            q_rot.astype(mx.float32),
+            q,
             keys.parts[0],
             keys.parts[1],
             kb,
@@ -244,25 +274,42 @@ def _split(q_rot, keys, values, scale, splits, poison):
             lut_k,
             lut_v,
             const_input(scale * LOG2E),
+            rot.signs if rot is not None else dummy_input(mx.float32),
         ],
-        template=[
-            ("KQ", k_layout),
-            ("VQ", v_layout),
-            ("KB", k_bits),
-            ("VB", v_bits),
-            ("KGS", k_group),
-            ("VGS", v_group),
-            ("D", d),
-            ("WARPS", WARPS),
-            ("STEPS", steps),
-            ("ST", mx.float16),
-        ],
-        grid=(s * 32 * WARPS, hkv * n_ht, b),
-        threadgroup=(32 * WARPS, 1, 1),
-        output_shapes=[(b, hq, s, d), (b, hq, s, 2)],
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=out_shapes,
         output_dtypes=[mx.float32, mx.float32],
         init_value=float("nan") if poison else None,
     )
+
+
+@lru_cache(maxsize=1024)
+def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, *tunables):
+    """Template, grid and output shapes of one split launch (cached: the same every decode
+    step of a block; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD -- are in the key)."""
+    steps_setting, factor, warps, fold = tunables
+    n_ht = -(-(hq // hkv) // 8)
+    steps = steps_for(k_layout[0], d, steps_setting)
+    s = splits or num_splits(n_body, b * hkv * n_ht, steps, factor=factor, warps=warps)
+    template = [
+        ("KQ", k_layout[0]),
+        ("VQ", v_layout[0]),
+        ("KB", k_layout[1]),
+        ("VB", v_layout[1]),
+        ("KGS", k_layout[2]),
+        ("VGS", v_layout[2]),
+        ("D", d),
+        ("WARPS", warps),
+        ("STEPS", steps),
+        ("QROT", rotate_q),
+        ("FOLD", fold),
+        ("QT", q_dtype),
+        ("ST", mx.float16),
+    ]
+    grid = (s * 32 * warps, hkv * n_ht, b)
+    return template, grid, (32 * warps, 1, 1), [(b, hq, s, d), (b, hq, s, 2)]
 
 
 def _lut(side) -> mx.array:

@@ -16,7 +16,9 @@ layouts (``VQ``): 0 affine, 1 codebook. Dims are permuted between lanes freely (
 permutation on both operands); the output permutation is undone when the partials are written.
 """
 
-MMA_HEADER = r"""
+# What every v4 launch needs: includes, conversions, the split merge. The join and
+# combine take only this (MLX copies the header into each launch's source, per call).
+MMA_COMMON = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -30,6 +32,52 @@ __device__ __forceinline__ float tofloat(__nv_bfloat16 x) { return __bfloat162fl
 
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// Flash-decoding merge of one (batch, head) row's S split partials for coordinate d:
+// returns the unnormalised sum, with the running max M and the sum of weights L.
+__device__ __forceinline__ float merge_splits(const float* o_part, const float* ml_part, int64_t row,
+                                              int S, int D, int d, float& M, float& L) {
+  const float* ml = ml_part + row * S * 2;
+  M = TQM_NEG_INF;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
+  L = 0.f;
+  float acc = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float m = ml[2 * s];
+    if (m == TQM_NEG_INF) continue;  // an empty split
+    const float w = exp2f(m - M);
+    L = fmaf(ml[2 * s + 1], w, L);
+    acc = fmaf(o_part[(row * S + s) * D + d], w, acc);
+  }
+  return acc;
+}
+
+}  // namespace tqm
+"""
+
+
+def compact(source: str) -> str:
+    """``source`` without comments, indentation or blank lines. MLX rebuilds a launch's
+    source text (header included) and hashes it on every call, so its size is host time
+    per decode step; the compiled code is the same."""
+    out = []
+    for line in source.splitlines():
+        if not line.lstrip().startswith("#"):
+            cut = line.find("//")
+            while cut >= 0 and line.count('"', 0, cut) % 2:  # inside a string literal
+                cut = line.find("//", cut + 2)
+            line = line if cut < 0 else line[:cut]
+        line = line.strip()
+        if line:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+# The split kernel's device code, after MMA_COMMON.
+MMA_HEADER = (
+    MMA_COMMON
+    + r"""
+namespace tqm {
 
 // c(16x8, f32) += a(16x16, f16, row) . b(16x8, f16, col)
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
@@ -63,24 +111,23 @@ __device__ __forceinline__ uint32_t code_at(const uint32_t (&w)[N], int e) {
 }
 
 // out[0..NA) = the bit stream of row (nw words) from bit `bit` on. UNAL: the start may not
-// be word aligned (one more word read, funnel-shifted). Reads are clamped inside the row.
+// be word aligned (one more word read, funnel-shifted). Every word holding a code is in
+// the row; only UNAL's extra word can lie past it, so only that read is guarded.
 template <int NA, bool UNAL>
-__device__ __forceinline__ void load_bits(const uint32_t* row, int64_t bit, int nw, uint32_t (&out)[NA]) {
-  const int64_t w0 = bit >> 5;
-  constexpr int NR = NA + (UNAL ? 1 : 0);
-  uint32_t raw[NR];
-#pragma unroll
-  for (int i = 0; i < NR; ++i) {
-    const int64_t wi = w0 + i < nw ? w0 + i : nw - 1;
-    raw[i] = row[wi];
-  }
+__device__ __forceinline__ void load_bits(const uint32_t* row, int bit, int nw, uint32_t (&out)[NA]) {
+  const int w0 = bit >> 5;
+  const uint32_t* w = row + w0;
   if constexpr (UNAL) {
-    const int sh = (int)(bit & 31);
+    uint32_t raw[NA + 1];
+#pragma unroll
+    for (int i = 0; i < NA; ++i) raw[i] = w[i];
+    raw[NA] = w0 + NA < nw ? w[NA] : 0u;
+    const int sh = bit & 31;
 #pragma unroll
     for (int i = 0; i < NA; ++i) out[i] = __funnelshift_r(raw[i], raw[i + 1], sh);
   } else {
 #pragma unroll
-    for (int i = 0; i < NA; ++i) out[i] = raw[i];
+    for (int i = 0; i < NA; ++i) out[i] = w[i];
   }
 }
 
@@ -97,28 +144,34 @@ __device__ __forceinline__ uint32_t deq_pair(uint32_t c0, uint32_t c1, __half2 s
   }
 }
 
-// Flash-decoding merge of one (batch, head) row's S split partials for coordinate d:
-// returns the unnormalised sum, with the running max M and the sum of weights L.
-__device__ __forceinline__ float merge_splits(const float* o_part, const float* ml_part, int64_t row,
-                                              int S, int D, int d, float& M, float& L) {
-  const float* ml = ml_part + row * S * 2;
-  M = TQM_NEG_INF;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
-  L = 0.f;
-  float acc = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float m = ml[2 * s];
-    if (m == TQM_NEG_INF) continue;  // an empty split
-    const float w = exp2f(m - M);
-    L = fmaf(ml[2 * s + 1], w, L);
-    acc = fmaf(o_part[(row * S + s) * D + d], w, acc);
-  }
-  return acc;
+// 4-bit codes j = 0..7 of two words a and b as eight exact half2 (code j of a, code j of b):
+// a byte permute puts both codes of a pair 16 bits apart, one LOP3 masks them into fp16
+// 1024 + c (or 1024 + 16c), one HADD2/HFMA2 removes the offset -- ~1.75 instructions an
+// element against ~6 for code_at + codes2h (bench/gpu_notes.md, session 4).
+// (a & mask) | bits in one LOP3: with both constants as immediates ptxas emits two.
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t bits) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(d) : "r"(a), "n"(MASK), "r"(bits));
+  return d;
 }
 
-template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, typename ST>
+// ``magic`` is 0x64006400 held in a register (see opaque_magic).
+__device__ __forceinline__ void nibble_pairs(uint32_t a, uint32_t b, uint32_t magic, __half2 (&out)[8]) {
+  const uint32_t lo = __byte_perm(a, b, 0x5410), hi = __byte_perm(a, b, 0x7632);
+  const uint32_t src[4] = {lo, lo >> 8, hi, hi >> 8};
+  const __half2 k1024 = u2h(0x64006400u), k16th = u2h(0x2c002c00u), km64 = u2h(0xd400d400u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __hsub2(u2h(and_or<0x000f000fu>(src[i], magic)), k1024);
+    out[2 * i + 1] = __hfma2(u2h(and_or<0x00f000f0u>(src[i], magic)), k16th, km64);
+  }
+}
+
+template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, bool QROT,
+          bool FOLD, typename QT, typename ST>
 __device__ void mma_decode_split(
-    const float* q, const int64_t* q_st,
+    const QT* q, const int64_t* q_st, const float* signs,
     const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
     const ST* ks, const int* ks_sh, const int64_t* ks_st, const ST* kbias, const int64_t* kb_st,
     const uint32_t* vw, const int* vw_sh, const int64_t* vw_st,
@@ -142,10 +195,28 @@ __device__ void mma_decode_split(
   static_assert(!KCH || KGS >= HALF, "channel groups must hold a half super-tile");
   static_assert(VGS >= VD && (KCH || KGS >= 4), "group shapes");
 
+  // Scales staged per tile in shared memory: one load per value instead of one per lane
+  // that uses it (8 lanes share a key channel or a value position).
+  constexpr bool KSTG = KCH && KGS >= TP;  // channel keys: one group of positions a tile
+  constexpr bool VSTG = !VCB;               // affine values
+  constexpr int NVG = D / VGS;               // value groups per vector
+  constexpr int KST = KSTG ? 2 * D : 0;      // staged halves per warp: scales, then biases
+  constexpr int VST = VSTG ? 2 * NVG * TP : 0;
+  // FOLD: the tensor cores multiply exact codes; a tile's scales go into the other operand
+  // (q*s for channel keys, p*s for values with one group a vector) and the biases into one
+  // extra mma against a matrix of ones -- no scale/bias HFMA2 per element.
+  constexpr bool KFOLD = FOLD && KSTG;
+  constexpr bool VFOLD = FOLD && VSTG && NVG == 1;
+  const uint32_t ones[4] = {0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u};
+  // One pool: the query (before the loop), the staged scales (in it), the warp merge (after).
+  constexpr int RED_BYTES = WARPS * 8 * D * 4, STG_BYTES = WARPS * (KST + VST) * 2;
+  constexpr int POOL = RED_BYTES > STG_BYTES ? RED_BYTES : STG_BYTES;
+  __shared__ __align__(16) unsigned char pool[POOL];
   __shared__ float lutk_s[KCB ? (1 << KB) * 32 : 1];
   __shared__ float lutv_s[VCB ? (1 << VB) * 32 : 1];
-  __shared__ float red_o[WARPS][8][D];
   __shared__ float red_m[WARPS][8], red_l[WARPS][8];
+  auto red_o = reinterpret_cast<float (*)[8][D]>(pool);
+  auto q_s = reinterpret_cast<float (*)[D]>(pool);  // 8 * D floats <= RED_BYTES
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -167,24 +238,49 @@ __device__ void mma_decode_split(
     for (int i = threadIdx.x; i < (1 << VB) * 32; i += blockDim.x) lutv_s[i] = lut_v[i >> 5];
   }
 
+  // The block's 8 query heads, rotated here when QROT (x M, M = diag(signs) H / sqrt(D):
+  // the signs, then Sylvester-order butterflies) -- no MLX ops for the rotation per step.
+  {
+    for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
+      const int h = i / D, d = i % D, head = ht * 8 + h;
+      float x = head < G ? tofloat(q[b * q_st[0] + (int64_t)(hkv * G + head) * q_st[1] + d * q_st[3]]) : 0.f;
+      if constexpr (QROT) x *= signs[d];
+      q_s[h][d] = x;
+    }
+    __syncthreads();
+    if constexpr (QROT) {
+      constexpr int E = 8 * D / (32 * WARPS);
+      float x[E];
+      for (int hs = 1; hs < D; hs <<= 1) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+          const float a = q_s[h][d], c = q_s[h][d ^ hs];
+          x[e] = (d & hs) ? (c - a) : (a + c);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int i = threadIdx.x + e * 32 * WARPS;
+          q_s[i / D][i % D] = x[e];
+        }
+        __syncthreads();
+      }
+    }
+  }
   // B operand of the score product: lane (g, t) holds head g, dims t*KD + 4kb + {0,1},{2,3}.
-  const int head_n = ht * 8 + g;
   uint32_t qf[NKB][2];
   {
-    const bool ok = head_n < G;
-    const float* qp = q + b * q_st[0] + (int64_t)(hkv * G + (ok ? head_n : 0)) * q_st[1];
+    const float qm = QROT ? qscale * rsqrtf((float)D) : qscale;
 #pragma unroll
     for (int kb = 0; kb < NKB; ++kb) {
 #pragma unroll
       for (int c2 = 0; c2 < 2; ++c2) {
         const int d = t * KD + 4 * kb + 2 * c2;
-        const float x0 = ok ? qp[d * q_st[3]] * qscale : 0.f;
-        const float x1 = ok ? qp[(d + 1) * q_st[3]] * qscale : 0.f;
-        qf[kb][c2] = h2u(__floats2half2_rn(x0, x1));
+        qf[kb][c2] = h2u(__floats2half2_rn(q_s[g][d] * qm, q_s[g][d + 1] * qm));
       }
     }
   }
-  __syncthreads();
 
   const uint32_t* kbase = kw + b * kw_st[0] + hkv * kw_st[1];
   const uint32_t* vbase = vw + b * vw_st[0] + hkv * vw_st[1];
@@ -194,6 +290,8 @@ __device__ void mma_decode_split(
   const ST* vbb = vbias + b * vb_st[0] + hkv * vb_st[1];
   const int k_nw = kw_sh[3];  // words per stored row
   const int v_nw = vw_sh[3];
+  // Strides inside one (batch, head) slice fit in 32 bits: cheaper address arithmetic.
+  const int kst = (int)kw_st[2], vst = (int)vw_st[2];
   const int v_grp = (VD * g) / VGS;
 
   float m_run[2] = {TQM_NEG_INF, TQM_NEG_INF};
@@ -201,13 +299,41 @@ __device__ void mma_decode_split(
   float o[NMT][4];
 #pragma unroll
   for (int mt = 0; mt < NMT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+  float vbsum[4] = {0.f, 0.f, 0.f, 0.f};  // VFOLD: sum of p * bias per head (every row the same)
+
+  ST* stg = reinterpret_cast<ST*>(pool) + warp * (KST + VST);
+  uint32_t magic = 0x64006400u;  // fp16 1024 in both halves, kept in a register:
+  asm volatile("" : "+r"(magic));  // opaque, so each and_or stays one LOP3
+  __syncthreads();  // q_s is read: the pool now holds the staged scales
 
   for (int P0 = start + warp * TP; P0 < end; P0 += WARPS * TP) {
+    if constexpr (KSTG || VSTG) {
+      __syncwarp();  // the previous tile's reads are done
+      if constexpr (KSTG) {
+        const int grp = min(P0 / KGS, ks_sh[3] - 1);
+        for (int d = lane; d < D; d += 32) {
+          stg[d] = ksb[d * ks_st[2] + grp * ks_st[3]];
+          stg[D + d] = kbb[d * kb_st[2] + grp * kb_st[3]];
+        }
+      }
+      if constexpr (VSTG) {  // [scale|bias][group][step][row k of the step], as the A rows read them
+        for (int i = lane; i < NVG * TP; i += 32) {
+          const int grp = i / TP, o = i % TP;
+          const int k = KCH ? 8 * (o / HALF) + (o % HALF) / STEPS : o % 16;
+          const int s = KCH ? o % STEPS : o / 16;
+          const int p = min(P0 + o, N - 1);
+          stg[KST + (grp * STEPS + s) * 16 + k] = vsb[p * vs_st[2] + grp * vs_st[3]];
+          stg[KST + ((NVG + grp) * STEPS + s) * 16 + k] = vbb[p * vb_st[2] + grp * vb_st[3]];
+        }
+      }
+      __syncwarp();
+    }
     // ---------------------------------------------------------------- scores S^T
     float sc[STEPS][4];
 #pragma unroll
     for (int s = 0; s < STEPS; ++s) sc[s][0] = sc[s][1] = sc[s][2] = sc[s][3] = 0.f;
 
+    float kbsum[4] = {0.f, 0.f, 0.f, 0.f};  // KFOLD: q . bias per head (every row the same)
     if constexpr (KCH) {
       // Row g of step s is position P0 + STEPS*g + s, row g+8 is P0 + HALF + STEPS*g + s.
       int grp[2];
@@ -222,11 +348,16 @@ __device__ void mma_decode_split(
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int d = t * KD + 4 * kb + c;
-            load_bits<NAK, UNAL_K>(kbase + d * kw_st[2], (int64_t)(P0 + HALF * r + STEPS * g) * KB, k_nw, cw[r][c]);
+            load_bits<NAK, UNAL_K>(kbase + d * kst, (P0 + HALF * r + STEPS * g) * KB, k_nw, cw[r][c]);
           }
 #pragma unroll
           for (int c2 = 0; c2 < 2; ++c2) {
             const int d = t * KD + 4 * kb + 2 * c2;
+            if constexpr (KSTG) {
+              sc2[r][c2] = *reinterpret_cast<const __half2*>(stg + d);
+              bi2[r][c2] = *reinterpret_cast<const __half2*>(stg + D + d);
+              continue;
+            }
             const int64_t o0 = d * ks_st[2] + grp[r] * ks_st[3];
             const int64_t o1 = (d + 1) * ks_st[2] + grp[r] * ks_st[3];
             const int64_t p0 = d * kb_st[2] + grp[r] * kb_st[3];
@@ -235,14 +366,40 @@ __device__ void mma_decode_split(
             bi2[r][c2] = __floats2half2_rn(tofloat(kbb[p0]), tofloat(kbb[p1]));
           }
         }
+        uint32_t qb0 = qf[kb][0], qb1 = qf[kb][1];  // B of the score product
+        if constexpr (KFOLD) {  // one group a tile: sc2/bi2 are the same for both row halves
+          qb0 = h2u(__hmul2(u2h(qf[kb][0]), sc2[0][0]));
+          qb1 = h2u(__hmul2(u2h(qf[kb][1]), sc2[0][1]));
+          mma16816(kbsum, ones, h2u(__hmul2(u2h(qf[kb][0]), bi2[0][0])), h2u(__hmul2(u2h(qf[kb][1]), bi2[0][1])));
+        }
+        // A: the exact codes (KFOLD) or the dequantized keys.
+        auto ka = [&](__half2 c, __half2 sc, __half2 bi) { return KFOLD ? h2u(c) : h2u(__hfma2(c, sc, bi)); };
+        if constexpr (KB == 4 && STEPS == 8) {  // one word = the 8 steps of a channel
+          __half2 kp[2][2][8];  // [row half][channel pair][step]
 #pragma unroll
-        for (int s = 0; s < STEPS; ++s) {
-          uint32_t a[4];
-          a[0] = deq_pair<false>(code_at<KB>(cw[0][0], s), code_at<KB>(cw[0][1], s), sc2[0][0], bi2[0][0], nullptr, lane);
-          a[1] = deq_pair<false>(code_at<KB>(cw[1][0], s), code_at<KB>(cw[1][1], s), sc2[1][0], bi2[1][0], nullptr, lane);
-          a[2] = deq_pair<false>(code_at<KB>(cw[0][2], s), code_at<KB>(cw[0][3], s), sc2[0][1], bi2[0][1], nullptr, lane);
-          a[3] = deq_pair<false>(code_at<KB>(cw[1][2], s), code_at<KB>(cw[1][3], s), sc2[1][1], bi2[1][1], nullptr, lane);
-          mma16816(sc[s], a, qf[kb][0], qf[kb][1]);
+          for (int r = 0; r < 2; ++r) {
+            nibble_pairs(cw[r][0][0], cw[r][1][0], magic, kp[r][0]);
+            nibble_pairs(cw[r][2][0], cw[r][3][0], magic, kp[r][1]);
+          }
+#pragma unroll
+          for (int s = 0; s < STEPS; ++s) {
+            uint32_t a[4];
+            a[0] = ka(kp[0][0][s], sc2[0][0], bi2[0][0]);
+            a[1] = ka(kp[1][0][s], sc2[1][0], bi2[1][0]);
+            a[2] = ka(kp[0][1][s], sc2[0][1], bi2[0][1]);
+            a[3] = ka(kp[1][1][s], sc2[1][1], bi2[1][1]);
+            mma16816(sc[s], a, qb0, qb1);
+          }
+        } else {
+#pragma unroll
+          for (int s = 0; s < STEPS; ++s) {
+            uint32_t a[4];
+            a[0] = ka(codes2h(code_at<KB>(cw[0][0], s), code_at<KB>(cw[0][1], s)), sc2[0][0], bi2[0][0]);
+            a[1] = ka(codes2h(code_at<KB>(cw[1][0], s), code_at<KB>(cw[1][1], s)), sc2[1][0], bi2[1][0]);
+            a[2] = ka(codes2h(code_at<KB>(cw[0][2], s), code_at<KB>(cw[0][3], s)), sc2[0][1], bi2[0][1]);
+            a[3] = ka(codes2h(code_at<KB>(cw[1][2], s), code_at<KB>(cw[1][3], s)), sc2[1][1], bi2[1][1]);
+            mma16816(sc[s], a, qb0, qb1);
+          }
         }
       }
     } else {
@@ -253,7 +410,7 @@ __device__ void mma_decode_split(
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int p = min(P0 + 16 * s + g + 8 * r, N - 1);
-          load_bits<NAK, UNAL_K>(kbase + p * kw_st[2], (int64_t)t * KD * KB, k_nw, kr[r]);
+          load_bits<NAK, UNAL_K>(kbase + p * kst, t * KD * KB, k_nw, kr[r]);
 #pragma unroll
           for (int j = 0; j < NG; ++j) {
             if constexpr (KCB) {
@@ -285,6 +442,13 @@ __device__ void mma_decode_split(
       }
     }
 
+    if constexpr (KFOLD) {
+#pragma unroll
+      for (int s = 0; s < STEPS; ++s) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[s][e] += kbsum[e];
+      }
+    }
     // ---------------------------------------------------------------- online softmax
     float mt2[2] = {TQM_NEG_INF, TQM_NEG_INF};
 #pragma unroll
@@ -310,6 +474,8 @@ __device__ void mma_decode_split(
         o[mt][i] *= alpha;
         o[mt][2 + i] *= alpha;
       }
+      vbsum[i] *= alpha;
+      vbsum[2 + i] *= alpha;
     }
 #pragma unroll
     for (int s = 0; s < STEPS; ++s) {
@@ -323,40 +489,89 @@ __device__ void mma_decode_split(
     // ---------------------------------------------------------------- values O^T += V^T P^T
 #pragma unroll
     for (int s = 0; s < STEPS; ++s) {
-      const uint32_t pb0 = trans8x8(h2u(__floats2half2_rn(sc[s][0], sc[s][1])));
-      const uint32_t pb1 = trans8x8(h2u(__floats2half2_rn(sc[s][2], sc[s][3])));
+      // B: the probabilities (rows: step positions g, g + 8), times the positions' value
+      // scales under VFOLD, whose biases then enter through one mma against ones.
+      uint32_t pb0, pb1;
+      if constexpr (VFOLD) {
+        const ST* vsp = stg + KST + s * 16;
+        const ST* vbp = stg + KST + (STEPS + s) * 16;
+        const float s_lo = tofloat(vsp[g]), s_hi = tofloat(vsp[g + 8]);
+        const float b_lo = tofloat(vbp[g]), b_hi = tofloat(vbp[g + 8]);
+        pb0 = trans8x8(h2u(__floats2half2_rn(sc[s][0] * s_lo, sc[s][1] * s_lo)));
+        pb1 = trans8x8(h2u(__floats2half2_rn(sc[s][2] * s_hi, sc[s][3] * s_hi)));
+        mma16816(vbsum, ones, trans8x8(h2u(__floats2half2_rn(sc[s][0] * b_lo, sc[s][1] * b_lo))),
+                 trans8x8(h2u(__floats2half2_rn(sc[s][2] * b_hi, sc[s][3] * b_hi))));
+      } else {
+        pb0 = trans8x8(h2u(__floats2half2_rn(sc[s][0], sc[s][1])));
+        pb1 = trans8x8(h2u(__floats2half2_rn(sc[s][2], sc[s][3])));
+      }
       // This lane's A rows use step positions k = 2t, 2t+1, 2t+8, 2t+9.
       uint32_t vr[4][NAV];
-      float vsc[4], vbi[4];
+      float vsc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int k = 2 * t + (i & 1) + 8 * (i >> 1);
         const int pos = KCH ? P0 + HALF * (k >> 3) + STEPS * (k & 7) + s : P0 + 16 * s + k;
         const int p = min(pos, N - 1);
-        load_bits<NAV, UNAL_V>(vbase + p * vw_st[2], (int64_t)VD * g * VB, v_nw, vr[i]);
-        if constexpr (VCB) {
-          vsc[i] = tofloat(vsb[p * vs_st[2]]);
-          vbi[i] = 0.f;
-        } else {
-          vsc[i] = tofloat(vsb[p * vs_st[2] + v_grp * vs_st[3]]);
-          vbi[i] = tofloat(vbb[p * vb_st[2] + v_grp * vb_st[3]]);
-        }
+        load_bits<NAV, UNAL_V>(vbase + p * vst, VD * g * VB, v_nw, vr[i]);
+        if constexpr (VCB) vsc[i] = tofloat(vsb[p * vs_st[2]]);
       }
-      const __half2 s01 = __floats2half2_rn(vsc[0], vsc[1]), s23 = __floats2half2_rn(vsc[2], vsc[3]);
-      const __half2 b01 = __floats2half2_rn(vbi[0], vbi[1]), b23 = __floats2half2_rn(vbi[2], vbi[3]);
+      __half2 s01, s23, b01, b23;
+      if constexpr (VFOLD) {
+        s01 = s23 = b01 = b23 = __float2half2_rn(0.f);  // not read
+      } else if constexpr (VSTG) {
+        const ST* vsp = stg + KST + (v_grp * STEPS + s) * 16 + 2 * t;
+        const ST* vbp = stg + KST + ((NVG + v_grp) * STEPS + s) * 16 + 2 * t;
+        s01 = *reinterpret_cast<const __half2*>(vsp);
+        s23 = *reinterpret_cast<const __half2*>(vsp + 8);
+        b01 = *reinterpret_cast<const __half2*>(vbp);
+        b23 = *reinterpret_cast<const __half2*>(vbp + 8);
+      } else {
+        s01 = __floats2half2_rn(vsc[0], vsc[1]);
+        s23 = __floats2half2_rn(vsc[2], vsc[3]);
+        b01 = b23 = __float2half2_rn(0.f);
+      }
+      // A: the exact codes (VFOLD) or the dequantized values.
+      auto va = [&](__half2 c, __half2 sc, __half2 bi) { return VFOLD ? h2u(c) : h2u(__hfma2(c, sc, bi)); };
+      if constexpr (!VCB && VB == 4) {  // word w holds dims 8w..8w+7 of the lane's run
 #pragma unroll
-      for (int mt = 0; mt < NMT; ++mt) {
-        uint32_t a[4];
-        a[0] = deq_pair<VCB>(code_at<VB>(vr[0], 2 * mt), code_at<VB>(vr[1], 2 * mt), s01, b01, lutv_s, lane);
-        a[1] = deq_pair<VCB>(code_at<VB>(vr[0], 2 * mt + 1), code_at<VB>(vr[1], 2 * mt + 1), s01, b01, lutv_s, lane);
-        a[2] = deq_pair<VCB>(code_at<VB>(vr[2], 2 * mt), code_at<VB>(vr[3], 2 * mt), s23, b23, lutv_s, lane);
-        a[3] = deq_pair<VCB>(code_at<VB>(vr[2], 2 * mt + 1), code_at<VB>(vr[3], 2 * mt + 1), s23, b23, lutv_s, lane);
-        mma16816(o[mt], a, pb0, pb1);
+        for (int w = 0; w < NAV; ++w) {
+          __half2 p01[8], p23[8];  // (position 2t, 2t+1) and (2t+8, 2t+9) of each dim
+          nibble_pairs(vr[0][w], vr[1][w], magic, p01);
+          nibble_pairs(vr[2][w], vr[3][w], magic, p23);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // m-tile 4w + j: dims 8w + 2j (rows g), + 1 (rows g + 8)
+            uint32_t a[4];
+            a[0] = va(p01[2 * j], s01, b01);
+            a[1] = va(p01[2 * j + 1], s01, b01);
+            a[2] = va(p23[2 * j], s23, b23);
+            a[3] = va(p23[2 * j + 1], s23, b23);
+            mma16816(o[4 * w + j], a, pb0, pb1);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < NMT; ++mt) {
+          uint32_t a[4];
+          if constexpr (VFOLD) {
+            a[0] = h2u(codes2h(code_at<VB>(vr[0], 2 * mt), code_at<VB>(vr[1], 2 * mt)));
+            a[1] = h2u(codes2h(code_at<VB>(vr[0], 2 * mt + 1), code_at<VB>(vr[1], 2 * mt + 1)));
+            a[2] = h2u(codes2h(code_at<VB>(vr[2], 2 * mt), code_at<VB>(vr[3], 2 * mt)));
+            a[3] = h2u(codes2h(code_at<VB>(vr[2], 2 * mt + 1), code_at<VB>(vr[3], 2 * mt + 1)));
+          } else {
+            a[0] = deq_pair<VCB>(code_at<VB>(vr[0], 2 * mt), code_at<VB>(vr[1], 2 * mt), s01, b01, lutv_s, lane);
+            a[1] = deq_pair<VCB>(code_at<VB>(vr[0], 2 * mt + 1), code_at<VB>(vr[1], 2 * mt + 1), s01, b01, lutv_s, lane);
+            a[2] = deq_pair<VCB>(code_at<VB>(vr[2], 2 * mt), code_at<VB>(vr[3], 2 * mt), s23, b23, lutv_s, lane);
+            a[3] = deq_pair<VCB>(code_at<VB>(vr[2], 2 * mt + 1), code_at<VB>(vr[3], 2 * mt + 1), s23, b23, lutv_s, lane);
+          }
+          mma16816(o[mt], a, pb0, pb1);
+        }
       }
     }
   }
 
   // ---------------------------------------------------------------- merge the warps
+  __syncthreads();  // every warp is done with its staged scales: the pool becomes red_o
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -371,10 +586,10 @@ __device__ void mma_decode_split(
 #pragma unroll
   for (int mt = 0; mt < NMT; ++mt) {
     const int d = VD * g + 2 * mt;
-    red_o[warp][2 * t][d] = o[mt][0];
-    red_o[warp][2 * t + 1][d] = o[mt][1];
-    red_o[warp][2 * t][d + 1] = o[mt][2];
-    red_o[warp][2 * t + 1][d + 1] = o[mt][3];
+    red_o[warp][2 * t][d] = o[mt][0] + vbsum[0];  // vbsum: 0 unless VFOLD
+    red_o[warp][2 * t + 1][d] = o[mt][1] + vbsum[1];
+    red_o[warp][2 * t][d + 1] = o[mt][2] + vbsum[2];
+    red_o[warp][2 * t + 1][d + 1] = o[mt][3] + vbsum[3];
   }
   __syncthreads();
   for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
@@ -404,10 +619,11 @@ __device__ void mma_decode_split(
 
 }  // namespace tqm
 """
+)
 
 MMA_SPLIT_SOURCE = r"""
-  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, ST>(
-      q, q_strides.data(),
+  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, QT, ST>(
+      q, q_strides.data(), signs,
       kw, kw_shape.data(), kw_strides.data(),
       ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
       vw, vw_shape.data(), vw_strides.data(),
