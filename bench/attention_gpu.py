@@ -164,8 +164,13 @@ MMA_SHAPES = [(1, 32, 8, 128), (2, 16, 2, 256), (1, 8, 8, 64), (1, 28, 4, 128), 
 MMA_TOL = 5e-3  # float16 operands on the tensor cores (METHOD: fp16 ~1e-3)
 
 
-def run_mma_checks(rng, quick: bool = False) -> list[dict]:
-    """v4 through real caches (decode step, kernel joined with sink/tail) vs float64."""
+def run_mma_checks(rng, quick: bool = False, select: str = "", save=None) -> list[dict]:
+    """v4 through real caches (decode step, kernel joined with sink/tail) vs float64.
+
+    ``select``: comma-separated run indices (0-5: the shapes under the dispatch's rules,
+    6-7: the forced variants on shape 0, 8: the portable path), all by default;
+    ``save(rows)`` after each run (a call cut by its time limit keeps what it checked).
+    """
     import mlx.core as mx
 
     from services.turboquant import TurboQuantConfig
@@ -177,9 +182,12 @@ def run_mma_checks(rng, quick: bool = False) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
     layouts = list(MMA_LAYOUTS.items())
-    # The dispatch's super-tile rule on every shape; each forced size on the first shape.
+    # The dispatch's rule on every shape; each forced super-tile size on the first shape.
     runs = [(shape, None) for shape in (MMA_SHAPES[:3] if quick else MMA_SHAPES)]
     runs += [(MMA_SHAPES[0], 4), (MMA_SHAPES[0], 8)]
+    if select:
+        every = [(shape, None) for shape in MMA_SHAPES] + runs[-2:]
+        runs = [every[int(i)] for i in select.split(",") if int(i) < len(every)]
     default_steps = mma_decode.STEPS
     for shape, steps in runs:
         mma_decode.STEPS = steps
@@ -204,7 +212,7 @@ def run_mma_checks(rng, quick: bool = False) -> list[dict]:
                 # The fused join (default, forced splits: some empty), and the MLX join.
                 for splits in (None, 7, 1):
                     out = mma_decode.mma_decode_layer(
-                        c.queries, q_rot, c.keys, c.values, c.scale, c.sinks, splits=splits,
+                        c.queries, c.keys, c.values, c.scale, c.sinks, splits=splits,
                         poison=True,
                     )  # fmt: skip
                     mx.eval(out)
@@ -217,7 +225,69 @@ def run_mma_checks(rng, quick: bool = False) -> list[dict]:
                                  rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
                 if not rows[-1]["ok"]:
                     print("FAIL", rows[-1], errs, flush=True)
+        if save is not None:
+            save(rows)
     mma_decode.STEPS = default_steps
+    if not select or "8" in select.split(","):
+        rows += run_portable_checks(rng)
+        if save is not None:
+            save(rows)
+    return rows
+
+
+PORTABLE_LAYOUTS = ["default k4v4 chan g128 s1", "plain affine k4v4 g64", "codebook k4v4"]
+
+
+def run_portable_checks(rng, prefix: int = 3000, chunk: int = 256) -> list[dict]:
+    """The portable path on this device, kernels unhooked (on CUDA it is the fallback and
+    all of prefill): a decode step, and a prefill chunk over a compressed prefix with a
+    causal mask, through real caches, vs float64 over what the caches store."""
+    import mlx.core as mx
+
+    from services.turboquant import TurboQuantConfig, TurboQuantKVCache
+    from services.turboquant.attention import (
+        set_body_decode_kernel,
+        set_layer_decode_kernel,
+        turboquant_attention,
+    )
+    from services.turboquant.kernels.cases import cache_case, decoded
+    from services.turboquant.kernels.reference import rel_error
+
+    hq, hkv, d = 32, 8, 128
+    rows = []
+    old = set_layer_decode_kernel(None), set_body_decode_kernel(None)
+    try:
+        for name in PORTABLE_LAYOUTS:
+            cfg = TurboQuantConfig(**MMA_LAYOUTS[name])
+            c = cache_case(rng, cfg, batch=1, q_heads=hq, kv_heads=hkv, dim=d, length=4099,
+                           sinks=True)  # fmt: skip
+            out = turboquant_attention(c.queries, c.keys, c.values, c.scale, sinks=c.sinks)
+            err = rel_error(np.array(out.astype(mx.float32)), c.reference())
+            rows.append(dict(shape=str((1, hq, hkv, d)), fmt=f"portable decode {name}",
+                             length=4099, rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
+
+            cache = TurboQuantKVCache(cfg)
+            n = prefix + chunk
+            k = mx.array(rng.standard_normal((1, hkv, n, d)).astype(np.float16))
+            v = mx.array(rng.standard_normal((1, hkv, n, d)).astype(np.float16))
+            q = mx.array(rng.standard_normal((1, hq, chunk, d)).astype(np.float16))
+            cache.update_and_fetch(k[:, :, :prefix], v[:, :, :prefix])
+            ks, vs = cache.update_and_fetch(k[:, :, prefix:], v[:, :, prefix:])
+            out = turboquant_attention(q, ks, vs, c.scale, mask="causal")
+            kd = np.repeat(np.array(decoded(ks), dtype=np.float64), hq // hkv, axis=1)
+            vd = np.repeat(np.array(decoded(vs), dtype=np.float64), hq // hkv, axis=1)
+            sc = np.array(q.astype(mx.float32), dtype=np.float64) @ kd.swapaxes(-1, -2) * c.scale
+            seen = np.arange(n)[None, :] <= (prefix + np.arange(chunk))[:, None]
+            sc = np.where(seen, sc, -np.inf)
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            ref = (p / p.sum(-1, keepdims=True)) @ vd
+            err = rel_error(np.array(out.astype(mx.float32)), ref)
+            rows.append(dict(shape=str((1, hq, hkv, d)), fmt=f"portable prefill {name}",
+                             length=n, rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
+            print(rows[-2], rows[-1], flush=True)
+    finally:
+        set_layer_decode_kernel(old[0])
+        set_body_decode_kernel(old[1])
     return rows
 
 
@@ -280,7 +350,7 @@ def run_timings(km, contexts, shapes) -> list[dict]:
     from mlx_lm.models.base import quantized_scaled_dot_product_attention as mlx_qsdpa
 
     from services.turboquant import TurboQuantConfig
-    from services.turboquant.attention import rotate, turboquant_attention
+    from services.turboquant.attention import turboquant_attention
     from services.turboquant.kernels import mma_decode
 
     fd = importlib.import_module(km.__name__ + ".fused_decode")
@@ -320,17 +390,16 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                 return lambda: turboquant_attention(s["q"], ks, vs, scale)
 
             def v4_only(s, key, scale=scale, **tune):
-                """The split kernel alone; ``tune`` sets STEPS / WARPS / SPLIT_FACTOR."""
+                """The split kernel alone (it rotates the query); ``tune`` sets STEPS /
+                WARPS / SPLIT_FACTOR / FOLD."""
                 ks, vs = s[key]
-                q_rot = rotate(s["q"], ks.rotation)
-                mx.eval(q_rot)
 
                 def f():
                     old = {k: getattr(mma_decode, k) for k in tune}
                     for k, v in tune.items():
                         setattr(mma_decode, k, v)
                     try:
-                        return mma_decode._split(q_rot, ks, vs, scale, None, False)[0]
+                        return mma_decode._split(s["q"], ks.rotation, ks, vs, scale, None, False)[0]
                     finally:
                         for k, v in old.items():
                             setattr(mma_decode, k, v)
@@ -360,13 +429,13 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                 "v3 affine 4b (kernel only)": [kernel_only(s) for s in sets],
                 "ours default layout": [layer(s, "tq") for s in sets],
                 "ours default layout (kernel only)": [v4_only(s, "tq") for s in sets],
-                "kernel default steps8": [v4_only(s, "tq", STEPS=8) for s in sets],
-                "kernel default warps8": [v4_only(s, "tq", WARPS=8) for s in sets],
+                "kernel default unfolded": [v4_only(s, "tq", FOLD=False) for s in sets],
+                "kernel default steps4": [v4_only(s, "tq", STEPS=4) for s in sets],
+                "kernel default splits3": [v4_only(s, "tq", SPLIT_FACTOR=3) for s in sets],
                 "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],
-                "kernel default splits1": [v4_only(s, "tq", SPLIT_FACTOR=1) for s in sets],
                 "ours affine 4b": [layer(s, "tq_plain") for s in sets],
                 "ours affine 4b (kernel only)": [v4_only(s, "tq_plain") for s in sets],
-                "kernel affine steps8": [v4_only(s, "tq_plain", STEPS=8) for s in sets],
+                "kernel affine splits3": [v4_only(s, "tq_plain", SPLIT_FACTOR=3) for s in sets],
                 "ours codebook 4b": [layer(s, "tq_cb4") for s in sets],
                 "ours codebook 3b": [layer(s, "tq_cb3") for s in sets],
             }
@@ -449,10 +518,11 @@ def table(rows, copy_bw) -> str:
     )
     return (
         "Per decode layer (one query token per head; ours = the cache's attention as a layer "
-        "calls it: query rotation, split kernel, fused join):\n\n"
+        "calls it: split kernel (which rotates the query), fused join):\n\n"
         + t1
-        + "\nKernel only (the split kernel without rotation or join), and the launch sweep "
-        "(steps: positions per warp tile / 16; warps per block; splits: blocks per SM):\n\n"
+        + "\nKernel only (the split kernel without the join), and the sweep (unfolded: scales "
+        "applied per element instead of folded into the other operand; steps: positions per "
+        "warp tile / 16; splits: blocks per SM):\n\n"
         + t2
         + "\nBytes each variant must read at 128K against the measured copy bandwidth:\n\n"
         + t3
@@ -491,6 +561,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768,131072,262144")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
+    ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-8)")
+    ap.add_argument("--no-fold", action="store_true", help="scales applied per element")
     ap.add_argument("--v3-checks", action="store_true", help="also check the v3 kernel")
     ap.add_argument("--shapes", default="32/8/128,16/2/256", help="timing shapes q/kv/D")
     ap.add_argument("--checks-only", action="store_true")
@@ -534,6 +606,10 @@ def main() -> None:
     import mlx.core as mx
 
     km = load_kernels()
+    if args.no_fold:
+        from services.turboquant.kernels import mma_decode
+
+        mma_decode.FOLD = False
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -548,7 +624,13 @@ def main() -> None:
     res = {"mlx": mx.__version__, "gpu": gpu, "cuda": km.cuda_available()}
     print(res, flush=True)
     rng = np.random.default_rng(int(time.time()))
-    checks = [] if args.skip_checks else run_mma_checks(rng, args.quick_checks)
+
+    def save(rows):
+        (out / "attention_gpu_checks.json").write_text(json.dumps({"checks": rows}, indent=1))
+
+    checks = []
+    if not args.skip_checks:
+        checks = run_mma_checks(rng, args.quick_checks, args.check_runs, save)
     if args.v3_checks:
         checks += run_checks(km, rng, quick=True)
     errs = [c["rel_err"] for c in checks]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -119,8 +120,29 @@ def attention_shapes(model, cache: list) -> None:
             c._bench_shape = (n_kv, d)
 
 
-def run_one(model, kind: str, context: int, steps: int) -> dict:
-    """Decode tok/s, measured KV bytes and peak memory for one cache kind and context."""
+def decode_rate(model, cache: list, steps: int) -> float:
+    """Greedy decode tokens/s over ``steps`` steps, pipelined as ``mlx_lm.generate`` does
+    (the next step's graph is built while the GPU runs the current one)."""
+    import mlx.core as mx
+
+    def step(tok):
+        return mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
+
+    nxt = step(mx.array([[1]]))
+    mx.async_eval(nxt)
+    t = time.perf_counter()
+    for _ in range(steps):
+        after = step(nxt)
+        mx.async_eval(after)
+        mx.eval(nxt)
+        nxt = after
+    mx.eval(nxt)
+    return steps / (time.perf_counter() - t)
+
+
+def run_one(model, kind: str, context: int, steps: int, repeats: int = 2) -> dict:
+    """Decode tok/s (median of ``repeats`` runs), measured KV bytes and peak memory for one
+    cache kind and context."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -138,17 +160,10 @@ def run_one(model, kind: str, context: int, steps: int) -> dict:
     mx.synchronize()
     kv_bytes = mx.get_active_memory() - before
     mx.reset_peak_memory()
-    tok = mx.array([[1]])
-    for _ in range(3):  # warm-up (kernel compiles, graph caches)
-        tok = mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
-        mx.eval(tok)
-    t = time.perf_counter()
-    for _ in range(steps):
-        tok = mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
-        mx.eval(tok)
-    dt = time.perf_counter() - t
-    row = dict(cache=kind, context=context, tok_s=steps / dt, kv_bytes=int(kv_bytes),
-               peak_bytes=int(mx.get_peak_memory()))  # fmt: skip
+    decode_rate(model, cache, 3)  # warm-up (kernel compiles, graph caches)
+    runs = [decode_rate(model, cache, steps) for _ in range(repeats)]
+    row = dict(cache=kind, context=context, tok_s=statistics.median(runs), tok_s_runs=runs,
+               kv_bytes=int(kv_bytes), peak_bytes=int(mx.get_peak_memory()))  # fmt: skip
     del cache
     mx.clear_cache()
     return row
@@ -162,7 +177,8 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
     rows, by = [], {(r["model"], r["cache"], r["context"]): r for r in res["rows"]}
     for (model, kind, ctx), r in sorted(by.items()):
         base = by.get((model, "fp16", ctx))
-        rows.append([model, f"{ctx // 1024}K", kind, f"{r['tok_s']:.1f}",
+        runs = "/".join(f"{x:.1f}" for x in r.get("tok_s_runs", []))
+        rows.append([model, f"{ctx // 1024}K", kind, f"{r['tok_s']:.1f}", runs or "-",
                      f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-",
                      f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}"])  # fmt: skip
     body = (
@@ -174,6 +190,7 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
                 "context",
                 "cache",
                 "decode tok/s",
+                "runs",
                 "vs fp16",
                 "KV MiB (measured)",
                 "peak GiB",
@@ -190,9 +207,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--models", default="llama-3.1-8b,qwen3.5-35b-a3b")
     ap.add_argument("--contexts", default="4096,32768,131072")
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per row (median)")
     ap.add_argument("--caches", default=",".join(CACHE_KINDS))
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
+    ap.add_argument("--split-factor", type=int, help="blocks per SM of the CUDA decode kernel")
     ap.add_argument("--render")
     ap.add_argument("--machine")
     ap.add_argument("--command")
@@ -204,9 +223,14 @@ def main() -> None:
 
     import mlx.core as mx
 
+    if args.split_factor:
+        from services.turboquant.kernels import mma_decode
+
+        mma_decode.SPLIT_FACTOR = args.split_factor
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"mlx": mx.__version__, "gpu": str(mx.default_device()), "rows": []}
+    res = {"mlx": mx.__version__, "gpu": str(mx.default_device()), "rows": [],
+           "split_factor": args.split_factor}  # fmt: skip
     try:
         import subprocess
 
@@ -218,7 +242,7 @@ def main() -> None:
         model = build(name, args.tiny)
         for ctx in (int(c) for c in args.contexts.split(",")):
             for kind in args.caches.split(","):
-                row = dict(model=name, **run_one(model, kind, ctx, args.steps))
+                row = dict(model=name, **run_one(model, kind, ctx, args.steps, args.repeats))
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "e2e_decode_gpu.json").write_text(json.dumps(res, indent=1))
