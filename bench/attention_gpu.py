@@ -587,7 +587,7 @@ def main() -> None:
         body = (
             f"MLX {res['mlx']}, {res['gpu']}; measured copy bandwidth "
             f"{res['copy_bw'] / 1e12:.2f} TB/s (read + write).\n\n"
-            f"Correctness (v4, through real caches, joins included): "
+            f"Correctness (the tensor-core kernel through real caches, joins included): "
             f"{sum(c['ok'] for c in checks)}/{len(checks)} checks against float64 within "
             f"{MMA_TOL:g} (max rel err {max(errs) if errs else float('nan'):.2e}).\n\n"
             + (args.note + "\n\n" if args.note else "")
