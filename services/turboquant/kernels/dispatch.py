@@ -1,6 +1,6 @@
 """Hook the CUDA decode kernels into ``attention.turboquant_attention`` (docs/turboquant.md).
 
-``install()`` registers the v4 tensor-core kernel (``mma_decode``) when MLX runs on CUDA:
+``install()`` registers the tensor-core kernel (``mma_decode``) when MLX runs on CUDA:
 the split kernel plus the fused join for a whole decode layer, and the split kernel with
 an MLX join where the full-precision segments are too long for the fused one. Elsewhere
 (Metal, CPU) nothing changes and the portable path runs. The v3 SIMT kernel

@@ -1,4 +1,5 @@
-"""Tensor-core decode attention over a packed body (v4, CUDA; source in mma_source.py).
+"""Tensor-core decode attention over a packed body (CUDA; source in mma_source.py; the
+versions and their measurements: bench/gpu_notes.md).
 
 :func:`mma_decode_layer` is a whole decode layer over a :class:`PackedSide` pair --
 per-vector affine or codebook keys, or the default per-channel keys: the split kernel over
@@ -34,11 +35,15 @@ HEAD_DIMS = (64, 128, 256)
 WARPS = 4  # warps per block; each owns super-tiles of 16 * steps positions
 # Steps of 16 positions per super-tile, measured on the H200 (bench/gpu_notes.md, v4b): 8
 # for per-channel keys at head dim <= 128 (a lane then reads whole 4-bit words: 0.142 vs
-# 0.240 ms at 128K), 4 elsewhere (fewer registers: 0.135 vs 0.156 ms). None: that rule.
+# 0.240 ms at 128K; v5: 0.103 vs 0.125), 4 elsewhere (fewer registers: 0.135 vs 0.156 ms).
+# None: that rule.
 STEPS: int | None = None
-SPLIT_FACTOR = 2  # blocks per SM the split count aims for (184-255 registers: 2 fit)
+# Blocks per SM the split count aims for: NVRTC gives the kernel 182-255 registers, so 2
+# fit (v5 with 3: 0.109 vs 0.103 ms at 128K).
+SPLIT_FACTOR = 2
 # Multiply exact codes on the tensor cores and fold a tile's scales and biases into the
-# other operand (bench/gpu_notes.md, session 4): channel keys, values with one group a vector.
+# other operand: channel keys, values with one group a vector (bench/gpu_notes.md, session
+# 4: 0.103 vs 0.117 ms at 128K, 0.177 vs 0.215 at 256K).
 FOLD = True
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}

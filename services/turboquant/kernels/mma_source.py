@@ -1,10 +1,14 @@
-"""CUDA source of the tensor-core decode kernel (v4) for ``mx.fast.cuda_kernel``.
+"""CUDA source of the tensor-core decode kernel (v5) for ``mx.fast.cuda_kernel``.
 
 One warp scores 16 positions x 8 query heads per ``mma.m16n8k16`` (f16 in, f32 out):
-``S^T = K . Q^T`` with the dequantized keys as the A operand and the query as B, then
-``O^T += V^T . P^T`` with the dequantized values as A and the probabilities as B (moved
-from the score layout by ``movmatrix``). Codes are turned into fp16 in registers
-(``0x6400 | code`` is ``1024 + code`` exactly), scaled in fp16, never written back.
+``S^T = K . Q^T`` with the keys as the A operand and the query as B, then ``O^T += V^T .
+P^T`` with the values as A and the probabilities as B (moved from the score layout by
+``movmatrix``). Codes are turned into fp16 in registers (``0x6400 | code`` is ``1024 +
+code`` exactly; 4-bit pairs by one byte permute and one LOP3), never written back. With
+``FOLD`` the A operand is the exact codes and a tile's scales multiply the B operand
+instead (``q*s``, ``p*s``), the biases entering through one mma against ones; otherwise
+the codes are dequantized in fp16 (HFMA2) first. The split kernel rotates the query
+itself (``QROT``: signs, then Hadamard butterflies in shared memory).
 
 A warp owns super-tiles of ``16 * STEPS`` positions (STEPS steps of 16) and keeps its own
 online softmax; the block's warps merge in shared memory and write one partial ``(acc, m,
@@ -16,7 +20,7 @@ layouts (``VQ``): 0 affine, 1 codebook. Dims are permuted between lanes freely (
 permutation on both operands); the output permutation is undone when the partials are written.
 """
 
-# What every v4 launch needs: includes, conversions, the split merge. The join and
+# What every launch needs: includes, conversions, the split merge. The join and
 # combine take only this (MLX copies the header into each launch's source, per call).
 MMA_COMMON = r"""
 #include <cuda_fp16.h>
