@@ -11,6 +11,7 @@ patched attention (patch.py -> attention.py) understands.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -655,21 +656,15 @@ def _width(part: mx.array, spec: SideSpec, n: int) -> int:
     return n // spec.group_size
 
 
-def _patch_installed() -> bool:
-    from . import patch  # here: patch imports this module
-
-    global _patch_installed
-    _patch_installed = patch.is_installed  # later calls skip the import
-    return patch.is_installed()
-
-
 @lru_cache(maxsize=256)
 def _resolved_spec(quantizer: str, bits: int, group: int, norm: bool, dim: int) -> SideSpec:
     return make_side_spec(quantizer, bits, group, norm).for_dim(dim)
 
 
 def _check_patch_installed() -> None:
-    if not _patch_installed():
+    # A dict lookup, not an import, on every update: patch.py imports this module.
+    patch = sys.modules.get(__package__ + ".patch")
+    if patch is None or not patch.is_installed():
         raise RuntimeError(
             "TurboQuantKVCache needs the attention patch: call "
             "services.turboquant.install_patch() (make_turboquant_cache does it)"
