@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
+    from services.http_protocol import enveloped_h11
+
     from .app import create_app
 
     # access_log off: request lines cost time on the hot path; we count in /metrics instead
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # of 5 s a request sent on a connection being closed is reset unanswered
         timeout_keep_alive=75,
         timeout_graceful_shutdown=5,
+        http=enveloped_h11("router"),  # parser-level 400s in the OpenAI envelope too
     )
     return 0
 

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from services.http_protocol import enveloped_h11
     from services.sidecar.app import create_app
     from services.sidecar.engine import Engine
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log=False,
             # Streams can run for minutes: on shutdown cut them (their jobs get cancelled).
             timeout_graceful_shutdown=5,
+            http=enveloped_h11("sidecar"),  # parser-level 400s in the OpenAI envelope too
         )
     )
 

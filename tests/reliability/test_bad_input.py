@@ -16,9 +16,10 @@ import httpx
 import pytest
 
 from services.router.app import create_app
+from tests.conftest import free_port
 from tests.upstreams import FakeOllama, FakeSidecar, UpstreamServer
 
-from .conftest import OLLAMA_MODEL, router_settings
+from .conftest import OLLAMA_MODEL, lone_router, lone_router_env, router_settings
 from .corpus import CASES, FORWARDED
 from .outcome import envelope_component
 
@@ -137,9 +138,11 @@ def test_many_tiny_messages_are_answered(stack: Stack) -> None:
 # --- headers, methods, paths, raw bytes
 
 
-def raw_http(stack: Stack, request: bytes, read_s: float = 5.0) -> bytes:
-    """Send raw bytes to the router; return what came back before it closed or went quiet."""
-    with socket.create_connection(("127.0.0.1", stack.server.port), timeout=read_s) as s:
+def raw_http(stack: Stack | int, request: bytes, read_s: float = 5.0) -> bytes:
+    """Send raw bytes to the router (or to a port); return what came back before it closed
+    or went quiet."""
+    port = stack if isinstance(stack, int) else stack.server.port
+    with socket.create_connection(("127.0.0.1", port), timeout=read_s) as s:
         s.sendall(request)
         out = b""
         try:
@@ -230,12 +233,37 @@ def test_wrong_method_or_path_is_an_openai_error(stack: Stack, method, path, sta
     assert_router_4xx(stack.client.request(method, path), status)
 
 
+# What the HTTP parser itself refuses, before any app code runs.
+NOT_HTTP = (
+    b"\x00\x01\x02\xff" * 64 + b"\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\n" + b"A" * 70000 + b"\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\rInjected: 1\r\n\r\n",  # a bare CR in a header
+)
+
+
+def assert_enveloped_400(resp: bytes, component: str) -> None:
+    """What the server processes answer bytes their HTTP parser refuses: a 400 in the
+    OpenAI envelope (uvicorn's own answer is plain text)."""
+    head, _, body = resp.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), resp[:200]
+    assert b"content-type: application/json" in head.lower(), head
+    err = json.loads(body)["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_http", err
+    assert err["component"] == component and err["param"] is None and err["message"], err
+
+
+def test_the_router_process_answers_non_http_bytes_in_the_openai_envelope(
+    python_env, tmp_path
+) -> None:
+    port = free_port()
+    with lone_router(lone_router_env(python_env, tmp_path, port), port):
+        for junk in NOT_HTTP:
+            assert_enveloped_400(raw_http(port, junk, read_s=5), "router")
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code in (200, 503)
+
+
 def test_raw_garbage_bytes_get_a_4xx_and_the_router_stays_up(stack: Stack) -> None:
-    for junk in (
-        b"\x00\x01\x02\xff" * 64 + b"\r\n\r\n",
-        b"GET / HTTP/9.9\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\n" + b"A" * 70000 + b"\r\n\r\n",
-    ):
+    for junk in (*NOT_HTTP, b"GET / HTTP/9.9\r\n\r\n"):
         resp = raw_http(stack, junk, read_s=3)
         assert resp == b"" or resp.startswith(b"HTTP/1.1 4"), resp[:200]
     assert stack.client.get("/health").status_code == 200

@@ -23,6 +23,7 @@ from tests.sidecar.harness import Sidecar, start_sidecar
 from tests.sidecar.test_sidecar_server import wait_idle
 
 from .outcome import classify_json, classify_sse, envelope_component
+from .test_bad_input import NOT_HTTP, assert_enveloped_400, raw_http
 from .test_disconnects import open_and_drop
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
@@ -37,6 +38,15 @@ def real_sidecar(smollm2_dir: Path, tmp_path_factory) -> Iterator[Sidecar]:
         yield sc
     finally:
         stop_process(sc.proc)
+
+
+def test_the_sidecar_process_answers_non_http_bytes_in_the_openai_envelope(
+    real_sidecar: Sidecar,
+) -> None:
+    port = int(real_sidecar.url.rsplit(":", 1)[1])
+    for junk in NOT_HTTP:
+        assert_enveloped_400(raw_http(port, junk), "sidecar")
+    assert httpx.get(real_sidecar.url + "/health").status_code == 200
 
 
 def cancelled_lengths(log: Path) -> list[int]:
