@@ -195,6 +195,81 @@ def test_v4_splits_cover_the_context_without_empty_splits(rng, steps):
             assert (s - 1) * chunk < length <= s * chunk, (length, blocks, s, chunk)
 
 
+class _RecordedKernel:
+    """Stands in for ``mx.fast.cuda_kernel`` on any device: records each launch and returns
+    zeros of the requested outputs."""
+
+    launches: list = []
+
+    def __init__(self, name, input_names, output_names, source, header="", **_):
+        self.name, self.input_names, self.output_names = name, input_names, output_names
+        self.source, self.header = source, header
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+                 init_value=None):  # fmt: skip
+        self.launches.append((self, inputs, dict(template), grid, threadgroup, output_shapes))
+        return [mx.zeros(sh, dtype=dt) for sh, dt in zip(output_shapes, output_dtypes, strict=True)]
+
+
+@pytest.fixture
+def recorded_kernels(monkeypatch):
+    factories = (mma_decode._split_kernel, mma_decode._join_kernel, mma_decode._combine_kernel)
+    for f in factories:
+        f.cache_clear()
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
+    _RecordedKernel.launches = []
+    yield _RecordedKernel.launches
+    for f in factories:
+        f.cache_clear()  # no stand-in outlives the test
+
+
+@pytest.mark.parametrize(
+    "config,dim",
+    [
+        (dict(key_quantizer="channel", group_size=128, sink_tokens=1), 128),  # the default
+        (dict(sink_tokens=2), 64),  # per-vector keys with a centre
+        (dict(quantizer="codebook", key_bits=3, value_bits=3), 256),
+    ],
+)
+def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
+    """The kernels only compile on a CUDA device; here, on any device, each launch of a
+    decode layer must pass one input per declared name and every template parameter the
+    source and header use (a missing one is an NVRTC error only a GPU run would show)."""
+    from services.turboquant.kernels.mma_source import compact
+
+    q, keys, values = _packed(config, dim, length=700)
+    q = q.astype(mx.float16)
+    out = mma_decode.mma_decode_layer(q, keys, values, 0.1, mx.zeros((q.shape[1],)))
+    body = mma_decode.mma_body_attention(q.astype(mx.float32), keys, values, 0.1)
+    assert out.shape == q.shape and out.dtype == q.dtype and body[1].shape == (1, 8, 1, 1)
+    names = [k.name for k, *_ in recorded_kernels]
+    assert names == ["tq_mma_decode_split", "tq_mma_decode_join"] + ["tq_mma_decode_split",
+                    "tq_mma_decode_combine"]  # fmt: skip
+    for kernel, inputs, template, grid, threadgroup, _ in recorded_kernels:
+        assert len(inputs) == len(kernel.input_names)
+        # Upper-case names the source uses but neither declares nor gets from the header's
+        # #defines must come from the template.
+        code = compact(kernel.source)  # comments say M, H, ...
+        used = set(re.findall(r"\b[A-Z][A-Z0-9_]*\b", code))
+        declared = {
+            name.strip().split()[0]
+            for decl in re.findall(r"\b(?:int|float|bool)\s+([^;=()]+)", code)
+            for name in decl.split(",")
+        }
+        defined = set(re.findall(r"#define\s+(\w+)", kernel.header))
+        missing = used - declared - defined - set(template)
+        assert not missing, (kernel.name, missing)
+        assert all(g % t == 0 for g, t in zip(grid, threadgroup, strict=True))
+        assert threadgroup[0] * threadgroup[1] * threadgroup[2] <= 1024
+    split = recorded_kernels[0]
+    t = split[2]
+    assert t["QROT"] and t["QT"] == mx.float16 and t["D"] == dim  # the kernel rotates q
+    assert split[5][0][2] * 32 * t["WARPS"] == split[3][0]  # one block row per split
+    # the split source instantiates the device template with exactly these parameters
+    params = re.search(r"mma_decode_split<([^>]*)>", split[0].source).group(1)
+    assert [p.strip() for p in params.split(",")] == [n for n in t if n in params]
+
+
 def test_install_only_on_cuda():
     assert install() == cuda_available()
     if cuda_available():
