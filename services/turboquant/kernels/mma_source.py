@@ -148,10 +148,6 @@ __device__ __forceinline__ uint32_t deq_pair(uint32_t c0, uint32_t c1, __half2 s
   }
 }
 
-// 4-bit codes j = 0..7 of two words a and b as eight exact half2 (code j of a, code j of b):
-// a byte permute puts both codes of a pair 16 bits apart, one LOP3 masks them into fp16
-// 1024 + c (or 1024 + 16c), one HADD2/HFMA2 removes the offset -- ~1.75 instructions an
-// element against ~6 for code_at + codes2h (bench/gpu_notes.md, session 4).
 // (a & mask) | bits in one LOP3: with both constants as immediates ptxas emits two.
 template <uint32_t MASK>
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t bits) {
@@ -160,7 +156,11 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t bits) {
   return d;
 }
 
-// ``magic`` is 0x64006400 held in a register (see opaque_magic).
+// 4-bit codes j = 0..7 of two words a and b as eight exact half2 (code j of a, code j of b):
+// a byte permute puts both codes of a pair 16 bits apart, one LOP3 masks them into fp16
+// 1024 + c (or 1024 + 16c), one HADD2/HFMA2 removes the offset -- ~1.75 instructions an
+// element against ~6 for code_at + codes2h (bench/gpu_notes.md, session 4). ``magic`` is
+// 0x64006400 held in a register the compiler cannot see into (see mma_decode_split).
 __device__ __forceinline__ void nibble_pairs(uint32_t a, uint32_t b, uint32_t magic, __half2 (&out)[8]) {
   const uint32_t lo = __byte_perm(a, b, 0x5410), hi = __byte_perm(a, b, 0x7632);
   const uint32_t src[4] = {lo, lo >> 8, hi, hi >> 8};
@@ -169,6 +169,17 @@ __device__ __forceinline__ void nibble_pairs(uint32_t a, uint32_t b, uint32_t ma
   for (int i = 0; i < 4; ++i) {
     out[2 * i] = __hsub2(u2h(and_or<0x000f000fu>(src[i], magic)), k1024);
     out[2 * i + 1] = __hfma2(u2h(and_or<0x00f000f0u>(src[i], magic)), k16th, km64);
+  }
+}
+
+// An A-operand pair from exact codes: as they are when the scales are folded into the
+// other operand, else dequantized (s * c + b).
+template <bool FOLDED>
+__device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
+  if constexpr (FOLDED) {
+    return h2u(c);
+  } else {
+    return h2u(__hfma2(c, s, b));
   }
 }
 
@@ -376,8 +387,6 @@ __device__ void mma_decode_split(
           qb1 = h2u(__hmul2(u2h(qf[kb][1]), sc2[0][1]));
           mma16816(kbsum, ones, h2u(__hmul2(u2h(qf[kb][0]), bi2[0][0])), h2u(__hmul2(u2h(qf[kb][1]), bi2[0][1])));
         }
-        // A: the exact codes (KFOLD) or the dequantized keys.
-        auto ka = [&](__half2 c, __half2 sc, __half2 bi) { return KFOLD ? h2u(c) : h2u(__hfma2(c, sc, bi)); };
         if constexpr (KB == 4 && STEPS == 8) {  // one word = the 8 steps of a channel
           __half2 kp[2][2][8];  // [row half][channel pair][step]
 #pragma unroll
@@ -388,20 +397,20 @@ __device__ void mma_decode_split(
 #pragma unroll
           for (int s = 0; s < STEPS; ++s) {
             uint32_t a[4];
-            a[0] = ka(kp[0][0][s], sc2[0][0], bi2[0][0]);
-            a[1] = ka(kp[1][0][s], sc2[1][0], bi2[1][0]);
-            a[2] = ka(kp[0][1][s], sc2[0][1], bi2[0][1]);
-            a[3] = ka(kp[1][1][s], sc2[1][1], bi2[1][1]);
+            a[0] = a_pair<KFOLD>(kp[0][0][s], sc2[0][0], bi2[0][0]);
+            a[1] = a_pair<KFOLD>(kp[1][0][s], sc2[1][0], bi2[1][0]);
+            a[2] = a_pair<KFOLD>(kp[0][1][s], sc2[0][1], bi2[0][1]);
+            a[3] = a_pair<KFOLD>(kp[1][1][s], sc2[1][1], bi2[1][1]);
             mma16816(sc[s], a, qb0, qb1);
           }
         } else {
 #pragma unroll
           for (int s = 0; s < STEPS; ++s) {
             uint32_t a[4];
-            a[0] = ka(codes2h(code_at<KB>(cw[0][0], s), code_at<KB>(cw[0][1], s)), sc2[0][0], bi2[0][0]);
-            a[1] = ka(codes2h(code_at<KB>(cw[1][0], s), code_at<KB>(cw[1][1], s)), sc2[1][0], bi2[1][0]);
-            a[2] = ka(codes2h(code_at<KB>(cw[0][2], s), code_at<KB>(cw[0][3], s)), sc2[0][1], bi2[0][1]);
-            a[3] = ka(codes2h(code_at<KB>(cw[1][2], s), code_at<KB>(cw[1][3], s)), sc2[1][1], bi2[1][1]);
+            a[0] = a_pair<KFOLD>(codes2h(code_at<KB>(cw[0][0], s), code_at<KB>(cw[0][1], s)), sc2[0][0], bi2[0][0]);
+            a[1] = a_pair<KFOLD>(codes2h(code_at<KB>(cw[1][0], s), code_at<KB>(cw[1][1], s)), sc2[1][0], bi2[1][0]);
+            a[2] = a_pair<KFOLD>(codes2h(code_at<KB>(cw[0][2], s), code_at<KB>(cw[0][3], s)), sc2[0][1], bi2[0][1]);
+            a[3] = a_pair<KFOLD>(codes2h(code_at<KB>(cw[1][2], s), code_at<KB>(cw[1][3], s)), sc2[1][1], bi2[1][1]);
             mma16816(sc[s], a, qb0, qb1);
           }
         }
@@ -535,8 +544,6 @@ __device__ void mma_decode_split(
         s23 = __floats2half2_rn(vsc[2], vsc[3]);
         b01 = b23 = __float2half2_rn(0.f);
       }
-      // A: the exact codes (VFOLD) or the dequantized values.
-      auto va = [&](__half2 c, __half2 sc, __half2 bi) { return VFOLD ? h2u(c) : h2u(__hfma2(c, sc, bi)); };
       if constexpr (!VCB && VB == 4) {  // word w holds dims 8w..8w+7 of the lane's run
 #pragma unroll
         for (int w = 0; w < NAV; ++w) {
@@ -546,10 +553,10 @@ __device__ void mma_decode_split(
 #pragma unroll
           for (int j = 0; j < 4; ++j) {  // m-tile 4w + j: dims 8w + 2j (rows g), + 1 (rows g + 8)
             uint32_t a[4];
-            a[0] = va(p01[2 * j], s01, b01);
-            a[1] = va(p01[2 * j + 1], s01, b01);
-            a[2] = va(p23[2 * j], s23, b23);
-            a[3] = va(p23[2 * j + 1], s23, b23);
+            a[0] = a_pair<VFOLD>(p01[2 * j], s01, b01);
+            a[1] = a_pair<VFOLD>(p01[2 * j + 1], s01, b01);
+            a[2] = a_pair<VFOLD>(p23[2 * j], s23, b23);
+            a[3] = a_pair<VFOLD>(p23[2 * j + 1], s23, b23);
             mma16816(o[4 * w + j], a, pb0, pb1);
           }
         }
