@@ -251,7 +251,7 @@ def run_portable_checks(rng, prefix: int = 3000, chunk: int = 256) -> list[dict]
         turboquant_attention,
     )
     from services.turboquant.kernels.cases import cache_case, decoded
-    from services.turboquant.kernels.reference import rel_error
+    from services.turboquant.kernels.reference import decode_attention, rel_error
 
     hq, hkv, d = 32, 8, 128
     rows = []
@@ -274,13 +274,9 @@ def run_portable_checks(rng, prefix: int = 3000, chunk: int = 256) -> list[dict]
             cache.update_and_fetch(k[:, :, :prefix], v[:, :, :prefix])
             ks, vs = cache.update_and_fetch(k[:, :, prefix:], v[:, :, prefix:])
             out = turboquant_attention(q, ks, vs, c.scale, mask="causal")
-            kd = np.repeat(np.array(decoded(ks), dtype=np.float64), hq // hkv, axis=1)
-            vd = np.repeat(np.array(decoded(vs), dtype=np.float64), hq // hkv, axis=1)
-            sc = np.array(q.astype(mx.float32), dtype=np.float64) @ kd.swapaxes(-1, -2) * c.scale
-            seen = np.arange(n)[None, :] <= (prefix + np.arange(chunk))[:, None]
-            sc = np.where(seen, sc, -np.inf)
-            p = np.exp(sc - sc.max(-1, keepdims=True))
-            ref = (p / p.sum(-1, keepdims=True)) @ vd
+            q64 = np.array(q.astype(mx.float32))
+            ref = decode_attention(q64, np.array(decoded(ks)), np.array(decoded(vs)), c.scale,
+                                   causal=True)  # fmt: skip
             err = rel_error(np.array(out.astype(mx.float32)), ref)
             rows.append(dict(shape=str((1, hq, hkv, d)), fmt=f"portable prefill {name}",
                              length=n, rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
