@@ -157,13 +157,30 @@ def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
 def test_split_launches_are_planned_from_their_settings():
     layouts = ((2, 4, 128), (0, 4, 128))
     args = (*layouts, 1, 32, 8, 128, 131072, mx.float16, True, None)
-    template, grid, _, shapes = mma_decode._split_plan(*args, None, 2, 4, True)
+    template, grid, _, shapes, smem = mma_decode._split_plan(*args, None, 2, 4, True, True)
     t = dict(template)
-    assert (t["STEPS"], t["FOLD"], t["QROT"], t["WARPS"]) == (8, True, True, 4)
+    assert (t["STEPS"], t["FOLD"], t["QROT"], t["WARPS"], t["PIPE"]) == (8, True, True, 4, True)
     assert grid[1:] == (8, 1) and shapes[0][2] == grid[0] // 128  # splits x 4 warps x 32
-    template4, grid4, _, _ = mma_decode._split_plan(*args, 4, 3, 4, False)
+    # the staged tiles: a key and a value tile of 64 bytes a row and their scales per warp
+    assert smem == mma_decode.pipeline_smem(128, 4) == 4 * (2 * 128 * 64 + 2 * (2 * 128 + 256))
+    assert 3 * (smem + 8 * 1024) <= 228 * 1024  # with the static part: 3 blocks an SM fit
+    template4, grid4, _, _, smem4 = mma_decode._split_plan(*args, 4, 3, 4, False, True)
     assert dict(template4)["STEPS"] == 4 and not dict(template4)["FOLD"]
+    assert not dict(template4)["PIPE"] and smem4 == 0  # 4-step tiles: loads into registers
     assert grid4[0] > grid[0]  # more splits for 3 blocks an SM than for 2
+    off = mma_decode._split_plan(*args, None, 2, 4, True, False)
+    assert not dict(off[0])["PIPE"] and off[4] == 0
+
+
+def test_only_the_default_layout_is_pipelined():
+    ch, aff = mma_decode.KEY_LAYOUTS["channel"], mma_decode.VALUE_LAYOUTS["affine"]
+    assert mma_decode.pipelined((ch, 4, 128), (aff, 4, 128), 128, 8)
+    assert mma_decode.pipelined((ch, 4, 256), (aff, 4, 64), 64, 8)
+    assert not mma_decode.pipelined((ch, 3, 128), (aff, 4, 128), 128, 8)  # 3-bit keys
+    assert not mma_decode.pipelined((ch, 4, 64), (aff, 4, 128), 128, 8)  # groups < a tile
+    assert not mma_decode.pipelined((ch, 4, 128), (aff, 4, 64), 128, 8)  # 2 value groups
+    assert not mma_decode.pipelined((ch, 4, 128), (aff, 4, 256), 256, 4)  # D 256
+    assert not mma_decode.pipelined((0, 4, 64), (aff, 4, 64), 64, 4)  # per-vector keys
 
 
 def test_compact_kernel_source_keeps_the_code():
@@ -201,9 +218,10 @@ class _RecordedKernel:
 
     launches: list = []
 
-    def __init__(self, name, input_names, output_names, source, header="", **_):
+    def __init__(self, name, input_names, output_names, source, header="", **kw):
         self.name, self.input_names, self.output_names = name, input_names, output_names
         self.source, self.header = source, header
+        self.shared_memory = kw.get("shared_memory", 0)
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                  init_value=None):  # fmt: skip
@@ -264,6 +282,9 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     split = recorded_kernels[0]
     t = split[2]
     assert t["QROT"] and t["QT"] == mx.float16 and t["D"] == dim  # the kernel rotates q
+    # the default layout stages its tiles in dynamic shared memory, the others need none
+    assert t["PIPE"] == (config.get("key_quantizer") == "channel")
+    assert split[0].shared_memory == (mma_decode.pipeline_smem(dim, t["WARPS"]) if t["PIPE"] else 0)
     assert split[5][0][2] * 32 * t["WARPS"] == split[3][0]  # one block row per split
     # the split source instantiates the device template with exactly these parameters
     params = re.search(r"mma_decode_split<([^>]*)>", split[0].source).group(1)

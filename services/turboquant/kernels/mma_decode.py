@@ -45,6 +45,10 @@ SPLIT_FACTOR = 2
 # other operand: channel keys, values with one group a vector (bench/gpu_notes.md, session
 # 4: 0.103 vs 0.117 ms at 128K, 0.177 vs 0.215 at 256K).
 FOLD = True
+# The default layout at head dim <= 128 stages each warp's tiles in shared memory with
+# cp.async, the next half-tile loading during this one's math (template PIPE;
+# bench/gpu_notes.md, session 5). False: the v5 loads straight into registers.
+PIPELINE = True
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
@@ -69,10 +73,18 @@ def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strid
 
 
 @cache
-def _split_kernel():
+def _split_kernel(smem: int = 0):
     inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs"]
     outputs = ["o_part", "ml_part"]
-    return _kernel("tq_mma_decode_split", inputs, outputs, MMA_SPLIT_SOURCE, True, _SPLIT_HEADER)
+    return mx.fast.cuda_kernel(
+        name="tq_mma_decode_split",
+        input_names=inputs,
+        output_names=outputs,
+        source=MMA_SPLIT_SOURCE,
+        header=_SPLIT_HEADER,
+        ensure_row_contiguous=False,  # read through their strides: views are never copied
+        shared_memory=smem,
+    )
 
 
 @cache
@@ -110,6 +122,25 @@ def num_splits(
     s = max(1, min(want, math.ceil(length / (tile * (warps or WARPS)))))
     chunk = math.ceil(math.ceil(length / s) / tile) * tile  # what the kernel computes
     return max(1, math.ceil(length / chunk))  # no split left without positions
+
+
+def pipelined(k_layout, v_layout, dim: int, steps: int) -> bool:
+    """Whether the split kernel stages tiles with cp.async (``PIPE``) for these layouts:
+    4-bit channel keys in groups of at least a super-tile of 128, 4-bit affine values with
+    one group a vector, head dim 64 or 128."""
+    return (
+        k_layout[:2] == (KEY_LAYOUTS["channel"], 4)
+        and k_layout[2] >= 128
+        and steps == 8
+        and v_layout == (VALUE_LAYOUTS["affine"], 4, dim)
+        and dim in (64, 128)
+    )
+
+
+def pipeline_smem(dim: int, warps: int) -> int:
+    """Dynamic shared memory of a ``PIPE`` block: per warp a key and a value tile of 4-bit
+    codes (64 bytes a row, 128 positions) and the tile's staged scales and biases."""
+    return warps * (64 * dim + 64 * dim + 2 * (2 * dim + 2 * 128))
 
 
 def side_layout(side, values: bool = False) -> tuple[int, int, int] | None:
@@ -260,14 +291,14 @@ def _split(q, rot, keys, values, scale, splits, poison):
     b, hq, _, d = q.shape
     plan = _split_plan(
         k_layout, v_layout, b, hq, keys.parts[0].shape[1], d, keys.n_body, q.dtype,
-        rot is not None, splits, STEPS, SPLIT_FACTOR, WARPS, FOLD,
+        rot is not None, splits, STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
     )  # fmt: skip
-    template, grid, threadgroup, out_shapes = plan
+    template, grid, threadgroup, out_shapes, smem = plan
     kb = keys.parts[2] if k_layout[0] != 1 else dummy_input(mx.float16)
     vb = values.parts[2] if v_layout[0] != 1 else dummy_input(mx.float16)
     lut_k = _lut(keys) if k_layout[0] == 1 else dummy_input(mx.float32)
     lut_v = _lut(values) if v_layout[0] == 1 else dummy_input(mx.float32)
-    return _split_kernel()(
+    return _split_kernel(smem)(
         inputs=[
             q,
             keys.parts[0],
@@ -292,11 +323,13 @@ def _split(q, rot, keys, values, scale, splits, poison):
 
 @lru_cache(maxsize=1024)
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, *tunables):
-    """Template, grid and output shapes of one split launch (cached: the same every decode
-    step of a block; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD -- are in the key)."""
-    steps_setting, factor, warps, fold = tunables
+    """Template, grid, output shapes and dynamic shared memory of one split launch (cached:
+    the same every decode step of a block; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD,
+    PIPELINE -- are in the key)."""
+    steps_setting, factor, warps, fold, pipeline = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
+    pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
     s = splits or num_splits(n_body, b * hkv * n_ht, steps, factor=factor, warps=warps)
     template = [
         ("KQ", k_layout[0]),
@@ -310,11 +343,13 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("STEPS", steps),
         ("QROT", rotate_q),
         ("FOLD", fold),
+        ("PIPE", pipe),
         ("QT", q_dtype),
         ("ST", mx.float16),
     ]
     grid = (s * 32 * warps, hkv * n_ht, b)
-    return template, grid, (32 * warps, 1, 1), [(b, hq, s, d), (b, hq, s, 2)]
+    smem = pipeline_smem(d, warps) if pipe else 0
+    return template, grid, (32 * warps, 1, 1), [(b, hq, s, d), (b, hq, s, 2)], smem
 
 
 def _lut(side) -> mx.array:

@@ -38,20 +38,39 @@ __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<ui
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
 // Flash-decoding merge of one (batch, head) row's S split partials for coordinate d:
-// returns the unnormalised sum, with the running max M and the sum of weights L.
+// returns the unnormalised sum, with the running max M and the sum of weights L. One
+// pass, 8 splits' loads issued together: a load-use chain per split cost ~0.7 us each
+// (bench/gpu_notes.md, session 5).
 __device__ __forceinline__ float merge_splits(const float* o_part, const float* ml_part, int64_t row,
                                               int S, int D, int d, float& M, float& L) {
   const float* ml = ml_part + row * S * 2;
+  const float* op = o_part + row * S * D + d;
   M = TQM_NEG_INF;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
   L = 0.f;
   float acc = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float m = ml[2 * s];
-    if (m == TQM_NEG_INF) continue;  // an empty split
-    const float w = exp2f(m - M);
-    L = fmaf(ml[2 * s + 1], w, L);
-    acc = fmaf(o_part[(row * S + s) * D + d], w, acc);
+  for (int s0 = 0; s0 < S; s0 += 8) {
+    float m[8], l[8], o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const bool ok = s0 + j < S;
+      m[j] = ok ? ml[2 * (s0 + j)] : TQM_NEG_INF;
+      l[j] = ok ? ml[2 * (s0 + j) + 1] : 0.f;
+      o[j] = ok ? op[(s0 + j) * D] : 0.f;
+    }
+    float mb = M;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) mb = fmaxf(mb, m[j]);
+    if (mb == TQM_NEG_INF) continue;  // only empty splits so far
+    const float r = exp2f(M - mb);  // 0 while M is -inf
+    L *= r;
+    acc *= r;
+    M = mb;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float w = exp2f(m[j] - M);  // 0 for an empty split
+      L = fmaf(l[j], w, L);
+      acc = fmaf(o[j], w, acc);
+    }
   }
   return acc;
 }
@@ -172,6 +191,47 @@ __device__ __forceinline__ void nibble_pairs(uint32_t a, uint32_t b, uint32_t ma
   }
 }
 
+// cp.async of one 16-byte chunk (zero-filled when src_bytes is 0); AL16: the source is
+// 16-byte aligned, else four 4-byte copies (any stride stays correct).
+template <bool AL16>
+__device__ __forceinline__ void cp_chunk(void* dst, const uint32_t* src, int src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  if constexpr (AL16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s + 4 * i), "l"(src + i), "r"(src_bytes >> 2));
+  }
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Staged tiles: row r of CH 16-byte chunks puts chunk j in slot (CH * r + j) ^ (2 * ((r >>
+// SH) & 3)) -- the 4 rows that lanes t = 0..3 read at once then fall on different banks
+// (conflict-free 32- and 64-bit reads; bench/gpu_notes.md, session 5). A reader's slot is
+// L | C, its lane's bits L and compile-time bits C with none in common, so the word
+// address is swz_at(swz_lane(L, t, w), C), C constant after unrolling.
+__device__ __forceinline__ int swz_lane(int L, int t, int w) { return ((L ^ (2 * t)) << 2) | w; }
+__device__ __forceinline__ int swz_at(int lslot, int C) { return (lslot ^ ((C & 6) << 2)) + ((C & ~6) << 2); }
+
+// A warp stages ROWS rows of CH chunks (row r: CH * 16 bytes from src + r * stride words)
+// with cp.async; rows at or past n_valid are zero-filled (their scores are masked). Lane l
+// copies chunk l % CH of rows l / CH + RPI * k, whose swizzle is a constant per k.
+template <int ROWS, int CH, int SH, bool AL16>
+__device__ __forceinline__ void stage_rows(uint32_t* buf, const uint32_t* src, int stride, int n_valid, int lane) {
+  constexpr int RPI = 32 / CH;  // rows a pass; 2^SH is a multiple of it
+  const int r0 = lane / CH;
+  const uint32_t* s0 = src + r0 * stride + 4 * (lane % CH);
+#pragma unroll
+  for (int k = 0; k < ROWS / RPI; ++k) {
+    const int sw = 2 * (((RPI * k) >> SH) & 3);
+    const bool ok = r0 + RPI * k < n_valid;
+    cp_chunk<AL16>(buf + (((lane ^ sw) + 32 * k) << 2), ok ? s0 + RPI * k * stride : src, ok ? 16 : 0);
+  }
+}
+
 // An A-operand pair from exact codes: as they are when the scales are folded into the
 // other operand, else dequantized (s * c + b).
 template <bool FOLDED>
@@ -184,7 +244,7 @@ __device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
 }
 
 template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, bool QROT,
-          bool FOLD, typename QT, typename ST>
+          bool FOLD, bool PIPE, typename QT, typename ST>
 __device__ void mma_decode_split(
     const QT* q, const int64_t* q_st, const float* signs,
     const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
@@ -223,15 +283,30 @@ __device__ void mma_decode_split(
   constexpr bool KFOLD = FOLD && KSTG;
   constexpr bool VFOLD = FOLD && VSTG && NVG == 1;
   const uint32_t ones[4] = {0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u};
-  // One pool: the query (before the loop), the staged scales (in it), the warp merge (after).
+  // PIPE (the default layout at D <= 128): each warp stages its tiles' codes in shared
+  // memory with cp.async -- the next tile's keys load during this tile's values and the
+  // next values during the next keys -- and the next tile's scales into registers: the
+  // math no longer waits on its own global loads (bench/gpu_notes.md, session 5).
+  static_assert(!PIPE || (KCH && KB == 4 && STEPS == 8 && KSTG && VQ == 0 && VB == 4 && NVG == 1 && D <= 128),
+                "PIPE reads the default layout only");
+  constexpr int KCHK = TP * KB / 128;         // 16-byte chunks a key row (one channel)
+  constexpr int VCHK = D * VB / 128;          // 16-byte chunks a value row (one position)
+  constexpr int KSH = D == 128 ? 5 : 4;       // key row r belongs to lane t = r >> KSH
+  constexpr int KBUF = PIPE ? D * KCHK * 4 : 0;  // words a warp
+  constexpr int VBUF = PIPE ? TP * VCHK * 4 : 0;
+  // One pool: the query (before the loop), the staged scales (in it), the warp merge
+  // (after). PIPE: all three live in the dynamic shared memory instead (3 blocks an SM).
   constexpr int RED_BYTES = WARPS * 8 * D * 4, STG_BYTES = WARPS * (KST + VST) * 2;
-  constexpr int POOL = RED_BYTES > STG_BYTES ? RED_BYTES : STG_BYTES;
+  constexpr int POOL = PIPE ? 16 : RED_BYTES > STG_BYTES ? RED_BYTES : STG_BYTES;
   __shared__ __align__(16) unsigned char pool[POOL];
+  extern __shared__ __align__(16) uint32_t tq_dyn[];  // PIPE: rings, then staged scales
   __shared__ float lutk_s[KCB ? (1 << KB) * 32 : 1];
   __shared__ float lutv_s[VCB ? (1 << VB) * 32 : 1];
   __shared__ float red_m[WARPS][8], red_l[WARPS][8];
-  auto red_o = reinterpret_cast<float (*)[8][D]>(pool);
-  auto q_s = reinterpret_cast<float (*)[D]>(pool);  // 8 * D floats <= RED_BYTES
+  __shared__ uint2 qfrag_s[PIPE ? NKB * 32 : 1];  // PIPE: the B fragments, read per k-block (16 registers)
+  auto red_o = reinterpret_cast<float (*)[8][D]>(PIPE ? static_cast<void*>(tq_dyn) : static_cast<void*>(pool));
+  // 8 * D floats <= RED_BYTES; PIPE: warp 0's value ring, before its first values land.
+  auto q_s = reinterpret_cast<float (*)[D]>(PIPE ? static_cast<void*>(tq_dyn + KBUF) : static_cast<void*>(pool));
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -294,8 +369,11 @@ __device__ void mma_decode_split(
         const int d = t * KD + 4 * kb + 2 * c2;
         qf[kb][c2] = h2u(__floats2half2_rn(q_s[g][d] * qm, q_s[g][d + 1] * qm));
       }
+      if (PIPE && warp == 0) qfrag_s[kb * 32 + lane] = make_uint2(qf[kb][0], qf[kb][1]);
     }
   }
+
+  const int v_grp = (VD * g) / VGS;
 
   const uint32_t* kbase = kw + b * kw_st[0] + hkv * kw_st[1];
   const uint32_t* vbase = vw + b * vw_st[0] + hkv * vw_st[1];
@@ -307,7 +385,79 @@ __device__ void mma_decode_split(
   const int v_nw = vw_sh[3];
   // Strides inside one (batch, head) slice fit in 32 bits: cheaper address arithmetic.
   const int kst = (int)kw_st[2], vst = (int)vw_st[2];
-  const int v_grp = (VD * g) / VGS;
+
+  ST* stg = (PIPE ? reinterpret_cast<ST*>(tq_dyn + WARPS * (KBUF + VBUF)) : reinterpret_cast<ST*>(pool)) +
+            warp * (KST + VST);
+  uint32_t* kring = tq_dyn + warp * (KBUF + VBUF);
+  uint32_t* vring = kring + KBUF;
+  // This lane's part of the staged slots it reads: channel t * KD (+ 4kb + c) half g / 4;
+  // value row 16t (+ the step's) chunk g * NAV / 4.
+  const int kslot = swz_lane(4 * t * KD + (g >> 2), t, g & 3);
+  const int vslot = swz_lane(VCHK * 16 * t + ((g * NAV) >> 2), t, (g * NAV) & 3);
+  // Staged value scales: [scale|bias][group][step][row k of the step], as the A rows read them.
+  auto vstg_slot = [](int o) {
+    const int k = KCH ? 8 * (o / HALF) + (o % HALF) / STEPS : o % 16;
+    const int s = KCH ? o % STEPS : o / 16;
+    return s * 16 + k;
+  };
+  // PIPE: a tile's scales go global -> registers -> the warp's staging area, the next
+  // tile's loaded while this one's math runs (else one load-store per value, at the tile).
+  ST ksr[KSTG ? D / 32 : 1][2], vsr[VSTG ? NVG * TP / 32 : 1][2];
+  auto load_scales = [&](int P) {
+    if constexpr (KSTG) {
+      const int grp = min(P / KGS, ks_sh[3] - 1);
+#pragma unroll
+      for (int e = 0; e < D / 32; ++e) {
+        const int d = lane + 32 * e;
+        ksr[e][0] = ksb[d * ks_st[2] + grp * ks_st[3]];
+        ksr[e][1] = kbb[d * kb_st[2] + grp * kb_st[3]];
+      }
+    }
+    if constexpr (VSTG) {
+#pragma unroll
+      for (int e = 0; e < NVG * TP / 32; ++e) {
+        const int i = lane + 32 * e, grp = i / TP, p = min(P + i % TP, N - 1);
+        vsr[e][0] = vsb[p * vs_st[2] + grp * vs_st[3]];
+        vsr[e][1] = vbb[p * vb_st[2] + grp * vb_st[3]];
+      }
+    }
+  };
+  auto store_scales = [&]() {
+    if constexpr (KSTG) {
+#pragma unroll
+      for (int e = 0; e < D / 32; ++e) {
+        stg[lane + 32 * e] = ksr[e][0];
+        stg[D + lane + 32 * e] = ksr[e][1];
+      }
+    }
+    if constexpr (VSTG) {
+#pragma unroll
+      for (int e = 0; e < NVG * TP / 32; ++e) {
+        const int i = lane + 32 * e, grp = i / TP, o = vstg_slot(i % TP);
+        stg[KST + grp * TP + o] = vsr[e][0];
+        stg[KST + (NVG + grp) * TP + o] = vsr[e][1];
+      }
+    }
+  };
+  // PIPE: the source is 16-byte aligned (else 4-byte copies; a uniform branch).
+  const bool al16 = ((reinterpret_cast<uintptr_t>(kbase) | reinterpret_cast<uintptr_t>(vbase)) & 15) == 0 &&
+                    (kst & 3) == 0 && (vst & 3) == 0;
+  auto stage_keys = [&](int P) {  // rows: channels; a row's 64 bytes are the tile's 128 positions
+    if constexpr (PIPE) {
+      if (al16) stage_rows<D, KCHK, KSH, true>(kring, kbase + P * KB / 32, kst, D, lane);
+      else stage_rows<D, KCHK, KSH, false>(kring, kbase + P * KB / 32, kst, D, lane);
+    }
+  };
+  auto stage_values = [&](int P) {  // rows: positions (past the body: zero-filled)
+    if constexpr (PIPE) {
+      if (al16) stage_rows<TP, VCHK, 4, true>(vring, vbase + P * vst, vst, N - P, lane);
+      else stage_rows<TP, VCHK, 4, false>(vring, vbase + P * vst, vst, N - P, lane);
+    }
+  };
+  if constexpr (PIPE) {  // the first tile's keys start loading
+    if (start + warp * TP < end) stage_keys(start + warp * TP);
+    cp_commit();
+  }
 
   float m_run[2] = {TQM_NEG_INF, TQM_NEG_INF};
   float l_run[2] = {0.f, 0.f};
@@ -316,13 +466,24 @@ __device__ void mma_decode_split(
   for (int mt = 0; mt < NMT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
   float vbsum[4] = {0.f, 0.f, 0.f, 0.f};  // VFOLD: sum of p * bias per head (every row the same)
 
-  ST* stg = reinterpret_cast<ST*>(pool) + warp * (KST + VST);
   uint32_t magic = 0x64006400u;  // fp16 1024 in both halves, kept in a register:
   asm volatile("" : "+r"(magic));  // opaque, so each and_or stays one LOP3
   __syncthreads();  // q_s is read: the pool now holds the staged scales
+  if constexpr (PIPE) {  // the first tile's values (warp 0's ring held q_s) and scales
+    if (start + warp * TP < end) {
+      stage_values(start + warp * TP);
+      load_scales(start + warp * TP);
+      store_scales();
+    }
+    cp_commit();
+  }
 
   for (int P0 = start + warp * TP; P0 < end; P0 += WARPS * TP) {
-    if constexpr (KSTG || VSTG) {
+    const int P_next = P0 + WARPS * TP;
+    if constexpr (PIPE) {
+      cp_wait<1>();  // this tile's keys (its values may still be in flight)
+      __syncwarp();
+    } else if constexpr (KSTG || VSTG) {
       __syncwarp();  // the previous tile's reads are done
       if constexpr (KSTG) {
         const int grp = min(P0 / KGS, ks_sh[3] - 1);
@@ -331,14 +492,11 @@ __device__ void mma_decode_split(
           stg[D + d] = kbb[d * kb_st[2] + grp * kb_st[3]];
         }
       }
-      if constexpr (VSTG) {  // [scale|bias][group][step][row k of the step], as the A rows read them
+      if constexpr (VSTG) {
         for (int i = lane; i < NVG * TP; i += 32) {
-          const int grp = i / TP, o = i % TP;
-          const int k = KCH ? 8 * (o / HALF) + (o % HALF) / STEPS : o % 16;
-          const int s = KCH ? o % STEPS : o / 16;
-          const int p = min(P0 + o, N - 1);
-          stg[KST + (grp * STEPS + s) * 16 + k] = vsb[p * vs_st[2] + grp * vs_st[3]];
-          stg[KST + ((NVG + grp) * STEPS + s) * 16 + k] = vbb[p * vb_st[2] + grp * vb_st[3]];
+          const int grp = i / TP, o = vstg_slot(i % TP), p = min(P0 + i % TP, N - 1);
+          stg[KST + grp * TP + o] = vsb[p * vs_st[2] + grp * vs_st[3]];
+          stg[KST + (NVG + grp) * TP + o] = vbb[p * vb_st[2] + grp * vb_st[3]];
         }
       }
       __syncwarp();
@@ -363,7 +521,11 @@ __device__ void mma_decode_split(
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int d = t * KD + 4 * kb + c;
-            load_bits<NAK, UNAL_K>(kbase + d * kst, (P0 + HALF * r + STEPS * g) * KB, k_nw, cw[r][c]);
+            if constexpr (PIPE) {  // word 8r + g of channel d's staged row (slot 4d + 2r + g/4)
+              cw[r][c][0] = kring[swz_at(kslot, 4 * (4 * kb + c) + 2 * r)];
+            } else {
+              load_bits<NAK, UNAL_K>(kbase + d * kst, (P0 + HALF * r + STEPS * g) * KB, k_nw, cw[r][c]);
+            }
           }
 #pragma unroll
           for (int c2 = 0; c2 < 2; ++c2) {
@@ -381,11 +543,17 @@ __device__ void mma_decode_split(
             bi2[r][c2] = __floats2half2_rn(tofloat(kbb[p0]), tofloat(kbb[p1]));
           }
         }
-        uint32_t qb0 = qf[kb][0], qb1 = qf[kb][1];  // B of the score product
+        uint32_t q0 = qf[kb][0], q1 = qf[kb][1];
+        if constexpr (PIPE) {
+          const uint2 qq = qfrag_s[kb * 32 + lane];
+          q0 = qq.x;
+          q1 = qq.y;
+        }
+        uint32_t qb0 = q0, qb1 = q1;  // B of the score product
         if constexpr (KFOLD) {  // one group a tile: sc2/bi2 are the same for both row halves
-          qb0 = h2u(__hmul2(u2h(qf[kb][0]), sc2[0][0]));
-          qb1 = h2u(__hmul2(u2h(qf[kb][1]), sc2[0][1]));
-          mma16816(kbsum, ones, h2u(__hmul2(u2h(qf[kb][0]), bi2[0][0])), h2u(__hmul2(u2h(qf[kb][1]), bi2[0][1])));
+          qb0 = h2u(__hmul2(u2h(q0), sc2[0][0]));
+          qb1 = h2u(__hmul2(u2h(q1), sc2[0][1]));
+          mma16816(kbsum, ones, h2u(__hmul2(u2h(q0), bi2[0][0])), h2u(__hmul2(u2h(q1), bi2[0][1])));
         }
         if constexpr (KB == 4 && STEPS == 8) {  // one word = the 8 steps of a channel
           __half2 kp[2][2][8];  // [row half][channel pair][step]
@@ -462,6 +630,12 @@ __device__ void mma_decode_split(
         for (int e = 0; e < 4; ++e) sc[s][e] += kbsum[e];
       }
     }
+    if constexpr (PIPE) {
+      __syncwarp();  // every lane has read this tile's keys: the ring takes the next tile's
+      if (P_next < end) stage_keys(P_next);
+      cp_commit();
+      if (P_next < end) load_scales(P_next);
+    }
     // ---------------------------------------------------------------- online softmax
     float mt2[2] = {TQM_NEG_INF, TQM_NEG_INF};
 #pragma unroll
@@ -500,6 +674,10 @@ __device__ void mma_decode_split(
     }
 
     // ---------------------------------------------------------------- values O^T += V^T P^T
+    if constexpr (PIPE) {
+      cp_wait<1>();  // this tile's values (the next tile's keys may still be in flight)
+      __syncwarp();
+    }
 #pragma unroll
     for (int s = 0; s < STEPS; ++s) {
       // B: the probabilities (rows: step positions g, g + 8), times the positions' value
@@ -526,7 +704,18 @@ __device__ void mma_decode_split(
         const int k = 2 * t + (i & 1) + 8 * (i >> 1);
         const int pos = KCH ? P0 + HALF * (k >> 3) + STEPS * (k & 7) + s : P0 + 16 * s + k;
         const int p = min(pos, N - 1);
-        load_bits<NAV, UNAL_V>(vbase + p * vst, VD * g * VB, v_nw, vr[i]);
+        if constexpr (PIPE) {  // words g * NAV.. of the position's staged row (t's part in vslot)
+          const uint32_t* w = vring + swz_at(vslot, VCHK * (64 * (i >> 1) + 8 * (i & 1) + s));
+          if constexpr (NAV == 2) {
+            const uint2 w2 = *reinterpret_cast<const uint2*>(w);
+            vr[i][0] = w2.x;
+            vr[i][1] = w2.y;
+          } else {
+            vr[i][0] = w[0];
+          }
+        } else {
+          load_bits<NAV, UNAL_V>(vbase + p * vst, VD * g * VB, v_nw, vr[i]);
+        }
         if constexpr (VCB) vsc[i] = tofloat(vsb[p * vs_st[2]]);
       }
       __half2 s01, s23, b01, b23;
@@ -579,9 +768,18 @@ __device__ void mma_decode_split(
         }
       }
     }
+    if constexpr (PIPE) {
+      __syncwarp();  // every lane has read this tile's values and scales
+      if (P_next < end) {
+        stage_values(P_next);
+        store_scales();
+      }
+      cp_commit();
+    }
   }
 
   // ---------------------------------------------------------------- merge the warps
+  if constexpr (PIPE) cp_wait<0>();  // nothing may land in the ring once it holds red_o
   __syncthreads();  // every warp is done with its staged scales: the pool becomes red_o
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -633,7 +831,7 @@ __device__ void mma_decode_split(
 )
 
 MMA_SPLIT_SOURCE = r"""
-  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, QT, ST>(
+  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, QT, ST>(
       q, q_strides.data(), signs,
       kw, kw_shape.data(), kw_strides.data(),
       ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
@@ -671,6 +869,7 @@ MMA_JOIN_SOURCE = r"""
   const float qs = params[0];  // softmax scale * log2(e)
   __shared__ float sh[D];
   __shared__ float zs[MAXF];
+  __shared__ float qsh[D];
 
   float Mb, Lb;
   float acc = tqm::merge_splits(o_part, ml_part, row, S, D, d, Mb, Lb);
@@ -687,30 +886,59 @@ MMA_JOIN_SOURCE = r"""
   }
   if (HAS_CENTER) Mb += cshift[row];  // the body's scores left out q.centre
 
+  // The full-precision positions: warp w scores positions w, w + D/32, ... 8 at a time
+  // (lane e reads dims e, e + 32, ...: coalesced rows), then thread d sums its coordinate
+  // over them 32 positions at a time (bench/gpu_notes.md, session 5: 93 -> 80 us at F = 128).
   float mf = TQM_NEG_INF, lf = 0.f, accf = 0.f;
   if (F > 0) {
     const int lane = d & 31, warp = d >> 5;
-    const QT* qp = qf + b * qf_strides[0] + hq * qf_strides[1];
-    for (int f = warp; f < F; f += D / 32) {
-      const bool head = f < FH;
-      const FT* kp = head ? kh + b * kh_strides[0] + hkv * kh_strides[1] + f * kh_strides[2]
-                          : kt + b * kt_strides[0] + hkv * kt_strides[1] + (f - FH) * kt_strides[2];
-      const int64_t ke = head ? kh_strides[3] : kt_strides[3];
-      float s = 0.f;
-      for (int e = lane; e < D; e += 32) s = fmaf(tqm::tofloat(qp[e * qf_strides[3]]), tqm::tofloat(kp[e * ke]), s);
+    qsh[d] = tqm::tofloat(qf[b * qf_strides[0] + hq * qf_strides[1] + d * qf_strides[3]]);
+    __syncthreads();
+    for (int f0 = warp * 8; f0 < F; f0 += D / 32 * 8) {
+      float part[8];
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (lane == 0) zs[f] = s * qs;
+      for (int j = 0; j < 8; ++j) {
+        const int f = min(f0 + j, F - 1);  // past F: a repeat, never stored
+        const bool head = f < FH;
+        const FT* kp = head ? kh + b * kh_strides[0] + hkv * kh_strides[1] + f * kh_strides[2]
+                            : kt + b * kt_strides[0] + hkv * kt_strides[1] + (f - FH) * kt_strides[2];
+        const int64_t ke = head ? kh_strides[3] : kt_strides[3];
+        float kv[D / 32];
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i) kv[i] = tqm::tofloat(kp[(lane + 32 * i) * ke]);
+        part[j] = 0.f;
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i) part[j] = fmaf(qsh[lane + 32 * i], kv[i], part[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) part[j] += __shfl_xor_sync(0xffffffffu, part[j], off);
+      }
+      if (lane < 8 && f0 + lane < F) {
+        float z = part[0];
+#pragma unroll
+        for (int j = 1; j < 8; ++j) z = lane == j ? part[j] : z;
+        zs[f0 + lane] = z * qs;
+      }
     }
     __syncthreads();
     for (int f = 0; f < F; ++f) mf = fmaxf(mf, zs[f]);
-    for (int f = 0; f < F; ++f) {
-      const bool head = f < FH;
-      const float v = head ? tqm::tofloat(vh[b * vh_strides[0] + hkv * vh_strides[1] + f * vh_strides[2] + d * vh_strides[3]])
-                           : tqm::tofloat(vt[b * vt_strides[0] + hkv * vt_strides[1] + (f - FH) * vt_strides[2] + d * vt_strides[3]]);
-      const float p = exp2f(zs[f] - mf);
-      lf += p;
-      accf = fmaf(p, v, accf);
+    const FT* vhp = vh + b * vh_strides[0] + hkv * vh_strides[1] + d * vh_strides[3];
+    const FT* vtp = vt + b * vt_strides[0] + hkv * vt_strides[1] + d * vt_strides[3];
+    for (int f0 = 0; f0 < F; f0 += 32) {
+      float v[32];
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {  // past F: a repeat of the last, weighted 0
+        const int f = min(f0 + j, F - 1);
+        v[j] = tqm::tofloat(*(f < FH ? vhp + f * vh_strides[2] : vtp + (f - FH) * vt_strides[2]));
+      }
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const float p = f0 + j < F ? exp2f(zs[f0 + j] - mf) : 0.f;
+        lf += p;
+        accf = fmaf(p, v[j], accf);
+      }
     }
   }
   const float zk = HAS_SINKS ? sinks[hq] * 1.4426950408889634f : TQM_NEG_INF;
