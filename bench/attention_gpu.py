@@ -9,8 +9,11 @@ prints a short table last and writes ``attention_gpu.json``. Back here,
     python bench/attention_gpu.py --render attention_gpu.json --machine "..." --command "..."
 
 writes the "attention_gpu" section of docs/benchmarks.md. Timing: a graph of ``reps``
-independent calls (rotating over input sets larger than the L2) is evaluated at once and
-the wall time of ``mx.eval`` + synchronize is divided by ``reps``; median of 5.
+calls (rotating over input sets larger than the L2) is evaluated at once and the wall time
+of ``mx.eval`` + synchronize is divided by ``reps``; median of 5. Whole layers are
+chained -- each call's output is the next call's query, so they run one after another as
+a model's layers do (latency); the kernel-only sweep is of independent calls, which the
+GPU may overlap (throughput).
 """
 
 from __future__ import annotations
@@ -164,12 +167,16 @@ MMA_SHAPES = [(1, 32, 8, 128), (2, 16, 2, 256), (1, 8, 8, 64), (1, 28, 4, 128), 
 MMA_TOL = 5e-3  # float16 operands on the tensor cores (METHOD: fp16 ~1e-3)
 
 
-def run_mma_checks(rng, quick: bool = False, select: str = "", save=None) -> list[dict]:
+def run_mma_checks(
+    rng, quick: bool = False, select: str = "", save=None, only: str = ""
+) -> list[dict]:
     """v4 through real caches (decode step, kernel joined with sink/tail) vs float64.
 
     ``select``: comma-separated run indices (0-5: the shapes under the dispatch's rules,
-    6-7: the forced variants on shape 0, 8: the portable path), all by default;
-    ``save(rows)`` after each run (a call cut by its time limit keeps what it checked).
+    6-7: the forced variants on shape 0, 8: the portable path, 9: shape 0 with the v5
+    loads instead of the staged tiles, 10: the default layout read through misaligned
+    views), all by default; ``save(rows)`` after each run (a call cut by its time limit
+    keeps what it checked). ``only``: comma-separated layout names to check (all by default).
     """
     import mlx.core as mx
 
@@ -181,18 +188,20 @@ def run_mma_checks(rng, quick: bool = False, select: str = "", save=None) -> lis
 
     rows = []
     t0 = time.perf_counter()
-    layouts = list(MMA_LAYOUTS.items())
+    layouts = [(k, v) for k, v in MMA_LAYOUTS.items() if not only or k in only.split(",")]
     # The dispatch's rule on every shape; each forced super-tile size on the first shape.
-    runs = [(shape, None) for shape in (MMA_SHAPES[:3] if quick else MMA_SHAPES)]
-    runs += [(MMA_SHAPES[0], 4), (MMA_SHAPES[0], 8)]
+    runs = [(shape, None, True) for shape in (MMA_SHAPES[:3] if quick else MMA_SHAPES)]
+    runs += [(MMA_SHAPES[0], 4, True), (MMA_SHAPES[0], 8, True)]
+    forced = [(MMA_SHAPES[0], None, False)]  # run 9: PIPELINE off
     if select:
-        every = [(shape, None) for shape in MMA_SHAPES] + runs[-2:]
-        runs = [every[int(i)] for i in select.split(",") if int(i) < len(every)]
+        every = [(shape, None, True) for shape in MMA_SHAPES] + runs[-2:] + [None] + forced
+        runs = [every[int(i)] for i in select.split(",") if int(i) < len(every) and every[int(i)]]
     default_steps = mma_decode.STEPS
-    for shape, steps in runs:
-        mma_decode.STEPS = steps
+    for shape, steps, pipeline in runs:
+        mma_decode.STEPS, mma_decode.PIPELINE = steps, pipeline
         bsz, hq, hkv, d = shape
-        print(f"mma checks {shape} steps {steps} at {time.perf_counter() - t0:.0f}s", flush=True)
+        print(f"mma checks {shape} steps {steps} pipeline {pipeline} at "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
         for name, cfg in layouts:
             lengths = [77, 1000, 4099] + ([129, 33333] if shape == MMA_SHAPES[0] else [])
             for n in lengths:
@@ -221,17 +230,60 @@ def run_mma_checks(rng, quick: bool = False, select: str = "", save=None) -> lis
                 out = join_body(c.queries, q_rot, body, c.keys, c.values, c.scale, c.sinks)
                 errs.append(rel_error(np.array(out), ref))
                 err = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
-                rows.append(dict(shape=str(shape), fmt=f"{name} steps{steps or 'auto'}", length=n,
-                                 rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
+                tag = f"{name} steps{steps or 'auto'}" + ("" if pipeline else " v5-loads")
+                rows.append(dict(shape=str(shape), fmt=tag, length=n, rel_err=err,
+                                 ok=bool(err <= MMA_TOL)))  # fmt: skip
                 if not rows[-1]["ok"]:
                     print("FAIL", rows[-1], errs, flush=True)
         if save is not None:
             save(rows)
-    mma_decode.STEPS = default_steps
+    mma_decode.STEPS, mma_decode.PIPELINE = default_steps, True
     if not select or "8" in select.split(","):
         rows += run_portable_checks(rng)
         if save is not None:
             save(rows)
+    if not select or "10" in select.split(","):
+        rows += run_misaligned_checks(rng)
+        if save is not None:
+            save(rows)
+    return rows
+
+
+def _misaligned(part):
+    """``part`` as a view one 32-bit word into a wider array: rows of an odd number of
+    words and a base 4 bytes past 16-byte alignment (the staged tiles' 4-byte copies)."""
+    import mlx.core as mx
+
+    pad = mx.zeros((*part.shape[:-1], 1), dtype=part.dtype)
+    return mx.concatenate([pad, part], axis=-1)[..., 1:]
+
+
+def run_misaligned_checks(rng) -> list[dict]:
+    """The default layout's codes read through misaligned views, vs float64."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.kernels import mma_decode
+    from services.turboquant.kernels.cases import cache_case
+    from services.turboquant.kernels.reference import rel_error
+
+    rows = []
+    bsz, hq, hkv, d = MMA_SHAPES[0]
+    for n in (1000, 4099):
+        c = cache_case(rng, TurboQuantConfig.recommended(), batch=bsz, q_heads=hq, kv_heads=hkv,
+                       dim=d, length=n, sinks=True)  # fmt: skip
+        keys = dataclasses.replace(c.keys, parts=(_misaligned(c.keys.parts[0]), *c.keys.parts[1:]))
+        values = dataclasses.replace(
+            c.values, parts=(_misaligned(c.values.parts[0]), *c.values.parts[1:])
+        )
+        out = mma_decode.mma_decode_layer(c.queries, keys, values, c.scale, c.sinks, poison=True)
+        mx.eval(out)
+        err = rel_error(np.array(out.astype(mx.float32)), c.reference())
+        rows.append(dict(shape=str(MMA_SHAPES[0]), fmt="default misaligned views", length=n,
+                         rel_err=err, ok=bool(err <= MMA_TOL)))  # fmt: skip
+        print("misaligned", rows[-1], flush=True)
     return rows
 
 
@@ -288,16 +340,26 @@ def run_portable_checks(rng, prefix: int = 3000, chunk: int = 256) -> list[dict]
 
 
 # ----------------------------------------------------------------------------- timing
-def bench_time(fns, reps: int = 40, repeat: int = 5) -> float:
-    """Seconds per call: build ``reps`` calls over rotating input sets, eval them at once."""
+def bench_time(fns, reps: int = 40, repeat: int = 5, chain: bool = False) -> float:
+    """Seconds per call: build ``reps`` calls over rotating input sets, eval them at once.
+    ``chain``: each ``fn(q)`` takes the previous call's output as its query (in order, as
+    a model's layers run), else the calls are independent."""
     import mlx.core as mx
 
+    def calls(count):
+        if not chain:
+            return [fns[i % n]() for i in range(count)]
+        q = None
+        for i in range(count):
+            q = fns[i % n](q)
+        return [q]
+
     n = len(fns)
-    mx.eval([fns[i % n]() for i in range(max(n, 4))])
+    mx.eval(calls(max(n, 4)))
     mx.synchronize()
     times = []
     for _ in range(repeat):
-        outs = [fns[i % n]() for i in range(reps)]
+        outs = calls(reps)
         mx.synchronize()
         t = time.perf_counter()
         mx.eval(outs)
@@ -383,11 +445,13 @@ def run_timings(km, contexts, shapes) -> list[dict]:
 
             def layer(s, key, scale=scale):  # the cache's attention as a model layer calls it
                 ks, vs = s[key]
-                return lambda: turboquant_attention(s["q"], ks, vs, scale)
+                return lambda prev=None: turboquant_attention(
+                    s["q"] if prev is None else prev, ks, vs, scale
+                )
 
             def v4_only(s, key, scale=scale, **tune):
                 """The split kernel alone (it rotates the query); ``tune`` sets STEPS /
-                WARPS / SPLIT_FACTOR / FOLD."""
+                WARPS / SPLIT_FACTOR / FOLD / PIPELINE."""
                 ks, vs = s[key]
 
                 def f():
@@ -409,34 +473,36 @@ def run_timings(km, contexts, shapes) -> list[dict]:
 
             variants = {
                 "fp16": [
-                    lambda s=s, scale=scale: mx.fast.scaled_dot_product_attention(
-                        s["q"], s["k"], s["v"], scale=scale
+                    lambda prev=None, s=s, scale=scale: mx.fast.scaled_dot_product_attention(
+                        s["q"] if prev is None else prev, s["k"], s["v"], scale=scale
                     )
                     for s in sets
                 ],
                 "mlx-lm affine 8b": [
-                    lambda s=s, scale=scale: mlx_qsdpa(s["q"], s["k8"], s["v8"], scale, None, 64, 8)
+                    lambda prev=None, s=s, scale=scale: mlx_qsdpa(
+                        s["q"] if prev is None else prev, s["k8"], s["v8"], scale, None, 64, 8
+                    )
                     for s in sets
                 ],
                 "mlx-lm affine 4b": [
-                    lambda s=s, scale=scale: mlx_qsdpa(s["q"], s["k4"], s["v4"], scale, None, 64, 4)
+                    lambda prev=None, s=s, scale=scale: mlx_qsdpa(
+                        s["q"] if prev is None else prev, s["k4"], s["v4"], scale, None, 64, 4
+                    )
                     for s in sets
                 ],
                 "v3 affine 4b (kernel only)": [kernel_only(s) for s in sets],
                 "ours default layout": [layer(s, "tq") for s in sets],
                 "ours default layout (kernel only)": [v4_only(s, "tq") for s in sets],
-                "kernel default unfolded": [v4_only(s, "tq", FOLD=False) for s in sets],
-                "kernel default steps4": [v4_only(s, "tq", STEPS=4) for s in sets],
+                "kernel default v5 loads": [v4_only(s, "tq", PIPELINE=False) for s in sets],
                 "kernel default splits3": [v4_only(s, "tq", SPLIT_FACTOR=3) for s in sets],
                 "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],
                 "ours affine 4b": [layer(s, "tq_plain") for s in sets],
                 "ours affine 4b (kernel only)": [v4_only(s, "tq_plain") for s in sets],
-                "kernel affine splits3": [v4_only(s, "tq_plain", SPLIT_FACTOR=3) for s in sets],
                 "ours codebook 4b": [layer(s, "tq_cb4") for s in sets],
                 "ours codebook 3b": [layer(s, "tq_cb3") for s in sets],
             }
             for name, fns in variants.items():
-                t = bench_time(fns)
+                t = bench_time(fns, chain=name in LAYER_VARIANTS and "kernel only" not in name)
                 base = name.replace(" (kernel only)", "")
                 if name.startswith("kernel default"):
                     base = "ours default layout"
@@ -559,6 +625,7 @@ def main() -> None:
     ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
     ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-8)")
     ap.add_argument("--no-fold", action="store_true", help="scales applied per element")
+    ap.add_argument("--check-layouts", default="", help="layout names to check (all)")
     ap.add_argument("--v3-checks", action="store_true", help="also check the v3 kernel")
     ap.add_argument("--shapes", default="32/8/128,16/2/256", help="timing shapes q/kv/D")
     ap.add_argument("--checks-only", action="store_true")
@@ -626,7 +693,7 @@ def main() -> None:
 
     checks = []
     if not args.skip_checks:
-        checks = run_mma_checks(rng, args.quick_checks, args.check_runs, save)
+        checks = run_mma_checks(rng, args.quick_checks, args.check_runs, save, args.check_layouts)
     if args.v3_checks:
         checks += run_checks(km, rng, quick=True)
     errs = [c["rel_err"] for c in checks]

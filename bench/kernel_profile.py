@@ -1,11 +1,13 @@
-"""One decode layer on a 128K-token default cache (32 q / 8 kv heads, D 128), for ncu.
+"""One decode layer on a default cache (32 q / 8 kv heads, D 128) and fp16 SDPA over the
+same keys and values, for ncu (kernel durations, stalls):
 
-    ncu --clock-control none -k regex:tq_mma -c 2 --section SpeedOfLight \
-        --section Occupancy --section WarpStateStats python bench/kernel_profile.py
+    ncu --clock-control none -k regex:"tq_mma|sdpa" -c 6 --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats python bench/kernel_profile.py --n 4096
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -19,14 +21,27 @@ def main() -> None:
     from services.turboquant import TurboQuantConfig, TurboQuantKVCache, install_patch
     from services.turboquant.attention import turboquant_attention
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=131072, help="context length")
+    ap.add_argument("--fresh", action="store_true", help="head/tail re-made by a GPU op")
+    args = ap.parse_args()
+    n = args.n
     install_patch()
-    n, hkv, hq, d = 131072, 8, 32, 128
+    hkv, hq, d = 8, 32, 128
     k = mx.random.normal((1, hkv, n, d)).astype(mx.float16)
     v = mx.random.normal((1, hkv, n, d)).astype(mx.float16)
     q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
     ks, vs = TurboQuantKVCache(TurboQuantConfig.recommended()).update_and_fetch(k, v)
+    if args.fresh:
+        import dataclasses
+
+        ks = dataclasses.replace(ks, head=ks.head + 0, tail=ks.tail + 0)
+        vs = dataclasses.replace(vs, head=vs.head + 0, tail=vs.tail + 0)
+        mx.eval(ks.head, ks.tail, vs.head, vs.tail)
+    print("tail", ks.tail.shape, ks.tail.dtype, "head", ks.head.shape)
     for _ in range(2):
         mx.eval(turboquant_attention(q, ks, vs, 1 / math.sqrt(d)))
+        mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(d)))
     print("ok", ks.n_body, ks.tail.shape)
 
 
