@@ -579,12 +579,12 @@ def table(rows, copy_bw) -> str:
         ["shape", "variant", "K+V MB", "floor ms", "ms", "achieved GB/s", "of copy BW"], bw
     )
     return (
-        "Per decode layer (one query token per head; ours = the cache's attention as a layer "
-        "calls it: split kernel (which rotates the query), fused join):\n\n"
+        "Per decode layer (one query token per head, calls chained; ours = the cache's "
+        "attention as a layer calls it: split kernel (which rotates the query), fused join):\n\n"
         + t1
-        + "\nKernel only (the split kernel without the join), and the sweep (unfolded: scales "
-        "applied per element instead of folded into the other operand; steps: positions per "
-        "warp tile / 16; splits: blocks per SM):\n\n"
+        + "\nKernel only (the split kernel without the join; independent calls), and the "
+        "sweep (v5 loads: global loads straight into registers instead of the staged tiles; "
+        "splits: blocks per SM the split count aims for):\n\n"
         + t2
         + "\nBytes each variant must read at 128K against the measured copy bandwidth:\n\n"
         + t3
