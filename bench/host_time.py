@@ -1,0 +1,120 @@
+"""Host time of one decode step's graph (built, not evaluated): mlx-lm's KVCache + SDPA vs
+the TurboQuant cache with the CUDA decode kernels hooked in, on any machine.
+
+``mx.fast.cuda_kernel`` is replaced by a stand-in that returns zeros of the requested
+shapes, so what is timed is the Python and graph building of a decode step -- the part
+that runs on the CPU while the GPU works on the previous step (``mlx_lm.generate``
+pipelines the two, so when it is longer than the GPU's share it sets the speed). MLX's own
+per-launch costs of a real custom kernel (rebuilding and hashing its source) are not in
+it. Steps of the two caches alternate; medians per step and per layer::
+
+    python bench/host_time.py --write   # SmolLM2 f32 from .cache/models; the section too
+    python bench/host_time.py --profile 20     # where our share of it goes (cProfile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class StandInKernel:
+    """``mx.fast.cuda_kernel`` stand-in: each launch returns zeros of its output shapes."""
+
+    def __init__(self, **_):
+        pass
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+                 init_value=None):  # fmt: skip
+        import mlx.core as mx
+
+        return [mx.zeros(s, dtype=t) for s, t in zip(output_shapes, output_dtypes, strict=True)]
+
+
+def hook_kernels() -> None:
+    """Install the CUDA layer/body kernels as on a GPU, launching stand-ins."""
+    import mlx.core as mx
+
+    from services.turboquant.attention import set_body_decode_kernel, set_layer_decode_kernel
+    from services.turboquant.kernels import dispatch, mma_decode
+
+    for f in (mma_decode._split_kernel, mma_decode._join_kernel, mma_decode._combine_kernel):
+        f.cache_clear()
+    mx.fast.cuda_kernel = StandInKernel
+    set_layer_decode_kernel(dispatch.mma_layer_kernel)
+    set_body_decode_kernel(dispatch.mma_body_kernel)
+
+
+def main() -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from bench.report import markdown_table, write_section
+    from services.turboquant import TurboQuantConfig, make_turboquant_cache
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / ".cache/models/smollm2-135m-instruct-f32"))
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--profile", type=int, default=0, help="print the top N functions of ours")
+    ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
+    args = ap.parse_args()
+
+    model, _ = load(args.model)
+    hook_kernels()
+    prompt = mx.random.randint(0, 1000, (1, args.context))
+    caches = {
+        "fp16 KVCache": make_prompt_cache(model),
+        "turboquant default": make_turboquant_cache(model, TurboQuantConfig.recommended()),
+    }
+    for cache in caches.values():  # prefill (portable path: one launch per layer is decode)
+        mx.eval(model(prompt, cache=cache))
+    layers = sum(1 for c in caches["turboquant default"] if hasattr(c, "key_spec"))
+    y = mx.array([[1]])
+    times = {k: [] for k in caches}
+    prof = cProfile.Profile() if args.profile else None
+    for step in range(args.steps):
+        for name, cache in caches.items():
+            if prof and name != "fp16 KVCache":
+                prof.enable()
+            t = time.perf_counter()
+            logits = model(y, cache=cache)
+            dt = time.perf_counter() - t
+            if prof:
+                prof.disable()
+            if step >= 5:  # the first steps build caches and plans
+                times[name].append(dt)
+            mx.eval(logits, [x for _, x in tree_flatten([c.state for c in cache])])
+    base = statistics.median(times["fp16 KVCache"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append([name, f"{med * 1e3:.2f}", f"{(med - base) / layers * 1e6:+.1f}"])
+    body = (
+        f"{Path(args.model).name}: {layers} attention layers, context {args.context}, "
+        f"{len(times['fp16 KVCache'])} decode steps each, the two caches alternating; only "
+        "the graph of each step is built and timed (it is evaluated untimed). The CUDA "
+        "kernels are hooked in as on a GPU but launch stand-ins, so MLX's per-launch costs "
+        "of a real custom kernel (rebuilding and hashing its source) are not included.\n\n"
+        + markdown_table(["cache", "ms a step (median)", "us a layer over fp16"], rows)
+    )
+    print(body)
+    if prof:
+        stats = pstats.Stats(prof).sort_stats("tottime")
+        stats.print_stats(r"services/turboquant", args.profile)
+    elif args.write:
+        write_section("host_time", "Host time of a decode step (graph build)", body)
+
+
+if __name__ == "__main__":
+    main()
