@@ -402,7 +402,8 @@ def cache_sides(k, v, config):
     return TurboQuantKVCache(config).update_and_fetch(k, v)
 
 
-def run_timings(km, contexts, shapes) -> list[dict]:
+def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
+    """Per-layer and kernel-only times; ``only``: comma-separated variant names (all)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models.base import quantized_scaled_dot_product_attention as mlx_qsdpa
@@ -502,6 +503,8 @@ def run_timings(km, contexts, shapes) -> list[dict]:
                 "ours codebook 3b": [layer(s, "tq_cb3") for s in sets],
             }
             for name, fns in variants.items():
+                if only and name not in only.split(","):
+                    continue
                 t = bench_time(fns, chain=name in LAYER_VARIANTS and "kernel only" not in name)
                 base = name.replace(" (kernel only)", "")
                 if name.startswith("kernel default"):
@@ -626,6 +629,7 @@ def main() -> None:
     ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-8)")
     ap.add_argument("--no-fold", action="store_true", help="scales applied per element")
     ap.add_argument("--check-layouts", default="", help="layout names to check (all)")
+    ap.add_argument("--variants", default="", help="timing variants to run (all)")
     ap.add_argument("--v3-checks", action="store_true", help="also check the v3 kernel")
     ap.add_argument("--shapes", default="32/8/128,16/2/256", help="timing shapes q/kv/D")
     ap.add_argument("--checks-only", action="store_true")
@@ -713,7 +717,7 @@ def main() -> None:
     if args.checks_only:
         return
     shapes = [tuple(int(x) for x in sh.split("/")) for sh in args.shapes.split(",")]
-    res["timings"] = run_timings(km, contexts, shapes)
+    res["timings"] = run_timings(km, contexts, shapes, args.variants)
     (out / "attention_gpu.json").write_text(json.dumps(res, indent=1))
     print(f"copy bandwidth {res['copy_bw'] / 1e12:.2f} TB/s")
     print(table(res["timings"], res["copy_bw"]))
