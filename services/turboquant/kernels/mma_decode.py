@@ -60,8 +60,9 @@ _SPLIT_HEADER = compact(MMA_HEADER)
 
 
 def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strided: bool,
-            header: str = _COMMON_HEADER):  # fmt: skip
-    # strided: inputs are read through their strides (the cache's views are never copied).
+            header: str = _COMMON_HEADER, smem: int = 0):  # fmt: skip
+    # strided: inputs are read through their strides (the cache's views are never copied);
+    # smem: dynamic shared memory a block (bytes).
     return mx.fast.cuda_kernel(
         name=name,
         input_names=inputs,
@@ -69,6 +70,7 @@ def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strid
         source=source,
         header=header,
         ensure_row_contiguous=not strided,
+        shared_memory=smem,
     )
 
 
@@ -76,14 +78,8 @@ def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strid
 def _split_kernel(smem: int = 0):
     inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs"]
     outputs = ["o_part", "ml_part"]
-    return mx.fast.cuda_kernel(
-        name="tq_mma_decode_split",
-        input_names=inputs,
-        output_names=outputs,
-        source=MMA_SPLIT_SOURCE,
-        header=_SPLIT_HEADER,
-        ensure_row_contiguous=False,  # read through their strides: views are never copied
-        shared_memory=smem,
+    return _kernel(
+        "tq_mma_decode_split", inputs, outputs, MMA_SPLIT_SOURCE, True, _SPLIT_HEADER, smem
     )
 
 
