@@ -231,7 +231,8 @@ class _RecordedKernel:
 
 @pytest.fixture
 def recorded_kernels(monkeypatch):
-    factories = (mma_decode._split_kernel, mma_decode._join_kernel, mma_decode._combine_kernel)
+    factories = (mma_decode._split_kernel, mma_decode._fp_kernel, mma_decode._join_kernel,
+                 mma_decode._combine_kernel)  # fmt: skip
     for f in factories:
         f.cache_clear()
     monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
@@ -261,8 +262,14 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     body = mma_decode.mma_body_attention(q.astype(mx.float32), keys, values, 0.1)
     assert out.shape == q.shape and out.dtype == q.dtype and body[1].shape == (1, 8, 1, 1)
     names = [k.name for k, *_ in recorded_kernels]
-    assert names == ["tq_mma_decode_split", "tq_mma_decode_join"] + ["tq_mma_decode_split",
-                    "tq_mma_decode_combine"]  # fmt: skip
+    segments = [x for x in (keys.head, keys.tail) if x is not None and x.shape[2]]
+    full_precision = bool(segments)
+    layer = ["tq_mma_decode_split"] + ["tq_mma_decode_fp"] * bool(full_precision)
+    assert names == layer + ["tq_mma_decode_join", "tq_mma_decode_split", "tq_mma_decode_combine"]
+    if full_precision:  # one block per 16 positions of the sink, then of the tail
+        fp = recorded_kernels[1]
+        chunks = sum(-(-x.shape[2] // 16) for x in segments)
+        assert fp[3] == (chunks * dim, q.shape[1], 1) and fp[5][0] == (1, 8, chunks, dim)
     for kernel, inputs, template, grid, threadgroup, _ in recorded_kernels:
         assert len(inputs) == len(kernel.input_names)
         # Upper-case names the source uses but neither declares nor gets from the header's

@@ -1,8 +1,8 @@
 """Hook the CUDA decode kernels into ``attention.turboquant_attention`` (docs/turboquant.md).
 
 ``install()`` registers the tensor-core kernel (``mma_decode``) when MLX runs on CUDA:
-the split kernel plus the fused join for a whole decode layer, and the split kernel with
-an MLX join where the full-precision segments are too long for the fused one. Elsewhere
+the split kernel, the fp kernel (sink and tail) and the join for a whole decode layer, and
+the split kernel with an MLX join where the layer kernel declines. Elsewhere
 (Metal, CPU) nothing changes and the portable path runs. The v3 SIMT kernel
 (``fused_decode``) is no longer installed: v4 reads every layout it did but head dim 32
 and is 2-6x faster (bench/gpu_notes.md); the bench keeps timing it.
@@ -16,8 +16,8 @@ from .fused_decode import cuda_available
 
 def mma_layer_kernel(queries, keys, values, scale, sinks=None):
     """``LayerKernel`` for ``set_layer_decode_kernel``: split kernel (which rotates the
-    query) + fused join, two launches per layer; None where the body kernel + MLX join
-    must do it."""
+    query), the fp kernel and the join, two or three launches a layer; None where the body
+    kernel + MLX join must do it."""
     if not mma_decode.supports(queries, keys, values):
         return None
     return mma_decode.mma_decode_layer(queries, keys, values, scale, sinks)

@@ -3,10 +3,11 @@ versions and their measurements: bench/gpu_notes.md).
 
 :func:`mma_decode_layer` is a whole decode layer over a :class:`PackedSide` pair --
 per-vector affine or codebook keys, or the default per-channel keys: the split kernel over
-the quantized body, then one join launch (splits, rotation back, full-precision sink and
-tail, learned sinks). :func:`mma_body_attention` returns the body's normalised output and
-base-2 log-sum-exp instead, for ``attention.join_body`` (used when the sink and tail are
-too long for the join). Import-safe everywhere; kernels build on first CUDA call.
+the quantized body, the fp kernel over the full-precision sink and tail (independent of the
+split kernel), then one join launch (splits, rotation back, the fp partials, learned
+sinks). :func:`mma_body_attention` returns the body's normalised output and base-2
+log-sum-exp instead, for ``attention.join_body``. Import-safe everywhere; kernels build on
+first CUDA call.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, dummy_input
 from .mma_source import (
     MMA_COMBINE_SOURCE,
     MMA_COMMON,
+    MMA_FP_CHUNK,
+    MMA_FP_SOURCE,
     MMA_HEADER,
-    MMA_JOIN_MAX_FP,
     MMA_JOIN_SOURCE,
     MMA_SPLIT_SOURCE,
     compact,
@@ -91,8 +93,14 @@ def _combine_kernel():
 
 @cache
 def _join_kernel():
-    inputs = ["o_part", "ml_part", "qf", "kh", "vh", "kt", "vt", "signs", "cshift", "sinks"]
-    return _kernel("tq_mma_decode_join", [*inputs, "params"], ["out"], MMA_JOIN_SOURCE, True)
+    inputs = ["o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks"]
+    return _kernel("tq_mma_decode_join", inputs, ["out"], MMA_JOIN_SOURCE, False)
+
+
+@cache
+def _fp_kernel():
+    inputs = ["q", "kh", "vh", "kt", "vt", "params"]
+    return _kernel("tq_mma_decode_fp", inputs, ["fp_o", "fp_ml"], MMA_FP_SOURCE, True)
 
 
 def steps_for(key_layout: int, dim: int, steps: int | None = None) -> int:
@@ -215,54 +223,44 @@ def mma_decode_layer(
     splits: int | None = None,
     poison: bool = False,
 ) -> mx.array | None:
-    """The whole decode attention of a layer in two launches: the split kernel over the
-    body, then one join (splits, rotation back, key centre, sink and tail, learned sinks).
+    """The whole decode attention of a layer in two or three launches: the split kernel
+    over the body, the fp kernel over the full-precision sink and tail (if any; it does not
+    wait for the split kernel), then one join (splits, rotation back, key centre, the fp
+    partials, learned sinks).
 
     ``queries``: ``(B, Hq, 1, D)`` model space, rotated inside the split kernel (no MLX
     op per step for it). Returns ``(B, Hq, 1, D)`` in the queries' dtype, or None when the
-    full-precision segments are too long for the join (the caller then joins with MLX ops).
+    rotation has no sign vector (the caller then joins with MLX ops).
     """
     head, tail = keys.head, keys.tail
     has_head = head is not None and head.shape[2] > 0
     has_tail = tail is not None and tail.shape[2] > 0
-    n_fp = (head.shape[2] if has_head else 0) + (tail.shape[2] if has_tail else 0)
     rot = keys.rotation
-    if n_fp > MMA_JOIN_MAX_FP or (rot is not None and rot.signs is None):
+    if rot is not None and rot.signs is None:
         return None
     o_part, ml_part = _split(queries, rot, keys, values, scale, splits, poison)
     b, hq, _, d = queries.shape
-    n_kv = keys.parts[0].shape[1]
-    fp_dtype = (head if has_head else tail if has_tail else queries).dtype
-    dummy, none32 = dummy_input(fp_dtype), dummy_input(mx.float32)
+    none32 = dummy_input(mx.float32)
+    fp_o = fp_ml = none32
+    if has_head or has_tail:
+        fp_o, fp_ml = _full_precision(queries, keys, values, scale, has_head, has_tail, poison)
     cshift = none32
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
         cshift = centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
-    fp = [
-        head if has_head else dummy,
-        values.head if has_head else dummy,
-        tail if has_tail else dummy,
-        values.tail if has_tail else dummy,
-    ]
     (out,) = _join_kernel()(
         inputs=[
             o_part,
             ml_part,
-            queries,
-            *fp,
+            fp_o,
+            fp_ml,
             rot.signs if rot is not None else none32,
             cshift,
             sinks.astype(mx.float32) if sinks is not None else none32,
-            const_input(scale * LOG2E),
         ],
         template=[
             ("D", d),
-            ("G", hq // n_kv),
-            ("MAXF", MMA_JOIN_MAX_FP),  # fixed: the tail's length must not recompile
-            ("FT", fp_dtype),
-            ("QT", queries.dtype),
             ("OT", queries.dtype),
-            ("HAS_HEAD", has_head),
-            ("HAS_TAIL", has_tail),
+            ("HAS_FP", has_head or has_tail),
             ("HAS_ROT", rot is not None),
             ("HAS_CENTER", keys.center is not None),
             ("HAS_SINKS", sinks is not None),
@@ -274,6 +272,41 @@ def mma_decode_layer(
         init_value=float("nan") if poison else None,
     )
     return out
+
+
+def _full_precision(queries, keys, values, scale, has_head, has_tail, poison):
+    """The fp kernel: unnormalised model-space partials ``(fp_o (B,Hq,C,D), fp_ml
+    (B,Hq,C,2))`` of the sink and tail in chunks of ``MMA_FP_CHUNK`` positions."""
+    b, hq, _, d = queries.shape
+    head, tail = keys.head, keys.tail
+    n_head = head.shape[2] if has_head else 0
+    n_tail = tail.shape[2] if has_tail else 0
+    chunks = -(-n_head // MMA_FP_CHUNK) + -(-n_tail // MMA_FP_CHUNK)
+    fp_dtype = (head if has_head else tail).dtype
+    dummy = dummy_input(fp_dtype)
+    return _fp_kernel()(
+        inputs=[
+            queries,
+            head if has_head else dummy,
+            values.head if has_head else dummy,
+            tail if has_tail else dummy,
+            values.tail if has_tail else dummy,
+            const_input(scale * LOG2E),
+        ],
+        template=[
+            ("D", d),
+            ("G", hq // keys.parts[0].shape[1]),
+            ("FT", fp_dtype),
+            ("QT", queries.dtype),
+            ("HAS_HEAD", has_head),
+            ("HAS_TAIL", has_tail),
+        ],
+        grid=(chunks * d, b * hq, 1),
+        threadgroup=(d, 1, 1),
+        output_shapes=[(b, hq, chunks, d), (b, hq, chunks, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+        init_value=float("nan") if poison else None,
+    )
 
 
 def _split(q, rot, keys, values, scale, splits, poison):

@@ -852,24 +852,84 @@ MMA_COMBINE_SOURCE = r"""
   if (d == 0) lse[row] = L > 0.f ? M + log2f(L) : TQM_NEG_INF;
 """
 
+# The full-precision sink (``kh``/``vh``) and tail (``kt``/``vt``) in chunks of 16 positions,
+# one block per (chunk, batch * query head), one thread per coordinate: each thread loads
+# its coordinate of the query and of the chunk's 16 key and value rows at once (one round
+# trip), the block sums the 16 scores, and writes the chunk's unnormalised partial (o, m,
+# l) in model space. It does not depend on the split kernel, so the GPU can run both at
+# once; the join merges its partials (bench/gpu_notes.md, session 5: the join's own tail
+# loop took ~80 us at 127 positions).
+MMA_FP_CHUNK = 16
+MMA_FP_SOURCE = r"""
+  constexpr int C = 16;
+  const int chunk = blockIdx.x, row = blockIdx.y;  // row = b * Hq + hq
+  const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
+  const int Hq = q_shape[1];
+  const int b = row / Hq, hq = row % Hq, hkv = hq / G;
+  const int FH = HAS_HEAD ? kh_shape[2] : 0;
+  const int FTL = HAS_TAIL ? kt_shape[2] : 0;
+  const int HC = (FH + C - 1) / C;  // the sink's chunks come first
+  const bool head = chunk < HC;     // uniform in the block: no per-position select
+  const int f0 = (head ? chunk : chunk - HC) * C;
+  const int n = min(C, (head ? FH : FTL) - f0);  // valid positions of this chunk
+  const FT* kb = head ? kh + b * kh_strides[0] + hkv * kh_strides[1] : kt + b * kt_strides[0] + hkv * kt_strides[1];
+  const FT* vb = head ? vh + b * vh_strides[0] + hkv * vh_strides[1] : vt + b * vt_strides[0] + hkv * vt_strides[1];
+  const int64_t k2 = head ? kh_strides[2] : kt_strides[2], k3 = head ? kh_strides[3] : kt_strides[3];
+  const int64_t v2 = head ? vh_strides[2] : vt_strides[2], v3 = head ? vh_strides[3] : vt_strides[3];
+  __shared__ float red[D / 32][C];
+  __shared__ float zs[C];
+
+  const float qd = tqm::tofloat(q[b * q_strides[0] + hq * q_strides[1] + d * q_strides[3]]);
+  float kv[C], vv[C];
+#pragma unroll
+  for (int j = 0; j < C; ++j) {  // past n: a repeat of the last row, masked below
+    const int64_t f = f0 + min(j, n - 1);
+    kv[j] = tqm::tofloat(kb[f * k2 + d * k3]);
+    vv[j] = tqm::tofloat(vb[f * v2 + d * v3]);
+  }
+#pragma unroll
+  for (int j = 0; j < C; ++j) {
+    float s = qd * kv[j];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) red[warp][j] = s;
+  }
+  __syncthreads();
+  if (d < C) {
+    float z = 0.f;
+#pragma unroll
+    for (int w = 0; w < D / 32; ++w) z += red[w][d];
+    zs[d] = d < n ? z * params[0] : TQM_NEG_INF;  // params[0]: softmax scale * log2(e)
+  }
+  __syncthreads();
+  float m = TQM_NEG_INF;
+#pragma unroll
+  for (int j = 0; j < C; ++j) m = fmaxf(m, zs[j]);  // finite: the chunk has a position
+  float l = 0.f, o = 0.f;
+#pragma unroll
+  for (int j = 0; j < C; ++j) {
+    const float p = exp2f(zs[j] - m);
+    l += p;
+    o = fmaf(p, vv[j], o);
+  }
+  const int64_t part = (int64_t)row * gridDim.x + chunk;
+  fp_o[part * D + d] = o;
+  if (d == 0) {
+    fp_ml[part * 2] = m;
+    fp_ml[part * 2 + 1] = l;
+  }
+"""
+
 # One block per (batch, query head), one thread per coordinate: merges the body's splits,
-# rotates the body back (Hadamard butterflies in shared memory, then the signs), scores the
-# full-precision sink (``kh``/``vh``) and tail (``kt``/``vt``) in model space and joins them
-# with the learned sink: the rest of the decode layer after the split kernel, one launch.
-MMA_JOIN_MAX_FP = 512  # full-precision positions the join scores in shared memory
+# rotates the body back (Hadamard butterflies in shared memory, then the signs), and joins
+# it with the full-precision partials of the fp kernel (model space) and the learned sink:
+# the rest of the decode layer after the split and fp kernels, one launch.
 MMA_JOIN_SOURCE = r"""
   const int row = blockIdx.x;  // b * Hq + hq
   const int d = threadIdx.x;
-  const int Hq = qf_shape[1];
-  const int b = row / Hq, hq = row % Hq;
-  const int hkv = hq / G;
+  const int hq = row % ml_part_shape[1];
   const int S = ml_part_shape[2];
-  const int FH = HAS_HEAD ? kh_shape[2] : 0;
-  const int F = FH + (HAS_TAIL ? kt_shape[2] : 0);
-  const float qs = params[0];  // softmax scale * log2(e)
   __shared__ float sh[D];
-  __shared__ float zs[MAXF];
-  __shared__ float qsh[D];
 
   float Mb, Lb;
   float acc = tqm::merge_splits(o_part, ml_part, row, S, D, d, Mb, Lb);
@@ -886,65 +946,12 @@ MMA_JOIN_SOURCE = r"""
   }
   if (HAS_CENTER) Mb += cshift[row];  // the body's scores left out q.centre
 
-  // The full-precision positions: warp w scores positions w, w + D/32, ... 8 at a time
-  // (lane e reads dims e, e + 32, ...: coalesced rows), then thread d sums its coordinate
-  // over them 32 positions at a time (bench/gpu_notes.md, session 5: 93 -> 80 us at F = 128).
   float mf = TQM_NEG_INF, lf = 0.f, accf = 0.f;
-  if (F > 0) {
-    const int lane = d & 31, warp = d >> 5;
-    qsh[d] = tqm::tofloat(qf[b * qf_strides[0] + hq * qf_strides[1] + d * qf_strides[3]]);
-    __syncthreads();
-    for (int f0 = warp * 8; f0 < F; f0 += D / 32 * 8) {
-      float part[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int f = min(f0 + j, F - 1);  // past F: a repeat, never stored
-        const bool head = f < FH;
-        const FT* kp = head ? kh + b * kh_strides[0] + hkv * kh_strides[1] + f * kh_strides[2]
-                            : kt + b * kt_strides[0] + hkv * kt_strides[1] + (f - FH) * kt_strides[2];
-        const int64_t ke = head ? kh_strides[3] : kt_strides[3];
-        float kv[D / 32];
-#pragma unroll
-        for (int i = 0; i < D / 32; ++i) kv[i] = tqm::tofloat(kp[(lane + 32 * i) * ke]);
-        part[j] = 0.f;
-#pragma unroll
-        for (int i = 0; i < D / 32; ++i) part[j] = fmaf(qsh[lane + 32 * i], kv[i], part[j]);
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) part[j] += __shfl_xor_sync(0xffffffffu, part[j], off);
-      }
-      if (lane < 8 && f0 + lane < F) {
-        float z = part[0];
-#pragma unroll
-        for (int j = 1; j < 8; ++j) z = lane == j ? part[j] : z;
-        zs[f0 + lane] = z * qs;
-      }
-    }
-    __syncthreads();
-    for (int f = 0; f < F; ++f) mf = fmaxf(mf, zs[f]);
-    const FT* vhp = vh + b * vh_strides[0] + hkv * vh_strides[1] + d * vh_strides[3];
-    const FT* vtp = vt + b * vt_strides[0] + hkv * vt_strides[1] + d * vt_strides[3];
-    for (int f0 = 0; f0 < F; f0 += 32) {
-      float v[32];
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {  // past F: a repeat of the last, weighted 0
-        const int f = min(f0 + j, F - 1);
-        v[j] = tqm::tofloat(*(f < FH ? vhp + f * vh_strides[2] : vtp + (f - FH) * vt_strides[2]));
-      }
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const float p = f0 + j < F ? exp2f(zs[f0 + j] - mf) : 0.f;
-        lf += p;
-        accf = fmaf(p, v[j], accf);
-      }
-    }
-  }
+  if (HAS_FP) accf = tqm::merge_splits(fp_o, fp_ml, row, fp_ml_shape[2], D, d, mf, lf);
   const float zk = HAS_SINKS ? sinks[hq] * 1.4426950408889634f : TQM_NEG_INF;
   const float T = fmaxf(fmaxf(Mb, mf), zk);
   const float wb = Mb == TQM_NEG_INF ? 0.f : exp2f(Mb - T);
-  const float wf = F > 0 ? exp2f(mf - T) : 0.f;
+  const float wf = mf == TQM_NEG_INF ? 0.f : exp2f(mf - T);
   const float den = Lb * wb + lf * wf + (HAS_SINKS ? exp2f(zk - T) : 0.f);
   out[(int64_t)row * D + d] = static_cast<OT>((acc * wb + accf * wf) / den);
 """
