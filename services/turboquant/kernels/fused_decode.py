@@ -63,8 +63,12 @@ def _combine_kernel():
 
 @lru_cache(maxsize=64)
 def const_input(value: float) -> mx.array:
-    """A cached one-element float32 kernel input (no new device array per call)."""
-    return mx.array([value], dtype=mx.float32)
+    """A cached float32 kernel input whose element 0 is ``value``, made by a GPU op: MLX
+    keeps arrays of <= 8 bytes, and arrays written by the host, in unified memory, which a
+    kernel reads across the bus (bench/gpu_notes.md, session 6)."""
+    x = mx.array([value] * 4, dtype=mx.float32) + 0.0
+    mx.eval(x)
+    return x
 
 
 @lru_cache(maxsize=8)
