@@ -402,6 +402,19 @@ def cache_sides(k, v, config):
     return TurboQuantKVCache(config).update_and_fetch(k, v)
 
 
+def kv_cache_slices(hkv: int, n: int, d: int):
+    """fp16 keys and values as mlx-lm's KVCache hands them to SDPA: the first ``n`` rows
+    of a buffer grown in steps of 256. MLX's CUDA SDPA takes cuDNN only for such views (or
+    contiguous lengths that are multiples of 256); other lengths get a vector kernel up to
+    6x slower at 128K (session 6), which would flatter us."""
+    import mlx.core as mx
+
+    rows = -(-n // 256) * 256
+    k = mx.random.normal((1, hkv, rows, d)).astype(mx.float16)
+    v = mx.random.normal((1, hkv, rows, d)).astype(mx.float16)
+    return k[:, :, :n, :], v[:, :, :n, :]
+
+
 def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
     """Per-layer and kernel-only times; ``only``: comma-separated variant names (all)."""
     import mlx.core as mx
@@ -423,8 +436,7 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
             scale = 1.0 / math.sqrt(d)
             sets = []
             for _ in range(nsets):
-                k = mx.random.normal((1, hkv, n, d)).astype(mx.float16)
-                v = mx.random.normal((1, hkv, n, d)).astype(mx.float16)
+                k, v = kv_cache_slices(hkv, n, d)
                 q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
                 s = dict(
                     q=q,
