@@ -120,9 +120,11 @@ def attention_shapes(model, cache: list) -> None:
             c._bench_shape = (n_kv, d)
 
 
-def decode_rate(model, cache: list, steps: int) -> float:
+def decode_rate(model, cache: list, steps: int, host: dict | None = None) -> float:
     """Greedy decode tokens/s over ``steps`` steps, pipelined as ``mlx_lm.generate`` does
-    (the next step's graph is built while the GPU runs the current one)."""
+    (the next step's graph is built while the GPU runs the current one). ``host``: gets the
+    seconds a step spends building its graph, dispatching it (``async_eval``: MLX encodes
+    every kernel on this thread) and waiting for the previous step."""
     import mlx.core as mx
 
     def step(tok):
@@ -130,13 +132,22 @@ def decode_rate(model, cache: list, steps: int) -> float:
 
     nxt = step(mx.array([[1]]))
     mx.async_eval(nxt)
+    parts = [0.0, 0.0, 0.0]
     t = time.perf_counter()
     for _ in range(steps):
+        t0 = time.perf_counter()
         after = step(nxt)
+        t1 = time.perf_counter()
         mx.async_eval(after)
+        t2 = time.perf_counter()
         mx.eval(nxt)
+        parts[0] += t1 - t0
+        parts[1] += t2 - t1
+        parts[2] += time.perf_counter() - t2
         nxt = after
     mx.eval(nxt)
+    if host is not None:
+        host.update(build=parts[0] / steps, dispatch=parts[1] / steps, wait=parts[2] / steps)
     return steps / (time.perf_counter() - t)
 
 
@@ -161,9 +172,11 @@ def run_one(model, kind: str, context: int, steps: int, repeats: int = 2) -> dic
     kv_bytes = mx.get_active_memory() - before
     mx.reset_peak_memory()
     decode_rate(model, cache, 3)  # warm-up (kernel compiles, graph caches)
-    runs = [decode_rate(model, cache, steps) for _ in range(repeats)]
+    host: dict = {}
+    runs = [decode_rate(model, cache, steps, host) for _ in range(repeats)]
     row = dict(cache=kind, context=context, tok_s=statistics.median(runs), tok_s_runs=runs,
-               kv_bytes=int(kv_bytes), peak_bytes=int(mx.get_peak_memory()))  # fmt: skip
+               kv_bytes=int(kv_bytes), peak_bytes=int(mx.get_peak_memory()),
+               host_ms={k: round(v * 1e3, 3) for k, v in host.items()})  # fmt: skip
     del cache
     mx.clear_cache()
     return row
