@@ -554,6 +554,9 @@ def table(rows, copy_bw) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["heads"], r["d"], r["n"], r["variant"]): r for r in rows}
 
+    def ctx(n):  # 4033 is not "3K": lengths off a multiple of 1024 set the tail's length
+        return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
     def ms(h, d, n, v):
         r = by.get((h, d, n, v))
         return "-" if r is None else f"{r['ms']:.3f}"
@@ -568,7 +571,7 @@ def table(rows, copy_bw) -> str:
     t1 = markdown_table(
         head,
         [
-            [f"{h}, {d}, {n // 1024}K"]
+            [f"{h}, {d}, {ctx(n)}"]
             + [ms(h, d, n, v) for v in layer]
             + [ratio(h, d, n, "ours default layout"), ratio(h, d, n, "ours affine 4b")]
             for h, d, n in keys
@@ -577,7 +580,7 @@ def table(rows, copy_bw) -> str:
     sweep = [v for v in variants if v not in LAYER_VARIANTS]
     t2 = markdown_table(
         ["heads q/kv, D, context"] + [f"{v} (ms)" for v in sweep],
-        [[f"{h}, {d}, {n // 1024}K"] + [ms(h, d, n, v) for v in sweep] for h, d, n in keys],
+        [[f"{h}, {d}, {ctx(n)}"] + [ms(h, d, n, v) for v in sweep] for h, d, n in keys],
     )
     bw = []
     for h, d, n in keys:
@@ -587,23 +590,28 @@ def table(rows, copy_bw) -> str:
             r = by.get((h, d, n, v))
             if r:
                 gbs = r["bytes"] / (r["ms"] * 1e-3) / 1e9
-                bw.append([f"{h}, {d}, {n // 1024}K", v, f"{r['bytes'] / 1e6:.1f}",
+                bw.append([f"{h}, {d}, {ctx(n)}", v, f"{r['bytes'] / 1e6:.1f}",
                            f"{r['bytes'] / copy_bw * 1e3:.3f}", f"{r['ms']:.3f}", f"{gbs:.0f}",
                            f"{100 * gbs * 1e9 / copy_bw:.0f}%"])  # fmt: skip
     t3 = markdown_table(
         ["shape", "variant", "K+V MB", "floor ms", "ms", "achieved GB/s", "of copy BW"], bw
     )
-    return (
+    parts = [
         "Per decode layer (one query token per head, calls chained; ours = the cache's "
-        "attention as a layer calls it: split kernel (which rotates the query), fused join):\n\n"
-        + t1
-        + "\nKernel only (the split kernel without the join; independent calls), and the "
-        "sweep (v5 loads: global loads straight into registers instead of the staged tiles; "
-        "splits: blocks per SM the split count aims for):\n\n"
-        + t2
-        + "\nBytes each variant must read at 128K against the measured copy bandwidth:\n\n"
-        + t3
-    )
+        "attention as a layer calls it: the split kernel over the quantized body (it rotates "
+        "the query), the fp kernel over the full-precision sink and tail, the join):\n\n" + t1
+    ]
+    if sweep:
+        parts.append(
+            "Kernel only (the split kernel without the join; independent calls), and the "
+            "sweep (v5 loads: global loads straight into registers instead of the staged "
+            "tiles; splits: blocks per SM the split count aims for):\n\n" + t2
+        )
+    if bw:
+        parts.append(
+            "Bytes each variant must read at 128K against the measured copy bandwidth:\n\n" + t3
+        )
+    return "\n".join(parts)
 
 
 def plot(rows, path: Path = PLOT) -> None:
