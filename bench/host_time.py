@@ -46,8 +46,7 @@ def hook_kernels() -> None:
     from services.turboquant.attention import set_body_decode_kernel, set_layer_decode_kernel
     from services.turboquant.kernels import dispatch, mma_decode
 
-    for f in (mma_decode._split_kernel, mma_decode._join_kernel, mma_decode._combine_kernel):
-        f.cache_clear()
+    mma_decode.clear_kernel_caches()
     mx.fast.cuda_kernel = StandInKernel
     set_layer_decode_kernel(dispatch.mma_layer_kernel)
     set_body_decode_kernel(dispatch.mma_body_kernel)

@@ -138,24 +138,42 @@ def _packed(config, dim=128, length=300, hq=8, hkv=2):
         (dict(key_bits=8, value_bits=2, group_size=32), 256, (0, 8, 32)),
     ],
 )
-def test_v4_reads_the_cache_layouts(config, dim, layout):
+def test_v4_reads_the_cache_layouts(recorded_kernels, config, dim, layout):
     q, keys, values = _packed(config, dim)
     assert mma_decode.side_layout(keys) == layout
     assert mma_decode.supports(q, keys, values)
+    # The layer plans its launches itself (dispatch no longer asks supports() first).
+    assert mma_decode.mma_decode_layer(q, keys, values, 0.1) is not None
 
 
-def test_v4_declines_what_it_cannot_read():
+def test_v4_declines_what_it_cannot_read(recorded_kernels):
+    def declined(q, keys, values):
+        layer = mma_decode.mma_decode_layer(q, keys, values, 0.1)
+        assert (layer is None) == (not mma_decode.supports(q, keys, values))
+        return layer is None
+
     q, keys, values = _packed(dict(key_quantizer="channel", group_size=32))
     assert mma_decode.side_layout(keys) is None  # 8-step tiles at D 128 need groups >= 64
-    assert not mma_decode.supports(q, keys, values)
+    assert declined(q, keys, values)
     q, keys, values = _packed(dict(key_bits=5, value_bits=6))  # 5/6-bit: portable only
-    assert not mma_decode.supports(q, keys, values)
+    assert declined(q, keys, values)
     q, keys, values = _packed(dict(sink_tokens=4), length=3)  # nothing quantized yet
-    assert keys.n_body == 0 and not mma_decode.supports(q, keys, values)
+    assert keys.n_body == 0 and declined(q, keys, values)
     q, keys, values = _packed(dict(group_size=32), dim=96)  # not a power-of-two head dim
-    assert not mma_decode.supports(q, keys, values)
+    assert declined(q, keys, values)
     q, keys, values = _packed(dict())
-    assert not mma_decode.supports(mx.zeros((1, 8, 3, 128)), keys, values)  # prefill
+    assert declined(mx.zeros((1, 8, 3, 128)), keys, values)  # prefill
+    assert declined(mx.zeros((1, 7, 1, 128)), keys, values)  # 7 query heads on 2 kv heads
+    assert not recorded_kernels  # nothing launched for a declined call
+
+
+def test_codebook_tables_are_cached_device_arrays():
+    # Like the constants: one array made by a GPU op, not a host-made one every launch.
+    from services.turboquant.codebook import centroids
+
+    lut = mma_decode._lut(3, 128)
+    assert lut is mma_decode._lut(3, 128) and lut.dtype == mx.float32
+    np.testing.assert_array_equal(np.array(lut), np.array(centroids(3, 128)))
 
 
 def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
@@ -242,15 +260,11 @@ class _RecordedKernel:
 
 @pytest.fixture
 def recorded_kernels(monkeypatch):
-    factories = (mma_decode._split_kernel, mma_decode._fp_kernel, mma_decode._join_kernel,
-                 mma_decode._combine_kernel)  # fmt: skip
-    for f in factories:
-        f.cache_clear()
+    mma_decode.clear_kernel_caches()
     monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
     _RecordedKernel.launches = []
     yield _RecordedKernel.launches
-    for f in factories:
-        f.cache_clear()  # no stand-in outlives the test
+    mma_decode.clear_kernel_caches()  # no stand-in outlives the test
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,7 @@ def mma_layer_kernel(queries, keys, values, scale, sinks=None):
     """``LayerKernel`` for ``set_layer_decode_kernel``: split kernel (which rotates the
     query), the fp kernel and the join, two or three launches a layer; None where the body
     kernel + MLX join must do it."""
-    if not mma_decode.supports(queries, keys, values):
-        return None
-    return mma_decode.mma_decode_layer(queries, keys, values, scale, sinks)
+    return mma_decode.mma_decode_layer(queries, keys, values, scale, sinks)  # None: declined
 
 
 def mma_body_kernel(q_rot, keys, values, scale):

@@ -103,6 +103,13 @@ def _fp_kernel():
     return _kernel("tq_mma_decode_fp", inputs, ["fp_o", "fp_ml"], MMA_FP_SOURCE, True)
 
 
+def clear_kernel_caches() -> None:
+    """Forget every built kernel and launch plan (tests and benches that swap
+    ``mx.fast.cuda_kernel`` for a stand-in)."""
+    for f in (_split_kernel, _fp_kernel, _join_kernel, _combine_kernel, _layer_plan):
+        f.cache_clear()
+
+
 def steps_for(key_layout: int, dim: int, steps: int | None = None) -> int:
     """Steps of 16 positions per super-tile for a key layout and head dim: ``steps`` (by
     default the module's ``STEPS``) if set, else the rule."""
@@ -230,25 +237,67 @@ def mma_decode_layer(
 
     ``queries``: ``(B, Hq, 1, D)`` model space, rotated inside the split kernel (no MLX
     op per step for it). Returns ``(B, Hq, 1, D)`` in the queries' dtype, or None when the
-    rotation has no sign vector (the caller then joins with MLX ops).
+    kernels cannot read this call (:func:`supports`) or the rotation has no sign vector
+    (the caller then takes another path).
     """
-    head, tail = keys.head, keys.tail
-    has_head = head is not None and head.shape[2] > 0
-    has_tail = tail is not None and tail.shape[2] > 0
     rot = keys.rotation
     if rot is not None and rot.signs is None:
         return None
-    o_part, ml_part = _split(queries, rot, keys, values, scale, splits, poison)
-    b, hq, _, d = queries.shape
-    none32 = dummy_input(mx.float32)
+    head, tail = keys.head, keys.tail
+    n_head = 0 if head is None else head.shape[2]
+    n_tail = 0 if tail is None else tail.shape[2]
+    kp, vp = keys.parts, values.parts
+    fp_side = head if n_head else tail if n_tail else None
+    # Everything but the arrays is planned once per shape (host time per layer decides
+    # decode speed when the host, not the GPU, is the bottleneck: bench/gpu_notes.md).
+    plan = _layer_plan(
+        keys.spec, values.spec, keys.dim, values.dim, kp[1].shape[-1], vp[1].shape[-1],
+        kp[1].dtype, vp[1].dtype, queries.shape, queries.dtype, kp[0].shape[1], keys.n_body,
+        rot is not None, -(-n_head // MMA_FP_CHUNK), -(-n_tail // MMA_FP_CHUNK),
+        None if fp_side is None else fp_side.dtype,
+        keys.center is not None, sinks is not None, scale, splits,
+        STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
+    )  # fmt: skip
+    if plan is None:
+        return None
+    split, fp, join, const, none32 = plan
+    init = float("nan") if poison else None
+    o_part, ml_part = split.launch(
+        [
+            queries,
+            kp[0],
+            kp[1],
+            kp[2] if split.k_bias else split.dummy16,
+            vp[0],
+            vp[1],
+            vp[2] if split.v_bias else split.dummy16,
+            split.lut_k,
+            split.lut_v,
+            const,
+            rot.signs if rot is not None else none32,
+        ],
+        init,
+    )
     fp_o = fp_ml = none32
-    if has_head or has_tail:
-        fp_o, fp_ml = _full_precision(queries, keys, values, scale, has_head, has_tail, poison)
+    if fp is not None:
+        dummy = fp.dummy
+        fp_o, fp_ml = fp.launch(
+            [
+                queries,
+                head if n_head else dummy,
+                values.head if n_head else dummy,
+                tail if n_tail else dummy,
+                values.tail if n_tail else dummy,
+                const,
+            ],
+            init,
+        )
     cshift = none32
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
+        b, hq = queries.shape[:2]
         cshift = centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
-    (out,) = _join_kernel()(
-        inputs=[
+    (out,) = join.launch(
+        [
             o_part,
             ml_part,
             fp_o,
@@ -257,56 +306,79 @@ def mma_decode_layer(
             cshift,
             sinks.astype(mx.float32) if sinks is not None else none32,
         ],
-        template=[
-            ("D", d),
-            ("OT", queries.dtype),
-            ("HAS_FP", has_head or has_tail),
-            ("HAS_ROT", rot is not None),
-            ("HAS_CENTER", keys.center is not None),
-            ("HAS_SINKS", sinks is not None),
-        ],
-        grid=(b * hq * d, 1, 1),
-        threadgroup=(d, 1, 1),
-        output_shapes=[(b, hq, 1, d)],
-        output_dtypes=[queries.dtype],
-        init_value=float("nan") if poison else None,
+        init,
     )
     return out
 
 
-def _full_precision(queries, keys, values, scale, has_head, has_tail, poison):
-    """The fp kernel: unnormalised model-space partials ``(fp_o (B,Hq,C,D), fp_ml
-    (B,Hq,C,2))`` of the sink and tail in chunks of ``MMA_FP_CHUNK`` positions."""
-    b, hq, _, d = queries.shape
-    head, tail = keys.head, keys.tail
-    n_head = head.shape[2] if has_head else 0
-    n_tail = tail.shape[2] if has_tail else 0
-    chunks = -(-n_head // MMA_FP_CHUNK) + -(-n_tail // MMA_FP_CHUNK)
-    fp_dtype = (head if has_head else tail).dtype
-    dummy = dummy_input(fp_dtype)
-    return _fp_kernel()(
-        inputs=[
-            queries,
-            head if has_head else dummy,
-            values.head if has_head else dummy,
-            tail if has_tail else dummy,
-            values.tail if has_tail else dummy,
-            const_input(scale * LOG2E),
-        ],
-        template=[
-            ("D", d),
-            ("G", hq // keys.parts[0].shape[1]),
-            ("FT", fp_dtype),
-            ("QT", queries.dtype),
-            ("HAS_HEAD", has_head),
-            ("HAS_TAIL", has_tail),
-        ],
-        grid=(chunks * d, b * hq, 1),
-        threadgroup=(d, 1, 1),
-        output_shapes=[(b, hq, chunks, d), (b, hq, chunks, 2)],
-        output_dtypes=[mx.float32, mx.float32],
-        init_value=float("nan") if poison else None,
+class _Launch:
+    """One planned launch: the kernel and everything but its input arrays."""
+
+    def __init__(self, kernel, template, grid, threadgroup, shapes, dtypes, **extra):
+        self.kernel, self.template, self.grid, self.threadgroup = (
+            kernel,
+            template,
+            grid,
+            threadgroup,
+        )
+        self.shapes, self.dtypes = shapes, dtypes
+        self.__dict__.update(extra)
+
+    def launch(self, inputs, init_value):
+        return self.kernel(
+            inputs=inputs,
+            template=self.template,
+            grid=self.grid,
+            threadgroup=self.threadgroup,
+            output_shapes=self.shapes,
+            output_dtypes=self.dtypes,
+            init_value=init_value,
+        )
+
+
+@lru_cache(maxsize=1024)
+def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
+                q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
+                has_sinks, scale, splits, *tunables):  # fmt: skip
+    """The three launches of a decode layer, or None where the kernels cannot read it (the
+    conditions of :func:`supports`). Cached: the same for every step of a body block and
+    a chunk of the tail."""
+    b, hq, length, d = q_shape
+    if length != 1 or k_dim != v_dim or n_body == 0 or hq % hkv:
+        return None
+    if k_sdtype != mx.float16 or v_sdtype != mx.float16:
+        return None
+    steps_setting = tunables[0]
+    k_layout = _side_layout(k_spec, k_dim, False, k_cols, steps_setting)
+    v_layout = _side_layout(v_spec, v_dim, True, v_cols, steps_setting)
+    if k_layout is None or v_layout is None:
+        return None
+    template, grid, threadgroup, out_shapes, smem = _split_plan(
+        k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, *tunables
     )
+    f32 = [mx.float32, mx.float32]
+    none32 = dummy_input(mx.float32)
+    split = _Launch(
+        _split_kernel(smem), template, grid, threadgroup, out_shapes, f32,
+        k_bias=k_layout[0] != 1, v_bias=v_layout[0] != 1, dummy16=dummy_input(mx.float16),
+        lut_k=_lut(k_spec.bits, k_dim) if k_layout[0] == 1 else none32,
+        lut_v=_lut(v_spec.bits, v_dim) if v_layout[0] == 1 else none32,
+    )  # fmt: skip
+    fp = None
+    if head_chunks or tail_chunks:
+        chunks = head_chunks + tail_chunks
+        fp_template = [("D", d), ("G", hq // hkv), ("FT", fp_dtype), ("QT", q_dtype),
+                       ("HAS_HEAD", head_chunks > 0), ("HAS_TAIL", tail_chunks > 0)]  # fmt: skip
+        fp = _Launch(
+            _fp_kernel(), fp_template, (chunks * d, b * hq, 1), (d, 1, 1),
+            [(b, hq, chunks, d), (b, hq, chunks, 2)], f32, dummy=dummy_input(fp_dtype),
+        )  # fmt: skip
+    join_template = [("D", d), ("OT", q_dtype), ("HAS_FP", fp is not None), ("HAS_ROT", has_rot),
+                     ("HAS_CENTER", has_center), ("HAS_SINKS", has_sinks)]  # fmt: skip
+    join = _Launch(
+        _join_kernel(), join_template, (b * hq * d, 1, 1), (d, 1, 1), [(b, hq, 1, d)], [q_dtype]
+    )
+    return split, fp, join, const_input(scale * LOG2E), none32
 
 
 def _split(q, rot, keys, values, scale, splits, poison):
@@ -325,8 +397,8 @@ def _split(q, rot, keys, values, scale, splits, poison):
     template, grid, threadgroup, out_shapes, smem = plan
     kb = keys.parts[2] if k_layout[0] != 1 else dummy_input(mx.float16)
     vb = values.parts[2] if v_layout[0] != 1 else dummy_input(mx.float16)
-    lut_k = _lut(keys) if k_layout[0] == 1 else dummy_input(mx.float32)
-    lut_v = _lut(values) if v_layout[0] == 1 else dummy_input(mx.float32)
+    lut_k = _lut(keys.spec.bits, keys.dim) if k_layout[0] == 1 else dummy_input(mx.float32)
+    lut_v = _lut(values.spec.bits, values.dim) if v_layout[0] == 1 else dummy_input(mx.float32)
     return _split_kernel(smem)(
         inputs=[
             q,
@@ -381,7 +453,12 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     return template, grid, (32 * warps, 1, 1), [(b, hq, s, d), (b, hq, s, 2)], smem
 
 
-def _lut(side) -> mx.array:
+@lru_cache(maxsize=16)
+def _lut(bits: int, dim: int) -> mx.array:
     from services.turboquant.codebook import centroids
 
-    return centroids(side.spec.bits, side.dim).astype(mx.float32)
+    # Made once, by a GPU op: a host-made array lives in unified memory that the kernel
+    # reads across the bus (``const_input``; bench/gpu_notes.md, session 6).
+    lut = centroids(bits, dim).astype(mx.float32) + 0.0
+    mx.eval(lut)
+    return lut
