@@ -106,7 +106,8 @@ def _fp_kernel():
 def clear_kernel_caches() -> None:
     """Forget every built kernel and launch plan (tests and benches that swap
     ``mx.fast.cuda_kernel`` for a stand-in)."""
-    for f in (_split_kernel, _fp_kernel, _join_kernel, _combine_kernel, _layer_plan):
+    for f in (_split_kernel, _fp_kernel, _join_kernel, _combine_kernel, _layer_plan,
+              _split_launch):  # fmt: skip
         f.cache_clear()
 
 
@@ -182,13 +183,24 @@ def _side_layout(spec, dim: int, values: bool, cols: int, steps: int | None):
 
 def supports(queries: mx.array, keys, values) -> bool:
     """Whether the kernels handle this decode call (``queries`` rotated or not: shapes only)."""
-    if queries.shape[2] != 1 or keys.dim != values.dim or keys.n_body == 0:
-        return False
-    if queries.shape[1] % keys.parts[0].shape[1]:
-        return False
-    if keys.parts[1].dtype != mx.float16 or values.parts[1].dtype != mx.float16:
-        return False
-    return side_layout(keys) is not None and side_layout(values, values=True) is not None
+    kp, vp = keys.parts, values.parts
+    layouts = _layouts(
+        queries.shape[2], queries.shape[1], kp[0].shape[1], keys.n_body, keys.spec, values.spec,
+        keys.dim, values.dim, kp[1].shape[-1], vp[1].shape[-1], kp[1].dtype, vp[1].dtype, STEPS,
+    )  # fmt: skip
+    return layouts is not None
+
+
+def _layouts(q_len, hq, hkv, n_body, k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype,
+             v_sdtype, steps):  # fmt: skip
+    """``(key layout, value layout)`` the kernels read for a decode call, or None."""
+    if q_len != 1 or k_dim != v_dim or n_body == 0 or hq % hkv:
+        return None
+    if k_sdtype != mx.float16 or v_sdtype != mx.float16:
+        return None
+    k_layout = _side_layout(k_spec, k_dim, False, k_cols, steps)
+    v_layout = _side_layout(v_spec, v_dim, True, v_cols, steps)
+    return None if k_layout is None or v_layout is None else (k_layout, v_layout)
 
 
 def mma_body_attention(
@@ -262,22 +274,7 @@ def mma_decode_layer(
         return None
     split, fp, join, const, none32 = plan
     init = float("nan") if poison else None
-    o_part, ml_part = split.launch(
-        [
-            queries,
-            kp[0],
-            kp[1],
-            kp[2] if split.k_bias else split.dummy16,
-            vp[0],
-            vp[1],
-            vp[2] if split.v_bias else split.dummy16,
-            split.lut_k,
-            split.lut_v,
-            const,
-            rot.signs if rot is not None else none32,
-        ],
-        init,
-    )
+    o_part, ml_part = split.launch(_split_inputs(split, queries, keys, values, const, rot), init)
     fp_o = fp_ml = none32
     if fp is not None:
         dummy = fp.dummy
@@ -315,12 +312,8 @@ class _Launch:
     """One planned launch: the kernel and everything but its input arrays."""
 
     def __init__(self, kernel, template, grid, threadgroup, shapes, dtypes, **extra):
-        self.kernel, self.template, self.grid, self.threadgroup = (
-            kernel,
-            template,
-            grid,
-            threadgroup,
-        )
+        self.kernel, self.template = kernel, template
+        self.grid, self.threadgroup = grid, threadgroup
         self.shapes, self.dtypes = shapes, dtypes
         self.__dict__.update(extra)
 
@@ -340,30 +333,16 @@ class _Launch:
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables):  # fmt: skip
-    """The three launches of a decode layer, or None where the kernels cannot read it (the
-    conditions of :func:`supports`). Cached: the same for every step of a body block and
+    """The three launches of a decode layer, or None where the kernels cannot read it
+    (:func:`_layouts`, as for :func:`supports`). Cached: the same for every step of a body block and
     a chunk of the tail."""
     b, hq, length, d = q_shape
-    if length != 1 or k_dim != v_dim or n_body == 0 or hq % hkv:
+    layouts = _layouts(length, hq, hkv, n_body, k_spec, v_spec, k_dim, v_dim, k_cols, v_cols,
+                       k_sdtype, v_sdtype, tunables[0])  # fmt: skip
+    if layouts is None:
         return None
-    if k_sdtype != mx.float16 or v_sdtype != mx.float16:
-        return None
-    steps_setting = tunables[0]
-    k_layout = _side_layout(k_spec, k_dim, False, k_cols, steps_setting)
-    v_layout = _side_layout(v_spec, v_dim, True, v_cols, steps_setting)
-    if k_layout is None or v_layout is None:
-        return None
-    template, grid, threadgroup, out_shapes, smem = _split_plan(
-        k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, *tunables
-    )
+    split = _split_launch(*layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, *tunables)
     f32 = [mx.float32, mx.float32]
-    none32 = dummy_input(mx.float32)
-    split = _Launch(
-        _split_kernel(smem), template, grid, threadgroup, out_shapes, f32,
-        k_bias=k_layout[0] != 1, v_bias=v_layout[0] != 1, dummy16=dummy_input(mx.float16),
-        lut_k=_lut(k_spec.bits, k_dim) if k_layout[0] == 1 else none32,
-        lut_v=_lut(v_spec.bits, v_dim) if v_layout[0] == 1 else none32,
-    )  # fmt: skip
     fp = None
     if head_chunks or tail_chunks:
         chunks = head_chunks + tail_chunks
@@ -378,7 +357,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     join = _Launch(
         _join_kernel(), join_template, (b * hq * d, 1, 1), (d, 1, 1), [(b, hq, 1, d)], [q_dtype]
     )
-    return split, fp, join, const_input(scale * LOG2E), none32
+    return split, fp, join, const_input(scale * LOG2E), dummy_input(mx.float32)
 
 
 def _split(q, rot, keys, values, scale, splits, poison):
@@ -387,39 +366,49 @@ def _split(q, rot, keys, values, scale, splits, poison):
     ``q`` is rotated by the kernel when ``rot`` is given (a Hadamard rotation), else read
     as it is (already rotated, or a cache without rotation).
     """
-    k_layout = side_layout(keys)
-    v_layout = side_layout(values, values=True)
     b, hq, _, d = q.shape
-    plan = _split_plan(
-        k_layout, v_layout, b, hq, keys.parts[0].shape[1], d, keys.n_body, q.dtype,
-        rot is not None, splits, STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
+    launch = _split_launch(
+        side_layout(keys), side_layout(values, values=True), b, hq, keys.parts[0].shape[1], d,
+        keys.n_body, q.dtype, rot is not None, splits, STEPS, SPLIT_FACTOR, WARPS, FOLD,
+        PIPELINE,
     )  # fmt: skip
-    template, grid, threadgroup, out_shapes, smem = plan
-    kb = keys.parts[2] if k_layout[0] != 1 else dummy_input(mx.float16)
-    vb = values.parts[2] if v_layout[0] != 1 else dummy_input(mx.float16)
-    lut_k = _lut(keys.spec.bits, keys.dim) if k_layout[0] == 1 else dummy_input(mx.float32)
-    lut_v = _lut(values.spec.bits, values.dim) if v_layout[0] == 1 else dummy_input(mx.float32)
-    return _split_kernel(smem)(
-        inputs=[
-            q,
-            keys.parts[0],
-            keys.parts[1],
-            kb,
-            values.parts[0],
-            values.parts[1],
-            vb,
-            lut_k,
-            lut_v,
-            const_input(scale * LOG2E),
-            rot.signs if rot is not None else dummy_input(mx.float32),
-        ],
-        template=template,
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=out_shapes,
-        output_dtypes=[mx.float32, mx.float32],
-        init_value=float("nan") if poison else None,
+    inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
+    return launch.launch(inputs, float("nan") if poison else None)
+
+
+def _split_inputs(launch, q, keys, values, const, rot) -> list:
+    """The split kernel's inputs, in the order of its names (dummies where unread)."""
+    kp, vp = keys.parts, values.parts
+    return [
+        q,
+        kp[0],
+        kp[1],
+        kp[2] if launch.k_bias else launch.dummy16,
+        vp[0],
+        vp[1],
+        vp[2] if launch.v_bias else launch.dummy16,
+        launch.lut_k,
+        launch.lut_v,
+        const,
+        rot.signs if rot is not None else launch.none32,
+    ]
+
+
+@lru_cache(maxsize=1024)
+def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits,
+                  *tunables):  # fmt: skip
+    """The planned split launch (:func:`_split_plan`) with what its inputs need."""
+    template, grid, threadgroup, out_shapes, smem = _split_plan(
+        k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, *tunables
     )
+    none32 = dummy_input(mx.float32)
+    return _Launch(
+        _split_kernel(smem), template, grid, threadgroup, out_shapes, [mx.float32, mx.float32],
+        k_bias=k_layout[0] != 1, v_bias=v_layout[0] != 1, dummy16=dummy_input(mx.float16),
+        none32=none32,
+        lut_k=_lut(k_layout[1], d) if k_layout[0] == 1 else none32,
+        lut_v=_lut(v_layout[1], d) if v_layout[0] == 1 else none32,
+    )  # fmt: skip
 
 
 @lru_cache(maxsize=1024)
