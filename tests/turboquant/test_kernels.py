@@ -246,6 +246,7 @@ class _RecordedKernel:
     zeros of the requested outputs."""
 
     launches: list = []
+    outputs: list = []  # each launch's outputs, in the order of ``launches``
 
     def __init__(self, name, input_names, output_names, source, header="", **kw):
         self.name, self.input_names, self.output_names = name, input_names, output_names
@@ -255,14 +256,16 @@ class _RecordedKernel:
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
                  init_value=None):  # fmt: skip
         self.launches.append((self, inputs, dict(template), grid, threadgroup, output_shapes))
-        return [mx.zeros(sh, dtype=dt) for sh, dt in zip(output_shapes, output_dtypes, strict=True)]
+        outs = [mx.zeros(sh, dtype=dt) for sh, dt in zip(output_shapes, output_dtypes, strict=True)]
+        self.outputs.append(outs)
+        return outs
 
 
 @pytest.fixture
 def recorded_kernels(monkeypatch):
     mma_decode.clear_kernel_caches()
     monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
-    _RecordedKernel.launches = []
+    _RecordedKernel.launches, _RecordedKernel.outputs = [], []
     yield _RecordedKernel.launches
     mma_decode.clear_kernel_caches()  # no stand-in outlives the test
 
@@ -321,6 +324,26 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     # the split source instantiates the device template with exactly these parameters
     params = re.search(r"mma_decode_split<([^>]*)>", split[0].source).group(1)
     assert [p.strip() for p in params.split(",")] == [n for n in t if n in params]
+    # each input is the array its name says (a swap passes the counts above but reads
+    # the wrong memory on the GPU)
+    expected = {
+        "tq_mma_decode_split": dict(q=q, kw=keys.parts[0], ks=keys.parts[1], vw=values.parts[0],
+                                    vs=values.parts[1], signs=keys.rotation.signs),
+        "tq_mma_decode_fp": dict(q=q, kh=keys.head, vh=values.head, kt=keys.tail, vt=values.tail),
+    }  # fmt: skip
+    for kernel, inputs, *_ in recorded_kernels[: len(layer)]:
+        by_name = dict(zip(kernel.input_names, inputs, strict=True))
+        for name, array in expected.get(kernel.name, {}).items():
+            if array is not None and array.shape[-2:] != (0, dim):  # empty segment: a dummy
+                assert by_name[name] is array, (kernel.name, name)
+    # the join merges what the split and fp kernels wrote, and returns the layer's output
+    join, outputs = recorded_kernels[len(layer)], _RecordedKernel.outputs
+    by_name = dict(zip(join[0].input_names, join[1], strict=True))
+    assert by_name["o_part"] is outputs[0][0] and by_name["ml_part"] is outputs[0][1]
+    if full_precision:
+        assert by_name["fp_o"] is outputs[1][0] and by_name["fp_ml"] is outputs[1][1]
+    assert join[2]["HAS_FP"] == full_precision and by_name["signs"] is keys.rotation.signs
+    assert out is outputs[len(layer)][0]
 
 
 def test_install_only_on_cuda():
