@@ -87,8 +87,9 @@ def build(name: str, tiny: bool):
     return model
 
 
-def fill(cache: list, context: int) -> None:
-    """Put ``context`` random tokens' keys/values into every attention cache of the list."""
+def fill(cache: list, context: int, batch: int = 1) -> None:
+    """Put ``context`` random tokens' keys/values (``batch`` sequences) into every
+    attention cache of the list."""
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
@@ -100,8 +101,8 @@ def fill(cache: list, context: int) -> None:
             # In chunks: a 128K-token fp32 temporary for all heads would dwarf the cache.
             for start in range(0, context, 8192):
                 n = min(8192, context - start)
-                k = mx.random.normal((1, n_kv, n, d)).astype(mx.float16)
-                v = mx.random.normal((1, n_kv, n, d)).astype(mx.float16)
+                k = mx.random.normal((batch, n_kv, n, d)).astype(mx.float16)
+                v = mx.random.normal((batch, n_kv, n, d)).astype(mx.float16)
                 c.update_and_fetch(k, v)
                 mx.eval(list(c.state))
 
@@ -120,17 +121,18 @@ def attention_shapes(model, cache: list) -> None:
             c._bench_shape = (n_kv, d)
 
 
-def decode_rate(model, cache: list, steps: int, host: dict | None = None) -> float:
-    """Greedy decode tokens/s over ``steps`` steps, pipelined as ``mlx_lm.generate`` does
-    (the next step's graph is built while the GPU runs the current one). ``host``: gets the
-    seconds a step spends building its graph, dispatching it (``async_eval``: MLX encodes
-    every kernel on this thread) and waiting for the previous step."""
+def decode_rate(model, cache: list, steps: int, host: dict | None = None, batch: int = 1) -> float:
+    """Greedy decode tokens/s over ``steps`` steps of ``batch`` sequences (all of them
+    counted), pipelined as ``mlx_lm.generate`` does (the next step's graph is built while
+    the GPU runs the current one). ``host``: gets the seconds a step spends building its
+    graph, dispatching it (``async_eval``: MLX encodes every kernel on this thread) and
+    waiting for the previous step."""
     import mlx.core as mx
 
     def step(tok):
         return mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
 
-    nxt = step(mx.array([[1]]))
+    nxt = step(mx.ones((batch, 1), dtype=mx.int32))
     mx.async_eval(nxt)
     parts = [0.0, 0.0, 0.0]
     t = time.perf_counter()
@@ -148,12 +150,12 @@ def decode_rate(model, cache: list, steps: int, host: dict | None = None) -> flo
     mx.eval(nxt)
     if host is not None:
         host.update(build=parts[0] / steps, dispatch=parts[1] / steps, wait=parts[2] / steps)
-    return steps / (time.perf_counter() - t)
+    return steps * batch / (time.perf_counter() - t)
 
 
-def run_one(model, kind: str, context: int, steps: int, repeats: int = 2) -> dict:
-    """Decode tok/s (median of ``repeats`` runs), measured KV bytes and peak memory for one
-    cache kind and context."""
+def run_one(model, kind: str, context: int, steps: int, repeats: int = 2, batch: int = 1) -> dict:
+    """Decode tok/s (median of ``repeats`` runs; ``batch`` sequences, all counted), measured
+    KV bytes and peak memory for one cache kind and context."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -167,14 +169,14 @@ def run_one(model, kind: str, context: int, steps: int, repeats: int = 2) -> dic
     else:
         cache = make_turboquant_cache(model, _tq_config(kind))
     attention_shapes(model, cache)
-    fill(cache, context)
+    fill(cache, context, batch)
     mx.synchronize()
     kv_bytes = mx.get_active_memory() - before
     mx.reset_peak_memory()
-    decode_rate(model, cache, 3)  # warm-up (kernel compiles, graph caches)
+    decode_rate(model, cache, 3, batch=batch)  # warm-up (kernel compiles, graph caches)
     host: dict = {}
-    runs = [decode_rate(model, cache, steps, host) for _ in range(repeats)]
-    row = dict(cache=kind, context=context, tok_s=statistics.median(runs), tok_s_runs=runs,
+    runs = [decode_rate(model, cache, steps, host, batch) for _ in range(repeats)]
+    row = dict(cache=kind, context=context, batch=batch, tok_s=statistics.median(runs), tok_s_runs=runs,
                kv_bytes=int(kv_bytes), peak_bytes=int(mx.get_peak_memory()),
                host_ms={k: round(v * 1e3, 3) for k, v in host.items()})  # fmt: skip
     del cache
@@ -187,30 +189,20 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
     from bench.report import markdown_table, write_section
 
     res = json.loads(Path(path).read_text())
-    rows, by = [], {(r["model"], r["cache"], r["context"]): r for r in res["rows"]}
-    for (model, kind, ctx), r in sorted(by.items()):
-        base = by.get((model, "fp16", ctx))
+    key = lambda r: (r["model"], r.get("batch", 1), r["cache"], r["context"])  # noqa: E731
+    rows, by = [], {key(r): r for r in res["rows"]}
+    for (model, batch, kind, ctx), r in sorted(by.items()):
+        base = by.get((model, batch, "fp16", ctx))
         runs = "/".join(f"{x:.1f}" for x in r.get("tok_s_runs", []))
-        rows.append([model, f"{ctx // 1024}K", kind, f"{r['tok_s']:.1f}", runs or "-",
+        host = r.get("host_ms")
+        host = f"{host['build']:.2f} / {host['dispatch']:.2f} / {host['wait']:.2f}" if host else "-"
+        rows.append([model, batch, f"{ctx // 1024}K" if ctx % 1024 == 0 else str(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
                      f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-",
-                     f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}"])  # fmt: skip
-    body = (
-        f"MLX {res['mlx']}, {res['gpu']}.\n\n"
-        + (note + "\n\n" if note else "")
-        + markdown_table(
-            [
-                "model",
-                "context",
-                "cache",
-                "decode tok/s",
-                "runs",
-                "vs fp16",
-                "KV MiB (measured)",
-                "peak GiB",
-            ],
-            rows,
-        )
-    )
+                     f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}", host])  # fmt: skip
+    head = ["model", "batch", "context", "cache", "decode tok/s (all sequences)", "runs",
+            "vs fp16", "KV MiB (measured)", "peak GiB", "host ms a step: build / dispatch / wait"]  # fmt: skip
+    body = f"MLX {res['mlx']}, {res['gpu']}.\n\n" + (note + "\n\n" if note else "")
+    body += markdown_table(head, rows)
     write_section("e2e_decode_gpu", "End-to-end decode on the GPU", body, machine=machine or res["gpu"],
                   command=command)  # fmt: skip
 
@@ -225,6 +217,7 @@ def main() -> None:
     ap.add_argument("--caches", default=",".join(CACHE_KINDS))
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--split-factor", type=int, help="blocks per SM of the CUDA decode kernel")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--render")
     ap.add_argument("--machine")
     ap.add_argument("--command")
@@ -255,7 +248,9 @@ def main() -> None:
         model = build(name, args.tiny)
         for ctx in (int(c) for c in args.contexts.split(",")):
             for kind in args.caches.split(","):
-                row = dict(model=name, **run_one(model, kind, ctx, args.steps, args.repeats))
+                row = dict(
+                    model=name, **run_one(model, kind, ctx, args.steps, args.repeats, args.batch)
+                )
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 (out / "e2e_decode_gpu.json").write_text(json.dumps(res, indent=1))
