@@ -559,14 +559,11 @@ PLOT = ROOT / "docs" / "attention_gpu.png"
 
 def table(rows, copy_bw) -> str:
     """Layer times, the kernel-only sweep, and bandwidth at the longest context."""
-    from bench.report import markdown_table
+    from bench.report import context_label, markdown_table
 
     keys = sorted({(r["heads"], r["d"], r["n"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     by = {(r["heads"], r["d"], r["n"], r["variant"]): r for r in rows}
-
-    def ctx(n):  # 4033 is not "3K": lengths off a multiple of 1024 set the tail's length
-        return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
     def ms(h, d, n, v):
         r = by.get((h, d, n, v))
@@ -582,7 +579,7 @@ def table(rows, copy_bw) -> str:
     t1 = markdown_table(
         head,
         [
-            [f"{h}, {d}, {ctx(n)}"]
+            [f"{h}, {d}, {context_label(n)}"]
             + [ms(h, d, n, v) for v in layer]
             + [ratio(h, d, n, "ours default layout"), ratio(h, d, n, "ours affine 4b")]
             for h, d, n in keys
@@ -591,7 +588,7 @@ def table(rows, copy_bw) -> str:
     sweep = [v for v in variants if v not in LAYER_VARIANTS]
     t2 = markdown_table(
         ["heads q/kv, D, context"] + [f"{v} (ms)" for v in sweep],
-        [[f"{h}, {d}, {ctx(n)}"] + [ms(h, d, n, v) for v in sweep] for h, d, n in keys],
+        [[f"{h}, {d}, {context_label(n)}"] + [ms(h, d, n, v) for v in sweep] for h, d, n in keys],
     )
     bw = []
     for h, d, n in keys:
@@ -601,7 +598,7 @@ def table(rows, copy_bw) -> str:
             r = by.get((h, d, n, v))
             if r:
                 gbs = r["bytes"] / (r["ms"] * 1e-3) / 1e9
-                bw.append([f"{h}, {d}, {ctx(n)}", v, f"{r['bytes'] / 1e6:.1f}",
+                bw.append([f"{h}, {d}, {context_label(n)}", v, f"{r['bytes'] / 1e6:.1f}",
                            f"{r['bytes'] / copy_bw * 1e3:.3f}", f"{r['ms']:.3f}", f"{gbs:.0f}",
                            f"{100 * gbs * 1e9 / copy_bw:.0f}%"])  # fmt: skip
     t3 = markdown_table(
@@ -626,7 +623,7 @@ def table(rows, copy_bw) -> str:
         t4 = markdown_table(
             ["heads q/kv, D, context"] + [f"{v} (ms)" for v in layer],
             [
-                [f"{h}, {d}, {ctx(n)}"]
+                [f"{h}, {d}, {context_label(n)}"]
                 + [
                     f"{by[(h, d, n, v)]['dispatch_ms']:.3f}"
                     if "dispatch_ms" in by.get((h, d, n, v), {})

@@ -186,7 +186,7 @@ def run_one(model, kind: str, context: int, steps: int, repeats: int = 2, batch:
 
 def render(path: str, machine: str | None, command: str | None, note: str = "") -> None:
     """Write the e2e_decode_gpu section of docs/benchmarks.md from a results JSON."""
-    from bench.report import markdown_table, write_section
+    from bench.report import context_label, markdown_table, write_section
 
     res = json.loads(Path(path).read_text())
     key = lambda r: (r["model"], r.get("batch", 1), r["cache"], r["context"])  # noqa: E731
@@ -196,7 +196,7 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
         runs = "/".join(f"{x:.1f}" for x in r.get("tok_s_runs", []))
         host = r.get("host_ms")
         host = f"{host['build']:.2f} / {host['dispatch']:.2f} / {host['wait']:.2f}" if host else "-"
-        rows.append([model, batch, f"{ctx // 1024}K" if ctx % 1024 == 0 else str(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
+        rows.append([model, batch, context_label(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
                      f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-",
                      f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}", host])  # fmt: skip
     head = ["model", "batch", "context", "cache", "decode tok/s (all sequences)", "runs",

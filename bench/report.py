@@ -61,6 +61,12 @@ def write_section(
     doc.write_text(text)
 
 
+def context_label(n: int) -> str:
+    """``4K`` for a multiple of 1024 tokens, else the exact count (``4033``: odd lengths
+    are measured on purpose, e.g. to set the full-precision tail's length)."""
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -61,14 +61,20 @@ def _combine_kernel():
     )
 
 
-@lru_cache(maxsize=64)
-def const_input(value: float) -> mx.array:
-    """A cached float32 kernel input whose element 0 is ``value``, made by a GPU op: MLX
+def device_constant(x: mx.array) -> mx.array:
+    """``x`` copied by a GPU op and evaluated, for a kernel to read on every launch: MLX
     keeps arrays of <= 8 bytes, and arrays written by the host, in unified memory, which a
-    kernel reads across the bus (bench/gpu_notes.md, session 6)."""
-    x = mx.array([value] * 4, dtype=mx.float32) + 0.0
+    kernel reads across the bus (bench/gpu_notes.md, session 6). Callers cache the copy."""
+    x = x + 0.0
     mx.eval(x)
     return x
+
+
+@lru_cache(maxsize=64)
+def const_input(value: float) -> mx.array:
+    """A cached float32 kernel input whose element 0 is ``value`` (16 bytes: see
+    :func:`device_constant`)."""
+    return device_constant(mx.array([value] * 4, dtype=mx.float32))
 
 
 @lru_cache(maxsize=8)

@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from ..attention import centre_shift2
 from ..rotation import rotate
-from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, dummy_input
+from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant, dummy_input
 from .mma_source import (
     MMA_COMBINE_SOURCE,
     MMA_COMMON,
@@ -334,8 +334,8 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables):  # fmt: skip
     """The three launches of a decode layer, or None where the kernels cannot read it
-    (:func:`_layouts`, as for :func:`supports`). Cached: the same for every step of a body block and
-    a chunk of the tail."""
+    (:func:`_layouts`, as for :func:`supports`). Cached: the same for every step of a body
+    block and a chunk of the tail."""
     b, hq, length, d = q_shape
     layouts = _layouts(length, hq, hkv, n_body, k_spec, v_spec, k_dim, v_dim, k_cols, v_cols,
                        k_sdtype, v_sdtype, tunables[0])  # fmt: skip
@@ -446,8 +446,4 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
 def _lut(bits: int, dim: int) -> mx.array:
     from services.turboquant.codebook import centroids
 
-    # Made once, by a GPU op: a host-made array lives in unified memory that the kernel
-    # reads across the bus (``const_input``; bench/gpu_notes.md, session 6).
-    lut = centroids(bits, dim).astype(mx.float32) + 0.0
-    mx.eval(lut)
-    return lut
+    return device_constant(centroids(bits, dim).astype(mx.float32))
