@@ -153,9 +153,8 @@ def decode_rate(model, cache: list, steps: int, host: dict | None = None, batch:
     return steps * batch / (time.perf_counter() - t)
 
 
-def run_one(model, kind: str, context: int, steps: int, repeats: int = 2, batch: int = 1) -> dict:
-    """Decode tok/s (median of ``repeats`` runs; ``batch`` sequences, all counted), measured
-    KV bytes and peak memory for one cache kind and context."""
+def _filled_cache(model, kind: str, context: int, batch: int):
+    """A ``kind`` cache holding ``context`` random tokens, and the device bytes it took."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -171,24 +170,53 @@ def run_one(model, kind: str, context: int, steps: int, repeats: int = 2, batch:
     attention_shapes(model, cache)
     fill(cache, context, batch)
     mx.synchronize()
-    kv_bytes = mx.get_active_memory() - before
-    mx.reset_peak_memory()
-    decode_rate(model, cache, 3, batch=batch)  # warm-up (kernel compiles, graph caches)
-    host: dict = {}
-    runs = [decode_rate(model, cache, steps, host, batch) for _ in range(repeats)]
-    row = dict(cache=kind, context=context, batch=batch, tok_s=statistics.median(runs), tok_s_runs=runs,
-               kv_bytes=int(kv_bytes), peak_bytes=int(mx.get_peak_memory()),
-               host_ms={k: round(v * 1e3, 3) for k, v in host.items()})  # fmt: skip
-    del cache
+    return cache, mx.get_active_memory() - before
+
+
+def run_context(model, kinds: list[str], context: int, steps: int, repeats: int = 2,
+                batch: int = 1) -> list[dict]:  # fmt: skip
+    """One row per cache kind: decode tok/s (median of ``repeats`` runs; ``batch``
+    sequences, all counted), measured KV bytes and peak memory. All caches are filled
+    first and their timed runs alternate (fp16, ours, fp16, ours, ...): the device's host
+    is shared and its speed drifts by tens of percent within a minute (session 7), so
+    ``vs_first`` is the median of each round's ratio to the first kind, not a ratio of
+    medians taken minutes apart."""
+    import mlx.core as mx
+
+    caches = {kind: _filled_cache(model, kind, context, batch) for kind in kinds}
+    total_kv = sum(b for _, b in caches.values())
+    for cache, _ in caches.values():
+        decode_rate(model, cache, 3, batch=batch)  # warm-up (kernel compiles, graph caches)
+    runs = {kind: [] for kind in kinds}
+    host = {kind: {} for kind in kinds}
+    peak = {kind: 0 for kind in kinds}
+    for _ in range(repeats):
+        for kind, (cache, kv) in caches.items():
+            mx.synchronize()
+            mx.reset_peak_memory()
+            runs[kind].append(decode_rate(model, cache, steps, host[kind], batch))
+            # As if alone: the other caches' buffers sit in memory, unchanged, meanwhile.
+            peak[kind] = max(peak[kind], mx.get_peak_memory() - (total_kv - kv))
+    rows = []
+    for kind, (_, kv) in caches.items():
+        ratios = [a / b for a, b in zip(runs[kind], runs[kinds[0]], strict=True)]
+        rows.append(dict(cache=kind, context=context, batch=batch,
+                         tok_s=statistics.median(runs[kind]), tok_s_runs=runs[kind],
+                         vs_first=statistics.median(ratios), kv_bytes=int(kv),
+                         peak_bytes=int(peak[kind]),
+                         host_ms={k: round(v * 1e3, 3) for k, v in host[kind].items()}))  # fmt: skip
+    del caches
     mx.clear_cache()
-    return row
+    return rows
 
 
 def render(path: str, machine: str | None, command: str | None, note: str = "") -> None:
     """Write the e2e_decode_gpu section of docs/benchmarks.md from a results JSON."""
     from bench.report import context_label, markdown_table, write_section
 
-    res = json.loads(Path(path).read_text())
+    # Several result files (e.g. batch 1 and batch 8 runs) go into one table.
+    files = [json.loads(Path(p).read_text()) for p in path.split(",")]
+    res = dict(files[0], rows=[r for f in files for r in f["rows"]])
     key = lambda r: (r["model"], r.get("batch", 1), r["cache"], r["context"])  # noqa: E731
     rows, by = [], {key(r): r for r in res["rows"]}
     for (model, batch, kind, ctx), r in sorted(by.items()):
@@ -197,10 +225,10 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
         host = r.get("host_ms")
         host = f"{host['build']:.2f} / {host['dispatch']:.2f} / {host['wait']:.2f}" if host else "-"
         rows.append([model, batch, context_label(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
-                     f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-",
+                     f"{r.get('vs_first', r['tok_s'] / base['tok_s']):.2f}x" if base else "-",
                      f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}", host])  # fmt: skip
     head = ["model", "batch", "context", "cache", "decode tok/s (all sequences)", "runs",
-            "vs fp16", "KV MiB (measured)", "peak GiB", "host ms a step: build / dispatch / wait"]  # fmt: skip
+            "vs fp16 (paired runs)", "KV MiB (measured)", "peak GiB", "host ms a step: build / dispatch / wait"]  # fmt: skip
     body = f"MLX {res['mlx']}, {res['gpu']}.\n\n" + (note + "\n\n" if note else "")
     body += markdown_table(head, rows)
     write_section("e2e_decode_gpu", "End-to-end decode on the GPU", body, machine=machine or res["gpu"],
@@ -213,7 +241,7 @@ def main() -> None:
     ap.add_argument("--models", default="llama-3.1-8b,qwen3.5-35b-a3b")
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per row (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     ap.add_argument("--caches", default=",".join(CACHE_KINDS))
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--split-factor", type=int, help="blocks per SM of the CUDA decode kernel")
@@ -236,7 +264,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"mlx": mx.__version__, "gpu": str(mx.default_device()), "rows": [],
-           "split_factor": args.split_factor}  # fmt: skip
+           "split_factor": args.split_factor,
+           "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}}  # fmt: skip
     try:
         import subprocess
 
@@ -247,13 +276,11 @@ def main() -> None:
     for name in args.models.split(","):
         model = build(name, args.tiny)
         for ctx in (int(c) for c in args.contexts.split(",")):
-            for kind in args.caches.split(","):
-                row = dict(
-                    model=name, **run_one(model, kind, ctx, args.steps, args.repeats, args.batch)
-                )
-                res["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                (out / "e2e_decode_gpu.json").write_text(json.dumps(res, indent=1))
+            kinds = sorted(args.caches.split(","), key=lambda k: k != "fp16")  # fp16 first
+            for row in run_context(model, kinds, ctx, args.steps, args.repeats, args.batch):
+                res["rows"].append(dict(model=name, **row))
+                print(json.dumps(res["rows"][-1]), flush=True)
+            (out / "e2e_decode_gpu.json").write_text(json.dumps(res, indent=1))
         del model
         mx.clear_cache()
 

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
-
 from bench import e2e_decode_gpu as e2e
 
 
-@pytest.mark.parametrize("kind", ["fp16", "tq-default"])
-def test_a_batch_decodes_and_its_host_time_is_split(kind):
+def test_a_batch_decodes_and_its_host_time_is_split():
     model = e2e.build("llama-3.1-8b", tiny=True)
-    one = e2e.run_one(model, kind, context=300, steps=2, repeats=1, batch=1)
-    two = e2e.run_one(model, kind, context=300, steps=2, repeats=1, batch=2)
-    assert two["batch"] == 2 and two["tok_s"] > 0
-    # every sequence of the batch holds its own keys and values
-    assert 1.8 < two["kv_bytes"] / one["kv_bytes"] < 2.2
-    assert set(two["host_ms"]) == {"build", "dispatch", "wait"}
-    assert all(v >= 0 for v in two["host_ms"].values())
+    kinds = ["fp16", "tq-default"]
+    one = e2e.run_context(model, kinds, context=300, steps=2, repeats=2, batch=1)
+    two = e2e.run_context(model, kinds, context=300, steps=2, repeats=2, batch=2)
+    assert [r["cache"] for r in two] == kinds
+    for a, b in zip(one, two, strict=True):
+        assert b["batch"] == 2 and b["tok_s"] > 0 and len(b["tok_s_runs"]) == 2
+        # every sequence of the batch holds its own keys and values
+        assert 1.8 < b["kv_bytes"] / a["kv_bytes"] < 2.2
+        assert set(b["host_ms"]) == {"build", "dispatch", "wait"}
+        assert all(v >= 0 for v in b["host_ms"].values())
+    assert two[0]["vs_first"] == 1.0  # fp16 against itself, run by run
+    paired = [a / b for a, b in zip(two[1]["tok_s_runs"], two[0]["tok_s_runs"], strict=True)]
+    assert min(paired) <= two[1]["vs_first"] <= max(paired)
+    # the tq cache's KV is smaller than fp16's, and its peak does not count fp16's buffers
+    assert two[1]["kv_bytes"] < two[0]["kv_bytes"]
+    assert two[1]["peak_bytes"] < two[0]["peak_bytes"]

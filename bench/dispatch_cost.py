@@ -1,0 +1,132 @@
+"""Host cost of putting one kernel on the GPU with MLX's CUDA backend, per kind of kernel.
+
+Runs on the GPU machine:
+
+    python bench/dispatch_cost.py [--nodes 64]
+
+For a chain of ``nodes`` calls (each call's output the next one's input, as a model's layers
+run) it prints, per call: the graph-build time in Python, the host time inside
+``mx.async_eval`` (MLX encodes every node of a CUDA graph there) and the wall time until the
+GPU is done. Kinds: a built-in op, a trivial custom kernel with a small and with a 24 KB
+header (MLX rebuilds and hashes a custom kernel's whole source on every call), fp16 SDPA at
+4K, and our decode layer at 4K (three custom kernels). Run it under ``MLX_USE_CUDA_GRAPHS=0``
+or ``MLX_MAX_OPS_PER_BUFFER=N`` to see what the CUDA graphs cost or hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TRIVIAL = """
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n_elem) { out[i] = x[i] + static_cast<T>(1); }
+"""
+
+
+def chain_cost(step, x0, nodes: int, repeat: int = 7) -> dict:
+    """Median per-call microseconds of build, async_eval and wall time for ``nodes`` calls."""
+    import mlx.core as mx
+
+    def build():
+        x = x0
+        for _ in range(nodes):
+            x = step(x)
+        return x
+
+    mx.eval(build())
+    mx.synchronize()
+    b, d, w = [], [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        y = build()
+        t1 = time.perf_counter()
+        mx.async_eval(y)
+        t2 = time.perf_counter()
+        mx.eval(y)
+        mx.synchronize()
+        t3 = time.perf_counter()
+        b.append(t1 - t0)
+        d.append(t2 - t1)
+        w.append(t3 - t1)
+    per = 1e6 / nodes
+    return {
+        "build_us": statistics.median(b) * per,
+        "dispatch_us": statistics.median(d) * per,
+        "wall_us": statistics.median(w) * per,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=64)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    import mlx.core as mx
+
+    from bench.attention_gpu import cache_sides, kv_cache_slices
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.attention import turboquant_attention
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
+    small = mx.random.normal((4096,)).astype(mx.float16)
+    mx.eval(small)
+
+    def custom(header: str):
+        k = mx.fast.cuda_kernel(
+            name="tq_trivial" + str(len(header)),
+            input_names=["x"],
+            output_names=["out"],
+            source="    const unsigned int n_elem = x_shape[0];\n" + TRIVIAL,
+            header=header,
+        )
+        return lambda x: k(
+            inputs=[x],
+            template=[("T", x.dtype)],
+            grid=(x.size, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[x.shape],
+            output_dtypes=[x.dtype],
+        )[0]
+
+    pad = "// padding: a header the size of the split kernel's\n" * 460
+    n, d, hq, hkv = args.context, 128, 32, 8
+    k, v = kv_cache_slices(hkv, n, d)
+    q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
+    ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
+    mx.eval(k, v, q, ks, vs)
+    scale = 1.0 / math.sqrt(d)
+    kinds = {
+        "built-in add": (lambda x: x + 1, small),
+        "custom kernel, small header": (custom(""), small),
+        f"custom kernel, {len(pad) // 1024} KB header": (custom(pad), small),
+        f"fp16 SDPA {n}": (
+            lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=scale), q),
+        f"ours default layout {n}": (lambda x: turboquant_attention(x, ks, vs, scale), q),
+    }  # fmt: skip
+    rows = []
+    for name, (step, x0) in kinds.items():
+        r = chain_cost(step, x0, args.nodes)
+        r.update(kind=name, env=env)
+        rows.append(r)
+        print(f"{name:34s} build {r['build_us']:7.1f} us  async_eval {r['dispatch_us']:7.1f} us"
+              f"  wall {r['wall_us']:7.1f} us   {env}", flush=True)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "_".join(f"{k}-{v}" for k, v in sorted(env.items())) or "default"
+    (out / f"dispatch_cost_{tag}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
