@@ -185,7 +185,7 @@ def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
 
 def test_split_launches_are_planned_from_their_settings():
     layouts = ((2, 4, 128), (0, 4, 128))
-    args = (*layouts, 1, 32, 8, 128, 131072, mx.float16, True, None)
+    args = (*layouts, 1, 32, 8, 128, 131072, mx.float16, True, None, mma_decode.NO_FP)
     template, grid, _, shapes, smem = mma_decode._split_plan(*args, None, 2, 4, True, True)
     t = dict(template)
     assert (t["STEPS"], t["FOLD"], t["QROT"], t["WARPS"], t["PIPE"]) == (8, True, True, 4, True)
@@ -199,6 +199,19 @@ def test_split_launches_are_planned_from_their_settings():
     assert grid4[0] > grid[0]  # more splits for 3 blocks an SM than for 2
     off = mma_decode._split_plan(*args, None, 2, 4, True, False)
     assert not dict(off[0])["PIPE"] and off[4] == 0
+    # the full-precision sink and tail: one block each 16 positions after the splits; they
+    # stage in the dynamic shared memory (the PIPE rings when there are some, else their own)
+    fp_args = (*args[:-1], (1, 4, mx.bfloat16))
+    t_fp, grid_fp, _, shapes_fp, smem_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, True)
+    t_fp = dict(t_fp)
+    assert (t_fp["HAS_HEAD"], t_fp["HAS_TAIL"], t_fp["FT"]) == (True, True, mx.bfloat16)
+    assert grid_fp[0] == grid[0] + 5 * 128 and shapes_fp[:2] == shapes[:2]
+    assert shapes_fp[2:] == [(1, 32, 5, 128), (1, 32, 5, 2)] and smem_fp == smem
+    off_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, False)
+    assert mma_decode.fp_chunk_smem(128) == 4 * (24 * 129 + 16 * 128 + 8 * 16)
+    # over MLX's 48000-byte threshold: the kernel's limit is raised (static + dynamic > 48 KB)
+    assert off_fp[4] == max(mma_decode.fp_chunk_smem(128), 48 * 1024) > 48000
+    assert not dict(template)["HAS_HEAD"] and not dict(template)["HAS_TAIL"]
 
 
 def test_only_the_default_layout_is_pipelined():
@@ -292,12 +305,16 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     names = [k.name for k, *_ in recorded_kernels]
     segments = [x for x in (keys.head, keys.tail) if x is not None and x.shape[2]]
     full_precision = bool(segments)
-    layer = ["tq_mma_decode_split"] + ["tq_mma_decode_fp"] * bool(full_precision)
+    layer = ["tq_mma_decode_split"]
     assert names == layer + ["tq_mma_decode_join", "tq_mma_decode_split", "tq_mma_decode_combine"]
-    if full_precision:  # one block per 16 positions of the sink, then of the tail
-        fp = recorded_kernels[1]
-        chunks = sum(-(-x.shape[2] // 16) for x in segments)
-        assert fp[3] == (chunks * dim, q.shape[1], 1) and fp[5][0] == (1, 8, chunks, dim)
+    split, body_split = recorded_kernels[0], recorded_kernels[2]
+    chunks = sum(-(-x.shape[2] // 16) for x in segments)  # the sink's, then the tail's
+    # the layer's split grid: the body's splits, then one block per chunk; the body-only
+    # launch (mma_body_attention): the same splits and nothing after them
+    assert split[3][0] == body_split[3][0] + chunks * split[4][0]
+    assert split[5][0] == body_split[5][0]
+    if full_precision:
+        assert split[5][2] == (1, 8, chunks, dim) and split[5][3] == (1, 8, chunks, 2)
     for kernel, inputs, template, grid, threadgroup, _ in recorded_kernels:
         assert len(inputs) == len(kernel.input_names)
         # Upper-case names the source uses but neither declares nor gets from the header's
@@ -314,13 +331,18 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
         assert not missing, (kernel.name, missing)
         assert all(g % t == 0 for g, t in zip(grid, threadgroup, strict=True))
         assert threadgroup[0] * threadgroup[1] * threadgroup[2] <= 1024
-    split = recorded_kernels[0]
     t = split[2]
     assert t["QROT"] and t["QT"] == mx.float16 and t["D"] == dim  # the kernel rotates q
-    # the default layout stages its tiles in dynamic shared memory, the others need none
+    assert (t["HAS_HEAD"], t["HAS_TAIL"]) == tuple(
+        x is not None and x.shape[2] > 0 for x in (keys.head, keys.tail)
+    )
+    # the default layout stages its tiles in dynamic shared memory, the others only the
+    # full-precision chunks (in the PIPE rings when there are some)
     assert t["PIPE"] == (config.get("key_quantizer") == "channel")
-    assert split[0].shared_memory == (mma_decode.pipeline_smem(dim, t["WARPS"]) if t["PIPE"] else 0)
-    assert split[5][0][2] * 32 * t["WARPS"] == split[3][0]  # one block row per split
+    pipe = mma_decode.pipeline_smem(dim, t["WARPS"]) if t["PIPE"] else 0
+    fp_smem = max(mma_decode.fp_chunk_smem(dim), 48 * 1024) if full_precision else 0
+    assert split[0].shared_memory == max(pipe, fp_smem) and body_split[0].shared_memory == pipe
+    assert split[5][0][2] * 32 * t["WARPS"] == body_split[3][0]  # one block row per split
     # the split source instantiates the device template with exactly these parameters
     params = re.search(r"mma_decode_split<([^>]*)>", split[0].source).group(1)
     assert [p.strip() for p in params.split(",")] == [n for n in t if n in params]
@@ -328,20 +350,20 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     # the wrong memory on the GPU)
     expected = {
         "tq_mma_decode_split": dict(q=q, kw=keys.parts[0], ks=keys.parts[1], vw=values.parts[0],
-                                    vs=values.parts[1], signs=keys.rotation.signs),
-        "tq_mma_decode_fp": dict(q=q, kh=keys.head, vh=values.head, kt=keys.tail, vt=values.tail),
+                                    vs=values.parts[1], signs=keys.rotation.signs, kh=keys.head,
+                                    vh=values.head, kt=keys.tail, vt=values.tail),
     }  # fmt: skip
     for kernel, inputs, *_ in recorded_kernels[: len(layer)]:
         by_name = dict(zip(kernel.input_names, inputs, strict=True))
         for name, array in expected.get(kernel.name, {}).items():
             if array is not None and array.shape[-2:] != (0, dim):  # empty segment: a dummy
                 assert by_name[name] is array, (kernel.name, name)
-    # the join merges what the split and fp kernels wrote, and returns the layer's output
+    # the join merges what the split kernel's blocks wrote, and returns the layer's output
     join, outputs = recorded_kernels[len(layer)], _RecordedKernel.outputs
     by_name = dict(zip(join[0].input_names, join[1], strict=True))
     assert by_name["o_part"] is outputs[0][0] and by_name["ml_part"] is outputs[0][1]
     if full_precision:
-        assert by_name["fp_o"] is outputs[1][0] and by_name["fp_ml"] is outputs[1][1]
+        assert by_name["fp_o"] is outputs[0][2] and by_name["fp_ml"] is outputs[0][3]
     assert join[2]["HAS_FP"] == full_precision and by_name["signs"] is keys.rotation.signs
     assert out is outputs[len(layer)][0]
 

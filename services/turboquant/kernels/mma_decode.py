@@ -3,9 +3,9 @@ versions and their measurements: bench/gpu_notes.md).
 
 :func:`mma_decode_layer` is a whole decode layer over a :class:`PackedSide` pair --
 per-vector affine or codebook keys, or the default per-channel keys: the split kernel over
-the quantized body, the fp kernel over the full-precision sink and tail (independent of the
-split kernel), then one join launch (splits, rotation back, the fp partials, learned
-sinks). :func:`mma_body_attention` returns the body's normalised output and base-2
+the quantized body (the last blocks of its grid take the full-precision sink and tail, in
+chunks of 16 positions), then one join launch (splits, rotation back, the fp partials,
+learned sinks). :func:`mma_body_attention` returns the body's normalised output and base-2
 log-sum-exp instead, for ``attention.join_body``. Import-safe everywhere; kernels build on
 first CUDA call.
 """
@@ -24,7 +24,6 @@ from .mma_source import (
     MMA_COMBINE_SOURCE,
     MMA_COMMON,
     MMA_FP_CHUNK,
-    MMA_FP_SOURCE,
     MMA_HEADER,
     MMA_JOIN_SOURCE,
     MMA_SPLIT_SOURCE,
@@ -78,8 +77,9 @@ def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strid
 
 @cache
 def _split_kernel(smem: int = 0):
-    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs"]
-    outputs = ["o_part", "ml_part"]
+    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
+              "kh", "vh", "kt", "vt"]  # fmt: skip
+    outputs = ["o_part", "ml_part", "fp_o", "fp_ml"]
     return _kernel(
         "tq_mma_decode_split", inputs, outputs, MMA_SPLIT_SOURCE, True, _SPLIT_HEADER, smem
     )
@@ -97,16 +97,10 @@ def _join_kernel():
     return _kernel("tq_mma_decode_join", inputs, ["out"], MMA_JOIN_SOURCE, False)
 
 
-@cache
-def _fp_kernel():
-    inputs = ["q", "kh", "vh", "kt", "vt", "params"]
-    return _kernel("tq_mma_decode_fp", inputs, ["fp_o", "fp_ml"], MMA_FP_SOURCE, True)
-
-
 def clear_kernel_caches() -> None:
     """Forget every built kernel and launch plan (tests and benches that swap
     ``mx.fast.cuda_kernel`` for a stand-in)."""
-    for f in (_split_kernel, _fp_kernel, _join_kernel, _combine_kernel, _layer_plan,
+    for f in (_split_kernel, _join_kernel, _combine_kernel, _layer_plan,
               _split_launch):  # fmt: skip
         f.cache_clear()
 
@@ -147,6 +141,15 @@ def pipelined(k_layout, v_layout, dim: int, steps: int) -> bool:
         and v_layout == (VALUE_LAYOUTS["affine"], 4, dim)
         and dim in (64, 128)
     )
+
+
+FP_SMEM_MIN = 48 * 1024  # > 48000: MLX then raises the kernel's shared-memory limit
+
+
+def fp_chunk_smem(dim: int) -> int:
+    """Dynamic shared memory of a ``tqm::fp_chunk`` block: a chunk's keys and values as
+    floats, the tile's 8 queries, their weights."""
+    return 4 * (16 * (dim + 1) + 16 * dim + 8 * (dim + 1) + 8 * 16)
 
 
 def pipeline_smem(dim: int, warps: int) -> int:
@@ -242,10 +245,9 @@ def mma_decode_layer(
     splits: int | None = None,
     poison: bool = False,
 ) -> mx.array | None:
-    """The whole decode attention of a layer in two or three launches: the split kernel
-    over the body, the fp kernel over the full-precision sink and tail (if any; it does not
-    wait for the split kernel), then one join (splits, rotation back, key centre, the fp
-    partials, learned sinks).
+    """The whole decode attention of a layer in two launches: the split kernel over the
+    body, whose last blocks take the full-precision sink and tail (if any), then one join
+    (splits, rotation back, key centre, the fp partials, learned sinks).
 
     ``queries``: ``(B, Hq, 1, D)`` model space, rotated inside the split kernel (no MLX
     op per step for it). Returns ``(B, Hq, 1, D)`` in the queries' dtype, or None when the
@@ -272,23 +274,18 @@ def mma_decode_layer(
     )  # fmt: skip
     if plan is None:
         return None
-    split, fp, join, const, none32 = plan
+    split, join, const, none32 = plan
     init = float("nan") if poison else None
-    o_part, ml_part = split.launch(_split_inputs(split, queries, keys, values, const, rot), init)
-    fp_o = fp_ml = none32
-    if fp is not None:
-        dummy = fp.dummy
-        fp_o, fp_ml = fp.launch(
-            [
-                queries,
-                head if n_head else dummy,
-                values.head if n_head else dummy,
-                tail if n_tail else dummy,
-                values.tail if n_tail else dummy,
-                const,
-            ],
-            init,
-        )
+    fp_inputs = [
+        head if n_head else split.dummy_fp,
+        values.head if n_head else split.dummy_fp,
+        tail if n_tail else split.dummy_fp,
+        values.tail if n_tail else split.dummy_fp,
+    ]
+    o_part, ml_part, fp_o, fp_ml = split.launch(
+        _split_inputs(split, queries, keys, values, const, rot) + fp_inputs, init
+    )
+    has_fp = bool(n_head or n_tail)
     cshift = none32
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
         b, hq = queries.shape[:2]
@@ -297,8 +294,8 @@ def mma_decode_layer(
         [
             o_part,
             ml_part,
-            fp_o,
-            fp_ml,
+            fp_o if has_fp else none32,
+            fp_ml if has_fp else none32,
             rot.signs if rot is not None else none32,
             cshift,
             sinks.astype(mx.float32) if sinks is not None else none32,
@@ -333,7 +330,7 @@ class _Launch:
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables):  # fmt: skip
-    """The three launches of a decode layer, or None where the kernels cannot read it
+    """The two launches of a decode layer, or None where the kernels cannot read it
     (:func:`_layouts`, as for :func:`supports`). Cached: the same for every step of a body
     block and a chunk of the tail."""
     b, hq, length, d = q_shape
@@ -341,27 +338,22 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                        k_sdtype, v_sdtype, tunables[0])  # fmt: skip
     if layouts is None:
         return None
-    split = _split_launch(*layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, *tunables)
-    f32 = [mx.float32, mx.float32]
-    fp = None
-    if head_chunks or tail_chunks:
-        chunks = head_chunks + tail_chunks
-        fp_template = [("D", d), ("G", hq // hkv), ("FT", fp_dtype), ("QT", q_dtype),
-                       ("HAS_HEAD", head_chunks > 0), ("HAS_TAIL", tail_chunks > 0)]  # fmt: skip
-        fp = _Launch(
-            _fp_kernel(), fp_template, (chunks * d, b * hq, 1), (d, 1, 1),
-            [(b, hq, chunks, d), (b, hq, chunks, 2)], f32, dummy=dummy_input(fp_dtype),
-        )  # fmt: skip
-    join_template = [("D", d), ("OT", q_dtype), ("HAS_FP", fp is not None), ("HAS_ROT", has_rot),
-                     ("HAS_CENTER", has_center), ("HAS_SINKS", has_sinks)]  # fmt: skip
+    fp = (head_chunks, tail_chunks, fp_dtype)
+    split = _split_launch(*layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables)
+    join_template = [("D", d), ("OT", q_dtype), ("HAS_FP", head_chunks + tail_chunks > 0),
+                     ("HAS_ROT", has_rot), ("HAS_CENTER", has_center),
+                     ("HAS_SINKS", has_sinks)]  # fmt: skip
     join = _Launch(
         _join_kernel(), join_template, (b * hq * d, 1, 1), (d, 1, 1), [(b, hq, 1, d)], [q_dtype]
     )
-    return split, fp, join, const_input(scale * LOG2E), dummy_input(mx.float32)
+    return split, join, const_input(scale * LOG2E), dummy_input(mx.float32)
+
+
+NO_FP = (0, 0, None)  # (sink chunks, tail chunks, their dtype): none
 
 
 def _split(q, rot, keys, values, scale, splits, poison):
-    """The split kernel: unnormalised partials ``(o_part (B,Hq,S,D), ml_part (B,Hq,S,2))``.
+    """The split kernel over the body alone: unnormalised partials ``(o_part (B,Hq,S,D), ml_part (B,Hq,S,2))``.
 
     ``q`` is rotated by the kernel when ``rot`` is given (a Hadamard rotation), else read
     as it is (already rotated, or a cache without rotation).
@@ -369,15 +361,17 @@ def _split(q, rot, keys, values, scale, splits, poison):
     b, hq, _, d = q.shape
     launch = _split_launch(
         side_layout(keys), side_layout(values, values=True), b, hq, keys.parts[0].shape[1], d,
-        keys.n_body, q.dtype, rot is not None, splits, STEPS, SPLIT_FACTOR, WARPS, FOLD,
+        keys.n_body, q.dtype, rot is not None, splits, NO_FP, STEPS, SPLIT_FACTOR, WARPS, FOLD,
         PIPELINE,
     )  # fmt: skip
     inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
-    return launch.launch(inputs, float("nan") if poison else None)
+    inputs += [launch.dummy_fp] * 4  # no full-precision segments here
+    return launch.launch(inputs, float("nan") if poison else None)[:2]
 
 
 def _split_inputs(launch, q, keys, values, const, rot) -> list:
-    """The split kernel's inputs, in the order of its names (dummies where unread)."""
+    """The split kernel's inputs up to the full-precision segments, in the order of its
+    names (dummies where unread)."""
     kp, vp = keys.parts, values.parts
     return [
         q,
@@ -395,16 +389,17 @@ def _split_inputs(launch, q, keys, values, const, rot) -> list:
 
 
 @lru_cache(maxsize=1024)
-def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits,
+def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
                   *tunables):  # fmt: skip
     """The planned split launch (:func:`_split_plan`) with what its inputs need."""
     template, grid, threadgroup, out_shapes, smem = _split_plan(
-        k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, *tunables
+        k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp, *tunables
     )
     none32 = dummy_input(mx.float32)
     return _Launch(
-        _split_kernel(smem), template, grid, threadgroup, out_shapes, [mx.float32, mx.float32],
+        _split_kernel(smem), template, grid, threadgroup, out_shapes, [mx.float32] * 4,
         k_bias=k_layout[0] != 1, v_bias=v_layout[0] != 1, dummy16=dummy_input(mx.float16),
+        dummy_fp=dummy_input(fp[2] or mx.float16),
         none32=none32,
         lut_k=_lut(k_layout[1], d) if k_layout[0] == 1 else none32,
         lut_v=_lut(v_layout[1], d) if v_layout[0] == 1 else none32,
@@ -412,10 +407,12 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
 
 
 @lru_cache(maxsize=1024)
-def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, *tunables):
+def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
+                *tunables):  # fmt: skip
     """Template, grid, output shapes and dynamic shared memory of one split launch (cached:
-    the same every decode step of a block; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD,
-    PIPELINE -- are in the key)."""
+    the same every decode step of a block; ``fp``: the full-precision sink's and tail's
+    chunks of 16 positions and their dtype, one block each after the splits; ``tunables``
+    -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE -- are in the key)."""
     steps_setting, factor, warps, fold, pipeline = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
@@ -436,10 +433,22 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("PIPE", pipe),
         ("QT", q_dtype),
         ("ST", mx.float16),
+        ("FT", fp[2] or mx.float16),
+        ("HAS_HEAD", fp[0] > 0),
+        ("HAS_TAIL", fp[1] > 0),
     ]
-    grid = (s * 32 * warps, hkv * n_ht, b)
+    chunks = fp[0] + fp[1]
+    grid = ((s + chunks) * 32 * warps, hkv * n_ht, b)
+    # fp_chunk blocks stage in the dynamic shared memory (the PIPE rings are larger). MLX
+    # lifts a kernel's 48 KB limit on static + dynamic shared memory only for requests over
+    # 48000 bytes: at head dim 256 the pool (32 KB) and the chunk (41 KB) need it, so a
+    # launch with chunks asks for at least 48 KB (2 blocks an SM still fit; registers allow
+    # no more for these layouts).
     smem = pipeline_smem(d, warps) if pipe else 0
-    return template, grid, (32 * warps, 1, 1), [(b, hq, s, d), (b, hq, s, 2)], smem
+    if chunks:
+        smem = max(smem, fp_chunk_smem(d), FP_SMEM_MIN)
+    fp_shapes = [(b, hq, max(1, chunks), d), (b, hq, max(1, chunks), 2)]  # unused when none
+    return template, grid, (32 * warps, 1, 1), [(b, hq, s, d), (b, hq, s, 2)] + fp_shapes, smem
 
 
 @lru_cache(maxsize=16)

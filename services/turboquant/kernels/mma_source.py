@@ -252,7 +252,7 @@ __device__ void mma_decode_split(
     const uint32_t* vw, const int* vw_sh, const int64_t* vw_st,
     const ST* vs, const int64_t* vs_st, const ST* vbias, const int64_t* vb_st,
     const float* lut_k, const float* lut_v, const float* params,
-    int n_kv, int G, float* o_part, float* ml_part) {
+    int n_kv, int G, int n_fp, float* o_part, float* ml_part) {
   constexpr bool KCB = KQ == 1, KCH = KQ == 2, VCB = VQ == 1;
   constexpr int NKB = D / 16;  // k-blocks of the score product
   constexpr int NMT = D / 16;  // m-tiles of the value product
@@ -310,7 +310,7 @@ __device__ void mma_decode_split(
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int split = blockIdx.x, S = gridDim.x;
+  const int split = blockIdx.x, S = gridDim.x - n_fp;  // the last n_fp blocks: fp_chunk
   const int n_ht = (G + 7) / 8;
   const int hkv = blockIdx.y / n_ht, ht = blockIdx.y % n_ht;
   const int b = blockIdx.z;
@@ -826,11 +826,98 @@ __device__ void mma_decode_split(
   }
 }
 
+
+// One block of the split kernel's grid past its splits: chunk `chunk` (16 positions) of the
+// full-precision sink (kh/vh, chunks first) and tail (kt/vt) for the block's <= 8 query
+// heads. The chunk's keys and values are read once for all heads (GQA), staged in dynamic
+// shared memory; thread (head, position) scores, 16-lane shuffles take the max and sum, and
+// the unnormalised partial (o, m, l) goes to fp_o / fp_ml in model space, as the separate
+// fp kernel of session 6 wrote it (one launch a layer fewer: bench/gpu_notes.md, session 7).
+template <int D, bool HAS_HEAD, bool HAS_TAIL, typename QT, typename FT>
+__device__ void fp_chunk(
+    const QT* q, const int64_t* q_st,
+    const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
+    const FT* kt, const int* kt_sh, const int64_t* kt_st, const FT* vt, const int64_t* vt_st,
+    const float* params, int G, int chunk, int n_chunks, float* fp_o, float* fp_ml) {
+  constexpr int C = 16, KP = D + 1;  // keys and queries padded a float a row: no bank conflicts
+  // Dynamic shared memory (mma_decode.fp_chunk_smem): keys, values, queries, weights.
+  extern __shared__ __align__(16) float fp_s[];
+  float* k_s = fp_s;           // [C][KP]
+  float* v_s = k_s + C * KP;   // [C][D]
+  float* q_s = v_s + C * D;    // [8][KP]
+  float* p_s = q_s + 8 * KP;   // [8][C]
+  const int tid = threadIdx.x, NT = blockDim.x;
+  const int n_ht = (G + 7) / 8;
+  const int hkv = blockIdx.y / n_ht, ht = blockIdx.y % n_ht, b = blockIdx.z;
+  const int nh = min(8, G - ht * 8);  // query heads of this tile
+  const int FH = HAS_HEAD ? kh_sh[2] : 0;
+  const int FTL = HAS_TAIL ? kt_sh[2] : 0;
+  const int HC = (FH + C - 1) / C;
+  const bool head = chunk < HC;
+  const int f0 = (head ? chunk : chunk - HC) * C;
+  const int n = min(C, (head ? FH : FTL) - f0);  // valid positions of this chunk
+  const FT* kb = head ? kh + b * kh_st[0] + hkv * kh_st[1] : kt + b * kt_st[0] + hkv * kt_st[1];
+  const FT* vb = head ? vh + b * vh_st[0] + hkv * vh_st[1] : vt + b * vt_st[0] + hkv * vt_st[1];
+  const int64_t k2 = head ? kh_st[2] : kt_st[2], k3 = head ? kh_st[3] : kt_st[3];
+  const int64_t v2 = head ? vh_st[2] : vt_st[2], v3 = head ? vh_st[3] : vt_st[3];
+  const int hq0 = hkv * G + ht * 8;
+  for (int i = tid; i < C * D; i += NT) {
+    const int j = i / D, d = i % D;
+    k_s[j * KP + d] = j < n ? tofloat(kb[(f0 + j) * k2 + d * k3]) : 0.f;
+    v_s[j * D + d] = j < n ? tofloat(vb[(f0 + j) * v2 + d * v3]) : 0.f;
+  }
+  for (int i = tid; i < 8 * D; i += NT) {
+    const int h = i / D, d = i % D;
+    q_s[h * KP + d] = h < nh ? tofloat(q[b * q_st[0] + (int64_t)(hq0 + h) * q_st[1] + d * q_st[3]]) : 0.f;
+  }
+  __syncthreads();
+  const int64_t row0 = (int64_t)b * (gridDim.y / n_ht) * G + hq0;  // b * Hq + first head
+  for (int p = tid; p < 8 * C; p += NT) {  // whole warps: the shuffles stay in 16 lanes
+    const int h = p / C, j = p % C;
+    float s = 0.f;
+#pragma unroll 8
+    for (int d = 0; d < D; ++d) s = fmaf(q_s[h * KP + d], k_s[j * KP + d], s);
+    s = j < n ? s * params[0] : TQM_NEG_INF;  // params[0]: softmax scale * log2(e)
+    float m = s;
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    const float e = exp2f(s - m);  // m is finite: position 0 of a chunk is valid
+    float l = e;
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+    p_s[h * C + j] = e;
+    if (j == 0 && h < nh) {
+      const int64_t part = (row0 + h) * n_chunks + chunk;
+      fp_ml[part * 2] = m;
+      fp_ml[part * 2 + 1] = l;
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < 8 * D; i += NT) {
+    const int h = i / D, d = i % D;
+    if (h >= nh) continue;
+    float o = 0.f;
+#pragma unroll
+    for (int j = 0; j < C; ++j) o = fmaf(p_s[h * C + j], v_s[j * D + d], o);
+    fp_o[((row0 + h) * n_chunks + chunk) * D + d] = o;
+  }
+}
+
 }  // namespace tqm
 """
 )
 
+# The last n_fp blocks of a row take the full-precision sink and tail (fp_chunk), the rest
+# split the body.
 MMA_SPLIT_SOURCE = r"""
+  const int n_fp = (HAS_HEAD ? (kh_shape[2] + 15) / 16 : 0) + (HAS_TAIL ? (kt_shape[2] + 15) / 16 : 0);
+  if ((HAS_HEAD || HAS_TAIL) && (int)blockIdx.x >= (int)gridDim.x - n_fp) {
+    tqm::fp_chunk<D, HAS_HEAD, HAS_TAIL>(
+        q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
+        kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), params,
+        q_shape[1] / kw_shape[1], blockIdx.x - (gridDim.x - n_fp), n_fp, fp_o, fp_ml);
+    return;
+  }
   tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, QT, ST>(
       q, q_strides.data(), signs,
       kw, kw_shape.data(), kw_strides.data(),
@@ -838,7 +925,7 @@ MMA_SPLIT_SOURCE = r"""
       vw, vw_shape.data(), vw_strides.data(),
       vs, vs_strides.data(), vb, vb_strides.data(),
       lut_k, lut_v, params,
-      kw_shape[1], q_shape[1] / kw_shape[1], o_part, ml_part);
+      kw_shape[1], q_shape[1] / kw_shape[1], n_fp, o_part, ml_part);
 """
 
 # Merges the splits of one (batch, query head): unnormalised partials -> the normalised
@@ -852,78 +939,12 @@ MMA_COMBINE_SOURCE = r"""
   if (d == 0) lse[row] = L > 0.f ? M + log2f(L) : TQM_NEG_INF;
 """
 
-# The full-precision sink (``kh``/``vh``) and tail (``kt``/``vt``) in chunks of 16 positions,
-# one block per (chunk, batch * query head), one thread per coordinate: each thread loads
-# its coordinate of the query and of the chunk's 16 key and value rows at once (one round
-# trip), the block sums the 16 scores, and writes the chunk's unnormalised partial (o, m,
-# l) in model space. It does not depend on the split kernel, so the GPU can run both at
-# once; the join merges its partials (bench/gpu_notes.md, session 5: the join's own tail
-# loop took ~80 us at 127 positions).
-MMA_FP_CHUNK = 16
-MMA_FP_SOURCE = r"""
-  constexpr int C = 16;
-  const int chunk = blockIdx.x, row = blockIdx.y;  // row = b * Hq + hq
-  const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
-  const int Hq = q_shape[1];
-  const int b = row / Hq, hq = row % Hq, hkv = hq / G;
-  const int FH = HAS_HEAD ? kh_shape[2] : 0;
-  const int FTL = HAS_TAIL ? kt_shape[2] : 0;
-  const int HC = (FH + C - 1) / C;  // the sink's chunks come first
-  const bool head = chunk < HC;     // uniform in the block: no per-position select
-  const int f0 = (head ? chunk : chunk - HC) * C;
-  const int n = min(C, (head ? FH : FTL) - f0);  // valid positions of this chunk
-  const FT* kb = head ? kh + b * kh_strides[0] + hkv * kh_strides[1] : kt + b * kt_strides[0] + hkv * kt_strides[1];
-  const FT* vb = head ? vh + b * vh_strides[0] + hkv * vh_strides[1] : vt + b * vt_strides[0] + hkv * vt_strides[1];
-  const int64_t k2 = head ? kh_strides[2] : kt_strides[2], k3 = head ? kh_strides[3] : kt_strides[3];
-  const int64_t v2 = head ? vh_strides[2] : vt_strides[2], v3 = head ? vh_strides[3] : vt_strides[3];
-  __shared__ float red[D / 32][C];
-  __shared__ float zs[C];
-
-  const float qd = tqm::tofloat(q[b * q_strides[0] + hq * q_strides[1] + d * q_strides[3]]);
-  float kv[C], vv[C];
-#pragma unroll
-  for (int j = 0; j < C; ++j) {  // past n: a repeat of the last row, masked below
-    const int64_t f = f0 + min(j, n - 1);
-    kv[j] = tqm::tofloat(kb[f * k2 + d * k3]);
-    vv[j] = tqm::tofloat(vb[f * v2 + d * v3]);
-  }
-#pragma unroll
-  for (int j = 0; j < C; ++j) {
-    float s = qd * kv[j];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) red[warp][j] = s;
-  }
-  __syncthreads();
-  if (d < C) {
-    float z = 0.f;
-#pragma unroll
-    for (int w = 0; w < D / 32; ++w) z += red[w][d];
-    zs[d] = d < n ? z * params[0] : TQM_NEG_INF;  // params[0]: softmax scale * log2(e)
-  }
-  __syncthreads();
-  float m = TQM_NEG_INF;
-#pragma unroll
-  for (int j = 0; j < C; ++j) m = fmaxf(m, zs[j]);  // finite: the chunk has a position
-  float l = 0.f, o = 0.f;
-#pragma unroll
-  for (int j = 0; j < C; ++j) {
-    const float p = exp2f(zs[j] - m);
-    l += p;
-    o = fmaf(p, vv[j], o);
-  }
-  const int64_t part = (int64_t)row * gridDim.x + chunk;
-  fp_o[part * D + d] = o;
-  if (d == 0) {
-    fp_ml[part * 2] = m;
-    fp_ml[part * 2 + 1] = l;
-  }
-"""
+MMA_FP_CHUNK = 16  # positions a fp_chunk block takes
 
 # One block per (batch, query head), one thread per coordinate: merges the body's splits,
 # rotates the body back (Hadamard butterflies in shared memory, then the signs), and joins
-# it with the full-precision partials of the fp kernel (model space) and the learned sink:
-# the rest of the decode layer after the split and fp kernels, one launch.
+# it with the full-precision partials (fp_chunk blocks, model space) and the learned sink:
+# the rest of the decode layer after the split kernel, one launch.
 MMA_JOIN_SOURCE = r"""
   const int row = blockIdx.x;  // b * Hq + hq
   const int d = threadIdx.x;
