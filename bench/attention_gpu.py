@@ -607,7 +607,8 @@ def table(rows, copy_bw) -> str:
     parts = [
         "Per decode layer (one query token per head, calls chained; ours = the cache's "
         "attention as a layer calls it: the split kernel over the quantized body (it rotates "
-        "the query), the fp kernel over the full-precision sink and tail, the join):\n\n" + t1
+        "the query; its last blocks take the full-precision sink and tail), then the join):\n\n"
+        + t1
     ]
     if sweep:
         parts.append(

@@ -10,7 +10,11 @@ run) it prints, per call: the graph-build time in Python, the host time inside
 GPU is done. Kinds: a built-in op, a trivial custom kernel with a small and with a 24 KB
 header (MLX rebuilds and hashes a custom kernel's whole source on every call), fp16 SDPA at
 4K, and our decode layer at 4K (three custom kernels). Run it under ``MLX_USE_CUDA_GRAPHS=0``
-or ``MLX_MAX_OPS_PER_BUFFER=N`` to see what the CUDA graphs cost or hide.
+or ``MLX_MAX_OPS_PER_BUFFER=N`` to see what the CUDA graphs cost or hide. Back here,
+
+    python bench/dispatch_cost.py --render before=a.json,after=b.json --machine "..."
+
+writes the "dispatch_cost" section of docs/benchmarks.md (one row per run, kind and setting).
 """
 
 from __future__ import annotations
@@ -66,12 +70,42 @@ def chain_cost(step, x0, nodes: int, repeat: int = 7) -> dict:
     }
 
 
+def render(paths: str, machine: str | None, command: str | None, note: str = "") -> None:
+    """The dispatch_cost section of docs/benchmarks.md from result files (comma-separated)."""
+    from bench.report import markdown_table, write_section
+
+    rows = []
+    for entry in paths.split(","):
+        label, _, path = entry.rpartition("=")  # "label=path" names the run
+        for r in json.loads(Path(path).read_text()):
+            env = ", ".join(f"{k}={v}" for k, v in r["env"].items()) or "MLX defaults"
+            rows.append([label or "-", r["kind"], env, f"{r['build_us']:.1f}",
+                         f"{r['dispatch_us']:.1f}", f"{r['wall_us']:.1f}"])  # fmt: skip
+    head = ["run", "kind (chain of calls)", "setting", "build us", "async_eval us", "wall us"]
+    body = (
+        "Per call, median of 7 chains of 64 calls (each call's output the next one's input). "
+        "build: Python and graph construction; async_eval: MLX encoding the kernels (CUDA "
+        "graph nodes, or launches with graphs off); wall: from async_eval to the GPU done.\n\n"
+        + (note + "\n\n" if note else "")
+        + markdown_table(head, rows)
+    )
+    write_section("dispatch_cost", "Host cost of a kernel call (MLX CUDA)", body,
+                  machine=machine, command=command)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=64)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--render", help="result JSONs (comma-separated) to write into the docs")
+    ap.add_argument("--machine")
+    ap.add_argument("--command")
+    ap.add_argument("--note", default="")
     args = ap.parse_args()
+    if args.render:
+        render(args.render, args.machine, args.command, args.note)
+        return
 
     import mlx.core as mx
 

@@ -23,3 +23,22 @@ def test_a_batch_decodes_and_its_host_time_is_split():
     # the tq cache's KV is smaller than fp16's, and its peak does not count fp16's buffers
     assert two[1]["kv_bytes"] < two[0]["kv_bytes"]
     assert two[1]["peak_bytes"] < two[0]["peak_bytes"]
+
+
+def test_dispatch_cost_times_a_chain_per_call():
+    """bench/dispatch_cost.py's measurement on any device (its kinds with custom kernels
+    need CUDA): per-call build, async_eval and wall time of a chain of calls."""
+    import mlx.core as mx
+
+    from bench.dispatch_cost import chain_cost
+
+    calls = []
+
+    def step(x):
+        calls.append(1)
+        return x + 1
+
+    r = chain_cost(step, mx.zeros((16,)), nodes=8, repeat=3)
+    assert len(calls) == 8 * 4  # a warm-up chain, then 3 timed ones
+    assert set(r) == {"build_us", "dispatch_us", "wall_us"}
+    assert all(v > 0 for v in r.values()) and r["wall_us"] >= r["dispatch_us"]

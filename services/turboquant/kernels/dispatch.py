@@ -1,7 +1,7 @@
 """Hook the CUDA decode kernels into ``attention.turboquant_attention`` (docs/turboquant.md).
 
 ``install()`` registers the tensor-core kernel (``mma_decode``) when MLX runs on CUDA:
-the split kernel, the fp kernel (sink and tail) and the join for a whole decode layer, and
+the split kernel (its last blocks take the sink and tail) and the join for a whole decode layer, and
 the split kernel with an MLX join where the layer kernel declines. Elsewhere
 (Metal, CPU) nothing changes and the portable path runs. The v3 SIMT kernel
 (``fused_decode``) is no longer installed: v4 reads every layout it did but head dim 32
@@ -15,9 +15,9 @@ from .fused_decode import cuda_available
 
 
 def mma_layer_kernel(queries, keys, values, scale, sinks=None):
-    """``LayerKernel`` for ``set_layer_decode_kernel``: split kernel (which rotates the
-    query), the fp kernel and the join, two or three launches a layer; None where the body
-    kernel + MLX join must do it."""
+    """``LayerKernel`` for ``set_layer_decode_kernel``: the split kernel (which rotates the
+    query and takes the sink and tail in its last blocks) and the join, two launches a
+    layer; None where the body kernel + MLX join must do it."""
     return mma_decode.mma_decode_layer(queries, keys, values, scale, sinks)  # None: declined
 
 
