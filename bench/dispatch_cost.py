@@ -8,7 +8,8 @@ For a chain of ``nodes`` calls (each call's output the next one's input, as a mo
 run) it prints, per call: the graph-build time in Python, the host time inside
 ``mx.async_eval`` (MLX encodes every node of a CUDA graph there) and the wall time until the
 GPU is done. Kinds: a built-in op, a trivial custom kernel with a small and with a 24 KB
-header (MLX rebuilds and hashes a custom kernel's whole source on every call), fp16 SDPA at
+header (MLX rebuilds and hashes a custom kernel's whole source on every call), with as many
+inputs, template arguments or outputs as our split kernel (what each costs), fp16 SDPA at
 4K, and our decode layer at 4K (three custom kernels). Run it under ``MLX_USE_CUDA_GRAPHS=0``
 or ``MLX_MAX_OPS_PER_BUFFER=N`` to see what the CUDA graphs cost or hide. Back here,
 
@@ -117,21 +118,29 @@ def main() -> None:
     small = mx.random.normal((4096,)).astype(mx.float16)
     mx.eval(small)
 
-    def custom(header: str):
+    def custom(header: str, extra_inputs: int = 0, extra_template: int = 0, outputs: int = 1):
+        """A trivial kernel; ``extra_*``: unread inputs (strided, as ours) and template
+        arguments, ``outputs``: outputs written (the split kernel has 15 inputs, 17
+        template arguments and 4 outputs)."""
+        names = ["x"] + [f"u{i}" for i in range(extra_inputs)]
         k = mx.fast.cuda_kernel(
-            name="tq_trivial" + str(len(header)),
-            input_names=["x"],
-            output_names=["out"],
-            source="    const unsigned int n_elem = x_shape[0];\n" + TRIVIAL,
+            name=f"tq_trivial{len(header)}_{extra_inputs}_{extra_template}_{outputs}",
+            input_names=names,
+            output_names=[f"out{i}" for i in range(outputs)],
+            source="    const unsigned int n_elem = x_shape[0];\n"
+            + "".join(f"    (void)u{i}_strides;\n" for i in range(extra_inputs))
+            + TRIVIAL.replace("out[i]", "out0[i]"),
             header=header,
+            ensure_row_contiguous=not extra_inputs,
         )
+        template = [("T", mx.float16)] + [(f"P{i}", i) for i in range(extra_template)]
         return lambda x: k(
-            inputs=[x],
-            template=[("T", x.dtype)],
+            inputs=[x] + [small] * extra_inputs,
+            template=template,
             grid=(x.size, 1, 1),
             threadgroup=(256, 1, 1),
-            output_shapes=[x.shape],
-            output_dtypes=[x.dtype],
+            output_shapes=[x.shape] * outputs,
+            output_dtypes=[x.dtype] * outputs,
         )[0]
 
     pad = "// padding: a header the size of the split kernel's\n" * 460
@@ -145,6 +154,9 @@ def main() -> None:
         "built-in add": (lambda x: x + 1, small),
         "custom kernel, small header": (custom(""), small),
         f"custom kernel, {len(pad) // 1024} KB header": (custom(pad), small),
+        "custom kernel, 15 inputs": (custom("", extra_inputs=14), small),
+        "custom kernel, 17 template arguments": (custom("", extra_template=16), small),
+        "custom kernel, 4 outputs": (custom("", outputs=4), small),
         f"fp16 SDPA {n}": (
             lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=scale), q),
         f"ours default layout {n}": (lambda x: turboquant_attention(x, ks, vs, scale), q),
