@@ -204,7 +204,7 @@ def test_split_launches_are_planned_from_their_settings():
     fp_args = (*args[:-1], (1, 4, mx.bfloat16))
     t_fp, grid_fp, _, shapes_fp, smem_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, True)
     t_fp = dict(t_fp)
-    assert (t_fp["HAS_HEAD"], t_fp["HAS_TAIL"], t_fp["FT"]) == (True, True, mx.bfloat16)
+    assert (t_fp["HAS_HEAD"], t_fp["HAS_TAIL"]) == (True, True)
     assert grid_fp[0] == grid[0] + 5 * 128 and shapes_fp[:2] == shapes[:2]
     assert shapes_fp[2:] == [(1, 32, 5, 128), (1, 32, 5, 2)] and smem_fp == smem
     off_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, False)

@@ -433,7 +433,6 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("PIPE", pipe),
         ("QT", q_dtype),
         ("ST", mx.float16),
-        ("FT", fp[2] or mx.float16),
         ("HAS_HEAD", fp[0] > 0),
         ("HAS_TAIL", fp[1] > 0),
     ]
