@@ -10,7 +10,8 @@ run) it prints, per call: the graph-build time in Python, the host time inside
 GPU is done. Kinds: a built-in op, a trivial custom kernel with a small and with a 24 KB
 header (MLX rebuilds and hashes a custom kernel's whole source on every call), with as many
 inputs, template arguments or outputs as our split kernel (what each costs), fp16 SDPA at
-4K, and our decode layer at 4K (three custom kernels). Run it under ``MLX_USE_CUDA_GRAPHS=0``
+4K, our decode layer at 4K (two custom kernels), and a decode step's cache update
+(mlx-lm's KVCache vs ours). Run it under ``MLX_USE_CUDA_GRAPHS=0``
 or ``MLX_MAX_OPS_PER_BUFFER=N`` to see what the CUDA graphs cost or hide. Back here,
 
     python bench/dispatch_cost.py --render before=a.json,after=b.json --machine "..."
@@ -109,9 +110,10 @@ def main() -> None:
         return
 
     import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
 
     from bench.attention_gpu import cache_sides, kv_cache_slices
-    from services.turboquant import TurboQuantConfig
+    from services.turboquant import TurboQuantConfig, TurboQuantKVCache
     from services.turboquant.attention import turboquant_attention
 
     env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
@@ -149,6 +151,13 @@ def main() -> None:
     q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
     ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
     mx.eval(k, v, q, ks, vs)
+    # A decode step's cache update (one position appended; ours quantizes a block every
+    # 128 steps, as in decode), each output feeding the next.
+    kv_cache, tq_cache = KVCache(), TurboQuantKVCache(TurboQuantConfig.recommended())
+    kv_cache.update_and_fetch(k, v)
+    tq_cache.update_and_fetch(k, v)
+    k1 = mx.random.normal((1, hkv, 1, d)).astype(mx.float16)
+    mx.eval(k1, kv_cache.state, tq_cache.state)
     scale = 1.0 / math.sqrt(d)
     kinds = {
         "built-in add": (lambda x: x + 1, small),
@@ -160,6 +169,8 @@ def main() -> None:
         f"fp16 SDPA {n}": (
             lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=scale), q),
         f"ours default layout {n}": (lambda x: turboquant_attention(x, ks, vs, scale), q),
+        f"fp16 KVCache update {n}": (lambda x: kv_cache.update_and_fetch(x, x)[0][:, :, -1:], k1),
+        f"ours cache update {n}": (lambda x: tq_cache.update_and_fetch(x, x)[0].tail[:, :, -1:], k1),
     }  # fmt: skip
     rows = []
     for name, (step, x0) in kinds.items():
