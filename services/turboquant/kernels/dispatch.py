@@ -1,8 +1,8 @@
 """Hook the CUDA decode kernels into ``attention.turboquant_attention`` (docs/turboquant.md).
 
 ``install()`` registers the tensor-core kernel (``mma_decode``) when MLX runs on CUDA:
-the split kernel (its last blocks take the sink and tail) and the join for a whole decode layer, and
-the split kernel with an MLX join where the layer kernel declines. Elsewhere
+the split kernel (its last blocks take the sink and tail) and the join for a whole decode
+layer, and the split kernel with an MLX join where the layer kernel declines. Elsewhere
 (Metal, CPU) nothing changes and the portable path runs. The v3 SIMT kernel
 (``fused_decode``) is no longer installed: v4 reads every layout it did but head dim 32
 and is 2-6x faster (bench/gpu_notes.md); the bench keeps timing it.

@@ -353,7 +353,8 @@ NO_FP = (0, 0, None)  # (sink chunks, tail chunks, their dtype): none
 
 
 def _split(q, rot, keys, values, scale, splits, poison):
-    """The split kernel over the body alone: unnormalised partials ``(o_part (B,Hq,S,D), ml_part (B,Hq,S,2))``.
+    """The split kernel over the body alone: unnormalised partials
+    ``(o_part (B,Hq,S,D), ml_part (B,Hq,S,2))``.
 
     ``q`` is rotated by the kernel when ``rot`` is given (a Hadamard rotation), else read
     as it is (already rotated, or a cache without rotation).
