@@ -55,9 +55,14 @@ class KVBackend:
         """The cache settings reported by /health."""
         if not self.turboquant:
             return {"type": "mlx-lm plain KVCache", "turboquant": False}
+        from services.turboquant.attention import decode_calls, decode_path
+
         cfg = self.tq_config
         d = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
-        return {"type": "turboquant", "turboquant": True, **_jsonable(d)}
+        # Which decode attention runs: the CUDA kernel, or MLX ops (Metal, CPU, or a layout
+        # the kernel declines) -- calls counted over every layer of every step.
+        decode = {"path": decode_path(), "calls": decode_calls()}
+        return {"type": "turboquant", "turboquant": True, **_jsonable(d), "decode": decode}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,22 @@ LayerKernel = Callable[..., "mx.array | None"]
 _layer_kernel: LayerKernel | None = None
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Decode calls (one query position) by the path that answered: /health shows them, so a
+# kernel that declines a model's layout (and leaves decode to MLX ops) is visible.
+_DECODE_CALLS = {"kernel": 0, "portable": 0}
+
+
+def decode_calls() -> dict[str, int]:
+    """Decode attention calls so far (every layer of every step): ``kernel`` (a CUDA
+    kernel installed with the ``set_*_kernel`` hooks answered) or ``portable`` (MLX ops)."""
+    return dict(_DECODE_CALLS)
+
+
+def decode_path() -> str:
+    """``"cuda-kernel"`` when a decode kernel is installed (MLX on CUDA), else
+    ``"portable"`` (mlx ``quantized_matmul`` / tiled dequantization)."""
+    kernels = (_layer_kernel, _body_kernel, _decode_kernel)
+    return "cuda-kernel" if any(k is not None for k in kernels) else "portable"
 
 
 @lru_cache(maxsize=1)
@@ -97,14 +113,18 @@ def turboquant_attention(
     if one_query and _layer_kernel is not None:
         out = _layer_kernel(queries, keys, values, scale, sinks)  # rotates q itself
         if out is not None:
+            _DECODE_CALLS["kernel"] += 1
             return out.astype(queries.dtype)
     # rotate() returns a new float32 array: the caller's queries are never written to.
     q = rotate(queries, k_rot) if k_rot is not None else queries.astype(mx.float32)
     if one_query:
         body = _body_kernel(q, keys, values, scale) if _body_kernel is not None else None
         if body is not None:
+            _DECODE_CALLS["kernel"] += 1
             return join_body(queries, q, body, keys, values, scale, sinks).astype(queries.dtype)
     if not keys.body_only:
+        if queries.shape[2] == 1:
+            _DECODE_CALLS["portable"] += 1
         return attend_segments(queries, q, keys, values, scale, mask, sinks).astype(queries.dtype)
     if queries.shape[2] == 1:
         out = decode_attention(q, keys, values, scale, mask, sinks)
@@ -120,7 +140,9 @@ def decode_attention(q_rot, keys, values, scale, mask=None, sinks=None) -> mx.ar
     if _decode_kernel is not None:
         out = _decode_kernel(q_rot, keys, values, scale, mask, sinks)
         if out is not None:
+            _DECODE_CALLS["kernel"] += 1
             return out
+    _DECODE_CALLS["portable"] += 1
     return attend(q_rot, keys, values, scale, mask, sinks)
 
 

@@ -89,6 +89,21 @@ def test_non_stream_chat_answers_with_usage(sidecar: Sidecar) -> None:
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
 
 
+def test_health_reports_the_decode_attention_path(sidecar: Sidecar) -> None:
+    before = wait_idle(sidecar)["cache"]["decode"]
+    r = chat(sidecar, max_tokens=6)
+    h = wait_idle(sidecar)
+    after = h["cache"]["decode"]
+    # On this CPU MLX runs no CUDA kernel: every compressed layer decodes with MLX ops.
+    assert before["path"] == after["path"] == "portable"
+    assert after["calls"]["kernel"] == 0
+    # one call per compressed layer and decode step (the first token comes from prefill)
+    steps = r.usage.completion_tokens - 1
+    assert steps >= 1 and len(h["compressed_layers"]) > 0
+    grown = after["calls"]["portable"] - before["calls"]["portable"]
+    assert grown >= steps * len(h["compressed_layers"])
+
+
 def test_stream_matches_non_stream_and_reports_usage(sidecar: Sidecar) -> None:
     whole = chat(sidecar, max_tokens=10)
     chunks = list(chat(sidecar, max_tokens=10, stream=True, stream_options={"include_usage": True}))

@@ -281,3 +281,41 @@ def test_decode_kernel_hook():
         assert float(mx.abs(attn.turboquant_attention(q7, kv, vv, 0.125, "causal")).max()) > 0
     finally:
         attn.set_decode_kernel(old)
+
+
+def test_decode_calls_count_the_path_that_answered():
+    """/health's decode counters: a layer kernel that answers counts as ``kernel``, one that
+    declines leaves the call to MLX ops (``portable``); prefill is not a decode call."""
+    from services.turboquant import TurboQuantConfig, TurboQuantKVCache, install_patch
+    from services.turboquant.attention import (
+        decode_calls,
+        decode_path,
+        set_layer_decode_kernel,
+        turboquant_attention,
+    )
+
+    install_patch()
+    cache = TurboQuantKVCache(TurboQuantConfig.recommended())
+    k = mx.random.normal((1, 2, 300, 64)).astype(mx.float16)
+    keys, values = cache.update_and_fetch(k, k)
+    q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+    answers = []
+
+    def kernel(queries, keys, values, scale, sinks):
+        return answers.pop() if answers else None  # declines when out of answers
+
+    old = set_layer_decode_kernel(kernel)
+    try:
+        assert decode_path() == "cuda-kernel"
+        start = decode_calls()
+        answers.append(mx.zeros(q.shape, dtype=q.dtype))
+        turboquant_attention(q, keys, values, 0.1)  # answered by the kernel
+        turboquant_attention(q, keys, values, 0.1)  # declined: MLX ops
+        turboquant_attention(mx.zeros((1, 4, 5, 64)), keys, values, 0.1, mask="causal")
+        end = decode_calls()
+    finally:
+        set_layer_decode_kernel(old)
+    assert end["kernel"] - start["kernel"] == 1
+    assert end["portable"] - start["portable"] == 1
+    if old is None:
+        assert decode_path() == "portable"
