@@ -21,6 +21,7 @@ ALL = [
     *sorted((REPO / "scripts").glob("*.sh")),
     REPO / "scripts" / "lib" / "common.sh",
     REPO / "scripts" / "lib" / "services.sh",
+    REPO / "bench" / "gpu_session.sh",
 ]
 # shellcheck gates the install/operate scripts; the run-*/test scripts have their own owners.
 OURS = [p for p in ALL if p.name not in ("run-router.sh", "run-sidecar.sh", "test.sh")]
@@ -140,3 +141,15 @@ def test_wait_ready_gives_up_on_a_crash_after_the_offset(tmp_path):
         f.write("tqstack: sidecar exited with status 1; restarting in 1s\n")
     out, took = wait(30)  # a crash of this start: gives up at once
     assert out == "rc=1" and took < 10
+
+
+def test_gpu_session_script_names_its_steps_and_refuses_unknown_ones():
+    """bench/gpu_session.sh runs on the GPU machine; here: its usage, and an unknown step is
+    an error before anything runs."""
+    script = str(REPO / "bench" / "gpu_session.sh")
+    ok = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "Steps: install | checks RUNS" in ok.stdout
+    bad = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown step: bogus" in bad.stderr
+    none = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert none.returncode == 2

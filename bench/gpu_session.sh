@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work, by name (bench/gpu_notes.md has the plan). Run from
+# the repository root on the GPU machine; results go under $OUT/<step>/ (names without '=',
+# which the device tool cannot bring back). Every step has its own time limit, so a slow one
+# cannot eat the call.
+#
+#   bash bench/gpu_session.sh install                # MLX CUDA wheels from .mlxcuda1/.mlxcuda2
+#   bash bench/gpu_session.sh checks 0,1,2 chained dispatch
+#   bash bench/gpu_session.sh table e2e-128k
+#
+# Steps: install | checks RUNS | chained | table | dispatch | e2e-32k | e2e-128k | ncu N
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+
+run() {  # run SECONDS NAME CMD...: one step, its output filtered to what matters
+  local limit=$1 name=$2
+  shift 2
+  mkdir -p "$OUT/$name"
+  echo "== $name ($(date -u +%H:%M:%S))"
+  # a failed or timed-out step is reported and the next one runs
+  timeout "$limit" "$@" --out "$OUT/$name" 2>&1 | grep -v -i warning | tail -40 ||
+    echo "== $name failed or timed out (status $?)"
+}
+
+[ $# -gt 0 ] || { usage; exit 2; }
+while [ $# -gt 0 ]; do
+  step=$1
+  shift
+  case $step in
+    install)  # second half of the carry (bench/gpu_notes.md: device workflow)
+      if [ ! -d /tmp/site/mlx ]; then
+        w=$HOME/mlxw
+        cat "$w/cuda.part.aa" .mlxcuda2/cuda.part.ab >"$w/$(cat "$w/WHEEL_NAME")" &&
+          rm "$w/cuda.part.aa" &&
+          python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$w"/*.whl
+      fi
+      python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
+      ;;
+    checks)
+      runs=$1
+      shift
+      run 590 "checks-${runs//,/-}" python3 bench/attention_gpu.py --checks-only --check-runs "$runs"
+      ;;
+    chained)
+      run 150 chained-d128 python3 bench/attention_gpu.py --skip-checks --shapes 32/8/128 \
+        --contexts 4096,32768,131072 --variants "fp16,ours default layout,ours affine 4b"
+      run 90 chained-d256 python3 bench/attention_gpu.py --skip-checks --shapes 16/2/256 \
+        --contexts 4096,131072 --variants "fp16,ours default layout,ours affine 4b"
+      ;;
+    table)  # the issue's full table: every variant, 4K-256K, both shapes
+      run 400 table python3 bench/attention_gpu.py --skip-checks
+      ;;
+    dispatch)
+      run 120 dispatch python3 bench/dispatch_cost.py
+      ;;
+    e2e-32k)
+      run 200 e2e-32k-b1 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b,qwen3.5-35b-a3b \
+        --contexts 32768 --caches fp16,tq-default --repeats 4
+      ;;
+    e2e-128k)
+      run 200 e2e-128k-b4 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \
+        --contexts 131072 --batch 4 --caches fp16,tq-default --repeats 3
+      ;;
+    ncu)  # one decode layer's kernels at context N (profile range only)
+      n=$1
+      shift
+      ncu_bin=$(command -v ncu || true)
+      for f in /usr/local/cuda*/bin/ncu; do
+        [ -n "$ncu_bin" ] || { [ -x "$f" ] && ncu_bin=$f; }
+      done
+      echo "== ncu $n"
+      timeout 300 "$ncu_bin" --clock-control none --profile-from-start off --section SpeedOfLight \
+        python3 bench/kernel_profile.py --n "$n" 2>&1 | grep -E "^  [a-zA-Z]|Duration" | head -40 ||
+        echo "== ncu failed or timed out"
+      ;;
+    -h | --help) usage ;;
+    *)
+      echo "unknown step: $step" >&2
+      usage
+      exit 2
+      ;;
+  esac
+done
