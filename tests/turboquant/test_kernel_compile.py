@@ -12,6 +12,7 @@ import pytest
 from services.turboquant.kernels import mma_decode
 
 from . import nvrtc
+from .test_kernels import _RecordedKernel
 
 pytestmark = pytest.mark.skipif(
     not nvrtc.available(), reason="needs NVRTC 13 from PyPI (test extras, Linux x86-64)"
@@ -19,20 +20,6 @@ pytestmark = pytest.mark.skipif(
 
 SM_REGISTERS, SM_SHARED = 65536, 228 * 1024  # an H100/H200 SM
 BLOCK_RESERVED_SHARED = 1024  # the runtime's share of each block's shared memory
-
-
-class _Recorded:
-    """``mx.fast.cuda_kernel`` stand-in: keeps each launch's kernel, inputs and template."""
-
-    launches: list = []
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
-                 init_value=None):  # fmt: skip
-        _Recorded.launches.append((self, list(inputs), list(template), list(output_dtypes)))
-        return [mx.zeros(s, dtype=t) for s, t in zip(output_shapes, output_dtypes, strict=True)]
 
 
 def blocks_per_sm(registers: int, threads: int, static_smem: int, dynamic_smem: int) -> int:
@@ -63,8 +50,8 @@ def launches():
 
     saved = mx.fast.cuda_kernel
     mma_decode.clear_kernel_caches()
-    mx.fast.cuda_kernel = _Recorded
-    _Recorded.launches = []
+    mx.fast.cuda_kernel = _RecordedKernel
+    _RecordedKernel.launches, _RecordedKernel.outputs = [], []
     try:
         for config, dim in CONFIGS:
             case = cache_case(np.random.default_rng(0), TurboQuantConfig(**config), batch=1,
@@ -78,7 +65,10 @@ def launches():
         mx.fast.cuda_kernel = saved
         mma_decode.clear_kernel_caches()
     distinct = {}
-    for kernel, inputs, template, dtypes in _Recorded.launches:
+    recorded = zip(_RecordedKernel.launches, _RecordedKernel.outputs, strict=True)
+    for (kernel, inputs, template, *_), outputs in recorded:
+        template = list(template.items())
+        dtypes = [o.dtype for o in outputs]
         key = (
             kernel.name,
             kernel.shared_memory,

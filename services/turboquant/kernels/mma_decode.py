@@ -407,11 +407,10 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
     )  # fmt: skip
 
 
-@lru_cache(maxsize=1024)
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
                 *tunables):  # fmt: skip
-    """Template, grid, output shapes and dynamic shared memory of one split launch (cached:
-    the same every decode step of a block; ``fp``: the full-precision sink's and tail's
+    """Template, grid, output shapes and dynamic shared memory of one split launch (cached
+    in :func:`_split_launch`: the same every decode step of a block; ``fp``: the full-precision sink's and tail's
     chunks of 16 positions and their dtype, one block each after the splits; ``tunables``
     -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE -- are in the key)."""
     steps_setting, factor, warps, fold, pipeline = tunables
