@@ -410,9 +410,10 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
                 *tunables):  # fmt: skip
     """Template, grid, output shapes and dynamic shared memory of one split launch (cached
-    in :func:`_split_launch`: the same every decode step of a block; ``fp``: the full-precision sink's and tail's
-    chunks of 16 positions and their dtype, one block each after the splits; ``tunables``
-    -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE -- are in the key)."""
+    in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
+    full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
+    after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE -- are in
+    the key)."""
     steps_setting, factor, warps, fold, pipeline = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
