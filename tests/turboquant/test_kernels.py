@@ -186,32 +186,55 @@ def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
 def test_split_launches_are_planned_from_their_settings():
     layouts = ((2, 4, 128), (0, 4, 128))
     args = (*layouts, 1, 32, 8, 128, 131072, mx.float16, True, None, mma_decode.NO_FP)
-    template, grid, _, shapes, smem = mma_decode._split_plan(*args, None, 2, 4, True, True)
+    # tunables: STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID (the rows grid here)
+    template, grid, _, shapes, smem = mma_decode._split_plan(*args, None, 2, 4, True, True, False)
     t = dict(template)
     assert (t["STEPS"], t["FOLD"], t["QROT"], t["WARPS"], t["PIPE"]) == (8, True, True, 4, True)
-    assert grid[1:] == (8, 1) and shapes[0][2] == grid[0] // 128  # splits x 4 warps x 32
+    assert not t["LIN"] and grid[1:] == (8, 1) and shapes[0][2] == grid[0] // 128
     # the staged tiles: a key and a value tile of 64 bytes a row and their scales per warp
     assert smem == mma_decode.pipeline_smem(128, 4) == 4 * (2 * 128 * 64 + 2 * (2 * 128 + 256))
     assert 3 * (smem + 8 * 1024) <= 228 * 1024  # with the static part: 3 blocks an SM fit
-    template4, grid4, _, _, smem4 = mma_decode._split_plan(*args, 4, 3, 4, False, True)
+    template4, grid4, _, _, smem4 = mma_decode._split_plan(*args, 4, 3, 4, False, True, False)
     assert dict(template4)["STEPS"] == 4 and not dict(template4)["FOLD"]
     assert not dict(template4)["PIPE"] and smem4 == 0  # 4-step tiles: loads into registers
     assert grid4[0] > grid[0]  # more splits for 3 blocks an SM than for 2
-    off = mma_decode._split_plan(*args, None, 2, 4, True, False)
+    off = mma_decode._split_plan(*args, None, 2, 4, True, False, False)
     assert not dict(off[0])["PIPE"] and off[4] == 0
     # the full-precision sink and tail: one block each 16 positions after the splits; they
     # stage in the dynamic shared memory (the PIPE rings when there are some, else their own)
     fp_args = (*args[:-1], (1, 4, mx.bfloat16))
-    t_fp, grid_fp, _, shapes_fp, smem_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, True)
+    t_fp, grid_fp, _, shapes_fp, smem_fp = mma_decode._split_plan(
+        *fp_args, None, 2, 4, True, True, False
+    )
     t_fp = dict(t_fp)
     assert (t_fp["HAS_HEAD"], t_fp["HAS_TAIL"]) == (True, True)
     assert grid_fp[0] == grid[0] + 5 * 128 and shapes_fp[:2] == shapes[:2]
     assert shapes_fp[2:] == [(1, 32, 5, 128), (1, 32, 5, 2)] and smem_fp == smem
-    off_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, False)
+    off_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, False, False)
     assert mma_decode.fp_chunk_smem(128) == 4 * (24 * 129 + 16 * 128 + 8 * 16)
     # over MLX's 48000-byte threshold: the kernel's limit is raised (static + dynamic > 48 KB)
     assert off_fp[4] == max(mma_decode.fp_chunk_smem(128), 48 * 1024) > 48000
     assert not dict(template)["HAS_HEAD"] and not dict(template)["HAS_TAIL"]
+
+
+def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
+    # 1-D grid: (splits + chunks) x rows blocks, rows = batch x KV heads x head tiles; the
+    # split count is at most SPLIT_FACTOR blocks an SM (one wave), not rounded up past it
+    for b, hq, hkv, factor in [(1, 32, 8, 2), (2, 64, 4, 3), (1, 12, 1, 2)]:
+        rows = b * hkv * -(-(hq // hkv) // 8)
+        args = ((2, 4, 128), (0, 4, 128), b, hq, hkv, 128, 131072, mx.float16, True, None)
+        fp = (1, 4, mx.float16)
+        template, grid, group, shapes, _ = mma_decode._split_plan(
+            *args, fp, None, factor, 4, True, True, True
+        )
+        s = shapes[0][2]
+        assert dict(template)["LIN"] and group == (128, 1, 1)
+        assert grid == ((s + 5) * rows * 128, 1, 1)
+        # (whole tiles a split: chunks rounded up can leave a few splits fewer)
+        slots = factor * mma_decode.NUM_SMS_GUESS
+        assert 0.9 * slots < s * rows <= slots
+        rows_grid = mma_decode._split_plan(*args, fp, None, factor, 4, True, True, False)
+        assert rows_grid[3][0][2] >= s  # the rows grid rounds the split count up
 
 
 def test_only_the_default_layout_is_pipelined():
@@ -309,10 +332,12 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     assert names == layer + ["tq_mma_decode_join", "tq_mma_decode_split", "tq_mma_decode_combine"]
     split, body_split = recorded_kernels[0], recorded_kernels[2]
     chunks = sum(-(-x.shape[2] // 16) for x in segments)  # the sink's, then the tail's
-    # the layer's split grid: the body's splits, then one block per chunk; the body-only
-    # launch (mma_body_attention): the same splits and nothing after them
-    assert split[3][0] == body_split[3][0] + chunks * split[4][0]
-    assert split[5][0] == body_split[5][0]
+    # the layer's split grid (1-D): the body's splits of every row, then one block per chunk
+    # and row; the body-only launch (mma_body_attention): the same splits, nothing after them
+    hkv = keys.parts[0].shape[1]
+    rows = q.shape[0] * hkv * -(-(q.shape[1] // hkv) // 8)
+    assert split[3][0] == body_split[3][0] + chunks * rows * split[4][0]
+    assert split[3][1:] == (1, 1) and split[5][0] == body_split[5][0]
     if full_precision:
         assert split[5][2] == (1, 8, chunks, dim) and split[5][3] == (1, 8, chunks, 2)
     for kernel, inputs, template, grid, threadgroup, _ in recorded_kernels:
@@ -342,7 +367,7 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     pipe = mma_decode.pipeline_smem(dim, t["WARPS"]) if t["PIPE"] else 0
     fp_smem = max(mma_decode.fp_chunk_smem(dim), 48 * 1024) if full_precision else 0
     assert split[0].shared_memory == max(pipe, fp_smem) and body_split[0].shared_memory == pipe
-    assert split[5][0][2] * 32 * t["WARPS"] == body_split[3][0]  # one block row per split
+    assert split[5][0][2] * rows * 32 * t["WARPS"] == body_split[3][0]  # a block a split and row
     # the split source instantiates the device template with exactly these parameters
     params = re.search(r"mma_decode_split<([^>]*)>", split[0].source).group(1)
     assert [p.strip() for p in params.split(",")] == [n for n in t if n in params]

@@ -50,6 +50,11 @@ FOLD = True
 # cp.async, the next half-tile loading during this one's math (template PIPE;
 # bench/gpu_notes.md, session 5). False: the v5 loads straight into registers.
 PIPELINE = True
+# One 1-D grid, every row's splits before the full-precision chunks (template LIN), so the
+# hardware gives each SM an even share of split blocks; else (splits + chunks, rows, batch),
+# where the chunk blocks interleave with the splits and some SMs get 3 split blocks while
+# others get 1 (ncu at 128K: SMs active 69 % of the kernel; bench/gpu_notes.md, session 8).
+LINEAR_GRID = True
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
@@ -121,9 +126,12 @@ def num_splits(
     num_sms: int = NUM_SMS_GUESS,
     factor: int = 2,
     warps: int | None = None,
+    fill: bool = False,
 ) -> int:
-    """Context splits for about ``factor`` blocks per SM, each at least one super-tile per warp."""
-    want = max(1, math.ceil(factor * num_sms / max(1, blocks)))
+    """Context splits for about ``factor`` blocks per SM (``fill``: at most that, so the
+    split blocks run in one wave), each at least one super-tile per warp."""
+    slots = factor * num_sms / max(1, blocks)
+    want = max(1, math.floor(slots) if fill else math.ceil(slots))
     tile = 16 * steps
     s = max(1, min(want, math.ceil(length / (tile * (warps or WARPS)))))
     chunk = math.ceil(math.ceil(length / s) / tile) * tile  # what the kernel computes
@@ -270,7 +278,7 @@ def mma_decode_layer(
         rot is not None, -(-n_head // MMA_FP_CHUNK), -(-n_tail // MMA_FP_CHUNK),
         None if fp_side is None else fp_side.dtype,
         keys.center is not None, sinks is not None, scale, splits,
-        STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
+        STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
     )  # fmt: skip
     if plan is None:
         return None
@@ -363,7 +371,7 @@ def _split(q, rot, keys, values, scale, splits, poison):
     launch = _split_launch(
         side_layout(keys), side_layout(values, values=True), b, hq, keys.parts[0].shape[1], d,
         keys.n_body, q.dtype, rot is not None, splits, NO_FP, STEPS, SPLIT_FACTOR, WARPS, FOLD,
-        PIPELINE,
+        PIPELINE, LINEAR_GRID,
     )  # fmt: skip
     inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
     inputs += [launch.dummy_fp] * 4  # no full-precision segments here
@@ -412,13 +420,14 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     """Template, grid, output shapes and dynamic shared memory of one split launch (cached
     in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
     full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
-    after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE -- are in
-    the key)."""
-    steps_setting, factor, warps, fold, pipeline = tunables
+    after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
+    LINEAR_GRID -- are in the key)."""
+    steps_setting, factor, warps, fold, pipeline, linear = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
     pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
-    s = splits or num_splits(n_body, b * hkv * n_ht, steps, factor=factor, warps=warps)
+    rows = b * hkv * n_ht
+    s = splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear)
     template = [
         ("KQ", k_layout[0]),
         ("VQ", v_layout[0]),
@@ -436,9 +445,14 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("ST", mx.float16),
         ("HAS_HEAD", fp[0] > 0),
         ("HAS_TAIL", fp[1] > 0),
+        ("LIN", linear),
     ]
     chunks = fp[0] + fp[1]
-    grid = ((s + chunks) * 32 * warps, hkv * n_ht, b)
+    grid = (
+        ((s + chunks) * rows * 32 * warps, 1, 1)
+        if linear
+        else ((s + chunks) * 32 * warps, hkv * n_ht, b)
+    )
     # fp_chunk blocks stage in the dynamic shared memory (the PIPE rings are larger). MLX
     # lifts a kernel's 48 KB limit on static + dynamic shared memory only for requests over
     # 48000 bytes: at head dim 256 the pool (32 KB) and the chunk (41 KB) need it, so a

@@ -252,7 +252,7 @@ __device__ void mma_decode_split(
     const uint32_t* vw, const int* vw_sh, const int64_t* vw_st,
     const ST* vs, const int64_t* vs_st, const ST* vbias, const int64_t* vb_st,
     const float* lut_k, const float* lut_v, const float* params,
-    int n_kv, int G, int n_fp, float* o_part, float* ml_part) {
+    int n_kv, int G, int split, int S, int row, int b, float* o_part, float* ml_part) {
   constexpr bool KCB = KQ == 1, KCH = KQ == 2, VCB = VQ == 1;
   constexpr int NKB = D / 16;  // k-blocks of the score product
   constexpr int NMT = D / 16;  // m-tiles of the value product
@@ -310,10 +310,8 @@ __device__ void mma_decode_split(
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int split = blockIdx.x, S = gridDim.x - n_fp;  // the last n_fp blocks: fp_chunk
   const int n_ht = (G + 7) / 8;
-  const int hkv = blockIdx.y / n_ht, ht = blockIdx.y % n_ht;
-  const int b = blockIdx.z;
+  const int hkv = row / n_ht, ht = row % n_ht;  // row: (KV head, head tile) of batch b
   const int N = KCH ? ks_sh[3] * KGS : kw_sh[2];  // body positions (channel: whole groups)
   const float qscale = params[0];  // softmax scale * log2(e)
   int chunk = (N + S - 1) / S;
@@ -838,7 +836,8 @@ __device__ void fp_chunk(
     const QT* q, const int64_t* q_st,
     const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
     const FT* kt, const int* kt_sh, const int64_t* kt_st, const FT* vt, const int64_t* vt_st,
-    const float* params, int G, int chunk, int n_chunks, float* fp_o, float* fp_ml) {
+    const float* params, int n_kv, int G, int chunk, int n_chunks, int row, int b, float* fp_o,
+    float* fp_ml) {
   constexpr int C = 16, KP = D + 1;  // keys and queries padded a float a row: no bank conflicts
   // Dynamic shared memory (mma_decode.fp_chunk_smem): keys, values, queries, weights.
   extern __shared__ __align__(16) float fp_s[];
@@ -848,7 +847,7 @@ __device__ void fp_chunk(
   float* p_s = q_s + 8 * KP;   // [8][C]
   const int tid = threadIdx.x, NT = blockDim.x;
   const int n_ht = (G + 7) / 8;
-  const int hkv = blockIdx.y / n_ht, ht = blockIdx.y % n_ht, b = blockIdx.z;
+  const int hkv = row / n_ht, ht = row % n_ht;
   const int nh = min(8, G - ht * 8);  // query heads of this tile
   const int FH = HAS_HEAD ? kh_sh[2] : 0;
   const int FTL = HAS_TAIL ? kt_sh[2] : 0;
@@ -871,7 +870,7 @@ __device__ void fp_chunk(
     q_s[h * KP + d] = h < nh ? tofloat(q[b * q_st[0] + (int64_t)(hq0 + h) * q_st[1] + d * q_st[3]]) : 0.f;
   }
   __syncthreads();
-  const int64_t row0 = (int64_t)b * (gridDim.y / n_ht) * G + hq0;  // b * Hq + first head
+  const int64_t row0 = (int64_t)b * n_kv * G + hq0;  // b * Hq + first head
   for (int p = tid; p < 8 * C; p += NT) {  // whole warps: the shuffles stay in 16 lanes
     const int h = p / C, j = p % C;
     float s = 0.f;
@@ -907,15 +906,35 @@ __device__ void fp_chunk(
 """
 )
 
-# The last n_fp blocks of a row take the full-precision sink and tail (fp_chunk), the rest
+# The blocks past the splits take the full-precision sink and tail (fp_chunk), the rest
 # split the body.
 MMA_SPLIT_SOURCE = r"""
+  const int n_kv = kw_shape[1];
+  const int G = q_shape[1] / n_kv;
+  const int n_ht = (G + 7) / 8;
   const int n_fp = (HAS_HEAD ? (kh_shape[2] + 15) / 16 : 0) + (HAS_TAIL ? (kt_shape[2] + 15) / 16 : 0);
-  if ((HAS_HEAD || HAS_TAIL) && (int)blockIdx.x >= (int)gridDim.x - n_fp) {
+  // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
+  // the hardware deals blocks out in this order, so the SMs get even shares of split work.
+  // Else blocks (x: splits then chunks, y: row, z: batch).
+  int idx, row, b, S;
+  if (LIN) {
+    const int R = q_shape[0] * n_kv * n_ht;
+    S = gridDim.x / R - n_fp;
+    idx = blockIdx.x / R;
+    row = blockIdx.x % R;
+    b = row / (n_kv * n_ht);
+    row %= n_kv * n_ht;
+  } else {
+    S = gridDim.x - n_fp;
+    idx = blockIdx.x;
+    row = blockIdx.y;
+    b = blockIdx.z;
+  }
+  if ((HAS_HEAD || HAS_TAIL) && idx >= S) {
     tqm::fp_chunk<D, HAS_HEAD, HAS_TAIL>(
         q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
         kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), params,
-        q_shape[1] / kw_shape[1], blockIdx.x - (gridDim.x - n_fp), n_fp, fp_o, fp_ml);
+        n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
     return;
   }
   tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, QT, ST>(
@@ -925,7 +944,7 @@ MMA_SPLIT_SOURCE = r"""
       vw, vw_shape.data(), vw_strides.data(),
       vs, vs_strides.data(), vb, vb_strides.data(),
       lut_k, lut_v, params,
-      kw_shape[1], q_shape[1] / kw_shape[1], n_fp, o_part, ml_part);
+      n_kv, G, idx, S, row, b, o_part, ml_part);
 """
 
 # Merges the splits of one (batch, query head): unnormalised partials -> the normalised
