@@ -469,6 +469,21 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                     s["q"] if prev is None else prev, ks, vs, scale
                 )
 
+            def layer_tuned(s, key, scale=scale, **tune):  # layer() under other settings
+                ks, vs = s[key]
+
+                def f(prev=None):
+                    old = {k: getattr(mma_decode, k) for k in tune}
+                    for k, v in tune.items():
+                        setattr(mma_decode, k, v)
+                    try:
+                        return turboquant_attention(s["q"] if prev is None else prev, ks, vs, scale)
+                    finally:
+                        for k, v in old.items():
+                            setattr(mma_decode, k, v)
+
+                return f
+
             def v4_only(s, key, scale=scale, **tune):
                 """The split kernel alone (it rotates the query); ``tune`` sets STEPS /
                 WARPS / SPLIT_FACTOR / FOLD / PIPELINE."""
@@ -513,6 +528,9 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                 "v3 affine 4b (kernel only)": [kernel_only(s) for s in sets],
                 "ours default layout": [layer(s, "tq") for s in sets],
                 "ours default layout (kernel only)": [v4_only(s, "tq") for s in sets],
+                "ours default layout (rows grid)": [
+                    layer_tuned(s, "tq", LINEAR_GRID=False) for s in sets
+                ],
                 "kernel default v5 loads": [v4_only(s, "tq", PIPELINE=False) for s in sets],
                 "kernel default splits3": [v4_only(s, "tq", SPLIT_FACTOR=3) for s in sets],
                 "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],
@@ -525,7 +543,9 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                 if only and name not in only.split(","):
                     continue
                 host: dict = {}
-                chain = name in LAYER_VARIANTS and "kernel only" not in name
+                chain = (
+                    name in LAYER_VARIANTS and "kernel only" not in name
+                ) or "rows grid" in name
                 t = bench_time(fns, chain=chain, host=host)
                 base = name.replace(" (kernel only)", "")
                 if name.startswith("kernel default"):

@@ -8,7 +8,8 @@
 #   bash bench/gpu_session.sh checks 0,1,2 chained dispatch
 #   bash bench/gpu_session.sh table e2e-128k
 #
-# Steps: install | checks RUNS | chained | table | dispatch | e2e-32k | e2e-128k | ncu N
+# Steps: install | checks RUNS | chained | table | dispatch | pattern | e2e-32k | e2e-128k |
+#        e2e-batch | sweep | ncu N | ncu-args N "ARGS" | ncu-full N
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -46,7 +47,8 @@ while [ $# -gt 0 ]; do
       ;;
     chained)
       run 150 chained-d128 python3 bench/attention_gpu.py --skip-checks --shapes 32/8/128 \
-        --contexts 4096,32768,131072 --variants "fp16,ours default layout,ours affine 4b"
+        --contexts 4096,32768,131072 \
+        --variants "fp16,ours default layout,ours default layout (rows grid),ours affine 4b"
       run 90 chained-d256 python3 bench/attention_gpu.py --skip-checks --shapes 16/2/256 \
         --contexts 4096,131072 --variants "fp16,ours default layout,ours affine 4b"
       ;;
@@ -56,6 +58,18 @@ while [ $# -gt 0 ]; do
     dispatch)
       run 120 dispatch python3 bench/dispatch_cost.py
       ;;
+    sweep)  # the split kernel's grid: block order and split count (bench/split_sweep.py)
+      run 240 sweep python3 bench/split_sweep.py
+      ;;
+    pattern)  # read bandwidth of the split kernel's load order, key layout as stored vs tiled
+      run 60 pattern python3 bench/read_pattern.py
+      ;;
+    e2e-batch)  # Llama at 32K with the GPU busy enough to matter (batch 1 is host-bound there)
+      for bsz in 4 16; do
+        run 240 "e2e-32k-b$bsz" python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \
+          --contexts 32768 --batch "$bsz" --caches fp16,tq-default --repeats 3
+      done
+      ;;
     e2e-32k)
       run 200 e2e-32k-b1 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b,qwen3.5-35b-a3b \
         --contexts 32768 --caches fp16,tq-default --repeats 4
@@ -64,17 +78,42 @@ while [ $# -gt 0 ]; do
       run 200 e2e-128k-b4 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \
         --contexts 131072 --batch 4 --caches fp16,tq-default --repeats 3
       ;;
-    ncu)  # one decode layer's kernels at context N (profile range only)
+    ncu | ncu-args)  # one decode layer's kernels at context N; ncu-args N "ARGS": kernel_profile's
+      n=$1
+      shift
+      extra=""
+      if [ "$step" = ncu-args ]; then
+        extra=$1
+        shift
+      fi
+      ncu_bin=$(command -v ncu || true)
+      for f in /usr/local/cuda*/bin/ncu; do
+        [ -n "$ncu_bin" ] || { [ -x "$f" ] && ncu_bin=$f; }
+      done
+      echo "== ncu $n $extra"
+      # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
+      timeout 300 "$ncu_bin" --clock-control none --profile-from-start off --section SpeedOfLight \
+        --section Occupancy python3 bench/kernel_profile.py --n "$n" $extra 2>&1 |
+        grep -E "^  [a-zA-Z]|Duration|SM Active Cycles|Elapsed Cycles|Achieved Occupancy" | head -40 ||
+        echo "== ncu failed or timed out"
+      ;;
+    ncu-full)  # stall reasons, memory and scheduler sections of the split kernel at context N
       n=$1
       shift
       ncu_bin=$(command -v ncu || true)
       for f in /usr/local/cuda*/bin/ncu; do
         [ -n "$ncu_bin" ] || { [ -x "$f" ] && ncu_bin=$f; }
       done
-      echo "== ncu $n"
-      timeout 300 "$ncu_bin" --clock-control none --profile-from-start off --section SpeedOfLight \
-        python3 bench/kernel_profile.py --n "$n" 2>&1 | grep -E "^  [a-zA-Z]|Duration" | head -40 ||
-        echo "== ncu failed or timed out"
+      mkdir -p "$OUT/ncu"
+      echo "== ncu-full $n"
+      timeout 400 "$ncu_bin" --clock-control none --profile-from-start off -k regex:tq_mma \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+        --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section SourceCounters \
+        python3 bench/kernel_profile.py --n "$n" >"$OUT/ncu/ncu_full_$n.txt" 2>&1 ||
+        echo "== ncu-full failed or timed out"
+      grep -E "^  [a-zA-Z]|Duration|DRAM Through|Stall|Issued Warp|Achieved Occ|L2 Hit|Mem Busy" \
+        "$OUT/ncu/ncu_full_$n.txt" | head -60
       ;;
     -h | --help) usage ;;
     *)

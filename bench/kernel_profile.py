@@ -29,7 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=131072, help="context length")
     ap.add_argument("--fresh", action="store_true", help="head/tail re-made by a GPU op")
+    ap.add_argument("--splits", type=int, help="force the split count")
+    ap.add_argument("--rows-grid", action="store_true", help="the (splits, rows, batch) grid")
     args = ap.parse_args()
+    from services.turboquant.kernels import mma_decode
+
+    mma_decode.LINEAR_GRID = not args.rows_grid
     n = args.n
     install_patch()
     hkv, hq, d = 8, 32, 128
@@ -48,7 +53,10 @@ def main() -> None:
         if i == 2:
             mx.synchronize()
             cuda.cuProfilerStart()
-        mx.eval(turboquant_attention(q, ks, vs, 1 / math.sqrt(d)))
+        if args.splits:
+            mx.eval(mma_decode.mma_decode_layer(q, ks, vs, 1 / math.sqrt(d), splits=args.splits))
+        else:
+            mx.eval(turboquant_attention(q, ks, vs, 1 / math.sqrt(d)))
         mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(d)))
     mx.synchronize()
     cuda.cuProfilerStop()

@@ -1,0 +1,72 @@
+"""Decode-layer time on the GPU against the split kernel's grid: the block order (a 1-D
+grid with every split before the full-precision chunks, or splits and chunks per row) and
+the number of splits. One run, the same caches for every variant:
+
+    python bench/split_sweep.py [--contexts 4033,32705,131009] [--out DIR]
+
+32 query / 8 KV heads, D 128, the default cache (contexts of 2^k + 64 - 127 leave a tail
+of 64, the average in decode); calls independent (the GPU's time, not the host's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SPLITS = {4033: [4, 6, 8], 32705: [16, 24, 33, 49, 64], 131009: [33, 44, 49, 64, 98, 132, 196]}
+
+
+def main() -> None:
+    import mlx.core as mx
+
+    from bench.attention_gpu import bench_time, kv_cache_slices
+    from services.turboquant import TurboQuantConfig, TurboQuantKVCache, install_patch
+    from services.turboquant.kernels import mma_decode
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4033,32705,131009")
+    ap.add_argument("--sets", type=int, default=2, help="input sets the calls rotate over")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    install_patch()
+    hkv, hq, d = 8, 32, 128
+    scale = 1 / math.sqrt(d)
+    rows = []
+    for n in [int(c) for c in args.contexts.split(",")]:
+        sets = []
+        for _ in range(args.sets):
+            k, v = kv_cache_slices(hkv, n, d)
+            cache = TurboQuantKVCache(TurboQuantConfig.recommended())
+            ks, vs = cache.update_and_fetch(k, v)
+            q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
+            mx.eval(q, *[a for a in ks.parts + vs.parts], ks.tail, vs.tail)
+            sets.append((q, ks, vs))
+        variants = [(False, None)] + [(True, None)] + [(True, s) for s in SPLITS.get(n, [])]
+        for linear, splits in variants:
+            mma_decode.LINEAR_GRID = linear
+
+            def call(i, splits=splits, sets=sets):
+                q, ks, vs = sets[i]
+                return mma_decode.mma_decode_layer(q, ks, vs, scale, splits=splits)
+
+            t = bench_time([lambda i=i: call(i) for i in range(len(sets))], reps=100)
+            s = splits or mma_decode.num_splits(
+                sets[0][1].n_body, hkv, 8, factor=mma_decode.SPLIT_FACTOR, fill=linear
+            )
+            rows.append({"context": n, "linear": linear, "splits": s, "rule": splits is None,
+                         "us": t * 1e6})  # fmt: skip
+            print(f"n {n:6d}  {'1-D grid' if linear else 'rows grid':9s}  splits {s:4d}"
+                  f"{' (rule)' if splits is None else '       '}  {t * 1e6:7.1f} us", flush=True)  # fmt: skip
+    mma_decode.LINEAR_GRID = True
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "split_sweep.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
