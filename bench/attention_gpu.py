@@ -572,7 +572,8 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
 
 LAYER_VARIANTS = [  # what a model layer pays per decode step (ours: rotations and joins included)
     "fp16", "mlx-lm affine 8b", "mlx-lm affine 4b", "v3 affine 4b (kernel only)",
-    "ours default layout", "ours affine 4b", "ours codebook 4b", "ours codebook 3b",
+    "ours default layout", "ours default layout (rows grid)", "ours affine 4b",
+    "ours codebook 4b", "ours codebook 3b",
 ]  # fmt: skip
 PLOT = ROOT / "docs" / "attention_gpu.png"
 
