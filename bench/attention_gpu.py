@@ -469,37 +469,32 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                     s["q"] if prev is None else prev, ks, vs, scale
                 )
 
-            def layer_tuned(s, key, scale=scale, **tune):  # layer() under other settings
-                ks, vs = s[key]
+            def tuned(fn, tune):
+                """``fn`` run with mma_decode's ``tune`` settings (STEPS / WARPS /
+                SPLIT_FACTOR / FOLD / PIPELINE / LINEAR_GRID), restored after."""
 
-                def f(prev=None):
+                def f(*args):
                     old = {k: getattr(mma_decode, k) for k in tune}
                     for k, v in tune.items():
                         setattr(mma_decode, k, v)
                     try:
-                        return turboquant_attention(s["q"] if prev is None else prev, ks, vs, scale)
+                        return fn(*args)
                     finally:
                         for k, v in old.items():
                             setattr(mma_decode, k, v)
 
                 return f
+
+            def layer_tuned(s, key, **tune):  # layer() under other settings
+                return tuned(layer(s, key), tune)
 
             def v4_only(s, key, scale=scale, **tune):
-                """The split kernel alone (it rotates the query); ``tune`` sets STEPS /
-                WARPS / SPLIT_FACTOR / FOLD / PIPELINE."""
+                """The split kernel alone (it rotates the query), under ``tune``."""
                 ks, vs = s[key]
-
-                def f():
-                    old = {k: getattr(mma_decode, k) for k in tune}
-                    for k, v in tune.items():
-                        setattr(mma_decode, k, v)
-                    try:
-                        return mma_decode._split(s["q"], ks.rotation, ks, vs, scale, None, False)[0]
-                    finally:
-                        for k, v in old.items():
-                            setattr(mma_decode, k, v)
-
-                return f
+                return tuned(
+                    lambda: mma_decode._split(s["q"], ks.rotation, ks, vs, scale, None, False)[0],
+                    tune,
+                )
 
             def kernel_only(s, scale=scale, **kw):
                 q_rot = s["q"].astype(mx.float32)

@@ -26,6 +26,14 @@ run() {  # run SECONDS NAME CMD...: one step, its output filtered to what matter
     echo "== $name failed or timed out (status $?)"
 }
 
+find_ncu() {  # ncu on PATH, else the CUDA toolkit's
+  local f
+  command -v ncu && return
+  for f in /usr/local/cuda*/bin/ncu; do
+    [ -x "$f" ] && { echo "$f"; return; }
+  done
+}
+
 [ $# -gt 0 ] || { usage; exit 2; }
 while [ $# -gt 0 ]; do
   step=$1
@@ -86,10 +94,7 @@ while [ $# -gt 0 ]; do
         extra=$1
         shift
       fi
-      ncu_bin=$(command -v ncu || true)
-      for f in /usr/local/cuda*/bin/ncu; do
-        [ -n "$ncu_bin" ] || { [ -x "$f" ] && ncu_bin=$f; }
-      done
+      ncu_bin=$(find_ncu)
       echo "== ncu $n $extra"
       # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
       timeout 300 "$ncu_bin" --clock-control none --profile-from-start off --section SpeedOfLight \
@@ -100,10 +105,7 @@ while [ $# -gt 0 ]; do
     ncu-full)  # stall reasons, memory and scheduler sections of the split kernel at context N
       n=$1
       shift
-      ncu_bin=$(command -v ncu || true)
-      for f in /usr/local/cuda*/bin/ncu; do
-        [ -n "$ncu_bin" ] || { [ -x "$f" ] && ncu_bin=$f; }
-      done
+      ncu_bin=$(find_ncu)
       mkdir -p "$OUT/ncu"
       echo "== ncu-full $n"
       timeout 400 "$ncu_bin" --clock-control none --profile-from-start off -k regex:tq_mma \
