@@ -251,8 +251,8 @@ class TurboQuantKVCache(_BaseCache):
             i = min(room, n)
             self.head_k = mx.concatenate([self.head_k, keys[:, :, :i]], axis=2)
             self.head_v = mx.concatenate([self.head_v, values[:, :, :i]], axis=2)
-        if i < n:
-            self._append_tail(keys[:, :, i:], values[:, :, i:])
+        if i < n:  # (no slice op when all of it goes to the tail: decode steps)
+            self._append_tail(keys[:, :, i:] if i else keys, values[:, :, i:] if i else values)
         self.offset += n
         over = self.tail_k.shape[2] - self.window
         if over >= self.block and self._center_ready():
