@@ -9,12 +9,12 @@
 #   bash bench/gpu_session.sh table e2e-128k
 #
 # Steps: install | checks RUNS | chained | table | dispatch | pattern | e2e-32k | e2e-128k |
-#        e2e-batch | sweep | ncu N | ncu-args N "ARGS" | ncu-full N
+#        e2e-batch | sweep | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 run() {  # run SECONDS NAME CMD...: one step, its output filtered to what matters
   local limit=$1 name=$2
@@ -102,20 +102,27 @@ while [ $# -gt 0 ]; do
         grep -E "^  [a-zA-Z]|Duration|SM Active Cycles|Elapsed Cycles|Achieved Occupancy" | head -40 ||
         echo "== ncu failed or timed out"
       ;;
-    ncu-full)  # stall reasons, memory and scheduler sections of the split kernel at context N
-      n=$1
+    ncu-full | ncu-full-args)  # every section (stall details too) of the split kernel at N;
+      n=$1                       # ncu-full-args N "ARGS": kernel_profile's options
       shift
+      extra=""
+      if [ "$step" = ncu-full-args ]; then
+        extra=$1
+        shift
+      fi
       ncu_bin=$(find_ncu)
       mkdir -p "$OUT/ncu"
-      echo "== ncu-full $n"
-      timeout 400 "$ncu_bin" --clock-control none --profile-from-start off -k regex:tq_mma \
+      f="$OUT/ncu/ncu_full_${n}$(echo "$extra" | tr -c 'A-Za-z0-9\n' _).txt"
+      echo "== ncu-full $n $extra"
+      # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
+      timeout 400 "$ncu_bin" --clock-control none --profile-from-start off -k regex:tq_mma_decode_split \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-        --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
-        --section SchedulerStats --section ComputeWorkloadAnalysis --section SourceCounters \
-        python3 bench/kernel_profile.py --n "$n" >"$OUT/ncu/ncu_full_$n.txt" 2>&1 ||
+        --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
+        --section SourceCounters --print-details all \
+        python3 bench/kernel_profile.py --n "$n" $extra >"$f" 2>&1 ||
         echo "== ncu-full failed or timed out"
-      grep -E "^  [a-zA-Z]|Duration|DRAM Through|Stall|Issued Warp|Achieved Occ|L2 Hit|Mem Busy" \
-        "$OUT/ncu/ncu_full_$n.txt" | head -60
+      grep -E "Duration|SM Active|DRAM Through|Stall|Issued Warp|Achieved Occ|L1/TEX Cache|L2 Cache Th|Pipe" \
+        "$f" | head -60
       ;;
     -h | --help) usage ;;
     *)
