@@ -4,8 +4,9 @@ the number of splits. One run, the same caches for every variant:
 
     python bench/split_sweep.py [--contexts 4033,32705,131009] [--out DIR]
 
-32 query / 8 KV heads, D 128, the default cache (contexts of 2^k + 64 - 127 leave a tail
-of 64, the average in decode); calls independent (the GPU's time, not the host's).
+32 query / 8 KV heads, D 128, the default cache (contexts 63 short of a power of two leave
+a full-precision tail of 64 positions, the average in decode); calls independent (the
+GPU's time, not the host's).
 """
 
 from __future__ import annotations
