@@ -10,6 +10,7 @@ it. Steps of the two caches alternate; medians per step and per layer::
 
     python bench/host_time.py --write   # SmolLM2 f32 from .cache/models; the section too
     python bench/host_time.py --profile 20     # where our share of it goes (cProfile)
+    python bench/host_time.py --calls          # per layer: cache update vs attention call
 """
 
 from __future__ import annotations
@@ -52,6 +53,35 @@ def hook_kernels() -> None:
     set_body_decode_kernel(dispatch.mma_body_kernel)
 
 
+def time_calls(acc: dict) -> None:
+    """Wrap each cache's ``update_and_fetch`` and attention call with timers summed into
+    ``acc`` (``update``/``attention`` of ``fp16`` and ``ours``): where a layer's host time
+    goes inside the model, not in a micro-benchmark."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    import services.turboquant.patch as patch
+    from services.turboquant import TurboQuantKVCache
+
+    def timed(fn, key):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+            return out
+
+        return call
+
+    KVCache.update_and_fetch = timed(KVCache.update_and_fetch, ("fp16", "update"))
+    TurboQuantKVCache.update_and_fetch = timed(
+        TurboQuantKVCache.update_and_fetch, ("ours", "update")
+    )
+    patch.turboquant_attention = timed(patch.turboquant_attention, ("ours", "attention"))
+    mx.fast.scaled_dot_product_attention = timed(
+        mx.fast.scaled_dot_product_attention, ("fp16", "attention")
+    )
+
+
 def main() -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -67,6 +97,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--profile", type=int, default=0, help="print the top N functions of ours")
     ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
+    ap.add_argument("--calls", action="store_true", help="time update and attention calls too")
     args = ap.parse_args()
 
     model, _ = load(args.model)
@@ -79,6 +110,9 @@ def main() -> None:
     for cache in caches.values():  # prefill (portable path: one launch per layer is decode)
         mx.eval(model(prompt, cache=cache))
     layers = sum(1 for c in caches["turboquant default"] if hasattr(c, "key_spec"))
+    acc: dict = {}
+    if args.calls:
+        time_calls(acc)
     y = mx.array([[1]])
     times = {k: [] for k in caches}
     prof = cProfile.Profile() if args.profile else None
@@ -91,6 +125,8 @@ def main() -> None:
             dt = time.perf_counter() - t
             if prof:
                 prof.disable()
+            if step == 4 and name == "fp16 KVCache":
+                acc.clear()  # the call timings count from the same step as the rest
             if step >= 5:  # the first steps build caches and plans
                 times[name].append(dt)
             mx.eval(logits, [x for _, x in tree_flatten([c.state for c in cache])])
@@ -107,6 +143,15 @@ def main() -> None:
         "of a real custom kernel (rebuilding and hashing its source) are not included.\n\n"
         + markdown_table(["cache", "ms a step (median)", "us a layer over fp16"], rows)
     )
+    if acc:
+        per = 1e6 / (layers * len(times["fp16 KVCache"]))
+        calls = [[part] + [f"{acc.get((c, part), 0.0) * per:.1f}" for c in ("fp16", "ours")]
+                 for part in ("update", "attention")]  # fmt: skip
+        body += (
+            "\nPer layer and step, inside the model (mean us; the stand-in launches are in "
+            "ours' attention): fp16 = mlx-lm's KVCache update and `mx.fast` SDPA.\n\n"
+            + markdown_table(["call", "fp16 us", "ours us"], calls)
+        )
     print(body)
     if prof:
         stats = pstats.Stats(prof).sort_stats("tottime")
