@@ -341,12 +341,14 @@ def run_portable_checks(rng, prefix: int = 3000, chunk: int = 256) -> list[dict]
 
 # ----------------------------------------------------------------------------- timing
 def bench_time(fns, reps: int = 40, repeat: int = 5, chain: bool = False,
-               host: dict | None = None) -> float:  # fmt: skip
+               host: dict | None = None, warm: int | None = None) -> float:  # fmt: skip
     """Seconds per call: build ``reps`` calls over rotating input sets, eval them at once.
     ``chain``: each ``fn(q)`` takes the previous call's output as its query (in order, as
     a model's layers run), else the calls are independent. ``host`` gets ``dispatch``:
     seconds per call the host spends in ``async_eval`` (MLX encodes every kernel there;
-    the GPU starts a graph only once it is committed)."""
+    the GPU starts a graph only once it is committed), and ``build``: in the Python calls
+    that build the graph. ``warm``: calls evaluated first (default: one per input set, at
+    least 4)."""
     import mlx.core as mx
 
     def calls(count):
@@ -358,11 +360,13 @@ def bench_time(fns, reps: int = 40, repeat: int = 5, chain: bool = False,
         return [q]
 
     n = len(fns)
-    mx.eval(calls(max(n, 4)))
+    mx.eval(calls(warm or max(n, 4)))
     mx.synchronize()
-    times, dispatch = [], []
+    times, dispatch, build = [], [], []
     for _ in range(repeat):
+        t = time.perf_counter()
         outs = calls(reps)
+        build.append((time.perf_counter() - t) / reps)
         mx.synchronize()
         t = time.perf_counter()
         mx.async_eval(outs)
@@ -372,6 +376,7 @@ def bench_time(fns, reps: int = 40, repeat: int = 5, chain: bool = False,
         times.append((time.perf_counter() - t) / reps)
     if host is not None:
         host["dispatch"] = statistics.median(dispatch)
+        host["build"] = statistics.median(build)
     return statistics.median(times)
 
 

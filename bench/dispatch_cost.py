@@ -25,9 +25,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,36 +38,16 @@ TRIVIAL = """
 
 
 def chain_cost(step, x0, nodes: int, repeat: int = 7) -> dict:
-    """Median per-call microseconds of build, async_eval and wall time for ``nodes`` calls."""
-    import mlx.core as mx
+    """Median per-call microseconds of build, async_eval and wall time for ``nodes`` calls,
+    each ``step`` taking the previous output (the first ``x0``): attention_gpu's chained
+    timing, warmed up with a whole chain."""
+    from bench.attention_gpu import bench_time
 
-    def build():
-        x = x0
-        for _ in range(nodes):
-            x = step(x)
-        return x
-
-    mx.eval(build())
-    mx.synchronize()
-    b, d, w = [], [], []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        y = build()
-        t1 = time.perf_counter()
-        mx.async_eval(y)
-        t2 = time.perf_counter()
-        mx.eval(y)
-        mx.synchronize()
-        t3 = time.perf_counter()
-        b.append(t1 - t0)
-        d.append(t2 - t1)
-        w.append(t3 - t1)
-    per = 1e6 / nodes
-    return {
-        "build_us": statistics.median(b) * per,
-        "dispatch_us": statistics.median(d) * per,
-        "wall_us": statistics.median(w) * per,
-    }
+    host: dict = {}
+    wall = bench_time([lambda prev=None: step(x0 if prev is None else prev)], reps=nodes,
+                      repeat=repeat, chain=True, host=host, warm=nodes)  # fmt: skip
+    return {"build_us": host["build"] * 1e6, "dispatch_us": host["dispatch"] * 1e6,
+            "wall_us": wall * 1e6}  # fmt: skip
 
 
 def render(paths: str, machine: str | None, command: str | None, note: str = "") -> None:

@@ -42,3 +42,25 @@ def test_dispatch_cost_times_a_chain_per_call():
     assert len(calls) == 8 * 4  # a warm-up chain, then 3 timed ones
     assert set(r) == {"build_us", "dispatch_us", "wall_us"}
     assert all(v > 0 for v in r.values()) and r["wall_us"] >= r["dispatch_us"]
+
+
+def test_chained_calls_are_timed_per_call_with_their_graph_build():
+    """dispatch_cost's chains go through attention_gpu's timer (one helper for both)."""
+    import mlx.core as mx
+
+    from bench.dispatch_cost import chain_cost
+
+    x = mx.zeros((1024,))
+    mx.eval(x)
+
+    def twenty_ops(v):
+        for _ in range(20):
+            v = v + 1
+        return v
+
+    one = chain_cost(lambda v: v + 1, x, nodes=32, repeat=3)
+    many = chain_cost(twenty_ops, x, nodes=32, repeat=3)
+    assert set(one) == {"build_us", "dispatch_us", "wall_us"}
+    assert all(v > 0 for v in one.values())
+    # per call: twenty graph nodes take longer to build than one
+    assert many["build_us"] > 5 * one["build_us"]
