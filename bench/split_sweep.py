@@ -56,9 +56,8 @@ def main() -> None:
                 return mma_decode.mma_decode_layer(q, ks, vs, scale, splits=splits)
 
             t = bench_time([lambda i=i: call(i) for i in range(len(sets))], reps=100)
-            s = splits or mma_decode.num_splits(
-                sets[0][1].n_body, hkv, 8, factor=mma_decode.SPLIT_FACTOR, fill=linear
-            )
+            q, ks, vs = sets[0]  # the split count the plan chose (a shape; nothing runs)
+            s = mma_decode._split(q, ks.rotation, ks, vs, scale, splits, False)[0].shape[2]
             rows.append({"context": n, "linear": linear, "splits": s, "rule": splits is None,
                          "us": t * 1e6})  # fmt: skip
             print(f"n {n:6d}  {'1-D grid' if linear else 'rows grid':9s}  splits {s:4d}"
