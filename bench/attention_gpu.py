@@ -405,13 +405,16 @@ def kv_bytes(variant: str, hkv: int, n: int, d: int) -> int:
     return 2 * hkv * n * per
 
 
-def cache_sides(k, v, config):
+def cache_sides(k, v, config, group_major: bool | None = None):
     """A cache built from ``config`` holding ``k``/``v``: its packed key and value sides,
-    as attention receives them."""
+    as attention receives them; ``group_major``: how per-channel key scales are stored
+    (None: the cache's choice, group-major on CUDA)."""
     from services.turboquant import TurboQuantKVCache, install_patch
 
     install_patch()
-    return TurboQuantKVCache(config).update_and_fetch(k, v)
+    cache = TurboQuantKVCache(config)
+    cache.KEY_SCALES_GROUP_MAJOR = group_major
+    return cache.update_and_fetch(k, v)
 
 
 def kv_cache_slices(hkv: int, n: int, d: int):
@@ -460,6 +463,8 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                     v8=mx.quantize(v, group_size=64, bits=8),
                 )
                 s["tq"] = cache_sides(k, v, TurboQuantConfig.recommended())
+                if not only or "D-major" in only:
+                    s["tq_dmaj"] = cache_sides(k, v, TurboQuantConfig.recommended(), False)
                 s["tq_plain"] = cache_sides(k, v, TurboQuantConfig())
                 s["tq_cb4"] = cache_sides(k, v, TurboQuantConfig(quantizer="codebook"))
                 s["tq_cb3"] = cache_sides(
@@ -531,6 +536,9 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                 "ours default layout (rows grid)": [
                     layer_tuned(s, "tq", LINEAR_GRID=False) for s in sets
                 ],
+                "ours default layout (D-major scales)": [
+                    layer(s, "tq_dmaj") for s in sets if "tq_dmaj" in s
+                ],
                 "kernel default v5 loads": [v4_only(s, "tq", PIPELINE=False) for s in sets],
                 "kernel default splits3": [v4_only(s, "tq", SPLIT_FACTOR=3) for s in sets],
                 "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],
@@ -572,7 +580,8 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
 
 LAYER_VARIANTS = [  # what a model layer pays per decode step (ours: rotations and joins included)
     "fp16", "mlx-lm affine 8b", "mlx-lm affine 4b", "v3 affine 4b (kernel only)",
-    "ours default layout", "ours default layout (rows grid)", "ours affine 4b",
+    "ours default layout", "ours default layout (rows grid)",
+    "ours default layout (D-major scales)", "ours affine 4b",
     "ours codebook 4b", "ours codebook 3b",
 ]  # fmt: skip
 PLOT = ROOT / "docs" / "attention_gpu.png"

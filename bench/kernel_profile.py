@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="head/tail re-made by a GPU op")
     ap.add_argument("--splits", type=int, help="force the split count")
     ap.add_argument("--rows-grid", action="store_true", help="the (splits, rows, batch) grid")
+    ap.add_argument("--d-major-scales", action="store_true", help="key scales (B, H, D, T/g)")
     args = ap.parse_args()
     from services.turboquant.kernels import mma_decode
 
@@ -40,7 +41,10 @@ def main() -> None:
     hkv, hq, d = 8, 32, 128
     k, v = kv_cache_slices(hkv, n, d)
     q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
-    ks, vs = TurboQuantKVCache(TurboQuantConfig.recommended()).update_and_fetch(k, v)
+    cache = TurboQuantKVCache(TurboQuantConfig.recommended())
+    if args.d_major_scales:  # the layout before session 9 (and Metal's)
+        cache.KEY_SCALES_GROUP_MAJOR = False
+    ks, vs = cache.update_and_fetch(k, v)
     if args.fresh:
         import dataclasses
 
