@@ -514,7 +514,11 @@ __device__ void mma_decode_split(
       int grp[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) grp[r] = min((P0 + HALF * r) / KGS, ks_sh[3] - 1);
-#pragma unroll
+      // PIPE: k-blocks in a loop, not unrolled -- every operand of a k-block is read from
+      // shared memory (the query's fragments too), and the loop body is 1/NKB of the code:
+      // the warps of an SM then share ~25 KB of loop instead of ~48 KB (ncu session 8:
+      // ~10 % of stalls "no instruction").
+#pragma unroll (PIPE ? 1 : NKB)
       for (int kb = 0; kb < NKB; ++kb) {
         uint32_t cw[2][4][NAK];
         __half2 sc2[2][2], bi2[2][2];
