@@ -64,3 +64,27 @@ def test_chained_calls_are_timed_per_call_with_their_graph_build():
     assert all(v > 0 for v in one.values())
     # per call: twenty graph nodes take longer to build than one
     assert many["build_us"] > 5 * one["build_us"]
+
+
+def test_pipelined_time_runs_steps_of_chained_layers_on_the_last_output():
+    """attention_gpu's decode-loop timing: every step a chain of layers whose first call
+    takes the previous step's (lazy) output, as mlx_lm.generate pipelines decode."""
+    import mlx.core as mx
+
+    from bench.attention_gpu import pipelined_time
+
+    x0 = mx.zeros((64,))
+    mx.eval(x0)
+    seen = []
+
+    def layer(prev=None):
+        seen.append(prev is None)
+        return (x0 if prev is None else prev) + 1
+
+    t = pipelined_time([layer], layers=4, steps=3, repeat=2)
+    assert t > 0
+    # warm-up: two steps (the first from the fixed query); each timed run: 1 + 3 steps
+    assert len(seen) == 4 * 2 + 2 * 4 * (1 + 3)
+    # only a step's first call of a run starts from the fixed query, all others chain on
+    starts = [i for i, fresh in enumerate(seen) if fresh]
+    assert starts == [0, 8, 24]
