@@ -88,3 +88,39 @@ def test_pipelined_time_runs_steps_of_chained_layers_on_the_last_output():
     # only a step's first call of a run starts from the fixed query, all others chain on
     starts = [i for i, fresh in enumerate(seen) if fresh]
     assert starts == [0, 8, 24]
+
+
+def test_dispatch_cost_times_our_layer_without_launches(monkeypatch):
+    """The 'no launches' kind: our layer with stand-in kernels that add no graph node, so
+    its build time is our Python alone (the GPU host's layer minus it: MLX's two calls)."""
+    import mlx.core as mx
+
+    from bench.attention_gpu import cache_sides, kv_cache_slices
+    from bench.dispatch_cost import chain_cost
+    from bench.host_time import CachedStandInKernel, hook_kernels
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.attention import (
+        set_body_decode_kernel,
+        set_layer_decode_kernel,
+        turboquant_attention,
+    )
+    from services.turboquant.kernels import mma_decode
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", mx.fast.cuda_kernel)  # restored after
+    old = set_layer_decode_kernel(None), set_body_decode_kernel(None)
+    try:
+        hook_kernels(CachedStandInKernel)
+        k, v = kv_cache_slices(2, 600, 64)
+        q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+        ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
+        mx.eval(k, v, q, ks.parts, vs.parts)
+        r = chain_cost(lambda x: turboquant_attention(x, ks, vs, 0.125), q, nodes=16, repeat=3)
+        assert r["build_us"] > 0
+        # every launch returned an evaluated array: nothing left to encode or run
+        assert r["dispatch_us"] < r["build_us"]
+        out = turboquant_attention(q, ks, vs, 0.125)
+        assert out.shape == q.shape and out.dtype == q.dtype
+    finally:
+        set_layer_decode_kernel(old[0])
+        set_body_decode_kernel(old[1])
+        mma_decode.clear_kernel_caches()
