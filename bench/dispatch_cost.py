@@ -37,6 +37,38 @@ TRIVIAL = """
 """
 
 
+def trivial_kernel(x0, header: str = "", extra_inputs: int = 0, extra_template: int = 0,
+                   outputs: int = 1, strides: bool = True):  # fmt: skip
+    """``step(x)`` launching a trivial custom kernel (out0 = x + 1); ``extra_*``: unread
+    inputs (``x0``, strided, as ours) and template arguments, ``outputs``: outputs (the split
+    kernel has 15 inputs, 17 template arguments and 4 outputs); ``strides``: the extra
+    inputs' shapes and strides are kernel parameters (120 bytes each, as ours), else
+    pointers only."""
+    import mlx.core as mx
+
+    names = ["x"] + [f"u{i}" for i in range(extra_inputs)]
+    use = "    (void)u{i}_shape; (void)u{i}_strides;\n" if strides else ""
+    k = mx.fast.cuda_kernel(
+        name=f"tq_trivial{len(header)}_{extra_inputs}_{extra_template}_{outputs}_{strides:d}",
+        input_names=names,
+        output_names=[f"out{i}" for i in range(outputs)],
+        source="    const unsigned int n_elem = x_shape[0];\n"
+        + "".join(use.format(i=i) for i in range(extra_inputs))
+        + TRIVIAL.replace("out[i]", "out0[i]"),
+        header=header,
+        ensure_row_contiguous=not extra_inputs,
+    )
+    template = [("T", mx.float16)] + [(f"P{i}", i) for i in range(extra_template)]
+    return lambda x: k(
+        inputs=[x] + [x0] * extra_inputs,
+        template=template,
+        grid=(x.size, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[x.shape] * outputs,
+        output_dtypes=[x.dtype] * outputs,
+    )[0]
+
+
 def chain_cost(step, x0, nodes: int, repeat: int = 7) -> dict:
     """Median per-call microseconds of build, async_eval and wall time for ``nodes`` calls,
     each ``step`` taking the previous output (the first ``x0``): attention_gpu's chained
@@ -99,31 +131,6 @@ def main() -> None:
     small = mx.random.normal((4096,)).astype(mx.float16)
     mx.eval(small)
 
-    def custom(header: str, extra_inputs: int = 0, extra_template: int = 0, outputs: int = 1):
-        """A trivial kernel; ``extra_*``: unread inputs (strided, as ours) and template
-        arguments, ``outputs``: outputs written (the split kernel has 15 inputs, 17
-        template arguments and 4 outputs)."""
-        names = ["x"] + [f"u{i}" for i in range(extra_inputs)]
-        k = mx.fast.cuda_kernel(
-            name=f"tq_trivial{len(header)}_{extra_inputs}_{extra_template}_{outputs}",
-            input_names=names,
-            output_names=[f"out{i}" for i in range(outputs)],
-            source="    const unsigned int n_elem = x_shape[0];\n"
-            + "".join(f"    (void)u{i}_strides;\n" for i in range(extra_inputs))
-            + TRIVIAL.replace("out[i]", "out0[i]"),
-            header=header,
-            ensure_row_contiguous=not extra_inputs,
-        )
-        template = [("T", mx.float16)] + [(f"P{i}", i) for i in range(extra_template)]
-        return lambda x: k(
-            inputs=[x] + [small] * extra_inputs,
-            template=template,
-            grid=(x.size, 1, 1),
-            threadgroup=(256, 1, 1),
-            output_shapes=[x.shape] * outputs,
-            output_dtypes=[x.dtype] * outputs,
-        )[0]
-
     pad = "// padding: a header the size of the split kernel's\n" * 460
     n, d, hq, hkv = args.context, 128, 32, 8
     k, v = kv_cache_slices(hkv, n, d)
@@ -145,11 +152,12 @@ def main() -> None:
 
     kinds = {
         "built-in add": (lambda x: x + 1, small),
-        "custom kernel, small header": (custom(""), small),
-        f"custom kernel, {len(pad) // 1024} KB header": (custom(pad), small),
-        "custom kernel, 15 inputs": (custom("", extra_inputs=14), small),
-        "custom kernel, 17 template arguments": (custom("", extra_template=16), small),
-        "custom kernel, 4 outputs": (custom("", outputs=4), small),
+        "custom kernel, small header": (trivial_kernel(small), small),
+        f"custom kernel, {len(pad) // 1024} KB header": (trivial_kernel(small, pad), small),
+        "custom kernel, 15 inputs": (trivial_kernel(small, "", 14), small),
+        "custom kernel, 15 inputs, pointers only": (trivial_kernel(small, "", 14, strides=False), small),
+        "custom kernel, 17 template arguments": (trivial_kernel(small, extra_template=16), small),
+        "custom kernel, 4 outputs": (trivial_kernel(small, outputs=4), small),
         f"fp16 SDPA {n}": (
             lambda x: mx.fast.scaled_dot_product_attention(x, k, v, scale=scale), q),
         f"ours default layout {n}": (lambda x: turboquant_attention(x, ks, vs, scale), q),

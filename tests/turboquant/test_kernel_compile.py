@@ -102,3 +102,25 @@ def test_every_launch_compiles_and_the_split_kernel_keeps_its_occupancy(launches
         assert blocks >= want, (t, regs, static, kernel.shared_memory)
     assert not failures, failures
     assert {(d, pipe) for d, pipe, *_ in seen} >= {(128, True), (64, True), (256, False)}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(extra_inputs=14), dict(extra_inputs=14, strides=False),
+     dict(extra_template=16), dict(outputs=4), dict(header="// pad\n" * 50)],
+)  # fmt: skip
+def test_dispatch_cost_kernels_compile(monkeypatch, kw):
+    """bench/dispatch_cost.py's trivial kernels (what isolates MLX's per-call costs on the
+    GPU) build as MLX would build them."""
+    from bench.dispatch_cost import trivial_kernel
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
+    _RecordedKernel.launches, _RecordedKernel.outputs = [], []
+    x = mx.zeros((256,), dtype=mx.float16)
+    trivial_kernel(x, **kw)(x)
+    ((kernel, inputs, template, *_),) = _RecordedKernel.launches
+    assert len(inputs) == 1 + kw.get("extra_inputs", 0)
+    src = nvrtc.kernel_source(kernel, inputs, template.items(), [mx.float16] * kw.get("outputs", 1))
+    assert ("u0_strides" in src) == (kw.get("extra_inputs", 0) > 0 and kw.get("strides", True))
+    cubin, log = nvrtc.compile_cubin(src)
+    assert cubin is not None, log
