@@ -99,8 +99,9 @@ while [ $# -gt 0 ]; do
       # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
       timeout 300 "$ncu_bin" --clock-control none --profile-from-start off --section SpeedOfLight \
         --section Occupancy python3 bench/kernel_profile.py --n "$n" $extra 2>&1 |
-        grep -E "^  [a-zA-Z]|Duration|SM Active Cycles|Elapsed Cycles|Achieved Occupancy" | head -40 ||
-        echo "== ncu failed or timed out"
+        grep -E "^  [a-zA-Z]|Duration|SM Active Cycles|Achieved Occupancy" |
+        sed -E 's/\([^()]*\) \(/ (/; s/, Context .*//' | cut -c1-150 | head -40 ||
+        echo "== ncu failed or timed out"  # (kernel signatures cut: a call returns 12,000 chars)
       ;;
     ncu-full | ncu-full-args)  # every section (stall details too) of the split kernel at N;
       n=$1                       # ncu-full-args N "ARGS": kernel_profile's options
