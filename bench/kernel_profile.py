@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--splits", type=int, help="force the split count")
     ap.add_argument("--rows-grid", action="store_true", help="the (splits, rows, batch) grid")
     ap.add_argument("--d-major-scales", action="store_true", help="key scales (B, H, D, T/g)")
+    ap.add_argument("--layout", choices=["default", "affine", "codebook"], default="default",
+                    help="the cache layout (attention_gpu's 'ours ...' variants)")  # fmt: skip
     args = ap.parse_args()
     from services.turboquant.kernels import mma_decode
 
@@ -41,7 +43,12 @@ def main() -> None:
     hkv, hq, d = 8, 32, 128
     k, v = kv_cache_slices(hkv, n, d)
     q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
-    cache = TurboQuantKVCache(TurboQuantConfig.recommended())
+    config = {
+        "default": TurboQuantConfig.recommended(),
+        "affine": TurboQuantConfig(),
+        "codebook": TurboQuantConfig(quantizer="codebook"),
+    }[args.layout]
+    cache = TurboQuantKVCache(config)
     if args.d_major_scales:  # the layout before session 9 (and Metal's)
         cache.KEY_SCALES_GROUP_MAJOR = False
     ks, vs = cache.update_and_fetch(k, v)
