@@ -137,11 +137,11 @@ class TurboQuantKVCache(_BaseCache):
     _tail_buf: tuple[mx.array, mx.array, mx.array] | None = None
     _views_cache: tuple | None = None  # (what the body views were cut from, the views)
     # Per-channel key scales and biases stored (B, H, T/g, D): the CUDA split kernel reads a
-    # tile's scales for all channels at once, coalesced this way (128K: 77 -> 59 us, ncu).
+    # tile's scales for all channels at once, coalesced this way (128K: 77 -> 58 us, ncu).
     # None: where the CUDA kernels read them; Metal keeps (B, H, D, T/g) for quantized_matmul.
     # The views handed out are (B, H, D, T/g) either way (swapped axes, strides as stored).
     KEY_SCALES_GROUP_MAJOR: bool | None = None
-    _scales_gm = False  # how this instance's body is stored (fixed when it is allocated)
+    _scales_gm = False  # how this instance's key body is stored now (set by _compress)
 
     _OPTIONS = (
         "key_bits",
