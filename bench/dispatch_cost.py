@@ -46,15 +46,20 @@ def trivial_kernel(x0, header: str = "", extra_inputs: int = 0, extra_template: 
     pointers only."""
     import mlx.core as mx
 
+    from services.turboquant.kernels.fused_decode import source_name
+
     names = ["x"] + [f"u{i}" for i in range(extra_inputs)]
     use = "    (void)u{i}_shape; (void)u{i}_strides;\n" if strides else ""
+    source = (
+        "    const unsigned int n_elem = x_shape[0];\n"
+        + "".join(use.format(i=i) for i in range(extra_inputs))
+        + TRIVIAL.replace("out[i]", "out0[i]")
+    )
     k = mx.fast.cuda_kernel(
-        name=f"tq_trivial{len(header)}_{extra_inputs}_{extra_template}_{outputs}_{strides:d}",
+        name=source_name(f"tq_trivial_{extra_inputs}_{extra_template}_{outputs}", header, source),
         input_names=names,
         output_names=[f"out{i}" for i in range(outputs)],
-        source="    const unsigned int n_elem = x_shape[0];\n"
-        + "".join(use.format(i=i) for i in range(extra_inputs))
-        + TRIVIAL.replace("out[i]", "out0[i]"),
+        source=source,
         header=header,
         ensure_row_contiguous=not extra_inputs,
     )

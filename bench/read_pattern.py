@@ -55,9 +55,14 @@ SOURCE = r"""
 def run(n: int, splits: list[int], heads: int = 8, d: int = 128, calls: int = 40) -> list[dict]:
     import mlx.core as mx
 
+    from services.turboquant.kernels.fused_decode import source_name
+
     assert d == 128, "the tile shape above is D 128's"
     kernel = mx.fast.cuda_kernel(
-        name="tq_read_pattern", input_names=["keys", "vals"], output_names=["out"], source=SOURCE
+        name=source_name("tq_read_pattern", SOURCE),
+        input_names=["keys", "vals"],
+        output_names=["out"],
+        source=SOURCE,
     )
     words = heads * n * d // 8  # 4 bits an element
     keys = mx.random.randint(0, 2**31, (words,)).astype(mx.uint32)

@@ -9,6 +9,7 @@ are only built when first called on a CUDA device.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import cache, lru_cache
 
@@ -26,6 +27,14 @@ NUM_SMS_GUESS = 132  # H200; only steers the split count
 LOG2E = 1.4426950408889634
 
 
+def source_name(base: str, *texts: str) -> str:
+    """``base`` plus a digest of the kernel's source: MLX keeps compiled kernels on disk
+    (``MLX_PTX_CACHE_DIR``, else <tmp>/mlx/<version>/ptx) under the kernel's name and template
+    arguments alone, so without it a changed kernel (a tqstack upgrade, a branch) would load
+    the old build."""
+    return f"{base}_{hashlib.sha1(''.join(texts).encode()).hexdigest()[:12]}"
+
+
 @lru_cache(maxsize=1)
 def cuda_available() -> bool:
     """True when MLX runs on a CUDA GPU (so the fused kernel can be used)."""
@@ -38,7 +47,7 @@ def cuda_available() -> bool:
 @cache
 def _split_kernel():
     return mx.fast.cuda_kernel(
-        name="tq_decode_split",
+        name=source_name("tq_decode_split", HEADER, SPLIT_SOURCE),
         input_names=["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params"],
         output_names=["o_part", "ml_part"],
         source=SPLIT_SOURCE,
@@ -52,7 +61,7 @@ def _split_kernel():
 @cache
 def _combine_kernel():
     return mx.fast.cuda_kernel(
-        name="tq_decode_combine",
+        name=source_name("tq_decode_combine", HEADER, COMBINE_SOURCE),
         input_names=["o_part", "ml_part", "sinks"],
         output_names=["out"],
         source=COMBINE_SOURCE,

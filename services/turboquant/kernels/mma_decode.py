@@ -19,7 +19,14 @@ import mlx.core as mx
 
 from ..attention import centre_shift2
 from ..rotation import rotate
-from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant, dummy_input
+from .fused_decode import (
+    LOG2E,
+    NUM_SMS_GUESS,
+    const_input,
+    device_constant,
+    dummy_input,
+    source_name,
+)
 from .mma_source import (
     MMA_COMBINE_SOURCE,
     MMA_COMMON,
@@ -70,7 +77,7 @@ def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strid
     # strided: inputs are read through their strides (the cache's views are never copied);
     # smem: dynamic shared memory a block (bytes).
     return mx.fast.cuda_kernel(
-        name=name,
+        name=source_name(name, header, source),
         input_names=inputs,
         output_names=outputs,
         source=source,
@@ -81,13 +88,14 @@ def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strid
 
 
 @cache
-def _split_kernel(smem: int = 0):
+def _split_kernel(smem: int = 0, fp_dtype: str = "float16"):
+    # fp_dtype: the sink's and tail's dtype, which types inputs kh..vt in the signature MLX
+    # writes but is no template argument: in the name, or one build would serve both.
     inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
               "kh", "vh", "kt", "vt"]  # fmt: skip
     outputs = ["o_part", "ml_part", "fp_o", "fp_ml"]
-    return _kernel(
-        "tq_mma_decode_split", inputs, outputs, MMA_SPLIT_SOURCE, True, _SPLIT_HEADER, smem
-    )
+    name = f"tq_mma_decode_split_{fp_dtype}"
+    return _kernel(name, inputs, outputs, MMA_SPLIT_SOURCE, True, _SPLIT_HEADER, smem)
 
 
 @cache
@@ -406,7 +414,8 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
     )
     none32 = dummy_input(mx.float32)
     return _Launch(
-        _split_kernel(smem), template, grid, threadgroup, out_shapes, [mx.float32] * 4,
+        _split_kernel(smem, str(fp[2] or mx.float16).rsplit(".", 1)[-1]), template, grid,
+        threadgroup, out_shapes, [mx.float32] * 4,
         k_bias=k_layout[0] != 1, v_bias=v_layout[0] != 1, dummy16=dummy_input(mx.float16),
         dummy_fp=dummy_input(fp[2] or mx.float16),
         none32=none32,
