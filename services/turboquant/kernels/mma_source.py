@@ -305,8 +305,11 @@ __device__ void mma_decode_split(
   __shared__ float red_m[WARPS][8], red_l[WARPS][8];
   __shared__ uint2 qfrag_s[PIPE ? NKB * 32 : 1];  // PIPE: the B fragments, read per k-block (16 registers)
   auto red_o = reinterpret_cast<float (*)[8][D]>(PIPE ? static_cast<void*>(tq_dyn) : static_cast<void*>(pool));
-  // 8 * D floats <= RED_BYTES; PIPE: warp 0's value ring, before its first values land.
-  auto q_s = reinterpret_cast<float (*)[D]>(PIPE ? static_cast<void*>(tq_dyn + KBUF) : static_cast<void*>(pool));
+  // 8 * D floats <= RED_BYTES; PIPE: the staged scales' area, before the first tile's are
+  // stored -- the rings are already loading the first tile by then.
+  auto q_s = reinterpret_cast<float (*)[D]>(PIPE ? static_cast<void*>(tq_dyn + WARPS * (KBUF + VBUF))
+                                                 : static_cast<void*>(pool));
+  static_assert(!PIPE || 8 * D * 4 <= STG_BYTES, "PIPE: the query fits where the scales go");
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -318,58 +321,6 @@ __device__ void mma_decode_split(
   chunk = (chunk + TP - 1) / TP * TP;
   const int start = split * chunk;
   const int end = min(N, start + chunk);
-
-  if constexpr (KCB) {
-    for (int i = threadIdx.x; i < (1 << KB) * 32; i += blockDim.x) lutk_s[i] = lut_k[i >> 5];
-  }
-  if constexpr (VCB) {
-    for (int i = threadIdx.x; i < (1 << VB) * 32; i += blockDim.x) lutv_s[i] = lut_v[i >> 5];
-  }
-
-  // The block's 8 query heads, rotated here when QROT (x M, M = diag(signs) H / sqrt(D):
-  // the signs, then Sylvester-order butterflies) -- no MLX ops for the rotation per step.
-  {
-    for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
-      const int h = i / D, d = i % D, head = ht * 8 + h;
-      float x = head < G ? tofloat(q[b * q_st[0] + (int64_t)(hkv * G + head) * q_st[1] + d * q_st[3]]) : 0.f;
-      if constexpr (QROT) x *= signs[d];
-      q_s[h][d] = x;
-    }
-    __syncthreads();
-    if constexpr (QROT) {
-      constexpr int E = 8 * D / (32 * WARPS);
-      float x[E];
-      for (int hs = 1; hs < D; hs <<= 1) {
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
-          const float a = q_s[h][d], c = q_s[h][d ^ hs];
-          x[e] = (d & hs) ? (c - a) : (a + c);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          const int i = threadIdx.x + e * 32 * WARPS;
-          q_s[i / D][i % D] = x[e];
-        }
-        __syncthreads();
-      }
-    }
-  }
-  // B operand of the score product: lane (g, t) holds head g, dims t*KD + 4kb + {0,1},{2,3}.
-  uint32_t qf[NKB][2];
-  {
-    const float qm = QROT ? qscale * rsqrtf((float)D) : qscale;
-#pragma unroll
-    for (int kb = 0; kb < NKB; ++kb) {
-#pragma unroll
-      for (int c2 = 0; c2 < 2; ++c2) {
-        const int d = t * KD + 4 * kb + 2 * c2;
-        qf[kb][c2] = h2u(__floats2half2_rn(q_s[g][d] * qm, q_s[g][d + 1] * qm));
-      }
-      if (PIPE && warp == 0) qfrag_s[kb * 32 + lane] = make_uint2(qf[kb][0], qf[kb][1]);
-    }
-  }
 
   const int v_grp = (VD * g) / VGS;
 
@@ -452,9 +403,67 @@ __device__ void mma_decode_split(
       else stage_rows<TP, VCHK, 4, false>(vring, vbase + P * vst, vst, N - P, lane);
     }
   };
-  if constexpr (PIPE) {  // the first tile's keys start loading
-    if (start + warp * TP < end) stage_keys(start + warp * TP);
+  // PIPE: the first tile's keys, values and scales start loading before the query is read
+  // and rotated (its latency hides behind that; the rings do not hold the query).
+  if constexpr (PIPE) {
+    const bool first = start + warp * TP < end;
+    if (first) stage_keys(start + warp * TP);
     cp_commit();
+    if (first) stage_values(start + warp * TP);
+    cp_commit();
+    if (first) load_scales(start + warp * TP);
+  }
+
+  if constexpr (KCB) {
+    for (int i = threadIdx.x; i < (1 << KB) * 32; i += blockDim.x) lutk_s[i] = lut_k[i >> 5];
+  }
+  if constexpr (VCB) {
+    for (int i = threadIdx.x; i < (1 << VB) * 32; i += blockDim.x) lutv_s[i] = lut_v[i >> 5];
+  }
+
+  // The block's 8 query heads, rotated here when QROT (x M, M = diag(signs) H / sqrt(D):
+  // the signs, then Sylvester-order butterflies) -- no MLX ops for the rotation per step.
+  {
+    for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
+      const int h = i / D, d = i % D, head = ht * 8 + h;
+      float x = head < G ? tofloat(q[b * q_st[0] + (int64_t)(hkv * G + head) * q_st[1] + d * q_st[3]]) : 0.f;
+      if constexpr (QROT) x *= signs[d];
+      q_s[h][d] = x;
+    }
+    __syncthreads();
+    if constexpr (QROT) {
+      constexpr int E = 8 * D / (32 * WARPS);
+      float x[E];
+      for (int hs = 1; hs < D; hs <<= 1) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+          const float a = q_s[h][d], c = q_s[h][d ^ hs];
+          x[e] = (d & hs) ? (c - a) : (a + c);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int i = threadIdx.x + e * 32 * WARPS;
+          q_s[i / D][i % D] = x[e];
+        }
+        __syncthreads();
+      }
+    }
+  }
+  // B operand of the score product: lane (g, t) holds head g, dims t*KD + 4kb + {0,1},{2,3}.
+  uint32_t qf[NKB][2];
+  {
+    const float qm = QROT ? qscale * rsqrtf((float)D) : qscale;
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb) {
+#pragma unroll
+      for (int c2 = 0; c2 < 2; ++c2) {
+        const int d = t * KD + 4 * kb + 2 * c2;
+        qf[kb][c2] = h2u(__floats2half2_rn(q_s[g][d] * qm, q_s[g][d + 1] * qm));
+      }
+      if (PIPE && warp == 0) qfrag_s[kb * 32 + lane] = make_uint2(qf[kb][0], qf[kb][1]);
+    }
   }
 
   float m_run[2] = {TQM_NEG_INF, TQM_NEG_INF};
@@ -466,14 +475,9 @@ __device__ void mma_decode_split(
 
   uint32_t magic = 0x64006400u;  // fp16 1024 in both halves, kept in a register:
   asm volatile("" : "+r"(magic));  // opaque, so each and_or stays one LOP3
-  __syncthreads();  // q_s is read: the pool now holds the staged scales
-  if constexpr (PIPE) {  // the first tile's values (warp 0's ring held q_s) and scales
-    if (start + warp * TP < end) {
-      stage_values(start + warp * TP);
-      load_scales(start + warp * TP);
-      store_scales();
-    }
-    cp_commit();
+  __syncthreads();  // q_s is read: its space now holds the staged scales
+  if constexpr (PIPE) {  // the first tile's scales (loaded before the query)
+    if (start + warp * TP < end) store_scales();
   }
 
   for (int P0 = start + warp * TP; P0 < end; P0 += WARPS * TP) {
@@ -510,7 +514,11 @@ __device__ void mma_decode_split(
       int grp[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) grp[r] = min((P0 + HALF * r) / KGS, ks_sh[3] - 1);
-#pragma unroll
+      // PIPE: k-blocks in a loop, not unrolled -- every operand of a k-block is read from
+      // shared memory (the query's fragments too), and the loop body is 1/NKB of the code:
+      // the warps of an SM then share ~25 KB of loop instead of ~48 KB (ncu session 8:
+      // ~10 % of stalls "no instruction").
+#pragma unroll (PIPE ? 1 : NKB)
       for (int kb = 0; kb < NKB; ++kb) {
         uint32_t cw[2][4][NAK];
         __half2 sc2[2][2], bi2[2][2];
@@ -646,21 +654,29 @@ __device__ void mma_decode_split(
         mt2[1] = fmaxf(mt2[1], sc[s][2 * r + 1]);
       }
     }
+    // Lazy rescaling: the running max moves only when a score of the tile passes it by more
+    // than TAU (base 2), found by one warp vote -- most tiles skip the shuffle chain and the
+    // accumulators' rescale (ncu, session 8: ~7 % of stalls wait on those shuffles). The
+    // probabilities stay <= 2^TAU, safe in fp16 also times a value scale (VFOLD).
+    constexpr float TAU = 4.f;
+    const bool grow = mt2[0] > m_run[0] + TAU || mt2[1] > m_run[1] + TAU;  // first tile: -inf
+    if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < 2; ++i) {
 #pragma unroll
-      for (int off = 4; off < 32; off <<= 1) mt2[i] = fmaxf(mt2[i], __shfl_xor_sync(0xffffffffu, mt2[i], off));
-      const float m_new = fmaxf(m_run[i], mt2[i]);  // finite: row 0 of step 0 is valid
-      const float alpha = exp2f(m_run[i] - m_new);
-      m_run[i] = m_new;
-      l_run[i] *= alpha;
+        for (int off = 4; off < 32; off <<= 1) mt2[i] = fmaxf(mt2[i], __shfl_xor_sync(0xffffffffu, mt2[i], off));
+        const float m_new = fmaxf(m_run[i], mt2[i]);  // finite: row 0 of step 0 is valid
+        const float alpha = exp2f(m_run[i] - m_new);
+        m_run[i] = m_new;
+        l_run[i] *= alpha;
 #pragma unroll
-      for (int mt = 0; mt < NMT; ++mt) {
-        o[mt][i] *= alpha;
-        o[mt][2 + i] *= alpha;
+        for (int mt = 0; mt < NMT; ++mt) {
+          o[mt][i] *= alpha;
+          o[mt][2 + i] *= alpha;
+        }
+        vbsum[i] *= alpha;
+        vbsum[2 + i] *= alpha;
       }
-      vbsum[i] *= alpha;
-      vbsum[2 + i] *= alpha;
     }
 #pragma unroll
     for (int s = 0; s < STEPS; ++s) {
