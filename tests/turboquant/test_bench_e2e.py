@@ -124,3 +124,20 @@ def test_dispatch_cost_times_our_layer_without_launches(monkeypatch):
         set_layer_decode_kernel(old[0])
         set_body_decode_kernel(old[1])
         mma_decode.clear_kernel_caches()
+
+
+def test_attention_table_reports_pipelined_layers_apart():
+    """The decode-loop timings get their own table and ratio; they stay out of the chained
+    table and the kernel-only sweep."""
+    from bench.attention_gpu import table
+
+    rows = [
+        dict(heads="32/8", d=128, n=131072, variant=v, ms=ms, dispatch_ms=0.02, bytes=1)
+        for v, ms in [("fp16", 0.146), ("ours default layout", 0.090),
+                      ("fp16 (pipelined)", 0.140), ("ours default layout (pipelined)", 0.070)]
+    ]  # fmt: skip
+    text = table(rows, copy_bw=3.6e12)
+    chained, _, rest = text.partition("The same layers as a decode loop runs them")
+    assert "(pipelined)" not in chained.split("Bytes each variant")[0]
+    assert "| 32/8, 128, 128K | 0.140 | 0.070 | 2.00x |" in rest
+    assert "Kernel only" not in text  # no sweep variants in these rows
