@@ -165,7 +165,8 @@ FP_SMEM_MIN = 48 * 1024  # > 48000: MLX then raises the kernel's shared-memory l
 def fp_chunk_smem(dim: int) -> int:
     """Dynamic shared memory of a ``tqm::fp_chunk`` block: a chunk's keys and values as
     floats, the tile's 8 queries, their weights."""
-    return 4 * (16 * (dim + 1) + 16 * dim + 8 * (dim + 1) + 8 * 16)
+    c = MMA_FP_CHUNK
+    return 4 * (c * (dim + 1) + c * dim + 8 * (dim + 1) + 8 * c)
 
 
 def pipeline_smem(dim: int, warps: int) -> int:

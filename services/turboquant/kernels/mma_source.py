@@ -96,9 +96,12 @@ def compact(source: str) -> str:
     return "\n".join(out) + "\n"
 
 
+MMA_FP_CHUNK = 16  # positions a fp_chunk block takes (the kernels read TQM_FP_CHUNK)
+
 # The split kernel's device code, after MMA_COMMON.
 MMA_HEADER = (
     MMA_COMMON
+    + f"constexpr int TQM_FP_CHUNK = {MMA_FP_CHUNK};\n"
     + r"""
 namespace tqm {
 
@@ -854,7 +857,8 @@ __device__ void fp_chunk(
     const FT* kt, const int* kt_sh, const int64_t* kt_st, const FT* vt, const int64_t* vt_st,
     const float* params, int n_kv, int G, int chunk, int n_chunks, int row, int b, float* fp_o,
     float* fp_ml) {
-  constexpr int C = 16, KP = D + 1;  // keys and queries padded a float a row: no bank conflicts
+  constexpr int C = TQM_FP_CHUNK, KP = D + 1;  // keys and queries padded a float a row: no bank conflicts
+  static_assert(C == 16, "a chunk's scores reduce over 16 lanes (the shuffles below)");
   // Dynamic shared memory (mma_decode.fp_chunk_smem): keys, values, queries, weights.
   extern __shared__ __align__(16) float fp_s[];
   float* k_s = fp_s;           // [C][KP]
@@ -928,7 +932,8 @@ MMA_SPLIT_SOURCE = r"""
   const int n_kv = kw_shape[1];
   const int G = q_shape[1] / n_kv;
   const int n_ht = (G + 7) / 8;
-  const int n_fp = (HAS_HEAD ? (kh_shape[2] + 15) / 16 : 0) + (HAS_TAIL ? (kt_shape[2] + 15) / 16 : 0);
+  constexpr int FC = TQM_FP_CHUNK;
+  const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? (kt_shape[2] + FC - 1) / FC : 0);
   // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
   // the hardware deals blocks out in this order, so the SMs get even shares of split work.
   // Else blocks (x: splits then chunks, y: row, z: batch).
@@ -973,8 +978,6 @@ MMA_COMBINE_SOURCE = r"""
   out[(int64_t)row * D + d] = L > 0.f ? acc / L : 0.f;
   if (d == 0) lse[row] = L > 0.f ? M + log2f(L) : TQM_NEG_INF;
 """
-
-MMA_FP_CHUNK = 16  # positions a fp_chunk block takes
 
 # One block per (batch, query head), one thread per coordinate: merges the body's splits,
 # rotates the body back (Hadamard butterflies in shared memory, then the signs), and joins
