@@ -101,7 +101,7 @@ MMA_FP_CHUNK = 16  # positions a fp_chunk block takes (the kernels read TQM_FP_C
 # The split kernel's device code, after MMA_COMMON.
 MMA_HEADER = (
     MMA_COMMON
-    + f"constexpr int TQM_FP_CHUNK = {MMA_FP_CHUNK};\n"
+    + f"#define TQM_FP_CHUNK {MMA_FP_CHUNK}\n"
     + r"""
 namespace tqm {
 
