@@ -16,6 +16,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def _serve(server: uvicorn.Server) -> None:
+    try:
+        await server.serve()
+    finally:
+        # A forced uvicorn exit leaves connections with a response in flight open when the
+        # loop ends (their sockets leak, and a client pooling one waits for a reply that never
+        # comes). Reset them, as the OS does when a backend process dies.
+        for conn in list(server.server_state.connections):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+
 class UpstreamServer:
     """A uvicorn server for a fake upstream; ``stop()`` makes it really refuse connections."""
 
@@ -52,7 +65,7 @@ class UpstreamServer:
         )
         server = uvicorn.Server(config)
         thread = threading.Thread(
-            target=lambda: asyncio.run(server.serve()), daemon=True, name=f"upstream-{self.port}"
+            target=lambda: asyncio.run(_serve(server)), daemon=True, name=f"upstream-{self.port}"
         )
         thread.start()
         deadline = time.monotonic() + timeout
