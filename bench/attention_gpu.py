@@ -589,9 +589,7 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                 if isinstance(fns, str):  # a pipelined variant: the named variant's calls
                     t = pipelined_time(variants[fns])
                 else:
-                    chain = (
-                        name in LAYER_VARIANTS and "kernel only" not in name
-                    ) or "rows grid" in name
+                    chain = name in LAYER_VARIANTS and "kernel only" not in name
                     t = bench_time(fns, chain=chain, host=host)
                 base = name.replace(" (kernel only)", "").replace(" (pipelined)", "")
                 if name.startswith("kernel default"):

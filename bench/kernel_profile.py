@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     import mlx.core as mx
 
-    from bench.attention_gpu import kv_cache_slices
-    from services.turboquant import TurboQuantConfig, TurboQuantKVCache, install_patch
+    from bench.attention_gpu import cache_sides, kv_cache_slices
+    from services.turboquant import TurboQuantConfig
     from services.turboquant.attention import turboquant_attention
 
     ap = argparse.ArgumentParser()
@@ -39,7 +39,6 @@ def main() -> None:
 
     mma_decode.LINEAR_GRID = not args.rows_grid
     n = args.n
-    install_patch()
     hkv, hq, d = 8, 32, 128
     k, v = kv_cache_slices(hkv, n, d)
     q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
@@ -48,10 +47,8 @@ def main() -> None:
         "affine": TurboQuantConfig(),
         "codebook": TurboQuantConfig(quantizer="codebook"),
     }[args.layout]
-    cache = TurboQuantKVCache(config)
-    if args.d_major_scales:  # the layout before session 9 (and Metal's)
-        cache.KEY_SCALES_GROUP_MAJOR = False
-    ks, vs = cache.update_and_fetch(k, v)
+    # --d-major-scales: the layout before session 9 (and Metal's); else the cache's choice
+    ks, vs = cache_sides(k, v, config, False if args.d_major_scales else None)
     if args.fresh:
         import dataclasses
 

@@ -25,8 +25,8 @@ SPLITS = {4033: [4, 6, 8], 32705: [16, 24, 33, 49, 64], 131009: [33, 44, 49, 64,
 def main() -> None:
     import mlx.core as mx
 
-    from bench.attention_gpu import bench_time, kv_cache_slices
-    from services.turboquant import TurboQuantConfig, TurboQuantKVCache, install_patch
+    from bench.attention_gpu import bench_time, cache_sides, kv_cache_slices
+    from services.turboquant import TurboQuantConfig
     from services.turboquant.kernels import mma_decode
 
     ap = argparse.ArgumentParser()
@@ -34,7 +34,6 @@ def main() -> None:
     ap.add_argument("--sets", type=int, default=2, help="input sets the calls rotate over")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    install_patch()
     hkv, hq, d = 8, 32, 128
     scale = 1 / math.sqrt(d)
     rows = []
@@ -42,8 +41,7 @@ def main() -> None:
         sets = []
         for _ in range(args.sets):
             k, v = kv_cache_slices(hkv, n, d)
-            cache = TurboQuantKVCache(TurboQuantConfig.recommended())
-            ks, vs = cache.update_and_fetch(k, v)
+            ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
             q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
             mx.eval(q, *[a for a in ks.parts + vs.parts], ks.tail, vs.tail)
             sets.append((q, ks, vs))
