@@ -13,11 +13,6 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-# MLX may keep compiled kernels on disk under the kernel's name, which carries the template
-# arguments but not the source: one cache per kernel source, so variants run one after the
-# other on a machine (bench/export_variants.sh) never load each other's code.
-MLX_PTX_CACHE_DIR=/tmp/mlx-ptx/$(cat services/turboquant/kernels/*.py | md5sum | cut -c1-12)
-export MLX_PTX_CACHE_DIR
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
