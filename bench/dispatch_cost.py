@@ -46,7 +46,7 @@ def trivial_kernel(x0, header: str = "", extra_inputs: int = 0, extra_template: 
     pointers only."""
     import mlx.core as mx
 
-    from services.turboquant.kernels.fused_decode import source_name
+    from services.turboquant.kernels.jit import source_name
 
     names = ["x"] + [f"u{i}" for i in range(extra_inputs)]
     use = "    (void)u{i}_shape; (void)u{i}_strides;\n" if strides else ""

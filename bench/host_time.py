@@ -33,8 +33,8 @@ class StandInKernel:
     def __init__(self, **_):
         pass
 
-    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
-                 init_value=None):  # fmt: skip
+    def __call__(self, *, inputs, grid, threadgroup, output_shapes, output_dtypes,
+                 template=None, init_value=None):  # fmt: skip
         import mlx.core as mx
 
         return [mx.zeros(s, dtype=t) for s, t in zip(output_shapes, output_dtypes, strict=True)]
@@ -46,8 +46,8 @@ class CachedStandInKernel(StandInKernel):
 
     made: dict = {}
 
-    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
-                 init_value=None):  # fmt: skip
+    def __call__(self, *, inputs, grid, threadgroup, output_shapes, output_dtypes,
+                 template=None, init_value=None):  # fmt: skip
         import mlx.core as mx
 
         key = (tuple(map(tuple, output_shapes)), tuple(output_dtypes))

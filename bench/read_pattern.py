@@ -55,7 +55,7 @@ SOURCE = r"""
 def run(n: int, splits: list[int], heads: int = 8, d: int = 128, calls: int = 40) -> list[dict]:
     import mlx.core as mx
 
-    from services.turboquant.kernels.fused_decode import source_name
+    from services.turboquant.kernels.jit import source_name
 
     assert d == 128, "the tile shape above is D 128's"
     kernel = mx.fast.cuda_kernel(

@@ -18,12 +18,12 @@ import struct
 from functools import cache
 from pathlib import Path
 
+from services.turboquant.kernels.jit import cuda_type, template_lines
+
 STUB_INCLUDE = Path(__file__).resolve().parent / "nvrtc_include"
 DEFAULT_HEADER = (
     '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 )
-CUDA_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float",
-              "uint32": "uint32_t", "int32": "int32_t", "uint8": "uint8_t"}  # fmt: skip
 
 
 def _cuda_root() -> Path | None:
@@ -46,7 +46,7 @@ def _nvrtc():
 
 
 def _ctype(dtype) -> str:
-    return CUDA_TYPES[str(dtype).rsplit(".", 1)[-1]]
+    return cuda_type(dtype)
 
 
 def kernel_source(kernel, inputs, template, output_dtypes) -> str:
@@ -65,14 +65,8 @@ def kernel_source(kernel, inputs, template, output_dtypes) -> str:
         f"    {_ctype(t)}* {n}" for n, t in zip(kernel.output_names, output_dtypes, strict=True)
     ]
     src += ",\n".join(outs) + ") {\n"
-    for name, value in template:
-        if isinstance(value, bool):
-            src += f"  constexpr bool {name} = {'true' if value else 'false'};\n"
-        elif isinstance(value, int):
-            src += f"  constexpr int {name} = {value};\n"
-        else:
-            src += f"  using {name} = {_ctype(value)};\n"
-    return src + "\n" + kernel.source + "\n}\n\n} // namespace mlx::core::cu\n"
+    src += template_lines(template)
+    return src + kernel.source + "\n}\n\n} // namespace mlx::core::cu\n"
 
 
 def compile_cubin(source: str, arch: str = "sm_90a") -> tuple[bytes | None, str]:
@@ -100,27 +94,37 @@ def compile_cubin(source: str, arch: str = "sm_90a") -> tuple[bytes | None, str]
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def cubin_resources(cubin: bytes) -> tuple[int, int]:
-    """``(registers a thread, static shared bytes a block)`` of a one-kernel cubin (ELF64):
-    the EIATTR_REGCOUNT attribute (0x2f) of ``.nv.info`` and the ``.nv.shared.*`` sizes."""
+def _sections(cubin: bytes):
+    """``(name, offset, size)`` of each section of a cubin (ELF64)."""
     (shoff,) = struct.unpack_from("<Q", cubin, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
     sections = [
         struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)
     ]
     names = sections[shstrndx][4]
-
-    def name(sec) -> bytes:
-        start = names + sec[0]
-        return cubin[start : cubin.index(b"\0", start)]
-
-    regs, smem = 0, 0
     for sec in sections:
-        if name(sec).startswith(b".nv.shared."):
-            smem += sec[5]
-        if name(sec) != b".nv.info":
+        start = names + sec[0]
+        yield cubin[start : cubin.index(b"\0", start)], sec[4], sec[5]
+
+
+def machine_code(cubin: bytes) -> bytes:
+    """The kernels' machine code: every ``.text.*`` section (named after the kernel, so two
+    builds of one kernel under two names compare equal)."""
+    return b"".join(
+        cubin[o : o + n] for name, o, n in _sections(cubin) if name.startswith(b".text.")
+    )
+
+
+def cubin_resources(cubin: bytes) -> tuple[int, int]:
+    """``(registers a thread, static shared bytes a block)`` of a one-kernel cubin: the
+    EIATTR_REGCOUNT attribute (0x2f) of ``.nv.info`` and the ``.nv.shared.*`` sizes."""
+    regs, smem = 0, 0
+    for name, pos, size in _sections(cubin):
+        if name.startswith(b".nv.shared."):
+            smem += size
+        if name != b".nv.info":
             continue
-        pos, end = sec[4], sec[4] + sec[5]
+        end = pos + size
         while pos < end:  # records: format byte, attribute byte, then a value
             fmt, attr = cubin[pos], cubin[pos + 1]
             if fmt == 4:  # size-prefixed value

@@ -67,12 +67,11 @@ def launches():
     distinct = {}
     recorded = zip(_RecordedKernel.launches, _RecordedKernel.outputs, strict=True)
     for (kernel, inputs, template, *_), outputs in recorded:
-        template = list(template.items())
         dtypes = [o.dtype for o in outputs]
         key = (
             kernel.name,
             kernel.shared_memory,
-            repr(template),
+            repr(list(template.items())),
             tuple(str(a.dtype) for a in inputs),
         )
         distinct.setdefault(key, (kernel, inputs, template, dtypes))
@@ -84,13 +83,15 @@ def test_every_launch_compiles_and_the_split_kernel_keeps_its_occupancy(launches
     assert names == {"tq_mma_decode_split", "tq_mma_decode_join", "tq_mma_decode_combine"}
     failures, seen = [], []
     for kernel, inputs, template, dtypes in launches:
-        cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, template, dtypes))
+        # the template as the call passes it (ours are written into the body)
+        src = nvrtc.kernel_source(kernel, inputs, kernel.passed_template, dtypes)
+        cubin, log = nvrtc.compile_cubin(src)
         if cubin is None:
             failures.append((kernel.name, template, log[-2000:]))
             continue
         regs, static = nvrtc.cubin_resources(cubin)
         assert 0 < regs <= 255
-        t = dict(template)
+        t = template
         if base_name(kernel.name) != "tq_mma_decode_split":
             continue
         threads = 32 * t["WARPS"]
@@ -124,3 +125,33 @@ def test_dispatch_cost_kernels_compile(monkeypatch, kw):
     assert ("u0_strides" in src) == (kw.get("extra_inputs", 0) > 0 and kw.get("strides", True))
     cubin, log = nvrtc.compile_cubin(src)
     assert cubin is not None, log
+
+
+def test_a_baked_launch_compiles_to_the_machine_code_of_a_templated_one(launches):
+    """jit.baked_kernel includes the header from a file and writes the template into the
+    body; the split kernel (default layout, with sink and tail) and its join compile to the
+    same machine code as the same source sent whole with the template passed per call."""
+    from types import SimpleNamespace
+
+    from .test_kernels import header_text
+
+    picked = [
+        next(x for x in launches if base_name(x[0].name) == name and x[2]["D"] == 128 and flag(x[2]))
+        for name, flag in [("tq_mma_decode_split", lambda t: t["PIPE"] and t["HAS_TAIL"]),
+                           ("tq_mma_decode_join", lambda t: t["HAS_FP"])]
+    ]  # fmt: skip
+    for kernel, inputs, template, dtypes in picked:
+        assert not kernel.passed_template and kernel.header.startswith("#include")
+        written, body = kernel.source.split("\n\n", 1)
+        assert written.count("\n") + 1 == len(template)  # every argument written in
+        whole = SimpleNamespace(
+            name=kernel.name, input_names=kernel.input_names, output_names=kernel.output_names,
+            source=body, header=header_text(kernel),
+        )  # fmt: skip
+        baked, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, [], dtypes))
+        assert baked is not None, log
+        sent, log = nvrtc.compile_cubin(
+            nvrtc.kernel_source(whole, inputs, list(template.items()), dtypes)
+        )
+        assert sent is not None, log
+        assert nvrtc.machine_code(baked) == nvrtc.machine_code(sent) != b""

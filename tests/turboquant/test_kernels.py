@@ -282,9 +282,34 @@ def base_name(name: str) -> str:
     return re.sub(r"(_(float16|bfloat16|float32))?_[0-9a-f]{12}$", "", name)
 
 
+def baked_template(source: str) -> dict:
+    """The template arguments written into a kernel body (jit.template_lines), dtypes as
+    MLX dtypes."""
+    from services.turboquant.kernels.jit import CUDA_TYPES
+
+    dtypes = {c: getattr(mx, n) for n, c in CUDA_TYPES.items()}
+    t = {}
+    for line in source.split("\n\n", 1)[0].splitlines():  # written lines, then a blank one
+        m = re.fullmatch(r"  (constexpr int|constexpr bool|using) (\w+) = (\w+);", line)
+        if not m:
+            return {}  # no template written in
+        kind, name, value = m.groups()
+        t[name] = (
+            dtypes[value] if kind == "using" else int(value) if "int" in kind else value == "true"
+        )
+    return t
+
+
+def header_text(kernel) -> str:
+    """A kernel's header with its ``#include`` of a tqstack header file resolved."""
+    m = re.fullmatch(r'#include "(.*/tq_[0-9a-f]{12}\.cuh)"\n', kernel.header)
+    return open(m.group(1)).read() if m else kernel.header
+
+
 class _RecordedKernel:
     """Stands in for ``mx.fast.cuda_kernel`` on any device: records each launch and returns
-    zeros of the requested outputs."""
+    zeros of the requested outputs. A launch's template is what the call passes plus what
+    is written into the body; ``passed_template``: the call's alone (for NVRTC)."""
 
     launches: list = []
     outputs: list = []  # each launch's outputs, in the order of ``launches``
@@ -294,9 +319,11 @@ class _RecordedKernel:
         self.source, self.header = source, header
         self.shared_memory = kw.get("shared_memory", 0)
 
-    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
-                 init_value=None):  # fmt: skip
-        self.launches.append((self, inputs, dict(template), grid, threadgroup, output_shapes))
+    def __call__(self, *, inputs, grid, threadgroup, output_shapes, output_dtypes,
+                 template=None, init_value=None):  # fmt: skip
+        self.passed_template = list(template or [])
+        t = {**baked_template(self.source), **dict(self.passed_template)}
+        self.launches.append((self, inputs, t, grid, threadgroup, output_shapes))
         outs = [mx.zeros(sh, dtype=dt) for sh, dt in zip(output_shapes, output_dtypes, strict=True)]
         self.outputs.append(outs)
         return outs
@@ -356,7 +383,7 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
             for decl in re.findall(r"\b(?:int|float|bool)\s+([^;=()]+)", code)
             for name in decl.split(",")
         }
-        defined = set(re.findall(r"#define\s+(\w+)", kernel.header))
+        defined = set(re.findall(r"#define\s+(\w+)", header_text(kernel)))
         missing = used - declared - defined - set(template)
         assert not missing, (kernel.name, missing)
         assert all(g % t == 0 for g, t in zip(grid, threadgroup, strict=True))
@@ -555,4 +582,40 @@ def test_kernel_names_change_with_their_source(recorded_kernels, monkeypatch):
     split2, join2 = layer_names()
     assert split2 != split and base_name(split2) == base_name(split) and join2 == join
     assert split.startswith("tq_mma_decode_split_float16_")
-    assert mma_decode._split_kernel(0, "bfloat16").name != mma_decode._split_kernel(0).name
+    t = tuple(dict(recorded_kernels[0][2]).items())
+    assert mma_decode._split_kernel(t, 0, "bfloat16").name != mma_decode._split_kernel(t, 0).name
+
+
+def test_a_header_file_is_written_once_by_digest_and_again_if_removed(monkeypatch, tmp_path):
+    from services.turboquant.kernels import jit
+
+    monkeypatch.setattr(jit, "include_dir", lambda: tmp_path / "cuda")
+    one = "// one\n"
+    line = jit.header_include(one)
+    path = tmp_path / "cuda" / f"tq_{jit.digest(one)}.cuh"
+    assert line == f'#include "{path}"\n' and path.read_text() == "// one\n"
+    assert jit.header_include("// two\n") != line  # another header, another file
+    path.unlink()  # a temp-file cleaner ran
+    assert jit.header_include("// one\n") == line and path.read_text() == "// one\n"
+    assert sorted(p.suffix for p in path.parent.iterdir()) == [".cuh", ".cuh"]  # no leftovers
+
+
+def test_a_baked_kernel_is_launched_with_no_template(recorded_kernels):
+    from services.turboquant.kernels import jit
+
+    template = (("D", 128), ("OT", mx.bfloat16), ("HAS_FP", False))
+    k = jit.baked_kernel("tq_x", ("a",), ("out",), "  out[0] = a[0];\n", "// h\n", template, False)
+    assert k is jit.baked_kernel("tq_x", ("a",), ("out",), "  out[0] = a[0];\n", "// h\n",
+                                 template, False)  # fmt: skip
+    assert k.source == (
+        "  constexpr int D = 128;\n  using OT = __nv_bfloat16;\n  constexpr bool HAS_FP = false;\n"
+        "\n  out[0] = a[0];\n"
+    )
+    assert baked_template(k.source) == dict(template)
+    other = jit.baked_kernel("tq_x", ("a",), ("out",), "  out[0] = a[0];\n", "// h\n",
+                             (("D", 64),), False)  # fmt: skip
+    assert base_name(other.name) == base_name(k.name) == "tq_x" and other.name != k.name
+    q, keys, values = _packed(dict(key_quantizer="channel", group_size=128, sink_tokens=1))
+    mma_decode.mma_decode_layer(q.astype(mx.float16), keys, values, 0.1)
+    assert [k.passed_template for k, *_ in recorded_kernels] == [[], []]
+    assert all(k.header.startswith('#include "') for k, *_ in recorded_kernels)

@@ -9,13 +9,13 @@ are only built when first called on a CUDA device.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from functools import cache, lru_cache
 
 import mlx.core as mx
 
 from .cuda_source import COMBINE_SOURCE, HEADER, SPLIT_SOURCE
+from .jit import source_name
 
 AFFINE_BITS = (2, 3, 4, 8)
 CODEBOOK_BITS = (2, 3, 4)
@@ -25,14 +25,6 @@ TILE = 64  # tokens per online-softmax step (v2: 64 keeps 2 blocks of 256 per SM
 MAX_HEADS_PER_BLOCK = 4  # query heads sharing one pass over K/V (register budget)
 NUM_SMS_GUESS = 132  # H200; only steers the split count
 LOG2E = 1.4426950408889634
-
-
-def source_name(base: str, *texts: str) -> str:
-    """``base`` plus a digest of the kernel's source: MLX keeps compiled kernels on disk
-    (``MLX_PTX_CACHE_DIR``, else <tmp>/mlx/<version>/ptx) under the kernel's name and template
-    arguments alone, so without it a changed kernel (a tqstack upgrade, a branch) would load
-    the old build."""
-    return f"{base}_{hashlib.sha1(''.join(texts).encode()).hexdigest()[:12]}"
 
 
 @lru_cache(maxsize=1)

@@ -13,20 +13,14 @@ first CUDA call.
 from __future__ import annotations
 
 import math
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import mlx.core as mx
 
 from ..attention import centre_shift2
 from ..rotation import rotate
-from .fused_decode import (
-    LOG2E,
-    NUM_SMS_GUESS,
-    const_input,
-    device_constant,
-    dummy_input,
-    source_name,
-)
+from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant, dummy_input
+from .jit import baked_kernel
 from .mma_source import (
     MMA_COMBINE_SOURCE,
     MMA_COMMON,
@@ -66,55 +60,38 @@ KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
 
-# Sent without comments (MLX rebuilds and hashes a launch's source on every call; the same
-# SASS, checked with nvcc 13 for sm_90).
+# Sent without comments (the same SASS, checked with nvcc 13 for sm_90): NVRTC reads less.
 _COMMON_HEADER = compact(MMA_COMMON)
 _SPLIT_HEADER = compact(MMA_HEADER)
 
 
-def _kernel(name: str, inputs: list[str], outputs: list[str], source: str, strided: bool,
-            header: str = _COMMON_HEADER, smem: int = 0):  # fmt: skip
-    # strided: inputs are read through their strides (the cache's views are never copied);
-    # smem: dynamic shared memory a block (bytes).
-    return mx.fast.cuda_kernel(
-        name=source_name(name, header, source),
-        input_names=inputs,
-        output_names=outputs,
-        source=source,
-        header=header,
-        ensure_row_contiguous=not strided,
-        shared_memory=smem,
-    )
-
-
-@cache
-def _split_kernel(smem: int = 0, fp_dtype: str = "float16"):
+def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     # fp_dtype: the sink's and tail's dtype, which types inputs kh..vt in the signature MLX
     # writes but is no template argument: in the name, or one build would serve both.
-    inputs = ["q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
-              "kh", "vh", "kt", "vt"]  # fmt: skip
-    outputs = ["o_part", "ml_part", "fp_o", "fp_ml"]
+    inputs = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
+              "kh", "vh", "kt", "vt")  # fmt: skip
+    outputs = ("o_part", "ml_part", "fp_o", "fp_ml")
     name = f"tq_mma_decode_split_{fp_dtype}"
-    return _kernel(name, inputs, outputs, MMA_SPLIT_SOURCE, True, _SPLIT_HEADER, smem)
+    # strided: the cache's views are read through their strides, never copied
+    return baked_kernel(name, inputs, outputs, MMA_SPLIT_SOURCE, _SPLIT_HEADER, template, True,
+                        smem)  # fmt: skip
 
 
-@cache
-def _combine_kernel():
-    inputs = ["o_part", "ml_part"]
-    return _kernel("tq_mma_decode_combine", inputs, ["out", "lse"], MMA_COMBINE_SOURCE, False)
+def _combine_kernel(d: int):
+    return baked_kernel("tq_mma_decode_combine", ("o_part", "ml_part"), ("out", "lse"),
+                        MMA_COMBINE_SOURCE, _COMMON_HEADER, (("D", d),), False)  # fmt: skip
 
 
-@cache
-def _join_kernel():
-    inputs = ["o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks"]
-    return _kernel("tq_mma_decode_join", inputs, ["out"], MMA_JOIN_SOURCE, False)
+def _join_kernel(template: tuple):
+    inputs = ("o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks")
+    return baked_kernel("tq_mma_decode_join", inputs, ("out",), MMA_JOIN_SOURCE, _COMMON_HEADER,
+                        template, False)  # fmt: skip
 
 
 def clear_kernel_caches() -> None:
     """Forget every built kernel and launch plan (tests and benches that swap
     ``mx.fast.cuda_kernel`` for a stand-in)."""
-    for f in (_split_kernel, _join_kernel, _combine_kernel, _layer_plan,
-              _split_launch):  # fmt: skip
+    for f in (baked_kernel, _layer_plan, _split_launch):
         f.cache_clear()
 
 
@@ -241,9 +218,8 @@ def mma_body_attention(
     """
     o_part, ml_part = _split(q_rot.astype(mx.float32), None, keys, values, scale, splits, poison)
     b, hq, _, d = q_rot.shape
-    return _combine_kernel()(
+    return _combine_kernel(d)(
         inputs=[o_part, ml_part],
-        template=[("D", d)],
         grid=(b * hq * d, 1, 1),
         threadgroup=(d, 1, 1),
         output_shapes=[(b, hq, 1, d), (b, hq, 1, 1)],
@@ -323,10 +299,11 @@ def mma_decode_layer(
 
 
 class _Launch:
-    """One planned launch: the kernel and everything but its input arrays."""
+    """One planned launch: the kernel (its template written in) and everything but its input
+    arrays."""
 
-    def __init__(self, kernel, template, grid, threadgroup, shapes, dtypes, **extra):
-        self.kernel, self.template = kernel, template
+    def __init__(self, kernel, grid, threadgroup, shapes, dtypes, **extra):
+        self.kernel = kernel
         self.grid, self.threadgroup = grid, threadgroup
         self.shapes, self.dtypes = shapes, dtypes
         self.__dict__.update(extra)
@@ -334,7 +311,6 @@ class _Launch:
     def launch(self, inputs, init_value):
         return self.kernel(
             inputs=inputs,
-            template=self.template,
             grid=self.grid,
             threadgroup=self.threadgroup,
             output_shapes=self.shapes,
@@ -357,11 +333,11 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
         return None
     fp = (head_chunks, tail_chunks, fp_dtype)
     split = _split_launch(*layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables)
-    join_template = [("D", d), ("OT", q_dtype), ("HAS_FP", head_chunks + tail_chunks > 0),
+    join_template = (("D", d), ("OT", q_dtype), ("HAS_FP", head_chunks + tail_chunks > 0),
                      ("HAS_ROT", has_rot), ("HAS_CENTER", has_center),
-                     ("HAS_SINKS", has_sinks)]  # fmt: skip
+                     ("HAS_SINKS", has_sinks))  # fmt: skip
     join = _Launch(
-        _join_kernel(), join_template, (b * hq * d, 1, 1), (d, 1, 1), [(b, hq, 1, d)], [q_dtype]
+        _join_kernel(join_template), (b * hq * d, 1, 1), (d, 1, 1), [(b, hq, 1, d)], [q_dtype]
     )
     return split, join, const_input(scale * LOG2E), dummy_input(mx.float32)
 
@@ -414,9 +390,10 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
         k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp, *tunables
     )
     none32 = dummy_input(mx.float32)
+    fp_dtype = str(fp[2] or mx.float16).rsplit(".", 1)[-1]
     return _Launch(
-        _split_kernel(smem, str(fp[2] or mx.float16).rsplit(".", 1)[-1]), template, grid,
-        threadgroup, out_shapes, [mx.float32] * 4,
+        _split_kernel(tuple(template), smem, fp_dtype), grid, threadgroup, out_shapes,
+        [mx.float32] * 4,
         k_bias=k_layout[0] != 1, v_bias=v_layout[0] != 1, dummy16=dummy_input(mx.float16),
         dummy_fp=dummy_input(fp[2] or mx.float16),
         none32=none32,
