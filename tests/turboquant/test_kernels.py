@@ -423,6 +423,14 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
         assert by_name["fp_o"] is outputs[0][2] and by_name["fp_ml"] is outputs[0][3]
     assert join[2]["HAS_FP"] == full_precision and by_name["signs"] is keys.rotation.signs
     assert out is outputs[len(layer)][0]
+    # what a plan does not read is not passed (MLX's host work grows with each argument)
+    codebook = config.get("quantizer") == "codebook"
+    split_names = set(split[0].input_names) | set(split[0].output_names)
+    assert ({"lut_k", "lut_v"} <= split_names) == codebook
+    assert ({"kb", "vb"} & split_names == set()) == codebook
+    assert ({"kh", "vh", "kt", "vt", "fp_o", "fp_ml"} & split_names != set()) == full_precision
+    assert set(body_split[0].input_names).isdisjoint({"kh", "vh", "kt", "vt", "signs"})
+    assert ("cshift" in join[0].input_names) == (keys.center is not None)
 
 
 def test_install_only_on_cuda():
@@ -583,7 +591,8 @@ def test_kernel_names_change_with_their_source(recorded_kernels, monkeypatch):
     assert split2 != split and base_name(split2) == base_name(split) and join2 == join
     assert split.startswith("tq_mma_decode_split_float16_")
     t = tuple(dict(recorded_kernels[0][2]).items())
-    assert mma_decode._split_kernel(t, 0, "bfloat16").name != mma_decode._split_kernel(t, 0).name
+    bf16, f16 = mma_decode._split_kernel(t, 0, "bfloat16")[0], mma_decode._split_kernel(t, 0)[0]
+    assert bf16.name != f16.name
 
 
 def test_a_header_file_is_written_once_by_digest_and_again_if_removed(monkeypatch, tmp_path):

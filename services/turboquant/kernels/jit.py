@@ -77,13 +77,28 @@ def template_lines(template) -> str:
     return "".join(out) + "\n" if out else ""
 
 
+def absent_lines(absent, source: str) -> str:
+    """Declarations standing in for the inputs and outputs a launch does not pass:
+    ``absent`` holds ``(name, dtype, is_output)``; a null pointer each, and zero shapes and
+    strides where ``source`` names them (the code reading them is compiled out)."""
+    out = []
+    for name, dtype, is_output in absent:
+        out.append(f"  {'' if is_output else 'const '}{cuda_type(dtype)}* {name} = nullptr;\n")
+        for part, kind in (("shape", "Shape"), ("strides", "Strides")):
+            if f"{name}_{part}" in source:
+                out.append(f"  const {kind} {name}_{part}{{}};\n")
+    return "".join(out)
+
+
 @lru_cache(maxsize=512)
 def baked_kernel(name: str, inputs: tuple, outputs: tuple, source: str, header: str,
-                 template: tuple, strided: bool, smem: int = 0):  # fmt: skip
+                 template: tuple, strided: bool, smem: int = 0, absent: tuple = ()):  # fmt: skip
     """An ``mx.fast.cuda_kernel`` with ``template`` written into its body and ``header``
     included from a file; launch it with no ``template``. ``strided``: inputs are read
-    through their strides (MLX copies nothing); ``smem``: dynamic shared memory a block."""
-    body = template_lines(template) + source
+    through their strides (MLX copies nothing); ``smem``: dynamic shared memory a block;
+    ``absent``: ``(name, dtype, is_output)`` of what the source names but this plan never
+    reads or writes, left out of the signature (MLX's host work grows with each argument)."""
+    body = template_lines(template) + absent_lines(absent, source) + source
     return mx.fast.cuda_kernel(
         name=source_name(name, header, body),
         input_names=list(inputs),

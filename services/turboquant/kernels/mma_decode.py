@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from ..attention import centre_shift2
 from ..rotation import rotate
-from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant, dummy_input
+from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant
 from .jit import baked_kernel
 from .mma_source import (
     MMA_COMBINE_SOURCE,
@@ -65,16 +65,44 @@ _COMMON_HEADER = compact(MMA_COMMON)
 _SPLIT_HEADER = compact(MMA_HEADER)
 
 
+SPLIT_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
+                "kh", "vh", "kt", "vt")  # fmt: skip
+SPLIT_OUTPUTS = ("o_part", "ml_part", "fp_o", "fp_ml")
+JOIN_INPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks")
+
+
 def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
+    """The split kernel for one template, and which of ``SPLIT_INPUTS`` / ``SPLIT_OUTPUTS``
+    it takes (the rest are compiled out and not passed)."""
+    t = dict(template)
+    used = dict(kb=t["KQ"] != 1, vb=t["VQ"] != 1, lut_k=t["KQ"] == 1, lut_v=t["VQ"] == 1,
+                signs=t["QROT"], kh=t["HAS_HEAD"], vh=t["HAS_HEAD"], kt=t["HAS_TAIL"],
+                vt=t["HAS_TAIL"], fp_o=t["HAS_HEAD"] or t["HAS_TAIL"])  # fmt: skip
+    used["fp_ml"] = used["fp_o"]
+    fp = getattr(mx, fp_dtype)
+    dtypes = dict(kb=mx.float16, vb=mx.float16, kh=fp, vh=fp, kt=fp, vt=fp)
     # fp_dtype: the sink's and tail's dtype, which types inputs kh..vt in the signature MLX
     # writes but is no template argument: in the name, or one build would serve both.
-    inputs = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
-              "kh", "vh", "kt", "vt")  # fmt: skip
-    outputs = ("o_part", "ml_part", "fp_o", "fp_ml")
     name = f"tq_mma_decode_split_{fp_dtype}"
     # strided: the cache's views are read through their strides, never copied
-    return baked_kernel(name, inputs, outputs, MMA_SPLIT_SOURCE, _SPLIT_HEADER, template, True,
-                        smem)  # fmt: skip
+    return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, _SPLIT_HEADER,
+                           template, True, smem, used, dtypes)  # fmt: skip
+
+
+def _planned_kernel(name, inputs, outputs, source, header, template, strided, smem, used, dtypes):
+    """``(kernel, kept inputs, kept outputs)``: the kernel declares only the inputs and
+    outputs ``used`` does not mark False (the others become null pointers in its body);
+    ``dtypes``: of the dropped ones, float32 if not given."""
+    absent = tuple(
+        (n, dtypes.get(n, mx.float32), n in outputs)
+        for n in inputs + outputs
+        if not used.get(n, True)
+    )
+    kept = tuple(i for i, n in enumerate(inputs) if used.get(n, True))
+    kept_out = tuple(i for i, n in enumerate(outputs) if used.get(n, True))
+    kernel = baked_kernel(name, tuple(inputs[i] for i in kept), tuple(outputs[i] for i in kept_out),
+                          source, header, template, strided, smem, absent)  # fmt: skip
+    return kernel, kept, kept_out
 
 
 def _combine_kernel(d: int):
@@ -83,9 +111,12 @@ def _combine_kernel(d: int):
 
 
 def _join_kernel(template: tuple):
-    inputs = ("o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks")
-    return baked_kernel("tq_mma_decode_join", inputs, ("out",), MMA_JOIN_SOURCE, _COMMON_HEADER,
-                        template, False)  # fmt: skip
+    """The join for one template, with what it takes (as :func:`_split_kernel`)."""
+    t = dict(template)
+    used = dict(fp_o=t["HAS_FP"], fp_ml=t["HAS_FP"], signs=t["HAS_ROT"], cshift=t["HAS_CENTER"],
+                sinks=t["HAS_SINKS"])  # fmt: skip
+    return _planned_kernel("tq_mma_decode_join", JOIN_INPUTS, ("out",), MMA_JOIN_SOURCE,
+                           _COMMON_HEADER, template, False, 0, used, {})  # fmt: skip
 
 
 def clear_kernel_caches() -> None:
@@ -267,56 +298,51 @@ def mma_decode_layer(
     )  # fmt: skip
     if plan is None:
         return None
-    split, join, const, none32 = plan
+    split, join, const = plan
     init = float("nan") if poison else None
-    fp_inputs = [
-        head if n_head else split.dummy_fp,
-        values.head if n_head else split.dummy_fp,
-        tail if n_tail else split.dummy_fp,
-        values.tail if n_tail else split.dummy_fp,
-    ]
+    # None: an input the planned kernel does not take (nor returns, for outputs)
+    fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
     o_part, ml_part, fp_o, fp_ml = split.launch(
         _split_inputs(split, queries, keys, values, const, rot) + fp_inputs, init
     )
-    has_fp = bool(n_head or n_tail)
-    cshift = none32
+    cshift = None
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
         b, hq = queries.shape[:2]
         cshift = centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
-    (out,) = join.launch(
-        [
-            o_part,
-            ml_part,
-            fp_o if has_fp else none32,
-            fp_ml if has_fp else none32,
-            rot.signs if rot is not None else none32,
-            cshift,
-            sinks.astype(mx.float32) if sinks is not None else none32,
-        ],
-        init,
-    )
+    signs = rot.signs if rot is not None else None
+    sinks = sinks.astype(mx.float32) if sinks is not None else None
+    (out,) = join.launch([o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks], init)
     return out
 
 
 class _Launch:
     """One planned launch: the kernel (its template written in) and everything but its input
-    arrays."""
+    arrays. :meth:`launch` takes every input of the kernel's full list (None or anything
+    where the plan reads none) and returns every output, None where the plan writes none."""
 
-    def __init__(self, kernel, grid, threadgroup, shapes, dtypes, **extra):
-        self.kernel = kernel
+    def __init__(self, planned, grid, threadgroup, shapes, dtypes, **extra):
+        self.kernel, self.kept, kept_out = planned
         self.grid, self.threadgroup = grid, threadgroup
-        self.shapes, self.dtypes = shapes, dtypes
+        self.shapes = [shapes[i] for i in kept_out]
+        self.dtypes = [dtypes[i] for i in kept_out]
+        self.n_out, self.kept_out = len(shapes), kept_out
         self.__dict__.update(extra)
 
     def launch(self, inputs, init_value):
-        return self.kernel(
-            inputs=inputs,
+        made = self.kernel(
+            inputs=[inputs[i] for i in self.kept],
             grid=self.grid,
             threadgroup=self.threadgroup,
             output_shapes=self.shapes,
             output_dtypes=self.dtypes,
             init_value=init_value,
         )
+        if len(made) == self.n_out:
+            return made
+        out = [None] * self.n_out
+        for i, a in zip(self.kept_out, made, strict=True):
+            out[i] = a
+        return out
 
 
 @lru_cache(maxsize=1024)
@@ -339,7 +365,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     join = _Launch(
         _join_kernel(join_template), (b * hq * d, 1, 1), (d, 1, 1), [(b, hq, 1, d)], [q_dtype]
     )
-    return split, join, const_input(scale * LOG2E), dummy_input(mx.float32)
+    return split, join, const_input(scale * LOG2E)
 
 
 NO_FP = (0, 0, None)  # (sink chunks, tail chunks, their dtype): none
@@ -359,27 +385,19 @@ def _split(q, rot, keys, values, scale, splits, poison):
         PIPELINE, LINEAR_GRID,
     )  # fmt: skip
     inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
-    inputs += [launch.dummy_fp] * 4  # no full-precision segments here
+    inputs += [None] * 4  # no full-precision segments here
     return launch.launch(inputs, float("nan") if poison else None)[:2]
 
 
 def _split_inputs(launch, q, keys, values, const, rot) -> list:
-    """The split kernel's inputs up to the full-precision segments, in the order of its
-    names (dummies where unread)."""
+    """The split kernel's inputs up to the full-precision segments, in the order of
+    ``SPLIT_INPUTS`` (the kernel drops what its plan does not read: a codebook side's
+    biases, an affine side's table, the signs without a rotation)."""
     kp, vp = keys.parts, values.parts
-    return [
-        q,
-        kp[0],
-        kp[1],
-        kp[2] if launch.k_bias else launch.dummy16,
-        vp[0],
-        vp[1],
-        vp[2] if launch.v_bias else launch.dummy16,
-        launch.lut_k,
-        launch.lut_v,
-        const,
-        rot.signs if rot is not None else launch.none32,
-    ]
+    signs = rot.signs if rot is not None else None
+    kb, vb = (kp[2] if len(kp) > 2 else None), (vp[2] if len(vp) > 2 else None)
+    return [q, kp[0], kp[1], kb, vp[0], vp[1], vb, launch.lut_k, launch.lut_v, const,
+            signs]  # fmt: skip
 
 
 @lru_cache(maxsize=1024)
@@ -389,16 +407,12 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
     template, grid, threadgroup, out_shapes, smem = _split_plan(
         k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp, *tunables
     )
-    none32 = dummy_input(mx.float32)
     fp_dtype = str(fp[2] or mx.float16).rsplit(".", 1)[-1]
     return _Launch(
         _split_kernel(tuple(template), smem, fp_dtype), grid, threadgroup, out_shapes,
         [mx.float32] * 4,
-        k_bias=k_layout[0] != 1, v_bias=v_layout[0] != 1, dummy16=dummy_input(mx.float16),
-        dummy_fp=dummy_input(fp[2] or mx.float16),
-        none32=none32,
-        lut_k=_lut(k_layout[1], d) if k_layout[0] == 1 else none32,
-        lut_v=_lut(v_layout[1], d) if v_layout[0] == 1 else none32,
+        lut_k=_lut(k_layout[1], d) if k_layout[0] == 1 else None,
+        lut_v=_lut(v_layout[1], d) if v_layout[0] == 1 else None,
     )  # fmt: skip
 
 
