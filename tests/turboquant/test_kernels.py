@@ -607,6 +607,13 @@ def test_a_header_file_is_written_once_by_digest_and_again_if_removed(monkeypatc
     path.unlink()  # a temp-file cleaner ran
     assert jit.header_include("// one\n") == line and path.read_text() == "// one\n"
     assert sorted(p.suffix for p in path.parent.iterdir()) == [".cuh", ".cuh"]  # no leftovers
+    path.write_text("// changed\n")  # another version, or someone else's code
+    assert jit.header_include(one) == line and path.read_text() == one
+    path.parent.chmod(0o777)  # a directory others can write to: no file is trusted
+    assert jit.header_include(one) == one
+    path.parent.chmod(0o700)
+    monkeypatch.setattr(jit, "include_dir", lambda: tmp_path / 'no"quote')
+    assert jit.header_include(one) == one  # a path #include cannot name: inline, as MLX does
 
 
 def test_a_baked_kernel_is_launched_with_no_template(recorded_kernels):

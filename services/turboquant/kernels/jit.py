@@ -6,7 +6,8 @@ source again when it encodes the launch; with a 27 KB header that is paid on eve
 layer. So a kernel built here gets its header as one ``#include`` of a file holding it
 (NVRTC reads the file once, when it compiles), and its template arguments written into
 the body as the very lines MLX would write: a launch passes no template and only a short
-source. The compiled code is the same (tests/turboquant/test_kernel_compile.py).
+source. The compiled code is the same (tests/turboquant/test_kernel_compile.py). Where no
+private file can be written, the header goes inline as before.
 """
 
 from __future__ import annotations
@@ -41,25 +42,34 @@ def source_name(base: str, *texts: str) -> str:
 
 
 def include_dir() -> Path:
-    """Where header files live: <tmp>/tqstack/cuda, beside MLX's own <tmp>/mlx/.../ptx."""
-    return Path(tempfile.gettempdir()) / "tqstack" / "cuda"
+    """Where header files live: <tmp>/tqstack-<uid>/cuda, beside MLX's <tmp>/mlx/.../ptx."""
+    return Path(tempfile.gettempdir()) / f"tqstack-{os.getuid()}" / "cuda"
 
 
 def header_include(header: str) -> str:
-    """``#include`` of a file holding ``header``, named by its digest (so never stale).
+    """``#include`` of a file holding ``header``, named by its digest; the header itself
+    (MLX's own way, slower per call) where no such file can be written safely.
 
-    Written again if missing (a temp-file cleaner may remove it while a server runs): call
-    this when a kernel is built, which is right before NVRTC compiles it.
+    The file is checked against ``header`` and (re)written if missing or different (a
+    temp-file cleaner, another version): call this when a kernel is built, right before
+    NVRTC compiles it. The directory must be ours and not writable by others, or another
+    user could put code into our kernels.
     """
     path = include_dir() / f"tq_{digest(header)}.cuh"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(header)
-        os.replace(tmp, path)  # atomic: a concurrent process reads a whole file or none
     if '"' in str(path) or "\\" in str(path):
-        raise ValueError(f"cannot #include {path}")
+        return header  # not a path an #include can name
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.parent.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return header
+        if not path.is_file() or path.read_text() != header:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(header)
+            os.replace(tmp, path)  # atomic: a concurrent process reads a whole file or none
+    except OSError:
+        return header
     return f'#include "{path}"\n'
 
 
