@@ -3,7 +3,8 @@
 # each branch's services/ and bench/ (results left out) go to .variants/<name>, which
 # .git/info/exclude ignores and the device tool carries (`carry: [".variants", ...]`).
 # On the GPU machine, after `bash bench/gpu_session.sh install` at the root:
-#   (cd .variants/<name> && bash bench/gpu_session.sh ncu 131009 checks 0)
+#   (cd .variants/<name> && OUT=$OUT/<name> bash bench/gpu_session.sh ncu 131009 checks 0)
+# (its own OUT, or its results overwrite the root's)
 #
 #   bash bench/export_variants.sh session7-centre-unverified session8-stack-unverified
 set -euo pipefail
