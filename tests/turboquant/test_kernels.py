@@ -413,7 +413,7 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     for kernel, inputs, *_ in recorded_kernels[: len(layer)]:
         by_name = dict(zip(kernel.input_names, inputs, strict=True))
         for name, array in expected.get(base_name(kernel.name), {}).items():
-            if array is not None and array.shape[-2:] != (0, dim):  # empty segment: a dummy
+            if array is not None and array.shape[-2:] != (0, dim):  # empty segment: not passed
                 assert by_name[name] is array, (kernel.name, name)
     # the join merges what the split kernel's blocks wrote, and returns the layer's output
     join, outputs = recorded_kernels[len(layer)], _RecordedKernel.outputs
