@@ -571,9 +571,14 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                 "ours default layout (D-major scales)": [
                     layer(s, "tq_dmaj") for s in sets if "tq_dmaj" in s
                 ],
+                # one launch a layer: the split kernel's last blocks join (FUSED_JOIN)
+                "ours default layout (fused join)": [
+                    layer_tuned(s, "tq", FUSED_JOIN=True) for s in sets
+                ],
                 # the same layers as a decode loop runs them (pipelined_time)
                 "fp16 (pipelined)": "fp16",
                 "ours default layout (pipelined)": "ours default layout",
+                "ours default layout (fused join, pipelined)": "ours default layout (fused join)",
                 "kernel default v5 loads": [v4_only(s, "tq", PIPELINE=False) for s in sets],
                 "kernel default splits3": [v4_only(s, "tq", SPLIT_FACTOR=3) for s in sets],
                 "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],
@@ -617,7 +622,7 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
 LAYER_VARIANTS = [  # what a model layer pays per decode step (ours: rotations and joins included)
     "fp16", "mlx-lm affine 8b", "mlx-lm affine 4b", "v3 affine 4b (kernel only)",
     "ours default layout", "ours default layout (rows grid)",
-    "ours default layout (D-major scales)", "ours affine 4b",
+    "ours default layout (D-major scales)", "ours default layout (fused join)", "ours affine 4b",
     "ours codebook 4b", "ours codebook 3b",
 ]  # fmt: skip
 PLOT = ROOT / "docs" / "attention_gpu.png"
@@ -761,6 +766,7 @@ def main() -> None:
     ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
     ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-8)")
     ap.add_argument("--no-fold", action="store_true", help="scales applied per element")
+    ap.add_argument("--fused-join", action="store_true", help="one launch a layer (checks too)")
     ap.add_argument("--check-layouts", default="", help="layout names to check (all)")
     ap.add_argument("--variants", default="", help="timing variants to run (all)")
     ap.add_argument("--v3-checks", action="store_true", help="also check the v3 kernel")
@@ -806,6 +812,10 @@ def main() -> None:
     import mlx.core as mx
 
     km = load_kernels()
+    if args.fused_join:
+        from services.turboquant.kernels import mma_decode
+
+        mma_decode.FUSED_JOIN = True
     if args.no_fold:
         from services.turboquant.kernels import mma_decode
 

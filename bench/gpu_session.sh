@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh checks 0,1,2 chained dispatch
 #   bash bench/gpu_session.sh table e2e-128k
 #
-# Steps: install | checks RUNS | chained | table | dispatch | pattern | e2e-32k | e2e-128k |
+# Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k | e2e-128k |
 #        e2e-batch | sweep | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -53,10 +53,16 @@ while [ $# -gt 0 ]; do
       shift
       run 590 "checks-${runs//,/-}" python3 bench/attention_gpu.py --checks-only --check-runs "$runs"
       ;;
+    checks-fused)  # the same checks with one launch a layer (mma_decode.FUSED_JOIN)
+      runs=$1
+      shift
+      run 590 "checks-fused-${runs//,/-}" python3 bench/attention_gpu.py --checks-only --fused-join \
+        --check-runs "$runs"
+      ;;
     chained)
       run 150 chained-d128 python3 bench/attention_gpu.py --skip-checks --shapes 32/8/128 \
         --contexts 4096,32768,131072 \
-        --variants "fp16,ours default layout,ours default layout (D-major scales),ours affine 4b,fp16 (pipelined),ours default layout (pipelined)"
+        --variants "fp16,ours default layout,ours default layout (fused join),ours affine 4b,fp16 (pipelined),ours default layout (pipelined),ours default layout (fused join, pipelined)"
       run 90 chained-d256 python3 bench/attention_gpu.py --skip-checks --shapes 16/2/256 \
         --contexts 4096,131072 --variants "fp16,ours default layout,ours affine 4b"
       ;;

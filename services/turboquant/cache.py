@@ -12,6 +12,7 @@ patched attention (patch.py -> attention.py) understands.
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -53,6 +54,9 @@ class PackedSide:
     head: mx.array | None = None
     tail: mx.array | None = None
     body_len: int | None = None
+    # Keys only, on CUDA: this layer's zeros the fused decode kernel counts finished blocks
+    # in (kernels/mma_decode.py, FUSED_JOIN), never shared with another layer or cache.
+    counter: mx.array | None = None
 
     @property
     def n_body(self) -> int:
@@ -379,6 +383,7 @@ class TurboQuantKVCache(_BaseCache):
                 self.head_k,
                 self.tail_k,
                 self.body_len,
+                join_counter(self),
             ),
             PackedSide(
                 v_parts,
@@ -644,6 +649,26 @@ class TurboQuantKVCache(_BaseCache):
 # A per-vector side is (B, H, T, ..) in every part; a per-channel key side is transposed,
 # (B, H, D, T*b/32) codes and (B, H, D, T/g) scales and biases: positions on the last axis.
 # Group-major ("gm") storage keeps those scales and biases as (B, H, T/g, D) instead.
+
+
+JOIN_COUNTER_ROWS = 4096  # batch x KV heads x head tiles a fused decode launch may have
+_JOIN_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def join_counter(cache) -> mx.array | None:
+    """``cache``'s counter for the fused decode kernel (zeros it returns to after every
+    launch), made once on CUDA, None elsewhere. Kept beside the cache, not in it, so a copied
+    cache (``copy.deepcopy``: prompt-cache reuse) gets its own, never a copy of one in use."""
+    from .kernels.fused_decode import cuda_available
+
+    if not cuda_available():
+        return None
+    counter = _JOIN_COUNTERS.get(cache)
+    if counter is None:
+        counter = mx.zeros((JOIN_COUNTER_ROWS,), dtype=mx.int32)  # a GPU fill: device memory
+        mx.eval(counter)
+        _JOIN_COUNTERS[cache] = counter
+    return counter
 
 
 def _want_group_major(flag: bool | None) -> bool:

@@ -5,6 +5,8 @@ fails here first."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -61,6 +63,15 @@ def launches():
                 mma_decode.mma_decode_layer(q, case.keys, case.values, 0.1, case.sinks) is not None
             )
             mma_decode.mma_body_attention(q, case.keys, case.values, 0.1)
+            # the fused join (one launch a layer), as on CUDA with FUSED_JOIN
+            keys = dataclasses.replace(case.keys, counter=mx.zeros((64,), dtype=mx.int32))
+            mma_decode.FUSED_JOIN = True
+            try:
+                assert (
+                    mma_decode.mma_decode_layer(q, keys, case.values, 0.1, case.sinks) is not None
+                )
+            finally:
+                mma_decode.FUSED_JOIN = False
     finally:
         mx.fast.cuda_kernel = saved
         mma_decode.clear_kernel_caches()

@@ -209,7 +209,7 @@ def test_split_launches_are_planned_from_their_settings():
     t_fp = dict(t_fp)
     assert (t_fp["HAS_HEAD"], t_fp["HAS_TAIL"]) == (True, True)
     assert grid_fp[0] == grid[0] + 5 * 128 and shapes_fp[:2] == shapes[:2]
-    assert shapes_fp[2:] == [(1, 32, 5, 128), (1, 32, 5, 2)] and smem_fp == smem
+    assert shapes_fp[2:4] == [(1, 32, 5, 128), (1, 32, 5, 2)] and smem_fp == smem
     off_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, False, False)
     assert mma_decode.fp_chunk_smem(128) == 4 * (24 * 129 + 16 * 128 + 8 * 16)
     # over MLX's 48000-byte threshold: the kernel's limit is raised (static + dynamic > 48 KB)
@@ -402,7 +402,8 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     assert split[5][0][2] * rows * 32 * t["WARPS"] == body_split[3][0]  # a block a split and row
     # the split source instantiates the device template with exactly these parameters
     params = re.search(r"mma_decode_split<([^>]*)>", split[0].source).group(1)
-    assert [p.strip() for p in params.split(",")] == [n for n in t if n in params]
+    names = [p.strip() for p in params.split(",")]
+    assert names == [n for n in t if n in names]
     # each input is the array its name says (a swap passes the counts above but reads
     # the wrong memory on the GPU)
     expected = {
@@ -549,7 +550,8 @@ V4_LAYOUTS = {
                          ids=lambda s: "x".join(map(str, s)))  # fmt: skip
 @pytest.mark.parametrize("layout", list(V4_LAYOUTS), ids=str)
 @pytest.mark.parametrize("length", [300, 4099])
-def test_v4_layer_matches_float64_reference(rng, shape, layout, length):
+@pytest.mark.parametrize("fused", [False, True], ids=["join", "fused"])
+def test_v4_layer_matches_float64_reference(rng, monkeypatch, shape, layout, length, fused):
     from services.turboquant import TurboQuantConfig
     from services.turboquant.attention import join_body, rotate
     from services.turboquant.kernels.cases import cache_case
@@ -558,6 +560,8 @@ def test_v4_layer_matches_float64_reference(rng, shape, layout, length):
     c = cache_case(rng, TurboQuantConfig(**V4_LAYOUTS[layout]), batch=bsz, q_heads=hq,
                    kv_heads=hkv, dim=d, length=length, sinks=bool(length % 2))  # fmt: skip
     assert mma_decode.supports(c.queries, c.keys, c.values)
+    monkeypatch.setattr(mma_decode, "FUSED_JOIN", fused)
+    assert (c.keys.counter is not None) or not fused  # on CUDA every cache layer has one
     ref = c.reference()
     q_rot = rotate(c.queries, c.keys.rotation)
     for splits in (None, 7):  # 7: some splits empty
@@ -635,3 +639,63 @@ def test_a_baked_kernel_is_launched_with_no_template(recorded_kernels):
     mma_decode.mma_decode_layer(q.astype(mx.float16), keys, values, 0.1)
     assert [k.passed_template for k, *_ in recorded_kernels] == [[], []]
     assert all(k.header.startswith('#include "') for k, *_ in recorded_kernels)
+
+
+@pytest.mark.parametrize(
+    "config,dim",
+    [
+        (dict(key_quantizer="channel", group_size=128, sink_tokens=1), 128),  # the default
+        (dict(sink_tokens=2), 64),  # per-vector keys with a centre
+    ],
+)
+def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kernels, monkeypatch,
+                                                                    config, dim):  # fmt: skip
+    import dataclasses
+
+    q, keys, values = _packed(config, dim, length=700)
+    q = q.astype(mx.float16)
+    counter = mx.zeros((64,), dtype=mx.int32)
+    keys = dataclasses.replace(keys, counter=counter)
+    sinks = mx.zeros((q.shape[1],))
+    assert mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks) is not None
+    assert len(recorded_kernels) == 2  # off by default: split + join
+    recorded_kernels.clear()
+    monkeypatch.setattr(mma_decode, "FUSED_JOIN", True)
+    out = mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks)
+    ((kernel, inputs, t, grid, group, shapes),) = recorded_kernels
+    assert base_name(kernel.name) == "tq_mma_decode_split"
+    assert t["FUSED"] and t["HAS_SINKS"] and t["HAS_CENTER"] == (keys.center is not None)
+    by_name = dict(zip(kernel.input_names, inputs, strict=True))
+    assert by_name["counter"] is counter and "out" in kernel.output_names
+    assert ("cshift" in by_name) == (keys.center is not None)
+    assert out is _RecordedKernel.outputs[-1][-1] and out.shape == q.shape and out.dtype == q.dtype
+    # rows beyond the counter's, or no counter (not CUDA): the join launch again
+    for rows, k in ((0, keys), (64, dataclasses.replace(keys, counter=None))):
+        monkeypatch.setattr(mma_decode, "JOIN_COUNTER_ROWS", rows)
+        mma_decode.clear_kernel_caches()
+        recorded_kernels.clear()
+        mma_decode.mma_decode_layer(q, k, values, 0.1, sinks)
+        assert [base_name(k.name) for k, *_ in recorded_kernels] == [
+            "tq_mma_decode_split", "tq_mma_decode_join"
+        ]  # fmt: skip
+
+
+def test_each_cache_layer_has_its_own_join_counter(monkeypatch):
+    import copy
+
+    from services.turboquant import TurboQuantKVCache, install_patch
+    from services.turboquant import cache as cache_mod
+    from services.turboquant.kernels import fused_decode
+
+    install_patch()
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)  # as on CUDA
+    monkeypatch.setattr(TurboQuantKVCache, "KEY_SCALES_GROUP_MAJOR", False)
+    a, b = TurboQuantKVCache(), TurboQuantKVCache()
+    ca = cache_mod.join_counter(a)
+    assert ca is cache_mod.join_counter(a) and ca is not cache_mod.join_counter(b)
+    assert ca.dtype == mx.int32 and ca.size == cache_mod.JOIN_COUNTER_ROWS and not ca.any().item()
+    c = copy.deepcopy(a)  # a copied cache (prompt-cache reuse) counts in its own
+    assert cache_mod.join_counter(c) is not ca
+    k = mx.zeros((1, 2, 300, 64), dtype=mx.float16)
+    keys, values = a.update_and_fetch(k, k)
+    assert keys.counter is ca and values.counter is None

@@ -18,6 +18,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from ..attention import centre_shift2
+from ..cache import JOIN_COUNTER_ROWS
 from ..rotation import rotate
 from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant
 from .jit import baked_kernel
@@ -56,6 +57,10 @@ PIPELINE = True
 # where the chunk blocks interleave with the splits and some SMs get 3 split blocks while
 # others get 1 (ncu at 128K: SMs active 69 % of the kernel; bench/gpu_notes.md, session 8).
 LINEAR_GRID = True
+# One launch a layer: the split kernel's last block of each row does the join (a per-layer
+# counter, cache.join_counter), saving a custom-kernel call's host work (~9 us on the H200's
+# host, bench/gpu_notes.md session 10). Off until checked on a GPU.
+FUSED_JOIN = False
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
@@ -66,8 +71,8 @@ _SPLIT_HEADER = compact(MMA_HEADER)
 
 
 SPLIT_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
-                "kh", "vh", "kt", "vt")  # fmt: skip
-SPLIT_OUTPUTS = ("o_part", "ml_part", "fp_o", "fp_ml")
+                "kh", "vh", "kt", "vt", "counter", "cshift", "sinks")  # fmt: skip
+SPLIT_OUTPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "out")
 JOIN_INPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks")
 
 
@@ -79,8 +84,10 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
                 signs=t["QROT"], kh=t["HAS_HEAD"], vh=t["HAS_HEAD"], kt=t["HAS_TAIL"],
                 vt=t["HAS_TAIL"], fp_o=t["HAS_HEAD"] or t["HAS_TAIL"])  # fmt: skip
     used["fp_ml"] = used["fp_o"]
+    used.update(counter=t["FUSED"], out=t["FUSED"], cshift=t["HAS_CENTER"], sinks=t["HAS_SINKS"])
     fp = getattr(mx, fp_dtype)
-    dtypes = dict(kb=mx.float16, vb=mx.float16, kh=fp, vh=fp, kt=fp, vt=fp)
+    dtypes = dict(kb=mx.float16, vb=mx.float16, kh=fp, vh=fp, kt=fp, vt=fp, counter=mx.int32,
+                  out=t["OT"])  # fmt: skip
     # fp_dtype: the sink's and tail's dtype, which types inputs kh..vt in the signature MLX
     # writes but is no template argument: in the name, or one build would serve both.
     name = f"tq_mma_decode_split_{fp_dtype}"
@@ -295,22 +302,27 @@ def mma_decode_layer(
         None if fp_side is None else fp_side.dtype,
         keys.center is not None, sinks is not None, scale, splits,
         STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
+        fused=FUSED_JOIN and keys.counter is not None,
     )  # fmt: skip
     if plan is None:
         return None
     split, join, const = plan
     init = float("nan") if poison else None
-    # None: an input the planned kernel does not take (nor returns, for outputs)
-    fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
-    o_part, ml_part, fp_o, fp_ml = split.launch(
-        _split_inputs(split, queries, keys, values, const, rot) + fp_inputs, init
-    )
     cshift = None
     if keys.center is not None:  # q.centre per head: the body's scores leave it out
         b, hq = queries.shape[:2]
         cshift = centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
-    signs = rot.signs if rot is not None else None
     sinks = sinks.astype(mx.float32) if sinks is not None else None
+    # None: an input the planned kernel does not take (nor returns, for outputs)
+    fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
+    o_part, ml_part, fp_o, fp_ml, out = split.launch(
+        _split_inputs(split, queries, keys, values, const, rot) + fp_inputs
+        + [keys.counter, cshift, sinks],
+        init,
+    )  # fmt: skip
+    if join is None:  # the split kernel joined (FUSED_JOIN)
+        return out
+    signs = rot.signs if rot is not None else None
     (out,) = join.launch([o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks], init)
     return out
 
@@ -348,8 +360,9 @@ class _Launch:
 @lru_cache(maxsize=1024)
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
-                has_sinks, scale, splits, *tunables):  # fmt: skip
-    """The two launches of a decode layer, or None where the kernels cannot read it
+                has_sinks, scale, splits, *tunables, fused=False):  # fmt: skip
+    """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
+    last blocks; where its rows fit the counter), or None where the kernels cannot read it
     (:func:`_layouts`, as for :func:`supports`). Cached: the same for every step of a body
     block and a chunk of the tail."""
     b, hq, length, d = q_shape
@@ -358,7 +371,13 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     if layouts is None:
         return None
     fp = (head_chunks, tail_chunks, fp_dtype)
-    split = _split_launch(*layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables)
+    fused = fused and b * hkv * -(-(hq // hkv) // 8) <= JOIN_COUNTER_ROWS
+    join = (fused, has_center, has_sinks) if fused else NO_JOIN
+    split = _split_launch(
+        *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join
+    )
+    if fused:
+        return split, None, const_input(scale * LOG2E)
     join_template = (("D", d), ("OT", q_dtype), ("HAS_FP", head_chunks + tail_chunks > 0),
                      ("HAS_ROT", has_rot), ("HAS_CENTER", has_center),
                      ("HAS_SINKS", has_sinks))  # fmt: skip
@@ -369,6 +388,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
 
 
 NO_FP = (0, 0, None)  # (sink chunks, tail chunks, their dtype): none
+NO_JOIN = (False, False, False)  # (fused join, key centre, learned sinks): a join launch follows
 
 
 def _split(q, rot, keys, values, scale, splits, poison):
@@ -385,7 +405,7 @@ def _split(q, rot, keys, values, scale, splits, poison):
         PIPELINE, LINEAR_GRID,
     )  # fmt: skip
     inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
-    inputs += [None] * 4  # no full-precision segments here
+    inputs += [None] * 7  # no full-precision segments, no join here
     return launch.launch(inputs, float("nan") if poison else None)[:2]
 
 
@@ -402,27 +422,39 @@ def _split_inputs(launch, q, keys, values, const, rot) -> list:
 
 @lru_cache(maxsize=1024)
 def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
-                  *tunables):  # fmt: skip
+                  *tunables, join=NO_JOIN):  # fmt: skip
     """The planned split launch (:func:`_split_plan`) with what its inputs need."""
     template, grid, threadgroup, out_shapes, smem = _split_plan(
-        k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp, *tunables
+        k_layout,
+        v_layout,
+        b,
+        hq,
+        hkv,
+        d,
+        n_body,
+        q_dtype,
+        rotate_q,
+        splits,
+        fp,
+        *tunables,
+        join=join,
     )
     fp_dtype = str(fp[2] or mx.float16).rsplit(".", 1)[-1]
     return _Launch(
         _split_kernel(tuple(template), smem, fp_dtype), grid, threadgroup, out_shapes,
-        [mx.float32] * 4,
+        [mx.float32] * 4 + [q_dtype],
         lut_k=_lut(k_layout[1], d) if k_layout[0] == 1 else None,
         lut_v=_lut(v_layout[1], d) if v_layout[0] == 1 else None,
     )  # fmt: skip
 
 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
-                *tunables):  # fmt: skip
+                *tunables, join=NO_JOIN):  # fmt: skip
     """Template, grid, output shapes and dynamic shared memory of one split launch (cached
     in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
     full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
-    LINEAR_GRID -- are in the key)."""
+    LINEAR_GRID -- are in the key; ``join``: :data:`NO_JOIN` or the fused join's flags)."""
     steps_setting, factor, warps, fold, pipeline, linear = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
@@ -447,6 +479,10 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("HAS_HEAD", fp[0] > 0),
         ("HAS_TAIL", fp[1] > 0),
         ("LIN", linear),
+        ("FUSED", join[0]),
+        ("OT", q_dtype),
+        ("HAS_CENTER", join[1]),
+        ("HAS_SINKS", join[2]),
     ]
     chunks = fp[0] + fp[1]
     grid = (
@@ -463,7 +499,8 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     if chunks:
         smem = max(smem, fp_chunk_smem(d), FP_SMEM_MIN)
     fp_shapes = [(b, hq, max(1, chunks), d), (b, hq, max(1, chunks), 2)]  # unused when none
-    return template, grid, (32 * warps, 1, 1), [(b, hq, s, d), (b, hq, s, 2)] + fp_shapes, smem
+    out_shapes = [(b, hq, s, d), (b, hq, s, 2)] + fp_shapes + [(b, hq, 1, d)]  # out: FUSED
+    return template, grid, (32 * warps, 1, 1), out_shapes, smem
 
 
 @lru_cache(maxsize=16)

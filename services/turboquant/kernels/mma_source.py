@@ -41,6 +41,7 @@ __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__
 // returns the unnormalised sum, with the running max M and the sum of weights L. One
 // pass, 8 splits' loads issued together: a load-use chain per split cost ~0.7 us each
 // (bench/gpu_notes.md, session 5).
+template <bool CG = false>  // CG: loads bypass L1 (partials other blocks of this launch wrote)
 __device__ __forceinline__ float merge_splits(const float* o_part, const float* ml_part, int64_t row,
                                               int S, int D, int d, float& M, float& L) {
   const float* ml = ml_part + row * S * 2;
@@ -53,9 +54,9 @@ __device__ __forceinline__ float merge_splits(const float* o_part, const float* 
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const bool ok = s0 + j < S;
-      m[j] = ok ? ml[2 * (s0 + j)] : TQM_NEG_INF;
-      l[j] = ok ? ml[2 * (s0 + j) + 1] : 0.f;
-      o[j] = ok ? op[(s0 + j) * D] : 0.f;
+      m[j] = ok ? (CG ? __ldcg(ml + 2 * (s0 + j)) : ml[2 * (s0 + j)]) : TQM_NEG_INF;
+      l[j] = ok ? (CG ? __ldcg(ml + 2 * (s0 + j) + 1) : ml[2 * (s0 + j) + 1]) : 0.f;
+      o[j] = ok ? (CG ? __ldcg(op + (s0 + j) * D) : op[(s0 + j) * D]) : 0.f;
     }
     float mb = M;
 #pragma unroll
@@ -922,6 +923,83 @@ __device__ void fp_chunk(
   }
 }
 
+// FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
+// the last of a row's splits and fp chunks resets the count (so the next launch of this
+// layer starts from 0) and joins the row's query heads -- what MMA_JOIN_SOURCE does in a
+// second launch: merge the splits, rotate back, key centre, fp partials, learned sinks.
+template <int D, typename OT, bool HAS_FP, bool HAS_ROT, bool HAS_CENTER, bool HAS_SINKS>
+__device__ __noinline__ void join_last_block(const int* counter, const float* o_part, const float* ml_part,
+                                const float* fp_o, const float* fp_ml, const float* signs,
+                                const float* cshift, const float* sinks, OT* out, int b, int row,
+                                int n_kv, int G, int S, int n_fp) {
+  __shared__ int last;
+  __shared__ float sh[D];
+  constexpr int PT = (D + 63) / 64;  // coordinates a thread (blockDim.x >= 64)
+  const int n_ht = (G + 7) / 8;
+  const int hkv = row / n_ht, ht = row % n_ht;
+  const int nh = min(8, G - ht * 8);
+  __threadfence();  // this block's partials are visible device-wide before it counts
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* c = const_cast<int*>(counter) + (int64_t)b * n_kv * n_ht + row;
+    last = atomicAdd(c, 1) == S + n_fp - 1;
+    if (last) atomicExch(c, 0);  // every block of the row has counted
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // then read the other blocks' partials (through L2: __ldcg)
+  const int Hq = n_kv * G;
+  for (int h = 0; h < nh; ++h) {
+    const int64_t r = (int64_t)b * Hq + hkv * G + ht * 8 + h;
+    float Mb = TQM_NEG_INF, Lb = 0.f, mf = TQM_NEG_INF, lf = 0.f;
+    for (int k = 0; k < PT; ++k) {  // one merge at a time: fewer registers
+      const int d = threadIdx.x + k * blockDim.x, dd = d < D ? d : 0;
+      const float a = merge_splits<true>(o_part, ml_part, r, S, D, dd, Mb, Lb);
+      if (d < D) sh[d] = a;
+    }
+    __syncthreads();
+    if (HAS_ROT) {  // y M^T with M = diag(signs) H / sqrt(D), as the join
+      for (int hs = 1; hs < D; hs <<= 1) {
+        float v[PT];
+#pragma unroll
+        for (int k = 0; k < PT; ++k) {
+          const int d = threadIdx.x + k * blockDim.x;
+          if (d < D) {
+            const float x = sh[d], y = sh[d ^ hs];
+            v[k] = (d & hs) ? (y - x) : (x + y);
+          }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < PT; ++k) {
+          const int d = threadIdx.x + k * blockDim.x;
+          if (d < D) sh[d] = v[k];
+        }
+        __syncthreads();
+      }
+    }
+    if (HAS_CENTER) Mb += cshift[r];  // the body's scores left out q.centre
+    float accf[PT];
+    for (int k = 0; k < PT; ++k) {
+      const int d = threadIdx.x + k * blockDim.x, dd = d < D ? d : 0;
+      accf[k] = HAS_FP ? merge_splits<true>(fp_o, fp_ml, r, n_fp, D, dd, mf, lf) : 0.f;
+    }
+    const float zk = HAS_SINKS ? sinks[hkv * G + ht * 8 + h] * 1.4426950408889634f : TQM_NEG_INF;
+    const float T = fmaxf(fmaxf(Mb, mf), zk);
+    const float wb = Mb == TQM_NEG_INF ? 0.f : exp2f(Mb - T);
+    const float wf = mf == TQM_NEG_INF ? 0.f : exp2f(mf - T);
+    const float den = Lb * wb + lf * wf + (HAS_SINKS ? exp2f(zk - T) : 0.f);
+#pragma unroll
+    for (int k = 0; k < PT; ++k) {
+      const int d = threadIdx.x + k * blockDim.x;
+      if (d >= D) continue;
+      const float acc = HAS_ROT ? sh[d] * rsqrtf((float)D) * signs[d] : sh[d];
+      out[r * D + d] = static_cast<OT>((acc * wb + accf[k] * wf) / den);
+    }
+    __syncthreads();  // sh is the next head's
+  }
+}
+
 }  // namespace tqm
 """
 )
@@ -934,9 +1012,6 @@ MMA_SPLIT_SOURCE = r"""
   const int n_ht = (G + 7) / 8;
   constexpr int FC = TQM_FP_CHUNK;
   const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? (kt_shape[2] + FC - 1) / FC : 0);
-  // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
-  // the hardware deals blocks out in this order, so the SMs get even shares of split work.
-  // Else blocks (x: splits then chunks, y: row, z: batch).
   int idx, row, b, S;
   if (LIN) {
     const int R = q_shape[0] * n_kv * n_ht;
@@ -951,21 +1026,29 @@ MMA_SPLIT_SOURCE = r"""
     row = blockIdx.y;
     b = blockIdx.z;
   }
-  if ((HAS_HEAD || HAS_TAIL) && idx >= S) {
+  const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
+  if (fp_block) {
     tqm::fp_chunk<D, HAS_HEAD, HAS_TAIL>(
         q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
         kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), params,
         n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
-    return;
+    if (!FUSED) return;
   }
-  tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, QT, ST>(
-      q, q_strides.data(), signs,
-      kw, kw_shape.data(), kw_strides.data(),
-      ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
-      vw, vw_shape.data(), vw_strides.data(),
-      vs, vs_strides.data(), vb, vb_strides.data(),
-      lut_k, lut_v, params,
-      n_kv, G, idx, S, row, b, o_part, ml_part);
+  if (!FUSED || !fp_block) {
+    tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, QT, ST>(
+        q, q_strides.data(), signs,
+        kw, kw_shape.data(), kw_strides.data(),
+        ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
+        vw, vw_shape.data(), vw_strides.data(),
+        vs, vs_strides.data(), vb, vb_strides.data(),
+        lut_k, lut_v, params,
+        n_kv, G, idx, S, row, b, o_part, ml_part);
+  }
+  if constexpr (FUSED) {  // the join, by the row's last block (one launch a layer)
+    tqm::join_last_block<D, OT, HAS_HEAD || HAS_TAIL, QROT, HAS_CENTER, HAS_SINKS>(
+        counter, o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks, out, b, row, n_kv, G, S,
+        n_fp);
+  }
 """
 
 # Merges the splits of one (batch, query head): unnormalised partials -> the normalised
