@@ -578,7 +578,7 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                 # the same layers as a decode loop runs them (pipelined_time)
                 "fp16 (pipelined)": "fp16",
                 "ours default layout (pipelined)": "ours default layout",
-                "ours default layout (fused join, pipelined)": "ours default layout (fused join)",
+                "ours default layout (fused join) (pipelined)": "ours default layout (fused join)",
                 "kernel default v5 loads": [v4_only(s, "tq", PIPELINE=False) for s in sets],
                 "kernel default splits3": [v4_only(s, "tq", SPLIT_FACTOR=3) for s in sets],
                 "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],

@@ -62,7 +62,7 @@ while [ $# -gt 0 ]; do
     chained)
       run 150 chained-d128 python3 bench/attention_gpu.py --skip-checks --shapes 32/8/128 \
         --contexts 4096,32768,131072 \
-        --variants "fp16,ours default layout,ours default layout (fused join),ours affine 4b,fp16 (pipelined),ours default layout (pipelined),ours default layout (fused join, pipelined)"
+        --variants "fp16,ours default layout,ours default layout (fused join),ours affine 4b,fp16 (pipelined),ours default layout (pipelined),ours default layout (fused join) (pipelined)"
       run 90 chained-d256 python3 bench/attention_gpu.py --skip-checks --shapes 16/2/256 \
         --contexts 4096,131072 --variants "fp16,ours default layout,ours affine 4b"
       ;;
