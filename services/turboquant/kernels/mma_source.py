@@ -41,7 +41,6 @@ __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__
 // returns the unnormalised sum, with the running max M and the sum of weights L. One
 // pass, 8 splits' loads issued together: a load-use chain per split cost ~0.7 us each
 // (bench/gpu_notes.md, session 5).
-template <bool CG = false>  // CG: loads bypass L1 (partials other blocks of this launch wrote)
 __device__ __forceinline__ float merge_splits(const float* o_part, const float* ml_part, int64_t row,
                                               int S, int D, int d, float& M, float& L) {
   const float* ml = ml_part + row * S * 2;
@@ -54,9 +53,9 @@ __device__ __forceinline__ float merge_splits(const float* o_part, const float* 
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const bool ok = s0 + j < S;
-      m[j] = ok ? (CG ? __ldcg(ml + 2 * (s0 + j)) : ml[2 * (s0 + j)]) : TQM_NEG_INF;
-      l[j] = ok ? (CG ? __ldcg(ml + 2 * (s0 + j) + 1) : ml[2 * (s0 + j) + 1]) : 0.f;
-      o[j] = ok ? (CG ? __ldcg(op + (s0 + j) * D) : op[(s0 + j) * D]) : 0.f;
+      m[j] = ok ? ml[2 * (s0 + j)] : TQM_NEG_INF;
+      l[j] = ok ? ml[2 * (s0 + j) + 1] : 0.f;
+      o[j] = ok ? op[(s0 + j) * D] : 0.f;
     }
     float mb = M;
 #pragma unroll
@@ -923,18 +922,104 @@ __device__ void fp_chunk(
   }
 }
 
+// E floats of a lane from L2 (__ldcg: other blocks of this launch wrote them, L1 may hold
+// stale lines), as float4 / float2 loads.
+template <int E>
+__device__ __forceinline__ void load_lane(const float* p, float (&v)[E]) {
+  static_assert(E % 2 == 0, "head_dim 64, 128 or 256");
+  if constexpr (E % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < E / 4; ++i) {
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(p) + i);
+      v[4 * i] = x.x, v[4 * i + 1] = x.y, v[4 * i + 2] = x.z, v[4 * i + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < E / 2; ++i) {
+      const float2 x = __ldcg(reinterpret_cast<const float2*>(p) + i);
+      v[2 * i] = x.x, v[2 * i + 1] = x.y;
+    }
+  }
+}
+
+// merge_splits for one warp: lane l merges coordinates l*E .. l*E+E-1 of a row's S
+// partials, 8 splits' loads in flight; M, L as merge_splits (the same in every lane).
+template <int E>
+__device__ __forceinline__ void merge_lane(const float* o_part, const float* ml_part, int64_t row, int S,
+                                           int lane, float (&acc)[E], float& M, float& L) {
+  constexpr int D = 32 * E;
+  const float2* ml = reinterpret_cast<const float2*>(ml_part + row * S * 2);
+  const float* op = o_part + row * S * D + lane * E;
+  M = TQM_NEG_INF;
+  L = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = 0.f;
+  for (int s0 = 0; s0 < S; s0 += 8) {
+    float m[8], l[8], o[8][E];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const bool ok = s0 + j < S;
+      const float2 x = __ldcg(ml + (ok ? s0 + j : 0));  // same address in every lane
+      m[j] = ok ? x.x : TQM_NEG_INF;
+      l[j] = ok ? x.y : 0.f;
+      load_lane<E>(op + (int64_t)(ok ? s0 + j : 0) * D, o[j]);
+    }
+    float mb = M;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) mb = fmaxf(mb, m[j]);
+    if (mb == TQM_NEG_INF) continue;  // only empty splits so far
+    const float r = exp2f(M - mb);  // 0 while M is -inf
+    L *= r;
+    M = mb;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] *= r;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float w = exp2f(m[j] - M);  // 0 for an empty split (and a split past S)
+      L = fmaf(l[j], w, L);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = fmaf(o[j][e], w, acc[e]);
+    }
+  }
+}
+
+// Sylvester-order Hadamard of a warp's 32 * E coordinates (lane l holds l*E ..): pairs
+// within a lane in registers, across lanes by shuffles -- no shared memory, no barrier.
+template <int E>
+__device__ __forceinline__ void hadamard_lane(float (&x)[E], int lane) {
+#pragma unroll
+  for (int hs = 1; hs < E; hs <<= 1) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      if (e & hs) continue;
+      const float a = x[e], b = x[e | hs];
+      x[e] = a + b;
+      x[e | hs] = a - b;
+    }
+  }
+#pragma unroll
+  for (int ls = 1; ls < 32; ls <<= 1) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float y = __shfl_xor_sync(0xffffffffu, x[e], ls);
+      x[e] = (lane & ls) ? (y - x[e]) : (x[e] + y);
+    }
+  }
+}
+
 // FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
 // the last of a row's splits and fp chunks resets the count (so the next launch of this
 // layer starts from 0) and joins the row's query heads -- what MMA_JOIN_SOURCE does in a
-// second launch: merge the splits, rotate back, key centre, fp partials, learned sinks.
+// second launch (merge the splits, rotate back, key centre, fp partials, learned sinks),
+// a warp a head: a serial join of 8 heads by the whole block left the GPU idle ~20 us at
+// 128K (bench/gpu_notes.md, session 10).
 template <int D, typename OT, bool HAS_FP, bool HAS_ROT, bool HAS_CENTER, bool HAS_SINKS>
 __device__ __noinline__ void join_last_block(const int* counter, const float* o_part, const float* ml_part,
                                 const float* fp_o, const float* fp_ml, const float* signs,
                                 const float* cshift, const float* sinks, OT* out, int b, int row,
                                 int n_kv, int G, int S, int n_fp) {
+  constexpr int E = D / 32;  // coordinates a lane
   __shared__ int last;
-  __shared__ float sh[D];
-  constexpr int PT = (D + 63) / 64;  // coordinates a thread (blockDim.x >= 64)
   const int n_ht = (G + 7) / 8;
   const int hkv = row / n_ht, ht = row % n_ht;
   const int nh = min(8, G - ht * 8);
@@ -948,41 +1033,18 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
   __syncthreads();
   if (!last) return;
   __threadfence();  // then read the other blocks' partials (through L2: __ldcg)
-  const int Hq = n_kv * G;
-  for (int h = 0; h < nh; ++h) {
+  const int lane = threadIdx.x & 31, Hq = n_kv * G;
+  for (int h = threadIdx.x >> 5; h < nh; h += blockDim.x >> 5) {
     const int64_t r = (int64_t)b * Hq + hkv * G + ht * 8 + h;
-    float Mb = TQM_NEG_INF, Lb = 0.f, mf = TQM_NEG_INF, lf = 0.f;
-    for (int k = 0; k < PT; ++k) {  // one merge at a time: fewer registers
-      const int d = threadIdx.x + k * blockDim.x, dd = d < D ? d : 0;
-      const float a = merge_splits<true>(o_part, ml_part, r, S, D, dd, Mb, Lb);
-      if (d < D) sh[d] = a;
-    }
-    __syncthreads();
-    if (HAS_ROT) {  // y M^T with M = diag(signs) H / sqrt(D), as the join
-      for (int hs = 1; hs < D; hs <<= 1) {
-        float v[PT];
-#pragma unroll
-        for (int k = 0; k < PT; ++k) {
-          const int d = threadIdx.x + k * blockDim.x;
-          if (d < D) {
-            const float x = sh[d], y = sh[d ^ hs];
-            v[k] = (d & hs) ? (y - x) : (x + y);
-          }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < PT; ++k) {
-          const int d = threadIdx.x + k * blockDim.x;
-          if (d < D) sh[d] = v[k];
-        }
-        __syncthreads();
-      }
-    }
+    float acc[E], accf[E], Mb, Lb, mf = TQM_NEG_INF, lf = 0.f;
+    merge_lane<E>(o_part, ml_part, r, S, lane, acc, Mb, Lb);
+    if (HAS_ROT) hadamard_lane<E>(acc, lane);  // y M^T with M = diag(signs) H / sqrt(D)
     if (HAS_CENTER) Mb += cshift[r];  // the body's scores left out q.centre
-    float accf[PT];
-    for (int k = 0; k < PT; ++k) {
-      const int d = threadIdx.x + k * blockDim.x, dd = d < D ? d : 0;
-      accf[k] = HAS_FP ? merge_splits<true>(fp_o, fp_ml, r, n_fp, D, dd, mf, lf) : 0.f;
+    if (HAS_FP) {
+      merge_lane<E>(fp_o, fp_ml, r, n_fp, lane, accf, mf, lf);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) accf[e] = 0.f;
     }
     const float zk = HAS_SINKS ? sinks[hkv * G + ht * 8 + h] * 1.4426950408889634f : TQM_NEG_INF;
     const float T = fmaxf(fmaxf(Mb, mf), zk);
@@ -990,13 +1052,11 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
     const float wf = mf == TQM_NEG_INF ? 0.f : exp2f(mf - T);
     const float den = Lb * wb + lf * wf + (HAS_SINKS ? exp2f(zk - T) : 0.f);
 #pragma unroll
-    for (int k = 0; k < PT; ++k) {
-      const int d = threadIdx.x + k * blockDim.x;
-      if (d >= D) continue;
-      const float acc = HAS_ROT ? sh[d] * rsqrtf((float)D) * signs[d] : sh[d];
-      out[r * D + d] = static_cast<OT>((acc * wb + accf[k] * wf) / den);
+    for (int e = 0; e < E; ++e) {
+      const int d = lane * E + e;
+      const float a = HAS_ROT ? acc[e] * rsqrtf((float)D) * signs[d] : acc[e];
+      out[r * D + d] = static_cast<OT>((a * wb + accf[e] * wf) / den);
     }
-    __syncthreads();  // sh is the next head's
   }
 }
 
