@@ -18,6 +18,7 @@ Results and their caveats: docs/benchmarks.md ("End-to-end decode on the GPU").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -47,15 +48,31 @@ QWEN35_35B_A3B = dict(
 # Cache kinds besides fp16: the stack's default layout (per-channel keys, a full-precision
 # sink; the portable quantized_matmul path) and the paper's plain layout (every position
 # quantized per vector: the layout the fused CUDA kernel takes).
-CACHE_KINDS = ("fp16", "tq-default", "tq-plain")
+# tq-fused / tq-unfused: the default layout with the CUDA kernel's join forced into the
+# split launch or left to a second one (mma_decode.FUSED_JOIN), to compare in one run.
+CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused")
+JOIN_MODES = {"tq-fused": True, "tq-unfused": False}
 
 
 def _tq_config(kind: str):
     from services.turboquant import TurboQuantConfig
 
-    if kind == "tq-default":
-        return TurboQuantConfig.recommended()
-    return TurboQuantConfig(key_bits=4, value_bits=4)
+    if kind == "tq-plain":
+        return TurboQuantConfig(key_bits=4, value_bits=4)
+    return TurboQuantConfig.recommended()
+
+
+@contextlib.contextmanager
+def join_mode(kind: str):
+    """``kind``'s join (JOIN_MODES) while its steps run; the module's default otherwise."""
+    from services.turboquant.kernels import mma_decode
+
+    saved = mma_decode.FUSED_JOIN
+    mma_decode.FUSED_JOIN = JOIN_MODES.get(kind, saved)
+    try:
+        yield
+    finally:
+        mma_decode.FUSED_JOIN = saved
 
 
 TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=512)
@@ -185,8 +202,9 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
 
     caches = {kind: _filled_cache(model, kind, context, batch) for kind in kinds}
     total_kv = sum(b for _, b in caches.values())
-    for cache, _ in caches.values():
-        decode_rate(model, cache, 3, batch=batch)  # warm-up (kernel compiles, graph caches)
+    for kind, (cache, _) in caches.items():
+        with join_mode(kind):
+            decode_rate(model, cache, 3, batch=batch)  # warm-up (kernel compiles, graph caches)
     runs = {kind: [] for kind in kinds}
     host = {kind: {} for kind in kinds}
     peak = {kind: 0 for kind in kinds}
@@ -194,7 +212,8 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
         for kind, (cache, kv) in caches.items():
             mx.synchronize()
             mx.reset_peak_memory()
-            runs[kind].append(decode_rate(model, cache, steps, host[kind], batch))
+            with join_mode(kind):
+                runs[kind].append(decode_rate(model, cache, steps, host[kind], batch))
             # As if alone: the other caches' buffers sit in memory, unchanged, meanwhile.
             peak[kind] = max(peak[kind], mx.get_peak_memory() - (total_kv - kv))
     rows = []

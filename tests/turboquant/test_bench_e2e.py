@@ -141,3 +141,26 @@ def test_attention_table_reports_pipelined_layers_apart():
     assert "(pipelined)" not in chained.split("Bytes each variant")[0]
     assert "| 32/8, 128, 128K | 0.140 | 0.070 | 2.00x |" in rest
     assert "Kernel only" not in text  # no sweep variants in these rows
+
+
+def test_join_kinds_force_the_kernels_join_only_while_their_steps_run(monkeypatch):
+    """tq-fused / tq-unfused compare the CUDA kernel's two joins in one run: each kind's
+    steps (warm-up and timed) see its setting, and the module's default comes back."""
+    from services.turboquant.kernels import mma_decode
+
+    default = mma_decode.FUSED_JOIN
+    seen = []
+
+    def decode_rate(model, cache, steps, host=None, batch=1):
+        seen.append((id(cache), mma_decode.FUSED_JOIN))
+        return 1.0
+
+    monkeypatch.setattr(e2e, "decode_rate", decode_rate)
+    model = e2e.build("llama-3.1-8b", tiny=True)
+    kinds = ["fp16", "tq-fused", "tq-unfused", "tq-default"]
+    rows = e2e.run_context(model, kinds, context=40, steps=1, repeats=2)
+    assert [r["cache"] for r in rows] == kinds
+    flags = [flag for _, flag in seen]
+    # per round (warm-up, then two timed): the kinds in order
+    assert flags == [default, True, False, default] * 3
+    assert mma_decode.FUSED_JOIN is default
