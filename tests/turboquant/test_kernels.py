@@ -657,10 +657,14 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
     counter = mx.zeros((64,), dtype=mx.int32)
     keys = dataclasses.replace(keys, counter=counter)
     sinks = mx.zeros((q.shape[1],))
+    monkeypatch.setattr(mma_decode, "FUSED_JOIN", False)
     assert mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks) is not None
-    assert len(recorded_kernels) == 2  # off by default: split + join
+    assert len(recorded_kernels) == 2  # split + join
     recorded_kernels.clear()
     monkeypatch.setattr(mma_decode, "FUSED_JOIN", True)
+    # up to FUSED_MAX_WORK key elements (batch x KV heads x body positions x head dim)
+    work = q.shape[0] * keys.parts[0].shape[1] * keys.n_body * dim
+    monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", work)
     out = mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks)
     ((kernel, inputs, t, grid, group, shapes),) = recorded_kernels
     assert base_name(kernel.name) == "tq_mma_decode_split"
@@ -669,8 +673,11 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
     assert by_name["counter"] is counter and "out" in kernel.output_names
     assert ("cshift" in by_name) == (keys.center is not None)
     assert out is _RecordedKernel.outputs[-1][-1] and out.shape == q.shape and out.dtype == q.dtype
-    # rows beyond the counter's, or no counter (not CUDA): the join launch again
-    for rows, k in ((0, keys), (64, dataclasses.replace(keys, counter=None))):
+    # more work than FUSED_MAX_WORK (the GPU bounds the layer), rows beyond the counter's,
+    # or no counter (not CUDA): the join launch again
+    no_counter = dataclasses.replace(keys, counter=None)
+    for most, rows, k in ((work - 1, 64, keys), (None, 0, keys), (None, 64, no_counter)):
+        monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", most)
         monkeypatch.setattr(mma_decode, "JOIN_COUNTER_ROWS", rows)
         mma_decode.clear_kernel_caches()
         recorded_kernels.clear()

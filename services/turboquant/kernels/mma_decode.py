@@ -58,9 +58,12 @@ PIPELINE = True
 # others get 1 (ncu at 128K: SMs active 69 % of the kernel; bench/gpu_notes.md, session 8).
 LINEAR_GRID = True
 # One launch a layer: the split kernel's last block of each row does the join (a per-layer
-# counter, cache.join_counter), saving a custom-kernel call's host work (~9 us on the H200's
-# host, bench/gpu_notes.md session 10). Off until checked on a GPU.
+# counter, cache.join_counter), saving a custom-kernel call's host work (~7 us a layer on the
+# H200's host, bench/gpu_notes.md session 11). Only up to FUSED_MAX_WORK key elements
+# (batch x KV heads x body positions x head dim): past that the GPU, not the host, bounds the
+# layer, and a separate join launch spread over every head beats the few last blocks.
 FUSED_JOIN = False
+FUSED_MAX_WORK: int | None = 8 * 32768 * 128  # None: no limit
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
@@ -302,7 +305,7 @@ def mma_decode_layer(
         None if fp_side is None else fp_side.dtype,
         keys.center is not None, sinks is not None, scale, splits,
         STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
-        fused=FUSED_JOIN and keys.counter is not None,
+        fused=FUSED_JOIN and keys.counter is not None, fused_max=FUSED_MAX_WORK,
     )  # fmt: skip
     if plan is None:
         return None
@@ -360,9 +363,9 @@ class _Launch:
 @lru_cache(maxsize=1024)
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
-                has_sinks, scale, splits, *tunables, fused=False):  # fmt: skip
+                has_sinks, scale, splits, *tunables, fused=False, fused_max=None):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
-    last blocks; where its rows fit the counter), or None where the kernels cannot read it
+    last blocks, where its rows fit the counter and its work ``fused_max``), or None where the kernels cannot read it
     (:func:`_layouts`, as for :func:`supports`). Cached: the same for every step of a body
     block and a chunk of the tail."""
     b, hq, length, d = q_shape
@@ -371,7 +374,11 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     if layouts is None:
         return None
     fp = (head_chunks, tail_chunks, fp_dtype)
-    fused = fused and b * hkv * -(-(hq // hkv) // 8) <= JOIN_COUNTER_ROWS
+    fused = (
+        fused
+        and b * hkv * -(-(hq // hkv) // 8) <= JOIN_COUNTER_ROWS
+        and (fused_max is None or b * hkv * n_body * d <= fused_max)
+    )
     join = (fused, has_center, has_sinks) if fused else NO_JOIN
     split = _split_launch(
         *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join

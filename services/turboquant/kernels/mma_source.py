@@ -942,43 +942,55 @@ __device__ __forceinline__ void load_lane(const float* p, float (&v)[E]) {
   }
 }
 
-// merge_splits for one warp: lane l merges coordinates l*E .. l*E+E-1 of a row's S
-// partials, 8 splits' loads in flight; M, L as merge_splits (the same in every lane).
-template <int E>
-__device__ __forceinline__ void merge_lane(const float* o_part, const float* ml_part, int64_t row, int S,
-                                           int lane, float (&acc)[E], float& M, float& L) {
-  constexpr int D = 32 * E;
-  const float2* ml = reinterpret_cast<const float2*>(ml_part + row * S * 2);
-  const float* op = o_part + row * S * D + lane * E;
-  M = TQM_NEG_INF;
-  L = 0.f;
+// merge_splits for one warp and NH heads at once (rows ``row``): lane l merges
+// coordinates l*E .. l*E+E-1 of each row's S partials, U splits' loads of every head in
+// flight together (a round of loads costs ~0.5 us of latency, the tail of the fused
+// join); M, L as merge_splits (the same in every lane).
+template <int E, int NH>
+__device__ __forceinline__ void merge_lanes(const float* o_part, const float* ml_part, const int64_t (&row)[NH],
+                                            int S, int lane, float (&acc)[NH][E], float (&M)[NH],
+                                            float (&L)[NH]) {
+  constexpr int D = 32 * E, U = 64 / (NH * E) < 8 ? 64 / (NH * E) : 8;  // <= 64 floats in flight
 #pragma unroll
-  for (int e = 0; e < E; ++e) acc[e] = 0.f;
-  for (int s0 = 0; s0 < S; s0 += 8) {
-    float m[8], l[8], o[8][E];
+  for (int h = 0; h < NH; ++h) {
+    M[h] = TQM_NEG_INF;
+    L[h] = 0.f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const bool ok = s0 + j < S;
-      const float2 x = __ldcg(ml + (ok ? s0 + j : 0));  // same address in every lane
-      m[j] = ok ? x.x : TQM_NEG_INF;
-      l[j] = ok ? x.y : 0.f;
-      load_lane<E>(op + (int64_t)(ok ? s0 + j : 0) * D, o[j]);
+    for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
+  }
+  for (int s0 = 0; s0 < S; s0 += U) {
+    float m[NH][U], l[NH][U], o[NH][U][E];
+#pragma unroll
+    for (int h = 0; h < NH; ++h) {
+      const float2* ml = reinterpret_cast<const float2*>(ml_part + row[h] * S * 2);
+      const float* op = o_part + row[h] * S * D + lane * E;
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        const bool ok = s0 + j < S;
+        const float2 x = __ldcg(ml + (ok ? s0 + j : 0));  // same address in every lane
+        m[h][j] = ok ? x.x : TQM_NEG_INF;
+        l[h][j] = ok ? x.y : 0.f;
+        load_lane<E>(op + (int64_t)(ok ? s0 + j : 0) * D, o[h][j]);
+      }
     }
-    float mb = M;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) mb = fmaxf(mb, m[j]);
-    if (mb == TQM_NEG_INF) continue;  // only empty splits so far
-    const float r = exp2f(M - mb);  // 0 while M is -inf
-    L *= r;
-    M = mb;
+    for (int h = 0; h < NH; ++h) {
+      float mb = M[h];
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] *= r;
+      for (int j = 0; j < U; ++j) mb = fmaxf(mb, m[h][j]);
+      if (mb == TQM_NEG_INF) continue;  // only empty splits so far
+      const float r = exp2f(M[h] - mb);  // 0 while M is -inf
+      L[h] *= r;
+      M[h] = mb;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float w = exp2f(m[j] - M);  // 0 for an empty split (and a split past S)
-      L = fmaf(l[j], w, L);
+      for (int e = 0; e < E; ++e) acc[h][e] *= r;
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] = fmaf(o[j][e], w, acc[e]);
+      for (int j = 0; j < U; ++j) {
+        const float w = exp2f(m[h][j] - mb);  // 0 for an empty split (and one past S)
+        L[h] = fmaf(l[h][j], w, L[h]);
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(o[h][j][e], w, acc[h][e]);
+      }
     }
   }
 }
@@ -1033,29 +1045,46 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
   __syncthreads();
   if (!last) return;
   __threadfence();  // then read the other blocks' partials (through L2: __ldcg)
-  const int lane = threadIdx.x & 31, Hq = n_kv * G;
-  for (int h = threadIdx.x >> 5; h < nh; h += blockDim.x >> 5) {
-    const int64_t r = (int64_t)b * Hq + hkv * G + ht * 8 + h;
-    float acc[E], accf[E], Mb, Lb, mf = TQM_NEG_INF, lf = 0.f;
-    merge_lane<E>(o_part, ml_part, r, S, lane, acc, Mb, Lb);
-    if (HAS_ROT) hadamard_lane<E>(acc, lane);  // y M^T with M = diag(signs) H / sqrt(D)
-    if (HAS_CENTER) Mb += cshift[r];  // the body's scores left out q.centre
+  // A warp joins two heads at once (h, h + warps): 8 heads on 4 warps in one pass.
+  constexpr int NH = 2;
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, Hq = n_kv * G;
+  float sg[E];  // the signs, cshift and sinks loads first: in flight with the merge's
+#pragma unroll
+  for (int e = 0; e < E; ++e) sg[e] = HAS_ROT ? signs[lane * E + e] * rsqrtf((float)D) : 1.f;
+  for (int h0 = threadIdx.x >> 5; h0 < nh; h0 += NH * nw) {
+    int64_t r[NH];
+    float cs[NH], zk[NH];
+#pragma unroll
+    for (int i = 0; i < NH; ++i) {
+      const int h = min(h0 + i * nw, nh - 1);  // a head past nh: a repeat, not written
+      r[i] = (int64_t)b * Hq + hkv * G + ht * 8 + h;
+      cs[i] = HAS_CENTER ? cshift[r[i]] : 0.f;
+      zk[i] = HAS_SINKS ? sinks[hkv * G + ht * 8 + h] * 1.4426950408889634f : TQM_NEG_INF;
+    }
+    float acc[NH][E], accf[NH][E], Mb[NH], Lb[NH], mf[NH], lf[NH];
+    merge_lanes<E, NH>(o_part, ml_part, r, S, lane, acc, Mb, Lb);
     if (HAS_FP) {
-      merge_lane<E>(fp_o, fp_ml, r, n_fp, lane, accf, mf, lf);
+      merge_lanes<E, NH>(fp_o, fp_ml, r, n_fp, lane, accf, mf, lf);
     } else {
 #pragma unroll
-      for (int e = 0; e < E; ++e) accf[e] = 0.f;
-    }
-    const float zk = HAS_SINKS ? sinks[hkv * G + ht * 8 + h] * 1.4426950408889634f : TQM_NEG_INF;
-    const float T = fmaxf(fmaxf(Mb, mf), zk);
-    const float wb = Mb == TQM_NEG_INF ? 0.f : exp2f(Mb - T);
-    const float wf = mf == TQM_NEG_INF ? 0.f : exp2f(mf - T);
-    const float den = Lb * wb + lf * wf + (HAS_SINKS ? exp2f(zk - T) : 0.f);
+      for (int i = 0; i < NH; ++i) {
+        mf[i] = TQM_NEG_INF, lf[i] = 0.f;
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int d = lane * E + e;
-      const float a = HAS_ROT ? acc[e] * rsqrtf((float)D) * signs[d] : acc[e];
-      out[r * D + d] = static_cast<OT>((a * wb + accf[e] * wf) / den);
+        for (int e = 0; e < E; ++e) accf[i][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NH; ++i) {
+      if (h0 + i * nw >= nh) continue;
+      if (HAS_ROT) hadamard_lane<E>(acc[i], lane);  // y M^T with M = diag(signs) H / sqrt(D)
+      const float mb = Mb[i] + cs[i];  // the body's scores left out q.centre
+      const float T = fmaxf(fmaxf(mb, mf[i]), zk[i]);
+      const float wb = mb == TQM_NEG_INF ? 0.f : exp2f(mb - T);
+      const float wf = mf[i] == TQM_NEG_INF ? 0.f : exp2f(mf[i] - T);
+      const float den = Lb[i] * wb + lf[i] * wf + (HAS_SINKS ? exp2f(zk[i] - T) : 0.f);
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        out[r[i] * D + lane * E + e] = static_cast<OT>((acc[i][e] * sg[e] * wb + accf[i][e] * wf) / den);
     }
   }
 }
