@@ -573,12 +573,16 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
                 ],
                 # one launch a layer: the split kernel's last blocks join (FUSED_JOIN)
                 "ours default layout (fused join)": [
-                    layer_tuned(s, "tq", FUSED_JOIN=True) for s in sets
+                    layer_tuned(s, "tq", FUSED_JOIN=True, FUSED_MAX_WORK=None) for s in sets
+                ],
+                "ours default layout (two launches)": [
+                    layer_tuned(s, "tq", FUSED_JOIN=False) for s in sets
                 ],
                 # the same layers as a decode loop runs them (pipelined_time)
                 "fp16 (pipelined)": "fp16",
                 "ours default layout (pipelined)": "ours default layout",
                 "ours default layout (fused join) (pipelined)": "ours default layout (fused join)",
+                "ours default layout (two launches) (pipelined)": "ours default layout (two launches)",
                 "kernel default v5 loads": [v4_only(s, "tq", PIPELINE=False) for s in sets],
                 "kernel default splits3": [v4_only(s, "tq", SPLIT_FACTOR=3) for s in sets],
                 "kernel default splits4": [v4_only(s, "tq", SPLIT_FACTOR=4) for s in sets],
@@ -622,7 +626,8 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
 LAYER_VARIANTS = [  # what a model layer pays per decode step (ours: rotations and joins included)
     "fp16", "mlx-lm affine 8b", "mlx-lm affine 4b", "v3 affine 4b (kernel only)",
     "ours default layout", "ours default layout (rows grid)",
-    "ours default layout (D-major scales)", "ours default layout (fused join)", "ours affine 4b",
+    "ours default layout (D-major scales)", "ours default layout (fused join)",
+    "ours default layout (two launches)", "ours affine 4b",
     "ours codebook 4b", "ours codebook 3b",
 ]  # fmt: skip
 PLOT = ROOT / "docs" / "attention_gpu.png"
@@ -815,7 +820,7 @@ def main() -> None:
     if args.fused_join:
         from services.turboquant.kernels import mma_decode
 
-        mma_decode.FUSED_JOIN = True
+        mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = True, None
     if args.no_fold:
         from services.turboquant.kernels import mma_decode
 

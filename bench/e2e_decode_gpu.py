@@ -51,7 +51,8 @@ QWEN35_35B_A3B = dict(
 # tq-fused / tq-unfused: the default layout with the CUDA kernel's join forced into the
 # split launch or left to a second one (mma_decode.FUSED_JOIN), to compare in one run.
 CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused")
-JOIN_MODES = {"tq-fused": True, "tq-unfused": False}
+JOIN_MODES = {"tq-fused": dict(FUSED_JOIN=True, FUSED_MAX_WORK=None),
+              "tq-unfused": dict(FUSED_JOIN=False)}  # fmt: skip
 
 
 def _tq_config(kind: str):
@@ -67,12 +68,15 @@ def join_mode(kind: str):
     """``kind``'s join (JOIN_MODES) while its steps run; the module's default otherwise."""
     from services.turboquant.kernels import mma_decode
 
-    saved = mma_decode.FUSED_JOIN
-    mma_decode.FUSED_JOIN = JOIN_MODES.get(kind, saved)
+    mode = JOIN_MODES.get(kind, {})
+    saved = {k: getattr(mma_decode, k) for k in mode}
+    for k, v in mode.items():
+        setattr(mma_decode, k, v)
     try:
         yield
     finally:
-        mma_decode.FUSED_JOIN = saved
+        for k, v in saved.items():
+            setattr(mma_decode, k, v)
 
 
 TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=512)

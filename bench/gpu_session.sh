@@ -60,9 +60,11 @@ while [ $# -gt 0 ]; do
         --check-runs "$runs"
       ;;
     chained)
-      run 150 chained-d128 python3 bench/attention_gpu.py --skip-checks --shapes 32/8/128 \
-        --contexts 4096,32768,131072 \
-        --variants "fp16,ours default layout,ours default layout (fused join),ours affine 4b,fp16 (pipelined),ours default layout (pipelined),ours default layout (fused join) (pipelined)"
+      v="fp16,ours default layout,ours default layout (fused join),ours default layout (two launches)"
+      v="$v,ours affine 4b,fp16 (pipelined),ours default layout (pipelined)"
+      v="$v,ours default layout (fused join) (pipelined),ours default layout (two launches) (pipelined)"
+      run 240 chained-d128 python3 bench/attention_gpu.py --skip-checks --shapes 32/8/128 \
+        --contexts 4096,16384,32768,65536,131072 --variants "$v"
       run 90 chained-d256 python3 bench/attention_gpu.py --skip-checks --shapes 16/2/256 \
         --contexts 4096,131072 --variants "fp16,ours default layout,ours affine 4b"
       ;;
