@@ -661,13 +661,15 @@ def join_counter(cache) -> mx.array | None:
     cache (``copy.deepcopy``: prompt-cache reuse) gets its own, never a copy of one in use."""
     from .kernels.fused_decode import cuda_available
 
-    if not cuda_available():
-        return None
-    counter = _JOIN_COUNTERS.get(cache)
-    if counter is None:
+    try:  # every decode step of every layer asks: one lookup (None kept too, off CUDA)
+        return _JOIN_COUNTERS[cache]
+    except KeyError:
+        pass
+    counter = None
+    if cuda_available():
         counter = mx.zeros((JOIN_COUNTER_ROWS,), dtype=mx.int32)  # a GPU fill: device memory
         mx.eval(counter)
-        _JOIN_COUNTERS[cache] = counter
+    _JOIN_COUNTERS[cache] = counter
     return counter
 
 

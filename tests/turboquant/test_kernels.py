@@ -707,3 +707,17 @@ def test_each_cache_layer_has_its_own_join_counter(monkeypatch):
     k = mx.zeros((1, 2, 300, 64), dtype=mx.float16)
     keys, values = a.update_and_fetch(k, k)
     assert keys.counter is ca and values.counter is None
+
+
+def test_off_cuda_a_cache_layer_has_no_join_counter_and_the_answer_is_kept(monkeypatch):
+    from services.turboquant import TurboQuantKVCache
+    from services.turboquant import cache as cache_mod
+    from services.turboquant.kernels import fused_decode
+
+    asked = []
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: asked.append(1) or False)
+    a = TurboQuantKVCache()
+    assert cache_mod.join_counter(a) is None and cache_mod.join_counter(a) is None
+    assert len(asked) == 1  # decode steps after the first only look it up
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)
+    assert cache_mod.join_counter(TurboQuantKVCache()) is not None

@@ -63,7 +63,7 @@ LINEAR_GRID = True
 # (batch x KV heads x body positions x head dim): past that the GPU, not the host, bounds the
 # layer, and a separate join launch spread over every head beats the few last blocks.
 FUSED_JOIN = True
-FUSED_MAX_WORK: int | None = 8 * 32768 * 128  # None: no limit
+FUSED_MAX_WORK: int | None = 8 * 16384 * 128  # None: no limit
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
