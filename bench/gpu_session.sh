@@ -68,8 +68,13 @@ while [ $# -gt 0 ]; do
       run 90 chained-d256 python3 bench/attention_gpu.py --skip-checks --shapes 16/2/256 \
         --contexts 4096,131072 --variants "fp16,ours default layout,ours affine 4b"
       ;;
-    table)  # the full table: every variant, 4K-256K, both shapes
-      run 400 table python3 bench/attention_gpu.py --skip-checks
+    table)  # the full table, 4K-256K, both shapes: every variant but the tuning ones
+      v="fp16,mlx-lm affine 8b,mlx-lm affine 4b,ours default layout,ours default layout (kernel only)"
+      v="$v,ours default layout (fused join),ours default layout (two launches),ours affine 4b"
+      v="$v,ours affine 4b (kernel only),ours codebook 4b,ours codebook 3b,fp16 (pipelined)"
+      v="$v,ours default layout (pipelined),ours default layout (fused join) (pipelined)"
+      v="$v,ours default layout (two launches) (pipelined)"
+      run 560 table python3 bench/attention_gpu.py --skip-checks --variants "$v"
       ;;
     dispatch)
       run 120 dispatch python3 bench/dispatch_cost.py
