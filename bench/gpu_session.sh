@@ -74,7 +74,7 @@ while [ $# -gt 0 ]; do
       v="$v,ours affine 4b (kernel only),ours codebook 4b,ours codebook 3b,fp16 (pipelined)"
       v="$v,ours default layout (pipelined),ours default layout (fused join) (pipelined)"
       v="$v,ours default layout (two launches) (pipelined)"
-      run 560 table python3 bench/attention_gpu.py --skip-checks --variants "$v"
+      run 520 table python3 bench/attention_gpu.py --skip-checks --variants "$v"
       ;;
     dispatch)
       run 120 dispatch python3 bench/dispatch_cost.py
