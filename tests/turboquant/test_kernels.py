@@ -664,10 +664,14 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
     recorded_kernels.clear()
     monkeypatch.setattr(mma_decode, "FUSED_JOIN", True)
     # up to FUSED_MAX_WORK key elements (batch x KV heads x body positions x head dim)
+    # and FUSED_MAX_TAIL floats merged by a row's last block (splits x its heads x head dim)
     work = q.shape[0] * keys.parts[0].shape[1] * keys.n_body * dim
     monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", work)
     out = mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks)
     ((kernel, inputs, t, grid, group, shapes),) = recorded_kernels
+    splits = shapes[0][2]  # o_part: (B, Hq, splits, D)
+    tail = splits * min(8, q.shape[1] // keys.parts[0].shape[1]) * dim
+    assert tail <= mma_decode.FUSED_MAX_TAIL
     assert base_name(kernel.name) == "tq_mma_decode_split"
     assert t["FUSED"] and t["HAS_SINKS"] and t["HAS_CENTER"] == (keys.center is not None)
     by_name = dict(zip(kernel.input_names, inputs, strict=True))
@@ -677,8 +681,14 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
     # more work than FUSED_MAX_WORK (the GPU bounds the layer), rows beyond the counter's,
     # or no counter (not CUDA): the join launch again
     no_counter = dataclasses.replace(keys, counter=None)
-    for most, rows, k in ((work - 1, 64, keys), (None, 0, keys), (None, 64, no_counter)):
+    for most, most_tail, rows, k in (
+        (work - 1, tail, 64, keys),
+        (work, tail - 1, 64, keys),
+        (None, 0, 0, keys),
+        (None, 0, 64, no_counter),
+    ):
         monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", most)
+        monkeypatch.setattr(mma_decode, "FUSED_MAX_TAIL", most_tail)
         monkeypatch.setattr(mma_decode, "JOIN_COUNTER_ROWS", rows)
         mma_decode.clear_kernel_caches()
         recorded_kernels.clear()

@@ -60,10 +60,12 @@ LINEAR_GRID = True
 # One launch a layer: the split kernel's last block of each row does the join (a per-layer
 # counter, cache.join_counter), saving a custom-kernel call's host work (~7 us a layer on the
 # H200's host, bench/gpu_notes.md session 11). Only up to FUSED_MAX_WORK key elements
-# (batch x KV heads x body positions x head dim): past that the GPU, not the host, bounds the
-# layer, and a separate join launch spread over every head beats the few last blocks.
+# (batch x KV heads x body positions x head dim: past that the GPU, not the host, bounds the
+# layer) and FUSED_MAX_TAIL floats a row's last block merges per head (splits x heads of the
+# row x head dim: 8 x 32K x 128 took 7 us more than a join launch spread over every head).
 FUSED_JOIN = True
-FUSED_MAX_WORK: int | None = 8 * 16384 * 128  # None: no limit
+FUSED_MAX_WORK: int | None = 8 * 16384 * 128  # None: no limit (nor on the tail)
+FUSED_MAX_TAIL = 32 * 8 * 128
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
@@ -305,7 +307,8 @@ def mma_decode_layer(
         None if fp_side is None else fp_side.dtype,
         keys.center is not None, sinks is not None, scale, splits,
         STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
-        fused=FUSED_JOIN and keys.counter is not None, fused_max=FUSED_MAX_WORK,
+        fused=FUSED_JOIN and keys.counter is not None,
+        fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
     )  # fmt: skip
     if plan is None:
         return None
@@ -365,20 +368,20 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
-    last blocks, where its rows fit the counter and its work ``fused_max``), or None where the kernels cannot read it
-    (:func:`_layouts`, as for :func:`supports`). Cached: the same for every step of a body
-    block and a chunk of the tail."""
+    last blocks, where its rows fit the counter and its work and tail ``fused_max``), or None
+    where the kernels cannot read it (:func:`_layouts`, as for :func:`supports`). Cached: the
+    same for every step of a body block and a chunk of the tail."""
     b, hq, length, d = q_shape
     layouts = _layouts(length, hq, hkv, n_body, k_spec, v_spec, k_dim, v_dim, k_cols, v_cols,
                        k_sdtype, v_sdtype, tunables[0])  # fmt: skip
     if layouts is None:
         return None
     fp = (head_chunks, tail_chunks, fp_dtype)
-    fused = (
-        fused
-        and b * hkv * -(-(hq // hkv) // 8) <= JOIN_COUNTER_ROWS
-        and (fused_max is None or b * hkv * n_body * d <= fused_max)
-    )
+    if fused and fused_max is not None:
+        _, s = _row_splits(layouts[0], b, hq, hkv, d, n_body, splits, tunables)
+        work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
+        fused = work <= fused_max[0] and tail <= fused_max[1]
+    fused = fused and b * hkv * -(-(hq // hkv) // 8) <= JOIN_COUNTER_ROWS
     join = (fused, has_center, has_sinks) if fused else NO_JOIN
     split = _split_launch(
         *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join
@@ -455,6 +458,14 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
     )  # fmt: skip
 
 
+def _row_splits(k_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
+    """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits."""
+    steps_setting, factor, warps, _, _, linear = tunables
+    rows = b * hkv * -(-(hq // hkv) // 8)
+    steps = steps_for(k_layout[0], d, steps_setting)
+    return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear)
+
+
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
                 *tunables, join=NO_JOIN):  # fmt: skip
     """Template, grid, output shapes and dynamic shared memory of one split launch (cached
@@ -466,8 +477,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
     pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
-    rows = b * hkv * n_ht
-    s = splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear)
+    rows, s = _row_splits(k_layout, b, hq, hkv, d, n_body, splits, tunables)
     template = [
         ("KQ", k_layout[0]),
         ("VQ", v_layout[0]),
