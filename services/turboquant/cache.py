@@ -653,23 +653,28 @@ class TurboQuantKVCache(_BaseCache):
 
 JOIN_COUNTER_ROWS = 4096  # batch x KV heads x head tiles a fused decode launch may have
 _JOIN_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NONE_YET = object()
 
 
 def join_counter(cache) -> mx.array | None:
     """``cache``'s counter for the fused decode kernel (zeros it returns to after every
     launch), made once on CUDA, None elsewhere. Kept beside the cache, not in it, so a copied
     cache (``copy.deepcopy``: prompt-cache reuse) gets its own, never a copy of one in use."""
-    from .kernels.fused_decode import cuda_available
+    # Every decode step of every layer asks: an attribute read, not a weak-key lookup (~1 us).
+    # A copied cache carries the memo too, but under another id: it asks the dictionary.
+    memo = cache.__dict__.get("_join_counter_memo")
+    if memo is not None and memo[0] == id(cache):
+        return memo[1]
+    counter = _JOIN_COUNTERS.get(cache, _NONE_YET)
+    if counter is _NONE_YET:
+        from .kernels.fused_decode import cuda_available
 
-    try:  # every decode step of every layer asks: one lookup (None kept too, off CUDA)
-        return _JOIN_COUNTERS[cache]
-    except KeyError:
-        pass
-    counter = None
-    if cuda_available():
-        counter = mx.zeros((JOIN_COUNTER_ROWS,), dtype=mx.int32)  # a GPU fill: device memory
-        mx.eval(counter)
-    _JOIN_COUNTERS[cache] = counter
+        counter = None
+        if cuda_available():
+            counter = mx.zeros((JOIN_COUNTER_ROWS,), dtype=mx.int32)  # a GPU fill: device memory
+            mx.eval(counter)
+        _JOIN_COUNTERS[cache] = counter
+    cache._join_counter_memo = (id(cache), counter)
     return counter
 
 

@@ -713,7 +713,8 @@ def test_each_cache_layer_has_its_own_join_counter(monkeypatch):
     assert ca is cache_mod.join_counter(a) and ca is not cache_mod.join_counter(b)
     assert ca.dtype == mx.int32 and ca.size == cache_mod.JOIN_COUNTER_ROWS and not ca.any().item()
     c = copy.deepcopy(a)  # a copied cache (prompt-cache reuse) counts in its own
-    assert cache_mod.join_counter(c) is not ca
+    cc = cache_mod.join_counter(c)
+    assert cc is not ca and cc is cache_mod.join_counter(c) and not cc.any().item()
     k = mx.zeros((1, 2, 300, 64), dtype=mx.float16)
     keys, values = a.update_and_fetch(k, k)
     assert keys.counter is ca and values.counter is None
