@@ -61,8 +61,8 @@ LINEAR_GRID = True
 # counter, cache.join_counter), saving a custom-kernel call's host work (~7 us a layer on the
 # H200's host, bench/gpu_notes.md session 11). Only up to FUSED_MAX_WORK key elements
 # (batch x KV heads x body positions x head dim: past that the GPU, not the host, bounds the
-# layer) and FUSED_MAX_TAIL floats a row's last block merges per head (splits x heads of the
-# row x head dim: 8 x 32K x 128 took 7 us more than a join launch spread over every head).
+# layer) and FUSED_MAX_TAIL floats a row's last block merges (splits x the row's heads x head
+# dim: 33 x 8 x 128, at 32K-128K, took ~7 us more than a join launch over every head).
 FUSED_JOIN = True
 FUSED_MAX_WORK: int | None = 8 * 16384 * 128  # None: no limit (nor on the tail)
 FUSED_MAX_TAIL = 32 * 8 * 128
