@@ -281,9 +281,10 @@ def mma_decode_layer(
     splits: int | None = None,
     poison: bool = False,
 ) -> mx.array | None:
-    """The whole decode attention of a layer in two launches: the split kernel over the
-    body, whose last blocks take the full-precision sink and tail (if any), then one join
-    (splits, rotation back, key centre, the fp partials, learned sinks).
+    """The whole decode attention of a layer: the split kernel over the body, whose last
+    blocks take the full-precision sink and tail (if any), then one join (splits, rotation
+    back, key centre, the fp partials, learned sinks) -- by the split kernel's last block of
+    each row where ``_layer_plan`` fuses it (one launch), else a second launch.
 
     ``queries``: ``(B, Hq, 1, D)`` model space, rotated inside the split kernel (no MLX
     op per step for it). Returns ``(B, Hq, 1, D)`` in the queries' dtype, or None when the
@@ -435,20 +436,9 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
                   *tunables, join=NO_JOIN):  # fmt: skip
     """The planned split launch (:func:`_split_plan`) with what its inputs need."""
     template, grid, threadgroup, out_shapes, smem = _split_plan(
-        k_layout,
-        v_layout,
-        b,
-        hq,
-        hkv,
-        d,
-        n_body,
-        q_dtype,
-        rotate_q,
-        splits,
-        fp,
-        *tunables,
+        k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp, *tunables,
         join=join,
-    )
+    )  # fmt: skip
     fp_dtype = str(fp[2] or mx.float16).rsplit(".", 1)[-1]
     return _Launch(
         _split_kernel(tuple(template), smem, fp_dtype), grid, threadgroup, out_shapes,
