@@ -318,3 +318,20 @@ def test_saved_hybrid_cache_continues_exactly(tmp_path, arch):
     assert any(isinstance(c, TurboQuantKVCache) for c in loaded)
     nxt = mx.array([[9]])
     assert mx.array_equal(model(nxt, cache=cache), model(nxt, cache=loaded))
+
+
+def test_packed_side_made_is_the_frozen_dataclass_it_stands_for():
+    """The cache's fast constructor (two a layer every decode step) sets every field, in the
+    dataclass's order, and the result stays frozen."""
+    import dataclasses
+    import inspect
+
+    from services.turboquant.cache import PackedSide
+
+    names = [f.name for f in dataclasses.fields(PackedSide)]
+    assert list(inspect.signature(PackedSide.made).parameters) == names
+    values = [object() for _ in names]
+    a, b = PackedSide(*values), PackedSide.made(*values)
+    assert type(b) is PackedSide and all(getattr(a, n) is getattr(b, n) for n in names)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.tail = None
