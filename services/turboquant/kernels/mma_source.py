@@ -75,6 +75,17 @@ __device__ __forceinline__ float merge_splits(const float* o_part, const float* 
   return acc;
 }
 
+// A join's last step for one query head: the weights of the body's partial (max mb, the key
+// centre's shift in it) and of the full-precision one (mf) against the learned sink zk (all
+// log2 units; -inf: none), and the softmax's denominator.
+__device__ __forceinline__ void join_weights(float mb, float lb, float mf, float lf, float zk, bool sinks,
+                                             float& wb, float& wf, float& den) {
+  const float T = fmaxf(fmaxf(mb, mf), zk);
+  wb = mb == TQM_NEG_INF ? 0.f : exp2f(mb - T);
+  wf = mf == TQM_NEG_INF ? 0.f : exp2f(mf - T);
+  den = lb * wb + lf * wf + (sinks ? exp2f(zk - T) : 0.f);
+}
+
 }  // namespace tqm
 """
 
@@ -1077,11 +1088,8 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
     for (int i = 0; i < NH; ++i) {
       if (h0 + i * nw >= nh) continue;
       if (HAS_ROT) hadamard_lane<E>(acc[i], lane);  // y M^T with M = diag(signs) H / sqrt(D)
-      const float mb = Mb[i] + cs[i];  // the body's scores left out q.centre
-      const float T = fmaxf(fmaxf(mb, mf[i]), zk[i]);
-      const float wb = mb == TQM_NEG_INF ? 0.f : exp2f(mb - T);
-      const float wf = mf[i] == TQM_NEG_INF ? 0.f : exp2f(mf[i] - T);
-      const float den = Lb[i] * wb + lf[i] * wf + (HAS_SINKS ? exp2f(zk[i] - T) : 0.f);
+      float wb, wf, den;  // the body's scores left out q.centre: cs
+      join_weights(Mb[i] + cs[i], Lb[i], mf[i], lf[i], zk[i], HAS_SINKS, wb, wf, den);
 #pragma unroll
       for (int e = 0; e < E; ++e)
         out[r[i] * D + lane * E + e] = static_cast<OT>((acc[i][e] * sg[e] * wb + accf[i][e] * wf) / den);
@@ -1101,6 +1109,9 @@ MMA_SPLIT_SOURCE = r"""
   const int n_ht = (G + 7) / 8;
   constexpr int FC = TQM_FP_CHUNK;
   const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? (kt_shape[2] + FC - 1) / FC : 0);
+  // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
+  // the hardware deals blocks out in this order, so the SMs get even shares of split work.
+  // Else blocks (x: splits then chunks, y: row, z: batch).
   int idx, row, b, S;
   if (LIN) {
     const int R = q_shape[0] * n_kv * n_ht;
@@ -1123,7 +1134,7 @@ MMA_SPLIT_SOURCE = r"""
         n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
     if (!FUSED) return;
   }
-  if (!FUSED || !fp_block) {
+  if (!fp_block) {  // (a fused fp block goes on to count itself below)
     tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, QT, ST>(
         q, q_strides.data(), signs,
         kw, kw_shape.data(), kw_strides.data(),
@@ -1180,9 +1191,7 @@ MMA_JOIN_SOURCE = r"""
   float mf = TQM_NEG_INF, lf = 0.f, accf = 0.f;
   if (HAS_FP) accf = tqm::merge_splits(fp_o, fp_ml, row, fp_ml_shape[2], D, d, mf, lf);
   const float zk = HAS_SINKS ? sinks[hq] * 1.4426950408889634f : TQM_NEG_INF;
-  const float T = fmaxf(fmaxf(Mb, mf), zk);
-  const float wb = Mb == TQM_NEG_INF ? 0.f : exp2f(Mb - T);
-  const float wf = mf == TQM_NEG_INF ? 0.f : exp2f(mf - T);
-  const float den = Lb * wb + lf * wf + (HAS_SINKS ? exp2f(zk - T) : 0.f);
+  float wb, wf, den;
+  tqm::join_weights(Mb, Lb, mf, lf, zk, HAS_SINKS, wb, wf, den);
   out[(int64_t)row * D + d] = static_cast<OT>((acc * wb + accf * wf) / den);
 """
