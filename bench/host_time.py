@@ -72,17 +72,14 @@ def hook_kernels(kernel_cls: type = StandInKernel) -> None:
     set_body_decode_kernel(dispatch.mma_body_kernel)
 
 
-def with_join_counters(cache_list: list) -> list:
-    """Give each TurboQuant cache layer the join counter it gets on CUDA (where it is made),
+def with_join_workspaces(cache_list: list) -> list:
+    """Give each TurboQuant cache layer the join workspace it gets on CUDA (where it is made),
     so its decode takes the kernel path of a GPU: one launch a layer (mma_decode.FUSED_JOIN)."""
-    import mlx.core as mx
-
     from services.turboquant import cache as cache_mod
 
     for c in cache_list:
         if isinstance(c, cache_mod.TurboQuantKVCache):
-            counter = mx.zeros((cache_mod.JOIN_COUNTER_ROWS,), dtype=mx.int32)
-            cache_mod._JOIN_COUNTERS[c] = counter
+            cache_mod._JOIN_WORKSPACES[c] = cache_mod.JoinWorkspace()
     return cache_list
 
 
@@ -138,7 +135,7 @@ def main() -> None:
     prompt = mx.random.randint(0, 1000, (1, args.context))
     caches = {
         "fp16 KVCache": make_prompt_cache(model),
-        "turboquant default": with_join_counters(
+        "turboquant default": with_join_workspaces(
             make_turboquant_cache(model, TurboQuantConfig.recommended())
         ),
     }

@@ -54,12 +54,12 @@ class PackedSide:
     head: mx.array | None = None
     tail: mx.array | None = None
     body_len: int | None = None
-    # Keys only, on CUDA: this layer's zeros the fused decode kernel counts finished blocks
-    # in (kernels/mma_decode.py, FUSED_JOIN), never shared with another layer or cache.
-    counter: mx.array | None = None
+    # Keys only, on CUDA: this layer's scratch for the fused decode kernel (its counters and
+    # partials: JoinWorkspace), never shared with another layer or cache.
+    workspace: JoinWorkspace | None = None
 
     @classmethod
-    def made(cls, parts, spec, dim, use_rotation, seed, center, head, tail, body_len, counter):
+    def made(cls, parts, spec, dim, use_rotation, seed, center, head, tail, body_len, workspace):
         """``cls(...)`` with every field, without the frozen dataclass's ``object.__setattr__``
         per field: the cache makes two a layer every decode step, 1.1 -> 0.4 us each on this
         CPU (host time per layer: bench/gpu_notes.md, session 11)."""
@@ -68,8 +68,8 @@ class PackedSide:
         d["parts"], d["spec"], d["dim"], d["use_rotation"], d["seed"] = (
             parts, spec, dim, use_rotation, seed
         )  # fmt: skip
-        d["center"], d["head"], d["tail"], d["body_len"], d["counter"] = (
-            center, head, tail, body_len, counter
+        d["center"], d["head"], d["tail"], d["body_len"], d["workspace"] = (
+            center, head, tail, body_len, workspace
         )  # fmt: skip
         return obj
 
@@ -390,7 +390,7 @@ class TurboQuantKVCache(_BaseCache):
         rot, seed, n = self.use_rotation, self.seed, self.body_len
         return (
             PackedSide.made(k_parts, self.key_spec(k_dim), k_dim, rot, seed, self.key_center,
-                            self.head_k, self.tail_k, n, join_counter(self)),
+                            self.head_k, self.tail_k, n, join_workspace(self)),
             PackedSide.made(v_parts, self.value_spec(v_dim), v_dim, rot, seed, None, self.head_v,
                             self.tail_v, n, None),
         )  # fmt: skip
@@ -649,30 +649,50 @@ class TurboQuantKVCache(_BaseCache):
 
 
 JOIN_COUNTER_ROWS = 4096  # batch x KV heads x head tiles a fused decode launch may have
-_JOIN_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+JOIN_WORK_GROW = 65536  # floats a workspace grows by at least (a growth is a fresh GPU fill)
+_JOIN_WORKSPACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NONE_YET = object()
 
 
-def join_counter(cache) -> mx.array | None:
-    """``cache``'s counter for the fused decode kernel (zeros it returns to after every
-    launch), made once on CUDA, None elsewhere. Kept beside the cache, not in it, so a copied
-    cache (``copy.deepcopy``: prompt-cache reuse) gets its own, never a copy of one in use."""
+class JoinWorkspace:
+    """One cache layer's scratch for the fused decode kernel (kernels/mma_decode.py,
+    FUSED_JOIN), float32: ``JOIN_COUNTER_ROWS`` int32 counters (zeros the kernel returns to
+    after every launch), then the splits' partials. The kernel writes it through an input,
+    so a launch has one output: MLX's host work per launch grows with each output."""
+
+    __slots__ = ("array", "floats")
+
+    def __init__(self, floats: int = 0) -> None:
+        self.floats = -1
+        self.at_least(floats)
+
+    def at_least(self, floats: int) -> mx.array:
+        """The array, with room for ``floats`` after the counters: grown in zeros when short
+        (the old one stays alive while a queued launch still holds it)."""
+        if floats > self.floats:
+            self.floats = -(-max(floats, 1) // JOIN_WORK_GROW) * JOIN_WORK_GROW
+            # a GPU fill (device memory): counters at 0, which is 0.0f too
+            self.array = mx.zeros((JOIN_COUNTER_ROWS + self.floats,), dtype=mx.float32)
+        return self.array
+
+
+def join_workspace(cache) -> JoinWorkspace | None:
+    """``cache``'s workspace for the fused decode kernel, made once on CUDA, None elsewhere.
+    Kept beside the cache, not in it, so a copied cache (``copy.deepcopy``: prompt-cache
+    reuse) gets its own, never a copy of one in use."""
     # Every decode step of every layer asks: an attribute read, not a weak-key lookup (~1 us).
     # A copied cache carries the memo too, but under another id: it asks the dictionary.
-    memo = cache.__dict__.get("_join_counter_memo")
+    memo = cache.__dict__.get("_join_workspace_memo")
     if memo is not None and memo[0] == id(cache):
         return memo[1]
-    counter = _JOIN_COUNTERS.get(cache, _NONE_YET)
-    if counter is _NONE_YET:
+    work = _JOIN_WORKSPACES.get(cache, _NONE_YET)
+    if work is _NONE_YET:
         from .kernels.fused_decode import cuda_available
 
-        counter = None
-        if cuda_available():
-            counter = mx.zeros((JOIN_COUNTER_ROWS,), dtype=mx.int32)  # a GPU fill: device memory
-            mx.eval(counter)
-        _JOIN_COUNTERS[cache] = counter
-    cache._join_counter_memo = (id(cache), counter)
-    return counter
+        work = JoinWorkspace() if cuda_available() else None
+        _JOIN_WORKSPACES[cache] = work
+    cache._join_workspace_memo = (id(cache), work)
+    return work
 
 
 def _want_group_major(flag: bool | None) -> bool:

@@ -48,6 +48,7 @@ CONFIGS = [  # (cache config, head dim): every layout the dispatch takes, sink/t
 @pytest.fixture(scope="module")
 def launches():
     from services.turboquant import TurboQuantConfig
+    from services.turboquant.cache import JoinWorkspace
     from services.turboquant.kernels.cases import cache_case
 
     saved = mx.fast.cuda_kernel
@@ -64,7 +65,7 @@ def launches():
             )
             mma_decode.mma_body_attention(q, case.keys, case.values, 0.1)
             # the fused join (one launch a layer), as on CUDA
-            keys = dataclasses.replace(case.keys, counter=mx.zeros((64,), dtype=mx.int32))
+            keys = dataclasses.replace(case.keys, workspace=JoinWorkspace())
             saved = mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK
             mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = True, None
             try:

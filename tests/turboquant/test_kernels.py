@@ -562,7 +562,7 @@ def test_v4_layer_matches_float64_reference(rng, monkeypatch, shape, layout, len
     assert mma_decode.supports(c.queries, c.keys, c.values)
     monkeypatch.setattr(mma_decode, "FUSED_JOIN", fused)
     monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)  # fused at any length
-    assert (c.keys.counter is not None) or not fused  # on CUDA every cache layer has one
+    assert (c.keys.workspace is not None) or not fused  # on CUDA every cache layer has one
     ref = c.reference()
     q_rot = rotate(c.queries, c.keys.rotation)
     for splits in (None, 7):  # 7: some splits empty
@@ -655,8 +655,10 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
 
     q, keys, values = _packed(config, dim, length=700)
     q = q.astype(mx.float16)
-    counter = mx.zeros((64,), dtype=mx.int32)
-    keys = dataclasses.replace(keys, counter=counter)
+    from services.turboquant.cache import JOIN_COUNTER_ROWS, JoinWorkspace
+
+    work = JoinWorkspace()
+    keys = dataclasses.replace(keys, workspace=work)
     sinks = mx.zeros((q.shape[1],))
     monkeypatch.setattr(mma_decode, "FUSED_JOIN", False)
     assert mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks) is not None
@@ -665,31 +667,42 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
     monkeypatch.setattr(mma_decode, "FUSED_JOIN", True)
     # up to FUSED_MAX_WORK key elements (batch x KV heads x body positions x head dim)
     # and FUSED_MAX_TAIL floats merged by a row's last block (splits x its heads x head dim)
-    work = q.shape[0] * keys.parts[0].shape[1] * keys.n_body * dim
-    monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", work)
+    b, hq, hkv = q.shape[0], q.shape[1], keys.parts[0].shape[1]
+    most = b * hkv * keys.n_body * dim
+    monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", most)
     out = mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks)
     ((kernel, inputs, t, grid, group, shapes),) = recorded_kernels
-    splits = shapes[0][2]  # o_part: (B, Hq, splits, D)
-    tail = splits * min(8, q.shape[1] // keys.parts[0].shape[1]) * dim
+    tunables = (mma_decode.STEPS, mma_decode.SPLIT_FACTOR, mma_decode.WARPS, mma_decode.FOLD,
+                mma_decode.PIPELINE, mma_decode.LINEAR_GRID)  # fmt: skip
+    rows, splits = mma_decode._row_splits(
+        mma_decode.side_layout(keys), b, hq, hkv, dim, keys.n_body, None, tunables
+    )
+    chunks = grid[0] // (rows * 32 * mma_decode.WARPS) - splits  # the sink's and tail's
+    n_fp = sum(-(-x.shape[2] // 16) for x in (keys.head, keys.tail) if x is not None)
+    assert splits > 1 and chunks == n_fp
+    tail = splits * min(8, hq // hkv) * dim
     assert tail <= mma_decode.FUSED_MAX_TAIL
     assert base_name(kernel.name) == "tq_mma_decode_split"
     assert t["FUSED"] and t["HAS_SINKS"] and t["HAS_CENTER"] == (keys.center is not None)
     by_name = dict(zip(kernel.input_names, inputs, strict=True))
-    assert by_name["counter"] is counter and "out" in kernel.output_names
+    # the partials go to the layer's workspace, after its counters: one output, the joined one
+    assert by_name["work"] is work.array and kernel.output_names == ["out"]
+    assert work.floats >= mma_decode.work_floats(b * hq, splits, chunks, dim)
+    assert work.array.size == JOIN_COUNTER_ROWS + work.floats
     assert ("cshift" in by_name) == (keys.center is not None)
     assert out is _RecordedKernel.outputs[-1][-1] and out.shape == q.shape and out.dtype == q.dtype
-    # more work than FUSED_MAX_WORK (the GPU bounds the layer), rows beyond the counter's,
-    # or no counter (not CUDA): the join launch again
-    no_counter = dataclasses.replace(keys, counter=None)
-    for most, most_tail, rows, k in (
-        (work - 1, tail, 64, keys),
-        (work, tail - 1, 64, keys),
+    # more work than FUSED_MAX_WORK (the GPU bounds the layer), rows beyond the counters,
+    # or no workspace (not CUDA): the join launch again
+    no_workspace = dataclasses.replace(keys, workspace=None)
+    for most_work, most_tail, most_rows, k in (
+        (most - 1, tail, 64, keys),
+        (most, tail - 1, 64, keys),
         (None, 0, 0, keys),
-        (None, 0, 64, no_counter),
+        (None, 0, 64, no_workspace),
     ):
-        monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", most)
+        monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", most_work)
         monkeypatch.setattr(mma_decode, "FUSED_MAX_TAIL", most_tail)
-        monkeypatch.setattr(mma_decode, "JOIN_COUNTER_ROWS", rows)
+        monkeypatch.setattr(mma_decode, "JOIN_COUNTER_ROWS", most_rows)
         mma_decode.clear_kernel_caches()
         recorded_kernels.clear()
         mma_decode.mma_decode_layer(q, k, values, 0.1, sinks)
@@ -698,7 +711,7 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
         ]  # fmt: skip
 
 
-def test_each_cache_layer_has_its_own_join_counter(monkeypatch):
+def test_each_cache_layer_has_its_own_join_workspace(monkeypatch):
     import copy
 
     from services.turboquant import TurboQuantKVCache, install_patch
@@ -709,18 +722,44 @@ def test_each_cache_layer_has_its_own_join_counter(monkeypatch):
     monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)  # as on CUDA
     monkeypatch.setattr(TurboQuantKVCache, "KEY_SCALES_GROUP_MAJOR", False)
     a, b = TurboQuantKVCache(), TurboQuantKVCache()
-    ca = cache_mod.join_counter(a)
-    assert ca is cache_mod.join_counter(a) and ca is not cache_mod.join_counter(b)
-    assert ca.dtype == mx.int32 and ca.size == cache_mod.JOIN_COUNTER_ROWS and not ca.any().item()
-    c = copy.deepcopy(a)  # a copied cache (prompt-cache reuse) counts in its own
-    cc = cache_mod.join_counter(c)
-    assert cc is not ca and cc is cache_mod.join_counter(c) and not cc.any().item()
+    wa = cache_mod.join_workspace(a)
+    assert wa is cache_mod.join_workspace(a) and wa is not cache_mod.join_workspace(b)
+    arr = wa.array
+    assert arr.dtype == mx.float32 and not arr.any().item()
+    assert arr.size == cache_mod.JOIN_COUNTER_ROWS + wa.floats
+    c = copy.deepcopy(a)  # a copied cache (prompt-cache reuse) works in its own
+    wc = cache_mod.join_workspace(c)
+    assert wc is not wa and wc is cache_mod.join_workspace(c) and wc.array is not arr
     k = mx.zeros((1, 2, 300, 64), dtype=mx.float16)
     keys, values = a.update_and_fetch(k, k)
-    assert keys.counter is ca and values.counter is None
+    assert keys.workspace is wa and values.workspace is None
 
 
-def test_off_cuda_a_cache_layer_has_no_join_counter_and_the_answer_is_kept(monkeypatch):
+def test_a_join_workspace_grows_in_zeros_and_only_when_short():
+    from services.turboquant.cache import JOIN_COUNTER_ROWS, JOIN_WORK_GROW, JoinWorkspace
+
+    w = JoinWorkspace()
+    first = w.array
+    assert w.floats == JOIN_WORK_GROW and w.at_least(JOIN_WORK_GROW) is first
+    first[:8] = mx.array([1.0] * 8)  # (as a launch in flight might leave it)
+    grown = w.at_least(JOIN_WORK_GROW + 1)
+    assert grown is not first and w.array is grown and w.floats == 2 * JOIN_WORK_GROW
+    assert grown.size == JOIN_COUNTER_ROWS + 2 * JOIN_WORK_GROW and not grown.any().item()
+    assert w.at_least(5) is grown  # never shrinks
+    assert JoinWorkspace(3 * JOIN_WORK_GROW - 1).floats == 3 * JOIN_WORK_GROW
+
+
+def test_the_workspace_parts_keep_the_joins_float4_alignment():
+    # the kernel's layout (tqm::work_span): each part rounded up to whole 128-byte lines
+    assert mma_decode.work_floats(1, 1, 0, 64) == 64 + 32
+    assert mma_decode.work_floats(32, 33, 3, 128) == 32 * 33 * 128 + 2112 + 32 * 3 * 128 + 192
+    assert mma_decode.work_floats(3, 5, 1, 64) == 960 + 32 + 192 + 32  # 30 and 6 floats: a line
+    for heads, s, c, d in ((1, 1, 0, 64), (7, 13, 3, 128), (3, 129, 5, 256)):
+        w = mma_decode.work_floats(heads, s, c, d)
+        assert w % mma_decode.MMA_WORK_ALIGN == 0 and w >= heads * (s + c) * (d + 2)
+
+
+def test_off_cuda_a_cache_layer_has_no_join_workspace_and_the_answer_is_kept(monkeypatch):
     from services.turboquant import TurboQuantKVCache
     from services.turboquant import cache as cache_mod
     from services.turboquant.kernels import fused_decode
@@ -728,7 +767,7 @@ def test_off_cuda_a_cache_layer_has_no_join_counter_and_the_answer_is_kept(monke
     asked = []
     monkeypatch.setattr(fused_decode, "cuda_available", lambda: asked.append(1) or False)
     a = TurboQuantKVCache()
-    assert cache_mod.join_counter(a) is None and cache_mod.join_counter(a) is None
+    assert cache_mod.join_workspace(a) is None and cache_mod.join_workspace(a) is None
     assert len(asked) == 1  # decode steps after the first only look it up
     monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)
-    assert cache_mod.join_counter(TurboQuantKVCache()) is not None
+    assert cache_mod.join_workspace(TurboQuantKVCache()) is not None

@@ -29,6 +29,7 @@ from .mma_source import (
     MMA_HEADER,
     MMA_JOIN_SOURCE,
     MMA_SPLIT_SOURCE,
+    MMA_WORK_ALIGN,
     compact,
 )
 
@@ -57,8 +58,8 @@ PIPELINE = True
 # where the chunk blocks interleave with the splits and some SMs get 3 split blocks while
 # others get 1 (ncu at 128K: SMs active 69 % of the kernel; bench/gpu_notes.md, session 8).
 LINEAR_GRID = True
-# One launch a layer: the split kernel's last block of each row does the join (a per-layer
-# counter, cache.join_counter), saving a custom-kernel call's host work (~7 us a layer on the
+# One launch a layer: the split kernel's last block of each row does the join (counters and
+# partials in a per-layer workspace, cache.join_workspace), saving a custom-kernel call's host work (~7 us a layer on the
 # H200's host, bench/gpu_notes.md session 11). Only up to FUSED_MAX_WORK key elements
 # (batch x KV heads x body positions x head dim: past that the GPU, not the host, bounds the
 # layer) and FUSED_MAX_TAIL floats a row's last block merges (splits x the row's heads x head
@@ -76,7 +77,7 @@ _SPLIT_HEADER = compact(MMA_HEADER)
 
 
 SPLIT_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
-                "kh", "vh", "kt", "vt", "counter", "cshift", "sinks")  # fmt: skip
+                "kh", "vh", "kt", "vt", "work", "cshift", "sinks")  # fmt: skip
 SPLIT_OUTPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "out")
 JOIN_INPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks")
 
@@ -88,11 +89,12 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     used = dict(kb=t["KQ"] != 1, vb=t["VQ"] != 1, lut_k=t["KQ"] == 1, lut_v=t["VQ"] == 1,
                 signs=t["QROT"], kh=t["HAS_HEAD"], vh=t["HAS_HEAD"], kt=t["HAS_TAIL"],
                 vt=t["HAS_TAIL"], fp_o=t["HAS_HEAD"] or t["HAS_TAIL"])  # fmt: skip
-    used["fp_ml"] = used["fp_o"]
-    used.update(counter=t["FUSED"], out=t["FUSED"], cshift=t["HAS_CENTER"], sinks=t["HAS_SINKS"])
+    # FUSED: the partials go to the workspace (an input), the joined output is the one output
+    used.update(o_part=not t["FUSED"], ml_part=not t["FUSED"])
+    used["fp_o"] = used["fp_ml"] = used["fp_o"] and not t["FUSED"]
+    used.update(work=t["FUSED"], out=t["FUSED"], cshift=t["HAS_CENTER"], sinks=t["HAS_SINKS"])
     fp = getattr(mx, fp_dtype)
-    dtypes = dict(kb=mx.float16, vb=mx.float16, kh=fp, vh=fp, kt=fp, vt=fp, counter=mx.int32,
-                  out=t["OT"])  # fmt: skip
+    dtypes = dict(kb=mx.float16, vb=mx.float16, kh=fp, vh=fp, kt=fp, vt=fp, out=t["OT"])
     # fp_dtype: the sink's and tail's dtype, which types inputs kh..vt in the signature MLX
     # writes but is no template argument: in the name, or one build would serve both.
     name = f"tq_mma_decode_split_{fp_dtype}"
@@ -308,7 +310,7 @@ def mma_decode_layer(
         None if fp_side is None else fp_side.dtype,
         keys.center is not None, sinks is not None, scale, splits,
         STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
-        fused=FUSED_JOIN and keys.counter is not None,
+        fused=FUSED_JOIN and keys.workspace is not None,
         fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
     )  # fmt: skip
     if plan is None:
@@ -322,11 +324,11 @@ def mma_decode_layer(
     sinks = sinks.astype(mx.float32) if sinks is not None else None
     # None: an input the planned kernel does not take (nor returns, for outputs)
     fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
+    work = keys.workspace.at_least(split.work_floats) if join is None else None
     o_part, ml_part, fp_o, fp_ml, out = split.launch(
-        _split_inputs(split, queries, keys, values, const, rot) + fp_inputs
-        + [keys.counter, cshift, sinks],
+        _split_inputs(split, queries, keys, values, const, rot) + fp_inputs + [work, cshift, sinks],
         init,
-    )  # fmt: skip
+    )
     if join is None:  # the split kernel joined (FUSED_JOIN)
         return out
     signs = rot.signs if rot is not None else None
@@ -369,7 +371,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
-    last blocks, where its rows fit the counter and its work and tail ``fused_max``), or None
+    last blocks, where its rows fit the counters and its work and tail ``fused_max``), or None
     where the kernels cannot read it (:func:`_layouts`, as for :func:`supports`). Cached: the
     same for every step of a body block and a chunk of the tail."""
     b, hq, length, d = q_shape
@@ -445,7 +447,18 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
         [mx.float32] * 4 + [q_dtype],
         lut_k=_lut(k_layout[1], d) if k_layout[0] == 1 else None,
         lut_v=_lut(v_layout[1], d) if v_layout[0] == 1 else None,
+        work_floats=work_floats(b * hq, out_shapes[0][2], fp[0] + fp[1], d),
     )  # fmt: skip
+
+
+def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
+    """Floats the fused join's partials take in a workspace after its counters, as the split
+    kernel lays them out for ``heads`` (batch x query heads): o_part, ml_part, fp_o, fp_ml,
+    each rounded up to whole lines of ``MMA_WORK_ALIGN`` floats (``tqm::work_span``)."""
+    a = MMA_WORK_ALIGN
+    return sum(
+        -(-heads * n * w // a) * a for n, w in ((splits, d), (splits, 2), (chunks, d), (chunks, 2))
+    )
 
 
 def _row_splits(k_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:

@@ -20,6 +20,8 @@ layouts (``VQ``): 0 affine, 1 codebook. Dims are permuted between lanes freely (
 permutation on both operands); the output permutation is undone when the partials are written.
 """
 
+from ..cache import JOIN_COUNTER_ROWS
+
 # What every launch needs: includes, conversions, the split merge. The join and
 # combine take only this (MLX copies the header into each launch's source, per call).
 MMA_COMMON = r"""
@@ -108,13 +110,21 @@ def compact(source: str) -> str:
 
 
 MMA_FP_CHUNK = 16  # positions a fp_chunk block takes (the kernels read TQM_FP_CHUNK)
+MMA_WORK_ALIGN = 32  # floats each part of the fused join's workspace is rounded up to
 
 # The split kernel's device code, after MMA_COMMON.
 MMA_HEADER = (
     MMA_COMMON
     + f"#define TQM_FP_CHUNK {MMA_FP_CHUNK}\n"
+    + f"#define TQM_JOIN_ROWS {JOIN_COUNTER_ROWS}\n#define TQM_WORK_ALIGN {MMA_WORK_ALIGN}\n"
     + r"""
 namespace tqm {
+
+// Floats a part of the fused join's workspace takes (mma_decode.work_floats): whole
+// 128-byte lines, so every part keeps the float4 alignment of the join's loads.
+__device__ __forceinline__ int64_t work_span(int64_t floats) {
+  return (floats + TQM_WORK_ALIGN - 1) / TQM_WORK_ALIGN * TQM_WORK_ALIGN;
+}
 
 // c(16x8, f32) += a(16x16, f16, row) . b(16x8, f16, col)
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
@@ -1126,6 +1136,13 @@ MMA_SPLIT_SOURCE = r"""
     row = blockIdx.y;
     b = blockIdx.z;
   }
+  if constexpr (FUSED) {  // the partials go to this layer's workspace, after its counters
+    const int64_t n = (int64_t)q_shape[0] * q_shape[1];  // batch x query heads
+    o_part = const_cast<float*>(work) + TQM_JOIN_ROWS;
+    ml_part = o_part + tqm::work_span(n * S * D);
+    fp_o = ml_part + tqm::work_span(n * S * 2);
+    fp_ml = fp_o + tqm::work_span(n * n_fp * D);
+  }
   const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
     tqm::fp_chunk<D, HAS_HEAD, HAS_TAIL>(
@@ -1146,8 +1163,8 @@ MMA_SPLIT_SOURCE = r"""
   }
   if constexpr (FUSED) {  // the join, by the row's last block (one launch a layer)
     tqm::join_last_block<D, OT, HAS_HEAD || HAS_TAIL, QROT, HAS_CENTER, HAS_SINKS>(
-        counter, o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks, out, b, row, n_kv, G, S,
-        n_fp);
+        reinterpret_cast<const int*>(work), o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks,
+        out, b, row, n_kv, G, S, n_fp);
   }
 """
 
