@@ -106,7 +106,6 @@ def turboquant_attention(
     sinks: mx.array | None = None,
 ) -> mx.array:
     """SDPA of ``(B, H_q, L, D)`` queries over packed sides; output in the queries' dtype."""
-    k_rot, v_rot = keys.rotation, values.rotation
     if queries.shape[2] == 1 and mask == "causal":
         mask = None  # the one query is the last position: it sees the whole context
     one_query = queries.shape[2] == 1 and mask is None and keys.n_body
@@ -115,6 +114,8 @@ def turboquant_attention(
         if out is not None:
             _DECODE_CALLS["kernel"] += 1
             return out.astype(queries.dtype)
+    # (after the layer kernel, which needs no rotation here: host time per layer)
+    k_rot, v_rot = keys.rotation, values.rotation
     # rotate() returns a new float32 array: the caller's queries are never written to.
     q = rotate(queries, k_rot) if k_rot is not None else queries.astype(mx.float32)
     if one_query:

@@ -382,6 +382,9 @@ class TurboQuantKVCache(_BaseCache):
             self._body(self.values, v_spec),
         )
         self._views_cache = ((self.keys, self.values, self.body_len, k_spec, v_spec), views)
+        work = join_workspace(self)
+        if work is not None:  # its memo holds the old views: they would keep the old body alive
+            work.decode_memo = None
         return views
 
     def _views(self) -> tuple[PackedSide, PackedSide]:
@@ -660,10 +663,12 @@ class JoinWorkspace:
     after every launch), then the splits' partials. The kernel writes it through an input,
     so a launch has one output: MLX's host work per launch grows with each output."""
 
-    __slots__ = ("array", "floats")
+    __slots__ = ("array", "floats", "decode_memo")
 
     def __init__(self, floats: int = 0) -> None:
         self.floats = -1
+        # the layer's last fused decode plan (mma_decode._DecodeMemo): host time per layer
+        self.decode_memo = None
         self.at_least(floats)
 
     def at_least(self, floats: int) -> mx.array:

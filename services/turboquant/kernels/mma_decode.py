@@ -67,6 +67,10 @@ LINEAR_GRID = True
 FUSED_JOIN = True
 FUSED_MAX_WORK: int | None = 8 * 16384 * 128  # None: no limit (nor on the tail)
 FUSED_MAX_TAIL = 32 * 8 * 128
+# A fused layer's plan and static inputs are kept on its JoinWorkspace (_DecodeMemo) and
+# reused while the body views stay the same objects: the call then skips the plan's cache
+# lookup and the input lists (host time per layer). False: every call plans (tests).
+DECODE_MEMO = True
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
@@ -133,9 +137,14 @@ def _join_kernel(template: tuple):
                            _COMMON_HEADER, template, False, 0, used, {})  # fmt: skip
 
 
+_GENERATION = 0  # bumped by clear_kernel_caches: a _DecodeMemo from before it is never used
+
+
 def clear_kernel_caches() -> None:
     """Forget every built kernel and launch plan (tests and benches that swap
-    ``mx.fast.cuda_kernel`` for a stand-in)."""
+    ``mx.fast.cuda_kernel`` for a stand-in), the workspaces' decode memos too."""
+    global _GENERATION
+    _GENERATION += 1
     for f in (baked_kernel, _layer_plan, _split_launch):
         f.cache_clear()
 
@@ -293,26 +302,51 @@ def mma_decode_layer(
     kernels cannot read this call (:func:`supports`) or the rotation has no sign vector
     (the caller then takes another path).
     """
-    rot = keys.rotation
-    if rot is not None and rot.signs is None:
-        return None
+    work = keys.workspace
     head, tail = keys.head, keys.tail
     n_head = 0 if head is None else head.shape[2]
     n_tail = 0 if tail is None else tail.shape[2]
-    kp, vp = keys.parts, values.parts
+    head_chunks, tail_chunks = -(-n_head // MMA_FP_CHUNK), -(-n_tail // MMA_FP_CHUNK)
     fp_side = head if n_head else tail if n_tail else None
+    fp_dtype = None if fp_side is None else fp_side.dtype
+    memo_key = None
+    if work is not None and not poison and DECODE_MEMO:
+        # everything the plan reads but the body views and specs (compared by identity),
+        # the module's settings included: tests and benches change them between calls
+        memo_key = (
+            queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
+            sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
+            keys.seed, keys.body_len, _GENERATION, STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
+            LINEAR_GRID, FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
+        )  # fmt: skip
+        memo = work.decode_memo
+        if (
+            memo is not None
+            and memo.k_parts is keys.parts
+            and memo.v_parts is values.parts
+            and memo.k_spec is keys.spec
+            and memo.v_spec is values.spec
+            and memo.key == memo_key
+        ):
+            return memo.launch(queries, keys, values, scale, sinks, work)
+    rot = keys.rotation
+    if rot is not None and rot.signs is None:
+        return None
+    kp, vp = keys.parts, values.parts
     # Everything but the arrays is planned once per shape (host time per layer decides
     # decode speed when the host, not the GPU, is the bottleneck: bench/gpu_notes.md).
     plan = _layer_plan(
         keys.spec, values.spec, keys.dim, values.dim, kp[1].shape[-1], vp[1].shape[-1],
         kp[1].dtype, vp[1].dtype, queries.shape, queries.dtype, kp[0].shape[1], keys.n_body,
-        rot is not None, -(-n_head // MMA_FP_CHUNK), -(-n_tail // MMA_FP_CHUNK),
-        None if fp_side is None else fp_side.dtype,
+        rot is not None, head_chunks, tail_chunks, fp_dtype,
         keys.center is not None, sinks is not None, scale, splits,
         STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
-        fused=FUSED_JOIN and keys.workspace is not None,
+        fused=FUSED_JOIN and work is not None,
         fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
+        counter_rows=JOIN_COUNTER_ROWS,
     )  # fmt: skip
+    if memo_key is not None:
+        work.decode_memo = None  # (made again below for a fused plan)
     if plan is None:
         return None
     split, join, const = plan
@@ -324,16 +358,69 @@ def mma_decode_layer(
     sinks = sinks.astype(mx.float32) if sinks is not None else None
     # None: an input the planned kernel does not take (nor returns, for outputs)
     fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
-    work = keys.workspace.at_least(split.work_floats) if join is None else None
-    o_part, ml_part, fp_o, fp_ml, out = split.launch(
-        _split_inputs(split, queries, keys, values, const, rot) + fp_inputs + [work, cshift, sinks],
-        init,
-    )
+    work_array = work.at_least(split.work_floats) if join is None else None
+    inputs = _split_inputs(split, queries, keys, values, const, rot) + fp_inputs
+    if memo_key is not None and join is None:
+        work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs)
+    o_part, ml_part, fp_o, fp_ml, out = split.launch(inputs + [work_array, cshift, sinks], init)
     if join is None:  # the split kernel joined (FUSED_JOIN)
         return out
     signs = rot.signs if rot is not None else None
     (out,) = join.launch([o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks], init)
     return out
+
+
+_STATIC = range(1, SPLIT_INPUTS.index("kh"))  # kw .. signs: the same while the body views are
+_DYNAMIC = ("kh", "kt", "work", "cshift", "sinks")  # per call (kh/vh, kt/vt: in pairs)
+
+
+class _DecodeMemo:
+    """A fused layer's split launch with its static inputs, for the next calls that read the
+    same body views and specs (held here, so no id is reused) and the same ``key``."""
+
+    __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "kernel", "static",
+                 "kh", "kt", "work", "cshift", "sinks", "grid", "threadgroup", "shapes",
+                 "dtypes")  # fmt: skip
+
+    def __init__(self, key, keys, values, rot, split, inputs):
+        self.key, self.rot = key, rot
+        self.k_parts, self.v_parts, self.k_spec, self.v_spec = (
+            keys.parts, values.parts, keys.spec, values.spec
+        )  # fmt: skip
+        assert split.kept_out == (SPLIT_OUTPUTS.index("out"),)  # a fused plan's one output
+        kept = [SPLIT_INPUTS[i] for i in split.kept]
+        self.static = [inputs[i] for i in split.kept if i in _STATIC]
+        for name in _DYNAMIC:
+            setattr(self, name, name in kept)
+        self.kernel, self.grid, self.threadgroup = split.kernel, split.grid, split.threadgroup
+        self.shapes, self.dtypes = split.shapes, split.dtypes
+
+    def __deepcopy__(self, _memo):
+        return None  # a copied cache plans afresh (a kernel object does not copy)
+
+    def launch(self, queries, keys, values, scale, sinks, work) -> mx.array:
+        """The split launch for this call, its inputs in the order of ``SPLIT_INPUTS`` as
+        :func:`mma_decode_layer` passes them."""
+        inputs = [queries, *self.static]
+        if self.kh:
+            inputs += (keys.head, values.head)
+        if self.kt:
+            inputs += (keys.tail, values.tail)
+        if self.work:  # at_least(the plan's floats) was asked when it was made
+            inputs.append(work.array)
+        if self.cshift:
+            b, hq = queries.shape[:2]
+            inputs.append(centre_shift2(rotate(queries, self.rot), keys, scale).reshape(b, hq))
+        if self.sinks:
+            inputs.append(sinks.astype(mx.float32))
+        return self.kernel(
+            inputs=inputs,
+            grid=self.grid,
+            threadgroup=self.threadgroup,
+            output_shapes=self.shapes,
+            output_dtypes=self.dtypes,
+            init_value=None,
+        )[0]
 
 
 class _Launch:
@@ -369,9 +456,11 @@ class _Launch:
 @lru_cache(maxsize=1024)
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
-                has_sinks, scale, splits, *tunables, fused=False, fused_max=None):  # fmt: skip
+                has_sinks, scale, splits, *tunables, fused=False, fused_max=None,
+                counter_rows=JOIN_COUNTER_ROWS):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
-    last blocks, where its rows fit the counters and its work and tail ``fused_max``), or None
+    last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
+    ``fused_max``), or None
     where the kernels cannot read it (:func:`_layouts`, as for :func:`supports`). Cached: the
     same for every step of a body block and a chunk of the tail."""
     b, hq, length, d = q_shape
@@ -384,7 +473,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
         _, s = _row_splits(layouts[0], b, hq, hkv, d, n_body, splits, tunables)
         work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
         fused = work <= fused_max[0] and tail <= fused_max[1]
-    fused = fused and b * hkv * -(-(hq // hkv) // 8) <= JOIN_COUNTER_ROWS
+    fused = fused and b * hkv * -(-(hq // hkv) // 8) <= counter_rows
     join = (fused, has_center, has_sinks) if fused else NO_JOIN
     split = _split_launch(
         *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join

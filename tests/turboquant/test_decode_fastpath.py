@@ -1,0 +1,222 @@
+"""The decode memo (mma_decode.DECODE_MEMO): a fused layer's launch reused from the layer's
+JoinWorkspace while the cache's body views stay the same objects. Every launch it makes must
+be the one the planned path makes: the same kernel, the same input arrays in the same order,
+grid, threadgroup, outputs and init value -- on any machine, with a recording stand-in."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from services.turboquant.kernels import mma_decode
+
+from .test_kernels import _RecordedKernel, base_name
+
+COMPUTED = ("cshift", "sinks")  # inputs made from the call's arguments each call: equal values
+
+
+class _Recorder(_RecordedKernel):
+    """A ``_RecordedKernel`` that keeps each launch's keyword arguments too, and, like a built
+    CUDA kernel, cannot be copied."""
+
+    calls: list = []
+
+    def __call__(self, **kw):
+        outs = super().__call__(**kw)
+        self.calls.append((self, kw, outs))
+        return outs
+
+    def __deepcopy__(self, _memo):
+        raise TypeError("a built kernel does not copy")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    mma_decode.clear_kernel_caches()
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _Recorder)
+    _Recorder.calls, _Recorder.launches, _Recorder.outputs = [], [], []
+    yield _Recorder.calls
+    mma_decode.clear_kernel_caches()  # no stand-in outlives the test
+
+
+def layer(monkeypatch, memo: bool, *args, **kw):
+    """One layer call, the memo on or off; returns (output, its launches, plans it asked)."""
+    monkeypatch.setattr(mma_decode, "DECODE_MEMO", memo)
+    first, plans = len(_Recorder.calls), _plans()
+    out = mma_decode.mma_decode_layer(*args, **kw)
+    return out, _Recorder.calls[first:], _plans() - plans
+
+
+def _plans() -> int:
+    info = mma_decode._layer_plan.cache_info()
+    return info.hits + info.misses
+
+
+def assert_same_launches(got: list, want: list) -> None:
+    assert len(got) == len(want) > 0
+    made, want_made = [], []  # the outputs of the launches so far: a join's inputs
+    for (kernel, kw, outs), (want_kernel, want_kw, want_outs) in zip(got, want, strict=True):
+        assert kernel is want_kernel and kw.keys() == want_kw.keys()
+        names = kernel.input_names
+        assert len(kw["inputs"]) == len(want_kw["inputs"]) == len(names)
+        for name, a, b in zip(names, kw["inputs"], want_kw["inputs"], strict=True):
+            if name in COMPUTED:
+                assert a.dtype == b.dtype and mx.array_equal(a, b).item(), name
+            elif any(a is m for m in made):
+                assert [a is m for m in made] == [b is m for m in want_made], name
+            else:
+                assert a is b, name
+        made, want_made = made + outs, want_made + want_outs
+        for arg in ("grid", "threadgroup", "output_shapes", "output_dtypes", "init_value"):
+            assert kw[arg] == want_kw[arg], arg
+
+
+def _cuda_cache(monkeypatch, **config):
+    """A cache that makes its join workspace as on CUDA."""
+    from services.turboquant import TurboQuantKVCache, install_patch
+    from services.turboquant.kernels import fused_decode
+
+    install_patch()
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)
+    return TurboQuantKVCache(**config)
+
+
+@pytest.mark.parametrize(
+    "config,dim,prompt,steps",
+    [
+        # per-channel keys (the default layout): the body grows by a group of 64 positions,
+        # the tail crosses chunks of 16 (35 -> 63, then 0 after the block)
+        (dict(key_quantizer="channel", group_size=64, sink_tokens=1), 128, 100, 34),
+        # per-vector keys, a key centre and learned sinks: the body grows every step
+        (dict(sink_tokens=2), 64, 80, 20),
+        (dict(quantizer="codebook", key_bits=3, value_bits=3), 128, 80, 6),
+    ],
+)
+def test_decode_steps_launch_as_planned_with_the_memo(monkeypatch, launches, config, dim,
+                                                      prompt, steps):  # fmt: skip
+    rng = np.random.default_rng(1)
+    cache = _cuda_cache(monkeypatch, **config)
+    hq, hkv = 8, 2
+    kv = lambda n: mx.array(rng.standard_normal((1, hkv, n, dim)).astype(np.float16))  # noqa: E731
+    sinks = (
+        mx.array(rng.standard_normal(hq).astype(np.float32)) if "sink_tokens" in config else None
+    )
+    cache.update_and_fetch(kv(prompt), kv(prompt))
+    seen, hits, body = set(), 0, None
+    for _ in range(steps):
+        keys, values = cache.update_and_fetch(kv(1), kv(1))
+        work = keys.workspace
+        assert work is not None
+        if keys.n_body != body:  # new views: the memo of the old ones is gone with them
+            assert work.decode_memo is None
+        q = mx.array(rng.standard_normal((1, hq, 1, dim)).astype(np.float16))
+        args = (q, keys, values, 1 / dim**0.5, sinks)
+        out, first, plans = layer(monkeypatch, True, *args)
+        again, second, plans_again = layer(monkeypatch, True, *args)
+        _, planned, _ = layer(monkeypatch, False, *args)
+        assert_same_launches(first, planned)
+        assert_same_launches(second, planned)
+        assert [base_name(k.name) for k, *_ in planned] == ["tq_mma_decode_split"]  # fused
+        assert out is _Recorder.outputs[len(_Recorder.calls) - 3][0]
+        assert again is _Recorder.outputs[len(_Recorder.calls) - 2][0]
+        assert plans_again == 0  # the second call of a step took the memo
+        state = (keys.n_body, -(-keys.tail.shape[2] // 16))
+        if body == keys.n_body and state in seen:
+            assert plans == 0  # nothing the plan reads changed since the last step
+            hits += 1
+        seen.add(state)
+        body = keys.n_body
+    if config.get("key_quantizer") == "channel":  # the steps covered what they should
+        assert len({n for n, _ in seen}) == 2 and len({c for _, c in seen}) >= 3 and hits > 20
+    copy.deepcopy(cache)  # a copied cache (prompt-cache reuse): the memo is not copied
+
+
+def _fused_case():
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.cache import JoinWorkspace
+    from services.turboquant.kernels.cases import cache_case
+
+    config = TurboQuantConfig(key_quantizer="channel", group_size=128, sink_tokens=1)
+    c = cache_case(np.random.default_rng(0), config, batch=1, q_heads=8, kv_heads=2, dim=128,
+                   length=4100, sinks=False)  # fmt: skip
+    keys = dataclasses.replace(c.keys, workspace=JoinWorkspace())
+    return c.queries.astype(mx.float16), keys, c.values
+
+
+SETTINGS = [  # a value of each module setting the plan reads that changes the launch
+    ("STEPS", 4),
+    ("SPLIT_FACTOR", 0.02),
+    ("WARPS", 2),
+    ("FOLD", False),
+    ("PIPELINE", False),
+    ("LINEAR_GRID", False),
+    ("FUSED_JOIN", False),
+    ("FUSED_MAX_WORK", 1),
+    ("FUSED_MAX_TAIL", 1),
+    ("JOIN_COUNTER_ROWS", 0),
+]
+
+
+@pytest.mark.parametrize("name,value", SETTINGS, ids=[n for n, _ in SETTINGS])
+def test_a_changed_setting_takes_effect_on_the_next_call(monkeypatch, launches, name, value):
+    q, keys, values = _fused_case()
+    layer(monkeypatch, True, q, keys, values, 0.1)
+    _, before, plans = layer(monkeypatch, True, q, keys, values, 0.1)
+    assert plans == 0 and keys.workspace.decode_memo is not None  # the memo answered
+    monkeypatch.setattr(mma_decode, name, value)
+    _, after, _ = layer(monkeypatch, True, q, keys, values, 0.1)
+    _, planned, _ = layer(monkeypatch, False, q, keys, values, 0.1)
+    assert_same_launches(after, planned)
+    with pytest.raises(AssertionError):
+        assert_same_launches(after, before)  # the setting changed the launch
+
+
+def test_clearing_the_kernel_caches_drops_the_memo(monkeypatch, launches):
+    q, keys, values = _fused_case()
+    for _ in range(2):
+        layer(monkeypatch, True, q, keys, values, 0.1)
+    ((kernel, *_),) = _Recorder.calls[-1:]
+
+    class Swapped(_Recorder):
+        pass
+
+    mma_decode.clear_kernel_caches()
+    monkeypatch.setattr(mx.fast, "cuda_kernel", Swapped)
+    _, after, plans = layer(monkeypatch, True, q, keys, values, 0.1)
+    ((new, *_),) = after
+    assert plans == 1 and type(new) is Swapped and new is not kernel
+
+
+def test_without_a_workspace_every_call_plans(monkeypatch, launches):
+    # off CUDA the cache gives no workspace: the layer plans as before (split + join)
+    q, keys, values = _fused_case()
+    keys = dataclasses.replace(keys, workspace=None)
+    for _ in range(2):
+        _, got, plans = layer(monkeypatch, True, q, keys, values, 0.1)
+        _, planned, _ = layer(monkeypatch, False, q, keys, values, 0.1)
+        assert plans == 1
+        assert_same_launches(got, planned)
+        assert [base_name(k.name) for k, *_ in got] == ["tq_mma_decode_split", "tq_mma_decode_join"]
+
+
+def test_a_poisoned_call_plans_and_other_views_miss(monkeypatch, launches):
+    q, keys, values = _fused_case()
+    layer(monkeypatch, True, q, keys, values, 0.1)
+    _, got, plans = layer(monkeypatch, True, q, keys, values, 0.1, poison=True)
+    assert plans == 1 and got[0][1]["init_value"] != got[0][1]["init_value"]  # NaN
+    # the same arrays in another views tuple, another scale, sinks: planned again
+    other = dataclasses.replace(keys, parts=(*keys.parts,))
+    for args in (
+        (q, other, values, 0.1),
+        (q, keys, values, 0.2),
+        (q, keys, values, 0.1, mx.zeros(8)),
+    ):
+        layer(monkeypatch, True, q, keys, values, 0.1)  # the memo of this call
+        _, got, plans = layer(monkeypatch, True, *args)
+        _, planned, _ = layer(monkeypatch, False, *args)
+        assert plans == 1
+        assert_same_launches(got, planned)
