@@ -59,13 +59,14 @@ PIPELINE = True
 # others get 1 (ncu at 128K: SMs active 69 % of the kernel; bench/gpu_notes.md, session 8).
 LINEAR_GRID = True
 # One launch a layer: the split kernel's last block of each row does the join (counters and
-# partials in a per-layer workspace, cache.join_workspace), saving a custom-kernel call's host work (~7 us a layer on the
-# H200's host, bench/gpu_notes.md session 11). Only up to FUSED_MAX_WORK key elements
-# (batch x KV heads x body positions x head dim: past that the GPU, not the host, bounds the
-# layer) and FUSED_MAX_TAIL floats a row's last block merges (splits x the row's heads x head
-# dim: 33 x 8 x 128, at 32K-128K, took ~7 us more than a join launch over every head).
+# partials in a per-layer workspace, cache.join_workspace), saving a custom-kernel call's
+# host work. Only up to FUSED_MAX_WORK key elements (batch x KV heads x body positions x head
+# dim; H200, pipelined: fused 0.036 / 0.047 ms vs 0.058 / 0.049 two launches at 32K / 64K,
+# but 0.071 vs 0.065 at 128K, where a row's last block joining alone is the longer tail;
+# bench/gpu_notes.md session 12) and FUSED_MAX_TAIL floats a row's last block merges
+# (splits x the row's heads x head dim: D 256 with 2 KV heads has ~128 splits a row).
 FUSED_JOIN = True
-FUSED_MAX_WORK: int | None = 8 * 16384 * 128  # None: no limit (nor on the tail)
+FUSED_MAX_WORK: int | None = 8 * 65536 * 128  # None: no limit (nor on the tail)
 FUSED_MAX_TAIL = 32 * 8 * 128
 # A fused layer's plan and static inputs are kept on its JoinWorkspace (_DecodeMemo) and
 # reused while the body views stay the same objects: the call then skips the plan's cache
@@ -460,9 +461,9 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                 counter_rows=JOIN_COUNTER_ROWS):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
     last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
-    ``fused_max``), or None
-    where the kernels cannot read it (:func:`_layouts`, as for :func:`supports`). Cached: the
-    same for every step of a body block and a chunk of the tail."""
+    ``fused_max``), or None where the kernels cannot read it (:func:`_layouts`, as for
+    :func:`supports`). Cached: the same for every step of a body block and a chunk of the
+    tail."""
     b, hq, length, d = q_shape
     layouts = _layouts(length, hq, hkv, n_body, k_spec, v_spec, k_dim, v_dim, k_cols, v_cols,
                        k_sdtype, v_sdtype, tunables[0])  # fmt: skip
