@@ -777,7 +777,9 @@ def main() -> None:
     ap.add_argument("--v3-checks", action="store_true", help="also check the v3 kernel")
     ap.add_argument("--shapes", default="32/8/128,16/2/256", help="timing shapes q/kv/D")
     ap.add_argument("--checks-only", action="store_true")
-    ap.add_argument("--render", help="attention_gpu.json to write into docs/benchmarks.md")
+    ap.add_argument(
+        "--render", help="attention_gpu.json(s), comma-separated, to write into the docs"
+    )
     ap.add_argument("--machine", default=None)
     ap.add_argument("--command", default=None)
     ap.add_argument("--note", default="", help="extra paragraph for the rendered section")
@@ -786,7 +788,9 @@ def main() -> None:
     if args.render:
         from bench.report import write_section
 
-        res = json.loads(Path(args.render).read_text())
+        # several result files (e.g. the chained D 128 and D 256 steps) go into one table
+        files = [json.loads(Path(f).read_text()) for f in args.render.split(",")]
+        res = dict(files[0], timings=[t for f in files for t in f["timings"]])
         checks = [
             c
             for f in args.checks.split(",")
