@@ -353,6 +353,9 @@ class TurboQuantKVCache(_BaseCache):
             for arr, part in zip(stored, new, strict=True):
                 arr[_span(part, spec, start, stop, g)] = part
         self.body_len = stop
+        # Views cut before these writes show the old body; a trim and a refill of as many
+        # positions end at the same arrays and length, so a length check would keep them.
+        self._views_cache = None
 
     def _logical(self, side: tuple[mx.array, ...], spec: SideSpec) -> tuple[mx.array, ...]:
         # The stored key parts as every reader takes them (group-major scales swapped back).

@@ -287,3 +287,23 @@ def test_decode_steps_write_one_buffer_until_the_block_is_quantized():
     assert c._tail_buf[0].shape[2] == 128 + c.TAIL_APPEND_MAX
     assert c.nbytes == sum(p.nbytes for p in (*c.keys, *c.values)) + fp
     np.testing.assert_array_equal(np.array(c.tail_k), np.array(k[:, :, 257:]))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_refill_to_the_trimmed_body_length_returns_the_new_body(name):
+    # A trim into the body and a refill of as many positions rewrite the body's arrays in
+    # place and end at the old length: views kept for that length would show the old body.
+    cfg = CONFIGS[name]
+    k, v = _kv(300, seed=13)
+    new_k, new_v = k[:, :, 250:280], v[:, :, 250:280]
+    got, want = TurboQuantKVCache(cfg), TurboQuantKVCache(cfg)
+    for c in (got, want):
+        c.update_and_fetch(k[:, :, :200], v[:, :, :200])
+    body = got.body_len
+    for c in (got, want):
+        c.trim(30)  # into the body in every config
+    want._views()  # (views made at the trimmed length)
+    sides = got.update_and_fetch(new_k, new_v)
+    assert got.body_len == body  # the case: the same arrays, the same length, new content
+    for a, b in zip(sides, want.update_and_fetch(new_k, new_v), strict=True):
+        np.testing.assert_array_equal(np.array(decoded(a)), np.array(decoded(b)))
