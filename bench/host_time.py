@@ -122,7 +122,8 @@ def main() -> None:
     from services.turboquant import TurboQuantConfig, make_turboquant_cache
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / ".cache/models/smollm2-135m-instruct-f32"))
+    # (the model the test suite converts; the graph built a step is the same in any dtype)
+    ap.add_argument("--model", default=str(ROOT / ".cache/models/smollm2-135m-instruct"))
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--profile", type=int, default=0, help="print the top N functions of ours")
@@ -171,7 +172,7 @@ def main() -> None:
         f"{Path(args.model).name}: {layers} attention layers, context {args.context}, "
         f"{len(times['fp16 KVCache'])} decode steps each, the two caches alternating; only "
         "the graph of each step is built and timed (it is evaluated untimed). The CUDA "
-        "kernels are hooked in as on a GPU (each cache layer with its join counter: one "
+        "kernels are hooked in as on a GPU (each cache layer with its join workspace: one "
         "launch a layer at this context) but launch stand-ins, so MLX's per-launch costs "
         "of a real custom kernel are not included.\n\n"
         + markdown_table(["cache", "ms a step (median)", "us a layer over fp16"], rows)
