@@ -60,17 +60,20 @@ class PackedSide:
 
     @classmethod
     def made(cls, parts, spec, dim, use_rotation, seed, center, head, tail, body_len, workspace):
-        """``cls(...)`` with every field, without the frozen dataclass's ``object.__setattr__``
-        per field: the cache makes two a layer every decode step, 1.1 -> 0.4 us each on this
-        CPU (host time per layer: bench/gpu_notes.md, session 11)."""
+        """``cls(...)`` with every field (:meth:`with_tail`)."""
+        fields = dict(parts=parts, spec=spec, dim=dim, use_rotation=use_rotation, seed=seed,
+                      center=center, head=head, body_len=body_len, workspace=workspace)  # fmt: skip
+        return cls.with_tail(fields, tail)
+
+    @classmethod
+    def with_tail(cls, fields: dict, tail: mx.array | None):
+        """A side of ``fields`` (every other field, by name) and ``tail``, set without the
+        frozen dataclass's ``object.__setattr__`` per field: the cache makes two a layer every
+        decode step, 1.1 -> 0.4 us each on this CPU (bench/gpu_notes.md, session 11)."""
         obj = object.__new__(cls)
         d = obj.__dict__
-        d["parts"], d["spec"], d["dim"], d["use_rotation"], d["seed"] = (
-            parts, spec, dim, use_rotation, seed
-        )  # fmt: skip
-        d["center"], d["head"], d["tail"], d["body_len"], d["workspace"] = (
-            center, head, tail, body_len, workspace
-        )  # fmt: skip
+        d.update(fields)
+        d["tail"] = tail
         return obj
 
     @property
@@ -422,7 +425,7 @@ class TurboQuantKVCache(_BaseCache):
 
     def _views(self) -> tuple[PackedSide, PackedSide]:
         # Between blocks a decode step changes only the tails: the rest of both sides is
-        # copied from the last views made (PackedSide.made is ~0.4 us a side, the checks less).
+        # copied from the last views made (the checks cost less than making them again).
         memo = self._sides_memo
         if (
             memo is None
@@ -435,15 +438,11 @@ class TurboQuantKVCache(_BaseCache):
             or memo[0] != id(self)  # a copy (copy.deepcopy) makes its own, with its workspace
         ):
             return self._remember_views()
-        k = object.__new__(PackedSide)
-        d = k.__dict__
-        d.update(memo[7])
-        d["tail"], d["workspace"] = self.tail_k, join_workspace(self)
-        v = object.__new__(PackedSide)
-        d = v.__dict__
-        d.update(memo[8])
-        d["tail"] = self.tail_v
-        return k, v
+        # (the key side's workspace is kept too: the same cache, by the id check)
+        return (
+            PackedSide.with_tail(memo[7], self.tail_k),
+            PackedSide.with_tail(memo[8], self.tail_v),
+        )
 
     def _remember_views(self) -> tuple[PackedSide, PackedSide]:
         kv = self._made_views()

@@ -352,10 +352,7 @@ def mma_decode_layer(
         return None
     split, join, const = plan
     init = float("nan") if poison else None
-    cshift = None
-    if keys.center is not None:  # q.centre per head: the body's scores leave it out
-        b, hq = queries.shape[:2]
-        cshift = centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
+    cshift = _centre_shift(queries, keys, rot, scale) if keys.center is not None else None
     sinks = sinks.astype(mx.float32) if sinks is not None else None
     # None: an input the planned kernel does not take (nor returns, for outputs)
     fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
@@ -371,6 +368,12 @@ def mma_decode_layer(
     return out
 
 
+def _centre_shift(queries, keys, rot, scale) -> mx.array:
+    """q.centre per head, ``(B, Hq)``: the body's scores leave it out, the join adds it."""
+    b, hq = queries.shape[:2]
+    return centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
+
+
 _STATIC = range(1, SPLIT_INPUTS.index("kh"))  # kw .. signs: the same while the body views are
 _DYNAMIC = ("kh", "kt", "work", "cshift", "sinks")  # per call (kh/vh, kt/vt: in pairs)
 
@@ -379,9 +382,8 @@ class _DecodeMemo:
     """A fused layer's split launch with its static inputs, for the next calls that read the
     same body views and specs (held here, so no id is reused) and the same ``key``."""
 
-    __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "kernel", "static",
-                 "kh", "kt", "work", "cshift", "sinks", "grid", "threadgroup", "shapes",
-                 "dtypes")  # fmt: skip
+    __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "split", "static",
+                 "kh", "kt", "work", "cshift", "sinks")  # fmt: skip
 
     def __init__(self, key, keys, values, rot, split, inputs):
         self.key, self.rot = key, rot
@@ -393,8 +395,7 @@ class _DecodeMemo:
         self.static = [inputs[i] for i in split.kept if i in _STATIC]
         for name in _DYNAMIC:
             setattr(self, name, name in kept)
-        self.kernel, self.grid, self.threadgroup = split.kernel, split.grid, split.threadgroup
-        self.shapes, self.dtypes = split.shapes, split.dtypes
+        self.split = split
 
     def __deepcopy__(self, _memo):
         return None  # a copied cache plans afresh (a kernel object does not copy)
@@ -410,18 +411,10 @@ class _DecodeMemo:
         if self.work:  # at_least(the plan's floats) was asked when it was made
             inputs.append(work.array)
         if self.cshift:
-            b, hq = queries.shape[:2]
-            inputs.append(centre_shift2(rotate(queries, self.rot), keys, scale).reshape(b, hq))
+            inputs.append(_centre_shift(queries, keys, self.rot, scale))
         if self.sinks:
             inputs.append(sinks.astype(mx.float32))
-        return self.kernel(
-            inputs=inputs,
-            grid=self.grid,
-            threadgroup=self.threadgroup,
-            output_shapes=self.shapes,
-            output_dtypes=self.dtypes,
-            init_value=None,
-        )[0]
+        return self.split.call(inputs, None)[0]
 
 
 class _Launch:
@@ -437,15 +430,19 @@ class _Launch:
         self.n_out, self.kept_out = len(shapes), kept_out
         self.__dict__.update(extra)
 
-    def launch(self, inputs, init_value):
-        made = self.kernel(
-            inputs=[inputs[i] for i in self.kept],
+    def call(self, kept_inputs, init_value) -> list:
+        """The kernel on the inputs it takes, in its order; the outputs it writes."""
+        return self.kernel(
+            inputs=kept_inputs,
             grid=self.grid,
             threadgroup=self.threadgroup,
             output_shapes=self.shapes,
             output_dtypes=self.dtypes,
             init_value=init_value,
         )
+
+    def launch(self, inputs, init_value):
+        made = self.call([inputs[i] for i in self.kept], init_value)
         if len(made) == self.n_out:
             return made
         out = [None] * self.n_out
