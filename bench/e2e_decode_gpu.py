@@ -82,9 +82,11 @@ def join_mode(kind: str):
 TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=512)
 
 
-def build(name: str, tiny: bool):
-    """A float16 random-weight model with ``name``'s shapes (smaller ones with ``tiny``)."""
+def build(name: str, tiny: bool, weight_bits: int | None = None):
+    """A float16 random-weight model with ``name``'s shapes (smaller ones with ``tiny``);
+    ``weight_bits``: its linear layers quantized as mlx-community's checkpoints are (group 64)."""
     import mlx.core as mx
+    import mlx.nn as nn
 
     if name == "llama-3.1-8b":
         from mlx_lm.models import llama
@@ -103,6 +105,8 @@ def build(name: str, tiny: bool):
         model = qwen3_5_moe.Model(qwen3_5_moe.ModelArgs(model_type="qwen3_5_moe", text_config=cfg))
     # float16 like a real checkpoint; --tiny stays float32 (MLX's CPU GatherMM needs it).
     model.set_dtype(mx.float32 if tiny else mx.float16)
+    if weight_bits:
+        nn.quantize(model, group_size=64, bits=weight_bits)
     mx.eval(model.parameters())
     model.eval()
     return model
@@ -240,17 +244,20 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
     # Several result files (e.g. batch 1 and batch 8 runs) go into one table.
     files = [json.loads(Path(p).read_text()) for p in path.split(",")]
     res = dict(files[0], rows=[r for f in files for r in f["rows"]])
-    key = lambda r: (r["model"], r.get("batch", 1), r["cache"], r["context"])  # noqa: E731
+
+    def key(r):
+        return r["model"], r.get("weight_bits", 16), r.get("batch", 1), r["cache"], r["context"]
+
     rows, by = [], {key(r): r for r in res["rows"]}
-    for (model, batch, kind, ctx), r in sorted(by.items()):
-        base = by.get((model, batch, "fp16", ctx))
+    for (model, wbits, batch, kind, ctx), r in sorted(by.items()):
+        base = by.get((model, wbits, batch, "fp16", ctx))
         runs = "/".join(f"{x:.1f}" for x in r.get("tok_s_runs", []))
         host = r.get("host_ms")
         host = f"{host['build']:.2f} / {host['dispatch']:.2f} / {host['wait']:.2f}" if host else "-"
-        rows.append([model, batch, context_label(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
+        rows.append([model, "fp16" if wbits == 16 else f"{wbits}-bit", batch, context_label(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
                      f"{r.get('vs_first', r['tok_s'] / base['tok_s']):.2f}x" if base else "-",
                      f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}", host])  # fmt: skip
-    head = ["model", "batch", "context", "cache", "decode tok/s (all sequences)", "runs",
+    head = ["model", "weights", "batch", "context", "cache", "decode tok/s (all sequences)", "runs",
             "vs fp16 (paired runs)", "KV MiB (measured)", "peak GiB", "host ms a step: build / dispatch / wait"]  # fmt: skip
     body = f"MLX {res['mlx']}, {res['gpu']}.\n\n" + (note + "\n\n" if note else "")
     body += markdown_table(head, rows)
@@ -269,6 +276,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--split-factor", type=int, help="blocks per SM of the CUDA decode kernel")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--weight-bits", type=int, help="quantize the weights (4: as MLX users run)")
     ap.add_argument("--render")
     ap.add_argument("--machine")
     ap.add_argument("--command")
@@ -287,7 +295,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"mlx": mx.__version__, "gpu": str(mx.default_device()), "rows": [],
-           "split_factor": args.split_factor,
+           "split_factor": args.split_factor, "weight_bits": args.weight_bits,
            "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}}  # fmt: skip
     try:
         import subprocess
@@ -297,11 +305,11 @@ def main() -> None:
     except (OSError, Exception):  # noqa: BLE001 - no GPU tool on this machine
         pass
     for name in args.models.split(","):
-        model = build(name, args.tiny)
+        model = build(name, args.tiny, args.weight_bits)
         for ctx in (int(c) for c in args.contexts.split(",")):
             kinds = sorted(args.caches.split(","), key=lambda k: k != "fp16")  # fp16 first
             for row in run_context(model, kinds, ctx, args.steps, args.repeats, args.batch):
-                res["rows"].append(dict(model=name, **row))
+                res["rows"].append(dict(model=name, weight_bits=args.weight_bits or 16, **row))
                 print(json.dumps(res["rows"][-1]), flush=True)
             (out / "e2e_decode_gpu.json").write_text(json.dumps(res, indent=1))
         del model

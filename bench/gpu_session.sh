@@ -8,7 +8,8 @@
 #   bash bench/gpu_session.sh checks 0,1,2 chained dispatch
 #   bash bench/gpu_session.sh table e2e-128k
 #
-# Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k | e2e-fused | e2e-128k |
+# Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
+#        e2e-32k-w4 | e2e-fused | e2e-128k |
 #        e2e-batch | sweep | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -94,6 +95,10 @@ while [ $# -gt 0 ]; do
     e2e-32k)
       run 200 e2e-32k-b1 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b,qwen3.5-35b-a3b \
         --contexts 32768 --caches fp16,tq-default --repeats 4
+      ;;
+    e2e-32k-w4)  # the same with 4-bit weights (as MLX users run them): KV is more of a step
+      run 240 e2e-32k-b1-w4 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b,qwen3.5-35b-a3b \
+        --contexts 32768 --caches fp16,tq-default --repeats 4 --weight-bits 4
       ;;
     e2e-fused)  # Llama at 32K, batch 1: the kernel's join in the split launch vs a second one
       run 300 e2e-32k-fused python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \

@@ -25,6 +25,33 @@ def test_a_batch_decodes_and_its_host_time_is_split():
     assert two[1]["peak_bytes"] < two[0]["peak_bytes"]
 
 
+def test_quantized_weights_decode_and_render_in_their_own_rows(tmp_path, monkeypatch):
+    """--weight-bits 4: the model's linear layers are quantized; its rows compare with the
+    fp16 cache of the same weights, not with the fp16-weight model's."""
+    import json
+
+    import mlx.nn as nn
+
+    model = e2e.build("llama-3.1-8b", tiny=True, weight_bits=4)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    rows = e2e.run_context(model, ["fp16", "tq-default"], context=200, steps=2, repeats=1)
+    assert all(r["tok_s"] > 0 for r in rows)
+    res = {"mlx": "x", "gpu": "cpu", "rows": [dict(model="m", weight_bits=4, **r) for r in rows]}
+    plain = dict(rows[0], tok_s=rows[0]["tok_s"] * 10, vs_first=1.0)
+    res["rows"].append(dict(model="m", weight_bits=16, **plain))
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(res))
+    written = {}
+    monkeypatch.setattr(
+        "bench.report.write_section", lambda name, title, body, **kw: written.update(body=body)
+    )
+    e2e.render(str(f), "cpu", "cmd")
+    lines = [ln for ln in written["body"].splitlines() if ln.startswith("| m |")]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["4-bit", "4-bit", "fp16"]
+    # the 4-bit tq row's ratio is against the 4-bit fp16-cache row (its own paired runs)
+    assert lines[1].split("|")[8].strip() == f"{rows[1]['vs_first']:.2f}x"
+
+
 def test_dispatch_cost_times_a_chain_per_call():
     """bench/dispatch_cost.py's measurement on any device (its kinds with custom kernels
     need CUDA): per-call build, async_eval and wall time of a chain of calls."""
