@@ -10,7 +10,7 @@
 #
 # Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
 #        e2e-32k-w4 | e2e-fused | e2e-128k |
-#        e2e-batch | sweep | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
+#        e2e-batch | sweep | trace | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -79,6 +79,9 @@ while [ $# -gt 0 ]; do
       ;;
     dispatch)
       run 120 dispatch python3 bench/dispatch_cost.py
+      ;;
+    trace)  # every block's timeline in one fused launch (bench/kernel_trace.py)
+      run 300 trace python3 bench/kernel_trace.py --contexts 4033,16321,32705,131009 --splits 16
       ;;
     sweep)  # the split kernel's grid: block order and split count (bench/split_sweep.py)
       run 240 sweep python3 bench/split_sweep.py

@@ -72,6 +72,10 @@ FUSED_MAX_TAIL = 32 * 8 * 128
 # reused while the body views stay the same objects: the call then skips the plan's cache
 # lookup and the input lists (host time per layer). False: every call plans (tests).
 DECODE_MEMO = True
+# bench/kernel_trace.py only: fused split kernels built with TQM_TRACE record each block's
+# timeline (globaltimer, clock64) as 32 uint64 a block, TRACE_AT floats past the workspace's
+# counters (the bench grows the workspace; clear_kernel_caches after setting it).
+TRACE_AT: int | None = None
 KEY_LAYOUTS = {"affine": 0, "codebook": 1, "channel": 2}
 VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 
@@ -104,7 +108,10 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     # writes but is no template argument: in the name, or one build would serve both.
     name = f"tq_mma_decode_split_{fp_dtype}"
     # strided: the cache's views are read through their strides, never copied
-    return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, _SPLIT_HEADER,
+    header = _SPLIT_HEADER
+    if TRACE_AT is not None and t["FUSED"]:
+        header = f"#define TQM_TRACE {TRACE_AT}\n" + header
+    return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, header,
                            template, True, smem, used, dtypes)  # fmt: skip
 
 

@@ -118,6 +118,22 @@ MMA_HEADER = (
     + f"#define TQM_FP_CHUNK {MMA_FP_CHUNK}\n"
     + f"#define TQM_JOIN_ROWS {JOIN_COUNTER_ROWS}\n#define TQM_WORK_ALIGN {MMA_WORK_ALIGN}\n"
     + r"""
+// TQM_TRACE (bench/kernel_trace.py only: mma_decode.TRACE_AT): each block of a fused launch
+// records when it reaches each stage, in the workspace past TQM_TRACE floats; else nothing.
+#ifdef TQM_TRACE
+__shared__ unsigned long long tqm_trace_s[32];
+__device__ __forceinline__ void tqm_mark(int i) {
+  unsigned long long g;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g));
+  tqm_trace_s[i] = g;
+  tqm_trace_s[16 + i] = clock64();
+}
+#define TQM_MARK(i) do { if (threadIdx.x == 0) tqm_mark(i); } while (0)
+#define TQM_MARK_WARP(i) do { if ((threadIdx.x & 31) == 0) tqm_mark((i) + (threadIdx.x >> 5)); } while (0)
+#else
+#define TQM_MARK(i) do {} while (0)
+#define TQM_MARK_WARP(i) do {} while (0)
+#endif
 namespace tqm {
 
 // Floats a part of the fused join's workspace takes (mma_decode.work_floats): whole
@@ -500,6 +516,7 @@ __device__ void mma_decode_split(
   uint32_t magic = 0x64006400u;  // fp16 1024 in both halves, kept in a register:
   asm volatile("" : "+r"(magic));  // opaque, so each and_or stays one LOP3
   __syncthreads();  // q_s is read: its space now holds the staged scales
+  TQM_MARK(2);
   if constexpr (PIPE) {  // the first tile's scales (loaded before the query)
     if (start + warp * TP < end) store_scales();
   }
@@ -509,6 +526,7 @@ __device__ void mma_decode_split(
     if constexpr (PIPE) {
       cp_wait<1>();  // this tile's keys (its values may still be in flight)
       __syncwarp();
+      if (P0 == start && warp == 0) TQM_MARK(3);
     } else if constexpr (KSTG || VSTG) {
       __syncwarp();  // the previous tile's reads are done
       if constexpr (KSTG) {
@@ -817,6 +835,7 @@ __device__ void mma_decode_split(
   }
 
   // ---------------------------------------------------------------- merge the warps
+  TQM_MARK_WARP(4);
   if constexpr (PIPE) cp_wait<0>();  // nothing may land in the ring once it holds red_o
   __syncthreads();  // every warp is done with its staged scales: the pool becomes red_o
 #pragma unroll
@@ -862,6 +881,7 @@ __device__ void mma_decode_split(
       ml_part[row * 2 + 1] = L;
     }
   }
+  TQM_MARK(8);
 }
 
 
@@ -1064,6 +1084,7 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
     if (last) atomicExch(c, 0);  // every block of the row has counted
   }
   __syncthreads();
+  TQM_MARK(10);
   if (!last) return;
   __threadfence();  // then read the other blocks' partials (through L2: __ldcg)
   // A warp joins two heads at once (h, h + warps): 8 heads on 4 warps in one pass.
@@ -1143,12 +1164,19 @@ MMA_SPLIT_SOURCE = r"""
     fp_o = ml_part + tqm::work_span(n * S * 2);
     fp_ml = fp_o + tqm::work_span(n * n_fp * D);
   }
+#ifdef TQM_TRACE
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 32; ++i) tqm_trace_s[i] = 0;
+    tqm_mark(0);
+  }
+#endif
   const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
     tqm::fp_chunk<D, HAS_HEAD, HAS_TAIL>(
         q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
         kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), params,
         n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
+    TQM_MARK(9);
     if (!FUSED) return;
   }
   if (!fp_block) {  // (a fused fp block goes on to count itself below)
@@ -1166,6 +1194,17 @@ MMA_SPLIT_SOURCE = r"""
         reinterpret_cast<const int*>(work), o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks,
         out, b, row, n_kv, G, S, n_fp);
   }
+#ifdef TQM_TRACE
+  __syncthreads();
+  if (FUSED && threadIdx.x == 0) {
+    tqm_mark(11);
+    unsigned int sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    tqm_trace_s[1] = ((unsigned long long)sm << 32) | ((unsigned long long)idx << 16) | (unsigned)row;
+    auto* tr = reinterpret_cast<unsigned long long*>(const_cast<float*>(work) + TQM_JOIN_ROWS + TQM_TRACE);
+    for (int i = 0; i < 32; ++i) tr[(int64_t)blockIdx.x * 32 + i] = tqm_trace_s[i];
+  }
+#endif
 """
 
 # Merges the splits of one (batch, query head): unnormalised partials -> the normalised

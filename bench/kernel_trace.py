@@ -1,0 +1,165 @@
+"""Where a fused decode launch spends its time: every block's timeline on the GPU.
+
+The split kernel built with ``TQM_TRACE`` (mma_decode.TRACE_AT) has each block record,
+in the layer's workspace, when it starts, when the query is rotated, when warp 0's first
+tile has landed, when each warp leaves its tile loop, when the block's merge is written,
+when it has counted itself done, when its fp chunk is done, and when it ends (the row's
+last block: after its join). One decode layer, 32 query / 8 KV heads, D 128, the default
+cache; on the GPU machine:
+
+    python bench/kernel_trace.py --contexts 4033,16321,32705,131009 --out $OUT
+
+prints per context: the launch's span, the stages' spread over the split blocks, and the
+rows' last blocks (the join). Times: globaltimer (ns, one clock for every SM) for when,
+clock64 for how long within a block. The marks cost a few registers (the trace build's
+code is not the product's; its durations are a guide, not the benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TRACE_AT = 1 << 22  # floats past the counters: beyond any partials these shapes need
+SLOTS = 32  # uint64 a block: 16 globaltimer marks, then the same 16 as clock64
+MARKS = {0: "start", 2: "query rotated", 3: "first tile in", 8: "merge written",
+         9: "fp chunk done", 10: "counted", 11: "end"}  # fmt: skip
+WARP_END = 4  # marks 4..7: warp w left its tile loop
+
+
+def decode(raw, grid: int) -> list[dict]:
+    """Blocks' records (``raw``: uint64 array, SLOTS a block) as dicts of ns since the
+    launch's first start (globaltimer) and cycles since the block's own start (clock64)."""
+    blocks = []
+    t_first = min(int(raw[b * SLOTS]) for b in range(grid))
+    for b in range(grid):
+        r = [int(x) for x in raw[b * SLOTS : (b + 1) * SLOTS]]
+        info = r[1]
+        g = {i: r[i] - t_first for i in range(16) if i != 1 and r[i]}
+        c = {i: r[16 + i] - r[16] for i in range(16) if i != 1 and r[i]}
+        blocks.append(dict(block=b, sm=info >> 32, idx=(info >> 16) & 0xFFFF, row=info & 0xFFFF,
+                           ns=g, cycles=c))  # fmt: skip
+    return blocks
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
+
+
+def summary(blocks: list[dict], mhz: float) -> list[str]:
+    """Lines: the span, then each stage (p10 / p50 / p90 / max over split blocks, us since the
+    launch's first start), the fp blocks, the rows' last blocks."""
+    us = 1e-3
+    split = [b for b in blocks if WARP_END in b["ns"]]
+    fp = [b for b in blocks if 9 in b["ns"]]
+    rows = {}
+    for b in blocks:  # a row's last block counts last and joins: it ends last
+        if b["row"] not in rows or b["ns"][11] > rows[b["row"]]["ns"][11]:
+            rows[b["row"]] = b
+    last = list(rows.values())
+    end = max(b["ns"][11] for b in blocks)
+    lines = [f"span {end * us:6.1f} us, {len(split)} split blocks, {len(fp)} fp blocks, "
+             f"{len({b['sm'] for b in blocks})} SMs"]  # fmt: skip
+
+    def row(name, xs):
+        lines.append(f"  {name:28s} p10 {pct(xs, .1):6.1f}  p50 {pct(xs, .5):6.1f}  "
+                     f"p90 {pct(xs, .9):6.1f}  max {max(xs) if xs else float('nan'):6.1f}")  # fmt: skip
+
+    for i in (0, 2, 3):
+        row(f"{MARKS[i]} (us)", [b["ns"][i] * us for b in split if i in b["ns"]])
+    row("last warp out of loop (us)", [max(b["ns"][WARP_END + w] for w in range(4)
+                                           if WARP_END + w in b["ns"]) * us for b in split])  # fmt: skip
+    row("first warp out of loop (us)", [min(b["ns"][WARP_END + w] for w in range(4)
+                                            if WARP_END + w in b["ns"]) * us for b in split])  # fmt: skip
+    for i in (8, 10, 11):
+        row(f"{MARKS[i]} (us)", [b["ns"][i] * us for b in split if i in b["ns"]])
+    cyc = lambda b, i, j: (b["cycles"][j] - b["cycles"][i]) / mhz  # noqa: E731 - us
+    row("block: rotate (us, clock)", [cyc(b, 0, 2) for b in split])
+    row("block: 1st tile wait (us, clock)", [cyc(b, 2, 3) for b in split if 3 in b["cycles"]])
+    row("block: tiles (us, clock)", [max(cyc(b, 2, WARP_END + w) for w in range(4)
+                                         if WARP_END + w in b["cycles"]) for b in split])  # fmt: skip
+    row("block: merge (us, clock)", [cyc(b, 0, 8) - max(cyc(b, 0, WARP_END + w) for w in range(4)
+                                                        if WARP_END + w in b["cycles"]) for b in split])  # fmt: skip
+    row("block: count (us, clock)", [cyc(b, 8, 10) for b in split])
+    if fp:
+        row("fp blocks: done (us)", [b["ns"][9] * us for b in fp])
+        row("fp blocks: end (us)", [b["ns"][11] * us for b in fp])
+    if last:
+        row("last blocks: counted (us)", [b["ns"][10] * us for b in last])
+        row("last blocks: join (us, clock)", [cyc(b, 10, 11) for b in last])
+        row("last blocks: end (us)", [b["ns"][11] * us for b in last])
+    per_sm = {}
+    for b in blocks:
+        per_sm.setdefault(b["sm"], []).append(b)
+    busy = [max(x["ns"][11] for x in bs) - min(x["ns"][0] for x in bs) for bs in per_sm.values()]
+    row("SM busy span (us)", [x * us for x in busy])
+    row("blocks an SM", [len(bs) for bs in per_sm.values()])
+    return lines
+
+
+def main() -> None:
+    import mlx.core as mx
+    import numpy as np
+
+    from bench.attention_gpu import cache_sides, kv_cache_slices
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.cache import JOIN_COUNTER_ROWS, JoinWorkspace
+    from services.turboquant.kernels import mma_decode
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4033,16321,32705,131009")
+    ap.add_argument(
+        "--splits", default="", help="comma-separated split counts to force (with the rule's)"
+    )
+    ap.add_argument("--mhz", type=float, default=1980.0, help="SM clock for clock64 durations")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    mma_decode.TRACE_AT = TRACE_AT
+    mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = True, None
+    mma_decode.clear_kernel_caches()
+    hkv, hq, d = 8, 32, 128
+    results = []
+    for n in [int(c) for c in args.contexts.split(",")]:
+        sets = []
+        for _ in range(2):  # two input sets, as a decode loop alternates layers (L2)
+            k, v = kv_cache_slices(hkv, n, d)
+            ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
+            import dataclasses
+
+            work = JoinWorkspace(TRACE_AT + 4096 * SLOTS * 2)
+            ks = dataclasses.replace(ks, workspace=work)
+            q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
+            mx.eval(q, *ks.parts, *vs.parts)
+            sets.append((q, ks, vs, work))
+        for splits in [None] + [int(s) for s in args.splits.split(",") if s]:
+            for kind in ("chained", "alone"):
+                reps = 12 if kind == "chained" else 1
+                for i in range(reps + 2):  # (the first two: compile, warm-up)
+                    q, ks, vs, work = sets[i % 2]
+                    o = mma_decode.mma_decode_layer(q, ks, vs, 1 / math.sqrt(d), splits=splits)
+                    if kind == "alone" or i < 2:
+                        mx.eval(o)
+                mx.eval(o)
+                mx.synchronize()
+                raw = np.array(work.array[JOIN_COUNTER_ROWS + TRACE_AT :]).view(np.uint64)
+                grid = int(np.nonzero(raw[::SLOTS])[0].max()) + 1
+                blocks = decode(raw, grid)
+                head = f"== n {n} splits {splits or 'rule'} {kind}: grid {grid}"
+                lines = [head] + summary(blocks, args.mhz)
+                print("\n".join(lines), flush=True)
+                results.append(dict(n=n, splits=splits, kind=kind, grid=grid, blocks=blocks))
+                work.array = mx.zeros_like(work.array)  # no stale records
+                work.decode_memo = None
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "kernel_trace.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

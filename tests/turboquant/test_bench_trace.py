@@ -1,0 +1,39 @@
+"""bench/kernel_trace.py's reading of the blocks' records (the records come from the GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench import kernel_trace as kt
+
+
+def _record(raw, block, sm, idx, row, marks):
+    base = block * kt.SLOTS
+    raw[base + 1] = (sm << 32) | (idx << 16) | row
+    for i, (ns, cyc) in marks.items():
+        raw[base + i], raw[base + 16 + i] = ns, cyc
+
+
+def test_records_decode_into_stages_and_each_rows_last_block_is_its_join():
+    raw = np.zeros(3 * kt.SLOTS, dtype=np.uint64)
+    t0 = 10**9
+    split = {0: (t0, 100), 2: (t0 + 1000, 2080), 3: (t0 + 1500, 3070)}
+    split.update({4 + w: (t0 + 5000 + w, 10000 + w) for w in range(4)})
+    split.update({8: (t0 + 6000, 12000), 10: (t0 + 6500, 13000), 11: (t0 + 6600, 13200)})
+    _record(raw, 0, sm=3, idx=0, row=0, marks=split)
+    late = {i: (ns + 2000, c) for i, (ns, c) in split.items()}
+    late[11] = (t0 + 12000, 30000)  # counted last, then joined
+    _record(raw, 1, sm=4, idx=1, row=0, marks=late)
+    fp = {0: (t0 + 100, 50), 9: (t0 + 900, 1000), 10: (t0 + 950, 1100), 11: (t0 + 960, 1120)}
+    _record(raw, 2, sm=3, idx=2, row=0, marks=fp)
+    blocks = kt.decode(raw, 3)
+    assert [(b["sm"], b["idx"], b["row"]) for b in blocks] == [(3, 0, 0), (4, 1, 0), (3, 2, 0)]
+    assert blocks[0]["ns"][0] == 0 and blocks[1]["ns"][0] == 2000 and blocks[2]["ns"][0] == 100
+    assert blocks[0]["cycles"][2] == 1980  # clock64 since the block's own start
+    lines = kt.summary(blocks, mhz=1980.0)
+    assert lines[0].startswith("span   12.0 us, 2 split blocks, 1 fp blocks, 2 SMs")
+    text = "\n".join(lines)
+    # the row's last block is the one that ended last: its join took (30000 - 13000) cycles
+    join = next(x for x in lines if "last blocks: join" in x)
+    assert f"max {17000 / 1980:6.1f}" in join
+    assert "rotate (us, clock)" in text and "SM busy span" in text
