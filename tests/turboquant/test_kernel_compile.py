@@ -66,14 +66,14 @@ def launches():
             mma_decode.mma_body_attention(q, case.keys, case.values, 0.1)
             # the fused join (one launch a layer), as on CUDA
             keys = dataclasses.replace(case.keys, workspace=JoinWorkspace())
-            saved = mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK
+            joins = mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK
             mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = True, None
             try:
                 assert (
                     mma_decode.mma_decode_layer(q, keys, case.values, 0.1, case.sinks) is not None
                 )
             finally:
-                mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = saved
+                mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = joins
     finally:
         mx.fast.cuda_kernel = saved
         mma_decode.clear_kernel_caches()

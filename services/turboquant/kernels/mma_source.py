@@ -443,8 +443,21 @@ __device__ void mma_decode_split(
       else stage_rows<TP, VCHK, 4, false>(vring, vbase + P * vst, vst, N - P, lane);
     }
   };
-  // PIPE: the first tile's keys, values and scales start loading before the query is read
-  // and rotated (its latency hides behind that; the rings do not hold the query).
+  // The block's 8 query heads (x signs when QROT) load into registers first, all at once:
+  // behind the first tile's loads, and one at a time, they took ~10 us at 32K (a load-use
+  // chain queued behind a wave of tiles; bench/kernel_trace.py, session 13).
+  constexpr int QE = 8 * D / (32 * WARPS);  // query elements a thread (blockDim = 32 WARPS)
+  static_assert(QE * 32 * WARPS == 8 * D, "the query divides over the block");
+  QT qraw[QE];
+  float qsg[QE];
+#pragma unroll
+  for (int e = 0; e < QE; ++e) {
+    const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D, head = ht * 8 + h;
+    qraw[e] = q[b * q_st[0] + (int64_t)(hkv * G + min(head, G - 1)) * q_st[1] + d * q_st[3]];
+    qsg[e] = QROT ? signs[d] : 1.f;
+  }
+  // PIPE: the first tile's keys, values and scales start loading before the query is
+  // rotated (its latency hides behind that; the rings do not hold the query).
   if constexpr (PIPE) {
     const bool first = start + warp * TP < end;
     if (first) stage_keys(start + warp * TP);
@@ -464,11 +477,10 @@ __device__ void mma_decode_split(
   // The block's 8 query heads, rotated here when QROT (x M, M = diag(signs) H / sqrt(D):
   // the signs, then Sylvester-order butterflies) -- no MLX ops for the rotation per step.
   {
-    for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
-      const int h = i / D, d = i % D, head = ht * 8 + h;
-      float x = head < G ? tofloat(q[b * q_st[0] + (int64_t)(hkv * G + head) * q_st[1] + d * q_st[3]]) : 0.f;
-      if constexpr (QROT) x *= signs[d];
-      q_s[h][d] = x;
+#pragma unroll
+    for (int e = 0; e < QE; ++e) {
+      const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+      q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
     }
     __syncthreads();
     if constexpr (QROT) {
@@ -891,7 +903,7 @@ __device__ void mma_decode_split(
 // shared memory; thread (head, position) scores, 16-lane shuffles take the max and sum, and
 // the unnormalised partial (o, m, l) goes to fp_o / fp_ml in model space, as the separate
 // fp kernel of session 6 wrote it (one launch a layer fewer: bench/gpu_notes.md, session 7).
-template <int D, bool HAS_HEAD, bool HAS_TAIL, typename QT, typename FT>
+template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, typename QT, typename FT>
 __device__ void fp_chunk(
     const QT* q, const int64_t* q_st,
     const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
@@ -906,7 +918,7 @@ __device__ void fp_chunk(
   float* v_s = k_s + C * KP;   // [C][D]
   float* q_s = v_s + C * D;    // [8][KP]
   float* p_s = q_s + 8 * KP;   // [8][C]
-  const int tid = threadIdx.x, NT = blockDim.x;
+  const int tid = threadIdx.x;  // NT: blockDim.x
   const int n_ht = (G + 7) / 8;
   const int hkv = row / n_ht, ht = row % n_ht;
   const int nh = min(8, G - ht * 8);  // query heads of this tile
@@ -921,14 +933,37 @@ __device__ void fp_chunk(
   const int64_t k2 = head ? kh_st[2] : kt_st[2], k3 = head ? kh_st[3] : kt_st[3];
   const int64_t v2 = head ? vh_st[2] : vt_st[2], v3 = head ? vh_st[3] : vt_st[3];
   const int hq0 = hkv * G + ht * 8;
-  for (int i = tid; i < C * D; i += NT) {
-    const int j = i / D, d = i % D;
-    k_s[j * KP + d] = j < n ? tofloat(kb[(f0 + j) * k2 + d * k3]) : 0.f;
-    v_s[j * D + d] = j < n ? tofloat(vb[(f0 + j) * v2 + d * v3]) : 0.f;
+  // Every load of a thread in flight before any is stored (the stores to shared memory
+  // would otherwise wait on each load in turn: ~16 round trips; session 13).
+  // In batches of at most 8 a thread (D 256: fewer registers than the split path's).
+  constexpr int KE = C * D / NT, QN = 8 * D / NT, KBT = KE < 8 ? KE : 8;
+  static_assert(KE % KBT == 0 && KE * NT == C * D && QN * NT == 8 * D, "a chunk divides over the block");
+  QT qr[QN];
+#pragma unroll
+  for (int e = 0; e < QN; ++e) {
+    const int i = tid + e * NT, h = min(i / D, nh - 1), d = i % D;
+    qr[e] = q[b * q_st[0] + (int64_t)(hq0 + h) * q_st[1] + d * q_st[3]];
   }
-  for (int i = tid; i < 8 * D; i += NT) {
-    const int h = i / D, d = i % D;
-    q_s[h * KP + d] = h < nh ? tofloat(q[b * q_st[0] + (int64_t)(hq0 + h) * q_st[1] + d * q_st[3]]) : 0.f;
+#pragma unroll
+  for (int e0 = 0; e0 < KE; e0 += KBT) {
+    FT kr[KBT], vr[KBT];
+#pragma unroll
+    for (int e = 0; e < KBT; ++e) {
+      const int i = tid + (e0 + e) * NT, j = min(i / D, n - 1), d = i % D;  // past n: zeroed below
+      kr[e] = kb[(f0 + j) * k2 + d * k3];
+      vr[e] = vb[(f0 + j) * v2 + d * v3];
+    }
+#pragma unroll
+    for (int e = 0; e < KBT; ++e) {
+      const int i = tid + (e0 + e) * NT, j = i / D, d = i % D;
+      k_s[j * KP + d] = j < n ? tofloat(kr[e]) : 0.f;
+      v_s[j * D + d] = j < n ? tofloat(vr[e]) : 0.f;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < QN; ++e) {
+    const int i = tid + e * NT, h = i / D, d = i % D;
+    q_s[h * KP + d] = h < nh ? tofloat(qr[e]) : 0.f;
   }
   __syncthreads();
   const int64_t row0 = (int64_t)b * n_kv * G + hq0;  // b * Hq + first head
@@ -1172,7 +1207,7 @@ MMA_SPLIT_SOURCE = r"""
 #endif
   const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
-    tqm::fp_chunk<D, HAS_HEAD, HAS_TAIL>(
+    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL>(
         q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
         kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), params,
         n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
