@@ -154,8 +154,9 @@ def main() -> None:
                 lines = [head] + summary(blocks, args.mhz)
                 print("\n".join(lines), flush=True)
                 results.append(dict(n=n, splits=splits, kind=kind, grid=grid, blocks=blocks))
-                work.array = mx.zeros_like(work.array)  # no stale records
-                work.decode_memo = None
+                for *_, w in sets:  # no stale records (each set has its own workspace)
+                    w.array = mx.zeros_like(w.array)
+                    w.decode_memo = None
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "kernel_trace.json").write_text(json.dumps(results))
