@@ -1026,7 +1026,8 @@ template <int E, int NH>
 __device__ __forceinline__ void merge_lanes(const float* o_part, const float* ml_part, const int64_t (&row)[NH],
                                             int S, int lane, float (&acc)[NH][E], float (&M)[NH],
                                             float (&L)[NH]) {
-  constexpr int D = 32 * E, U = 64 / (NH * E) < 8 ? 64 / (NH * E) : 8;  // <= 64 floats in flight
+  // <= 64 floats a lane in flight, at most 16 splits (8 with two heads)
+  constexpr int D = 32 * E, U = 64 / (NH * E) < 16 / NH ? 64 / (NH * E) : 16 / NH;
 #pragma unroll
   for (int h = 0; h < NH; ++h) {
     M[h] = TQM_NEG_INF;
@@ -1095,39 +1096,14 @@ __device__ __forceinline__ void hadamard_lane(float (&x)[E], int lane) {
   }
 }
 
-// FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
-// the last of a row's splits and fp chunks resets the count (so the next launch of this
-// layer starts from 0) and joins the row's query heads -- what MMA_JOIN_SOURCE does in a
-// second launch (merge the splits, rotate back, key centre, fp partials, learned sinks),
-// a warp a head: a serial join of 8 heads by the whole block left the GPU idle ~20 us at
-// 128K (bench/gpu_notes.md, session 10).
-template <int D, typename OT, bool HAS_FP, bool HAS_ROT, bool HAS_CENTER, bool HAS_SINKS>
-__device__ __noinline__ void join_last_block(const int* counter, const float* o_part, const float* ml_part,
-                                const float* fp_o, const float* fp_ml, const float* signs,
-                                const float* cshift, const float* sinks, OT* out, int b, int row,
-                                int n_kv, int G, int S, int n_fp) {
-  constexpr int E = D / 32;  // coordinates a lane
-  __shared__ int last;
-  const int n_ht = (G + 7) / 8;
-  const int hkv = row / n_ht, ht = row % n_ht;
-  const int nh = min(8, G - ht * 8);
-  __threadfence();  // this block's partials are visible device-wide before it counts
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* c = const_cast<int*>(counter) + (int64_t)b * n_kv * n_ht + row;
-    last = atomicAdd(c, 1) == S + n_fp - 1;
-    if (last) atomicExch(c, 0);  // every block of the row has counted
-  }
-  __syncthreads();
-  TQM_MARK(10);
-  if (!last) return;
-  __threadfence();  // then read the other blocks' partials (through L2: __ldcg)
-  // A warp joins two heads at once (h, h + warps): 8 heads on 4 warps in one pass.
-  constexpr int NH = 2;
-  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5, Hq = n_kv * G;
-  float sg[E];  // the signs, cshift and sinks loads first: in flight with the merge's
-#pragma unroll
-  for (int e = 0; e < E; ++e) sg[e] = HAS_ROT ? signs[lane * E + e] * rsqrtf((float)D) : 1.f;
+// The heads of one row of the fused join, NH a warp at once (join_last_block).
+template <int D, int NH, typename OT, bool HAS_FP, bool HAS_ROT, bool HAS_CENTER, bool HAS_SINKS>
+__device__ __forceinline__ void join_heads(const float* o_part, const float* ml_part, const float* fp_o,
+                                           const float* fp_ml, const float (&sg)[D / 32], const float* cshift,
+                                           const float* sinks, OT* out, int b, int hkv, int ht, int nh,
+                                           int n_kv, int G, int S, int n_fp, int lane, int nw) {
+  constexpr int E = D / 32;
+  const int Hq = n_kv * G;
   for (int h0 = threadIdx.x >> 5; h0 < nh; h0 += NH * nw) {
     int64_t r[NH];
     float cs[NH], zk[NH];
@@ -1161,6 +1137,47 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
         out[r[i] * D + lane * E + e] = static_cast<OT>((acc[i][e] * sg[e] * wb + accf[i][e] * wf) / den);
     }
   }
+}
+
+// FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
+// the last of a row's splits and fp chunks resets the count (so the next launch of this
+// layer starts from 0) and joins the row's query heads -- what MMA_JOIN_SOURCE does in a
+// second launch (merge the splits, rotate back, key centre, fp partials, learned sinks),
+// a warp a head: a serial join of 8 heads by the whole block left the GPU idle ~20 us at
+// 128K (bench/gpu_notes.md, session 10).
+template <int D, typename OT, bool HAS_FP, bool HAS_ROT, bool HAS_CENTER, bool HAS_SINKS>
+__device__ __noinline__ void join_last_block(const int* counter, const float* o_part, const float* ml_part,
+                                const float* fp_o, const float* fp_ml, const float* signs,
+                                const float* cshift, const float* sinks, OT* out, int b, int row,
+                                int n_kv, int G, int S, int n_fp) {
+  constexpr int E = D / 32;  // coordinates a lane
+  __shared__ int last;
+  const int n_ht = (G + 7) / 8;
+  const int hkv = row / n_ht, ht = row % n_ht;
+  const int nh = min(8, G - ht * 8);
+  __threadfence();  // this block's partials are visible device-wide before it counts
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* c = const_cast<int*>(counter) + (int64_t)b * n_kv * n_ht + row;
+    last = atomicAdd(c, 1) == S + n_fp - 1;
+    if (last) atomicExch(c, 0);  // every block of the row has counted
+  }
+  __syncthreads();
+  TQM_MARK(10);
+  if (!last) return;
+  __threadfence();  // then read the other blocks' partials (through L2: __ldcg)
+  const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  float sg[E];  // the signs, cshift and sinks loads first: in flight with the merge's
+#pragma unroll
+  for (int e = 0; e < E; ++e) sg[e] = HAS_ROT ? signs[lane * E + e] * rsqrtf((float)D) : 1.f;
+  // A warp a head where the row's heads fit the warps (GQA 4: 4 heads on 4 warps, 16 splits'
+  // loads in flight: half the rounds of two heads a warp), else two heads a warp (h, h + warps).
+  if (nh <= nw)
+    join_heads<D, 1, OT, HAS_FP, HAS_ROT, HAS_CENTER, HAS_SINKS>(o_part, ml_part, fp_o, fp_ml, sg, cshift,
+        sinks, out, b, hkv, ht, nh, n_kv, G, S, n_fp, lane, nw);
+  else
+    join_heads<D, 2, OT, HAS_FP, HAS_ROT, HAS_CENTER, HAS_SINKS>(o_part, ml_part, fp_o, fp_ml, sg, cshift,
+        sinks, out, b, hkv, ht, nh, n_kv, G, S, n_fp, lane, nw);
 }
 
 }  // namespace tqm
