@@ -18,12 +18,15 @@ code is not the product's; its durations are a guide, not the benchmark).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import pct  # noqa: E402
 
 TRACE_AT = 1 << 22  # floats past the counters: beyond any partials these shapes need
 SLOTS = 32  # uint64 a block: 16 globaltimer marks, then the same 16 as clock64
@@ -47,9 +50,9 @@ def decode(raw, grid: int) -> list[dict]:
     return blocks
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
+def warp_ends(b: dict, key: str) -> list[int]:
+    """When each warp of block ``b`` left its tile loop (``key``: "ns" or "cycles")."""
+    return [b[key][WARP_END + w] for w in range(4) if WARP_END + w in b[key]]
 
 
 def summary(blocks: list[dict], mhz: float) -> list[str]:
@@ -68,24 +71,24 @@ def summary(blocks: list[dict], mhz: float) -> list[str]:
              f"{len({b['sm'] for b in blocks})} SMs"]  # fmt: skip
 
     def row(name, xs):
-        lines.append(f"  {name:28s} p10 {pct(xs, .1):6.1f}  p50 {pct(xs, .5):6.1f}  "
-                     f"p90 {pct(xs, .9):6.1f}  max {max(xs) if xs else float('nan'):6.1f}")  # fmt: skip
+        p = [pct(xs, q) if xs else float("nan") for q in (0.1, 0.5, 0.9, 1.0)]
+        lines.append(
+            f"  {name:28s} p10 {p[0]:6.1f}  p50 {p[1]:6.1f}  p90 {p[2]:6.1f}  max {p[3]:6.1f}"
+        )
 
     for i in (0, 2, 3):
         row(f"{MARKS[i]} (us)", [b["ns"][i] * us for b in split if i in b["ns"]])
-    row("last warp out of loop (us)", [max(b["ns"][WARP_END + w] for w in range(4)
-                                           if WARP_END + w in b["ns"]) * us for b in split])  # fmt: skip
-    row("first warp out of loop (us)", [min(b["ns"][WARP_END + w] for w in range(4)
-                                            if WARP_END + w in b["ns"]) * us for b in split])  # fmt: skip
+    row("last warp out of loop (us)", [max(warp_ends(b, "ns")) * us for b in split])
+    row("first warp out of loop (us)", [min(warp_ends(b, "ns")) * us for b in split])
     for i in (8, 10, 11):
         row(f"{MARKS[i]} (us)", [b["ns"][i] * us for b in split if i in b["ns"]])
     cyc = lambda b, i, j: (b["cycles"][j] - b["cycles"][i]) / mhz  # noqa: E731 - us
     row("block: rotate (us, clock)", [cyc(b, 0, 2) for b in split])
     row("block: 1st tile wait (us, clock)", [cyc(b, 2, 3) for b in split if 3 in b["cycles"]])
-    row("block: tiles (us, clock)", [max(cyc(b, 2, WARP_END + w) for w in range(4)
-                                         if WARP_END + w in b["cycles"]) for b in split])  # fmt: skip
-    row("block: merge (us, clock)", [cyc(b, 0, 8) - max(cyc(b, 0, WARP_END + w) for w in range(4)
-                                                        if WARP_END + w in b["cycles"]) for b in split])  # fmt: skip
+    row("block: tiles (us, clock)",
+        [(max(warp_ends(b, "cycles")) - b["cycles"][2]) / mhz for b in split])  # fmt: skip
+    row("block: merge (us, clock)",
+        [(b["cycles"][8] - max(warp_ends(b, "cycles"))) / mhz for b in split])  # fmt: skip
     row("block: count (us, clock)", [cyc(b, 8, 10) for b in split])
     if fp:
         row("fp blocks: done (us)", [b["ns"][9] * us for b in fp])
@@ -130,8 +133,6 @@ def main() -> None:
         for _ in range(2):  # two input sets, as a decode loop alternates layers (L2)
             k, v = kv_cache_slices(hkv, n, d)
             ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
-            import dataclasses
-
             work = JoinWorkspace(TRACE_AT + 4096 * SLOTS * 2)
             ks = dataclasses.replace(ks, workspace=work)
             q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)

@@ -61,6 +61,12 @@ def write_section(
     doc.write_text(text)
 
 
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values`` (nearest rank)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
 def context_label(n: int) -> str:
     """``4K`` for a multiple of 1024 tokens, else the exact count (``4033``: odd lengths
     are measured on purpose, e.g. to set the full-precision tail's length)."""
