@@ -153,11 +153,15 @@ def main() -> None:
     # The caches take turns a block of steps at a time, as a decode loop runs one cache:
     # alternating every step, each step's build also paid for the other cache's objects
     # (+12-16 us a layer here against +4-9 in separate processes; session 13).
-    for block0 in range(0, args.steps + args.block, args.block):  # the first: warm-up
-        if block0 == args.block:
+    # A warm-up block (it builds caches and plans), then args.steps timed steps each.
+    blocks = [args.block] + [
+        min(args.block, args.steps - s) for s in range(0, args.steps, args.block)
+    ]
+    for i, steps in enumerate(blocks):
+        if i == 1:
             acc.clear()  # the call timings count from the same step as the rest
         for name, cache in caches.items():
-            for _ in range(min(args.block, args.steps + args.block - block0)):
+            for _ in range(steps):
                 if prof and name != "fp16 KVCache":
                     prof.enable()
                 t = time.perf_counter()
@@ -165,7 +169,7 @@ def main() -> None:
                 dt = time.perf_counter() - t
                 if prof:
                     prof.disable()
-                if block0:  # the first block's steps build caches and plans
+                if i:
                     times[name].append(dt)
                 mx.eval(logits, [x for _, x in tree_flatten([c.state for c in cache])])
     base = statistics.median(times["fp16 KVCache"])
