@@ -175,7 +175,7 @@ def run_mma_checks(
     ``select``: comma-separated run indices (0-5: the shapes under the dispatch's rules,
     6-7: the forced variants on shape 0, 8: the portable path, 9: shape 0 with the v5
     loads instead of the staged tiles, 10: the default layout read through misaligned
-    views), all by default; ``save(rows)`` after each run (a call cut by its time limit
+    views, 11: decode steps whose new positions the kernel writes), all by default; ``save(rows)`` after each run (a call cut by its time limit
     keeps what it checked). ``only``: comma-separated layout names to check (all by default).
     """
     import mlx.core as mx
@@ -246,6 +246,66 @@ def run_mma_checks(
         rows += run_misaligned_checks(rng)
         if save is not None:
             save(rows)
+    if not select or "11" in select.split(","):
+        rows += run_append_checks(rng)
+        if save is not None:
+            save(rows)
+    return rows
+
+
+def run_append_checks(rng) -> list[dict]:
+    """Decode steps whose new position the layer kernel reads from its inputs and writes
+    into the tail buffer (cache.TailAppend): each step's output vs float64 over the stored
+    positions and the new one, then the tail the state returns vs the positions given."""
+    import mlx.core as mx
+
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.kernels import mma_decode
+    from services.turboquant.kernels.cases import CacheCase, cache_case
+    from services.turboquant.kernels.reference import rel_error
+
+    rows = []
+    # Channel keys: their tail holds up to a block of 128 or 64 positions (per-vector keys
+    # leave the tail at once, no step defers); lengths whose tail takes 4 steps uncompressed.
+    layouts = ["default k4v4 chan g128 s1", "chan k4v4 g64 s1 w64", "chan k8v8 g128"]
+    for shape in (MMA_SHAPES[0], MMA_SHAPES[1], MMA_SHAPES[4]):
+        bsz, hq, hkv, d = shape
+        for name in layouts:
+            for n, fused in ((1000, True), (4000, True), (4000, False)):
+                saved = mma_decode.FUSED_JOIN
+                mma_decode.FUSED_JOIN = fused
+                try:
+                    c = cache_case(rng, TurboQuantConfig(**MMA_LAYOUTS[name]), batch=bsz,
+                                   q_heads=hq, kv_heads=hkv, dim=d, length=n, sinks=True,
+                                   steps=3)  # fmt: skip
+                    errs, given = [], []
+                    for step in range(4):  # the case's last step, then three more
+                        if step:
+                            k = mx.array(rng.standard_normal((bsz, hkv, 1, d)).astype(np.float16))
+                            v = mx.array(rng.standard_normal((bsz, hkv, 1, d)).astype(np.float16))
+                            ks, vs = c.cache.update_and_fetch(k, v)
+                            c = CacheCase(c.queries, ks, vs, c.scale, c.sinks, c.cache)
+                        assert c.keys.append is not None, "the step did not defer its write"
+                        given.append((np.array(c.keys.append.k), np.array(c.keys.append.v)))
+                        ref = c.reference()
+                        out = mma_decode.mma_decode_layer(c.queries, c.keys, c.values, c.scale,
+                                                          c.sinks, poison=True)  # fmt: skip
+                        mx.eval(out)
+                        errs.append(rel_error(np.array(out.astype(mx.float32)), ref))
+                    state = c.cache.state  # settles: the last writer queued before these
+                    tk, tv = np.array(state[2]), np.array(state[3])
+                    stored = all(
+                        np.array_equal(tk[:, :, i - 4], gk[:, :, 0])
+                        and np.array_equal(tv[:, :, i - 4], gv[:, :, 0])
+                        for i, (gk, gv) in enumerate(given)
+                    )
+                finally:
+                    mma_decode.FUSED_JOIN = saved
+                err = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
+                rows.append(dict(shape=str(shape), fmt=f"{name} append{'' if fused else ' 2 launches'}",
+                                 length=n, rel_err=err, ok=bool(err <= MMA_TOL and stored)))  # fmt: skip
+                print("append", rows[-1], "tail written" if stored else "TAIL NOT WRITTEN",
+                      flush=True)  # fmt: skip
     return rows
 
 
@@ -769,7 +829,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768,131072,262144")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
-    ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-8)")
+    ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-11)")
     ap.add_argument("--no-fold", action="store_true", help="scales applied per element")
     ap.add_argument("--fused-join", action="store_true", help="one launch a layer (checks too)")
     ap.add_argument("--check-layouts", default="", help="layout names to check (all)")

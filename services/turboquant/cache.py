@@ -57,23 +57,28 @@ class PackedSide:
     # Keys only, on CUDA: this layer's scratch for the fused decode kernel (its counters and
     # partials: JoinWorkspace), never shared with another layer or cache.
     workspace: JoinWorkspace | None = None
+    # Keys only: the newest positions, which the tail's last rows do not hold yet (the CUDA
+    # layer kernel writes them as it reads them: :class:`TailAppend`); None: all written.
+    append: TailAppend | None = None
 
     @classmethod
-    def made(cls, parts, spec, dim, use_rotation, seed, center, head, tail, body_len, workspace):
+    def made(cls, parts, spec, dim, use_rotation, seed, center, head, tail, body_len, workspace,
+             append=None):  # fmt: skip
         """``cls(...)`` with every field (:meth:`with_tail`)."""
         fields = dict(parts=parts, spec=spec, dim=dim, use_rotation=use_rotation, seed=seed,
                       center=center, head=head, body_len=body_len, workspace=workspace)  # fmt: skip
-        return cls.with_tail(fields, tail)
+        return cls.with_tail(fields, tail, append)
 
     @classmethod
-    def with_tail(cls, fields: dict, tail: mx.array | None):
-        """A side of ``fields`` (every other field, by name) and ``tail``, set without the
-        frozen dataclass's ``object.__setattr__`` per field: the cache makes two a layer every
-        decode step, 1.1 -> 0.4 us each on this CPU (bench/gpu_notes.md, session 11)."""
+    def with_tail(cls, fields: dict, tail: mx.array | None, append: TailAppend | None = None):
+        """A side of ``fields`` (every other field, by name), ``tail`` and ``append``, set
+        without the frozen dataclass's ``object.__setattr__`` per field: the cache makes two a
+        layer every decode step, 1.1 -> 0.4 us each on this CPU (bench/gpu_notes.md, session 11)."""
         obj = object.__new__(cls)
         d = obj.__dict__
         d.update(fields)
         d["tail"] = tail
+        d["append"] = append
         return obj
 
     @property
@@ -98,6 +103,32 @@ class PackedSide:
     def rotation(self):
         """The rotation the vectors were stored under (``None``: none)."""
         return get_rotation(self.dim, self.seed) if self.use_rotation else None
+
+
+class TailAppend:
+    """Positions a decode step appended to the tail that no op has written yet.
+
+    On CUDA the layer kernel takes them (``k``, ``v``: ``(B, H_kv, n, D)``) beside the tail
+    view, which already counts them, reads them from there and writes them into the tail's
+    buffer in place -- as FlashAttention's ``flash_attn_with_kvcache`` appends -- instead of
+    two MLX slice updates a layer (~1.5 ms a step for Llama-3.1-8B on the H200's host:
+    bench/gpu_notes.md, session 14). ``writer``: the output of the launch that took them (the
+    write happens when it runs); ``after``: the previous such launch of this layer, which
+    wrote what this step's tail reads (the kernel takes it as an input: it runs first). Every
+    other reader of the tail settles them first (:meth:`TurboQuantKVCache._settle`).
+    """
+
+    __slots__ = ("cache", "k", "v", "at", "after", "writer")
+
+    def __init__(self, cache, k: mx.array, v: mx.array, at: int, after: mx.array | None):
+        self.cache, self.k, self.v, self.at, self.after = cache, k, v, at, after
+        self.writer: mx.array | None = None
+
+    def written(self) -> tuple[PackedSide, PackedSide]:
+        """For a reader other than the kernel: the positions written by MLX ops now, and the
+        sides again (their tail holds them)."""
+        self.cache._settle()
+        return self.cache._views()
 
 
 def _len(x: mx.array | None) -> int:
@@ -164,6 +195,10 @@ class TurboQuantKVCache(_BaseCache):
     _sides_memo: tuple | None = None
     # False: every step takes the general path (the fast path's reference in the tests)
     DECODE_FAST_PATH = True
+    # On CUDA a decode step's new positions go to the layer kernel, which writes them into
+    # the tail buffer (TailAppend). False: two slice updates a step, as elsewhere.
+    KERNEL_WRITES_TAIL = True
+    _pending: TailAppend | None = None  # this step's positions, until written or taken
     # Per-channel key scales and biases stored (B, H, T/g, D): the CUDA split kernel reads a
     # tile's scales for all channels at once, coalesced this way (128K: 77 -> 58 us, ncu).
     # None: where the CUDA kernels read them; Metal keeps (B, H, D, T/g) for quantized_matmul.
@@ -276,6 +311,14 @@ class TurboQuantKVCache(_BaseCache):
         """Append ``(B, H_kv, L, D)`` keys/values (quantizing what leaves the tail)."""
         _check_patch_installed()
         n = keys.shape[2]
+        after = None
+        pending = self._pending
+        if pending is not None:  # the last step's positions
+            self._pending = None
+            if pending.writer is None:
+                self._write(pending)  # no kernel took them: written by MLX ops
+            else:
+                after = pending.writer
         buf = self._tail_buf
         if (
             buf is not None
@@ -286,8 +329,25 @@ class TurboQuantKVCache(_BaseCache):
         ):
             # A decode step: the tail is a view of its buffer, so the sink is full (the tail
             # takes nothing before it is) and the step fits -- _append_tail's ops, less Python.
-            t = self._append_in_buffer(buf, keys, values, buf[3], n)
+            t = buf[3]
+            if (
+                self.KERNEL_WRITES_TAIL
+                and t + n - self.window < self.block  # no block leaves the tail this step
+                and keys.dtype == buf[0].dtype
+                and join_workspace(self) is not None  # CUDA
+            ):
+                # The tail counts them now; the layer kernel writes them (TailAppend).
+                self.tail_k, self.tail_v = buf[0][:, :, : t + n], buf[1][:, :, : t + n]
+                self._tail_buf = (buf[0], buf[1], self.tail_k, t + n, buf[4])
+                self._pending = TailAppend(self, keys, values, t, after)
+                t += n
+            else:
+                if after is not None:
+                    mx.async_eval(after)  # it writes into this buffer: queued before what reads it
+                t = self._append_in_buffer(buf, keys, values, t, n)
         else:
+            if after is not None:
+                mx.async_eval(after)
             t = self._store(keys, values, n)
         self.offset += n
         over = t - self.window
@@ -339,6 +399,29 @@ class TurboQuantKVCache(_BaseCache):
         self.tail_k, self.tail_v = bk[:, :, : t + n], bv[:, :, : t + n]
         self._tail_buf = (bk, bv, self.tail_k, t + n, buf[4])
         return t + n
+
+    def _write(self, pending: TailAppend) -> None:
+        """``pending``'s positions into the tail buffer by MLX ops (no kernel took them);
+        the tail is still the view that counts them (every other path settles first)."""
+        bk, bv, _, length, cap = self._tail_buf
+        at, n = pending.at, pending.k.shape[2]
+        bk[:, :, at : at + n] = pending.k
+        bv[:, :, at : at + n] = pending.v
+        self.tail_k, self.tail_v = bk[:, :, :length], bv[:, :, :length]
+        self._tail_buf = (bk, bv, self.tail_k, length, cap)
+
+    def _settle(self) -> None:
+        """Before anything but the next decode step reads or changes the tail: the last
+        step's positions written by MLX ops if no kernel took them, else that kernel queued
+        (a graph built and never evaluated would otherwise never write them)."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        if pending.writer is None:
+            self._write(pending)
+        else:
+            mx.async_eval(pending.writer)
 
     @property
     def _centering(self) -> bool:
@@ -440,7 +523,7 @@ class TurboQuantKVCache(_BaseCache):
             return self._remember_views()
         # (the key side's workspace is kept too: the same cache, by the id check)
         return (
-            PackedSide.with_tail(memo[7], self.tail_k),
+            PackedSide.with_tail(memo[7], self.tail_k, self._pending),
             PackedSide.with_tail(memo[8], self.tail_v),
         )
 
@@ -451,7 +534,7 @@ class TurboQuantKVCache(_BaseCache):
             return kv
         fields = [dict(side.__dict__) for side in kv]
         for f in fields:
-            f["tail"] = None  # the tail changes every step: not kept alive by the memo
+            f["tail"] = f["append"] = None  # they change every step: not kept alive by the memo
         self._sides_memo = (
             id(self), self.keys, self.values, self.body_len, self.head_k, self.head_v,
             self.key_center, fields[0], fields[1],
@@ -464,7 +547,7 @@ class TurboQuantKVCache(_BaseCache):
         rot, seed, n = self.use_rotation, self.seed, self.body_len
         return (
             PackedSide.made(k_parts, self.key_spec(k_dim), k_dim, rot, seed, self.key_center,
-                            self.head_k, self.tail_k, n, join_workspace(self)),
+                            self.head_k, self.tail_k, n, join_workspace(self), self._pending),
             PackedSide.made(v_parts, self.value_spec(v_dim), v_dim, rot, seed, None, self.head_v,
                             self.tail_v, n, None),
         )  # fmt: skip
@@ -478,12 +561,15 @@ class TurboQuantKVCache(_BaseCache):
         """``head_k, head_v, tail_k, tail_v``, key body parts, value body parts, [center]."""
         if self.head_k is None:
             return []
+        self._settle()
         k_parts, v_parts = self._body_views()
         center = () if self.key_center is None else (self.key_center,)
         return (self.head_k, self.head_v, self.tail_k, self.tail_v, *k_parts, *v_parts, *center)
 
     @state.setter
     def state(self, v) -> None:
+        self._settle()  # (a kernel queued for the old tail still writes into its buffer)
+        self._tail_buf = None
         if v is None or len(v) == 0:
             self.keys = self.values = None
             self.head_k = self.head_v = self.tail_k = self.tail_v = None
@@ -579,6 +665,20 @@ class TurboQuantKVCache(_BaseCache):
             obj.meta_state = meta_state
         return obj
 
+    def __deepcopy__(self, memo: dict) -> TurboQuantKVCache:
+        """A copy that never writes into this cache's tail buffer: the arrays are shared (an
+        MLX copy shares its data), and kernels write new positions in place (TailAppend), so
+        the copy's next step starts a buffer of its own."""
+        import copy
+
+        self._settle()
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        new._tail_buf = None
+        return new
+
     def is_trimmable(self) -> bool:
         """Always (a trim into the quantized body keeps what it can)."""
         return True
@@ -593,6 +693,7 @@ class TurboQuantKVCache(_BaseCache):
         n = min(self.offset, n)
         if n == 0:
             return 0
+        self._settle()
         left = n
         t = self.tail_k.shape[2]
         cut = min(left, t)

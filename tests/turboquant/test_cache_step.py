@@ -45,15 +45,31 @@ def _pair(cfg):
     return fast, ref
 
 
+def _tail_read(sides) -> list:
+    """Both sides' tails as the kernel reads them: a step's new positions (TailAppend) are
+    not in the tail yet but in ``append``."""
+    append = sides[0].append
+    assert sides[1].append is None  # (the key side carries both)
+    tails = [None if s.tail is None else np.array(s.tail) for s in sides]
+    if append is not None:
+        for t, new in zip(tails, (append.k, append.v), strict=True):
+            t[:, :, t.shape[2] - new.shape[2] :] = np.array(new)
+    return tails
+
+
 def _assert_same_sides(got, want, cache):
-    for a, b in zip(got, want, strict=True):
+    for a, b, x, y in zip(got, want, _tail_read(got), _tail_read(want), strict=True):
         for name in SAME:
             assert getattr(a, name) == getattr(b, name), name
         assert a.spec is b.spec  # (the decode memo compares specs by identity)
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert a.tail.dtype == b.tail.dtype
+            np.testing.assert_array_equal(x, y, err_msg="tail")
         for name in ARRAYS:
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None), name
-            if x is not None:
+            if x is not None and name != "tail":
                 assert x.shape == y.shape and x.dtype == y.dtype, name
                 np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=name)
         assert len(a.parts) == len(b.parts)

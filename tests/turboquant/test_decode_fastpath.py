@@ -124,14 +124,16 @@ def test_decode_steps_launch_as_planned_with_the_memo(monkeypatch, launches, con
         assert out is _Recorder.outputs[len(_Recorder.calls) - 3][0]
         assert again is _Recorder.outputs[len(_Recorder.calls) - 2][0]
         assert plans_again == 0  # the second call of a step took the memo
-        state = (keys.n_body, -(-keys.tail.shape[2] // 16))
+        # (the step's new position taken by the kernel or not: TailAppend, another plan)
+        state = (keys.n_body, -(-keys.tail.shape[2] // 16), keys.append is None)
         if body == keys.n_body and state in seen:
             assert plans == 0  # nothing the plan reads changed since the last step
             hits += 1
         seen.add(state)
         body = keys.n_body
     if config.get("key_quantizer") == "channel":  # the steps covered what they should
-        assert len({n for n, _ in seen}) == 2 and len({c for _, c in seen}) >= 3 and hits > 20
+        assert len({n for n, *_ in seen}) == 2 and len({c for _, c, _ in seen}) >= 3 and hits > 20
+        assert {a for *_, a in seen} == {True, False}  # steps after a block's first one defer
     copy.deepcopy(cache)  # a copied cache (prompt-cache reuse): the memo is not copied
 
 

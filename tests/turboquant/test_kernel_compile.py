@@ -74,6 +74,8 @@ def launches():
                 )
             finally:
                 mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = joins
+            if config.get("key_quantizer") == "channel":
+                _append_launches(config, dim)
     finally:
         mx.fast.cuda_kernel = saved
         mma_decode.clear_kernel_caches()
@@ -89,6 +91,29 @@ def launches():
         )
         distinct.setdefault(key, (kernel, inputs, template, dtypes))
     return list(distinct.values())
+
+
+def _append_launches(config, dim):
+    """A decode step whose new position the kernel writes (cache.TailAppend: a cache on
+    CUDA, a channel-key tail), fused and in two launches."""
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.kernels import fused_decode
+    from services.turboquant.kernels.cases import cache_case
+
+    saved = fused_decode.cuda_available, mma_decode.FUSED_JOIN
+    fused_decode.cuda_available = lambda: True  # (the cache's join workspace, as on CUDA)
+    try:
+        case = cache_case(np.random.default_rng(0), TurboQuantConfig(**config), batch=1,
+                          q_heads=8, kv_heads=2, dim=dim, length=700, sinks=True, steps=3)  # fmt: skip
+        assert case.keys.append is not None
+        q = case.queries.astype(mx.float16)
+        for fused in (True, False):
+            mma_decode.FUSED_JOIN = fused
+            assert (
+                mma_decode.mma_decode_layer(q, case.keys, case.values, 0.1, case.sinks) is not None
+            )
+    finally:
+        fused_decode.cuda_available, mma_decode.FUSED_JOIN = saved
 
 
 def test_every_launch_compiles_and_the_split_kernel_keeps_its_occupancy(launches):
@@ -116,6 +141,8 @@ def test_every_launch_compiles_and_the_split_kernel_keeps_its_occupancy(launches
         assert blocks >= want, (t, regs, static, kernel.shared_memory)
     assert not failures, failures
     assert {(d, pipe) for d, pipe, *_ in seen} >= {(128, True), (64, True), (256, False)}
+    appends = {(t["D"], t["FUSED"]) for k, _, t, _ in launches if t.get("APPEND")}
+    assert appends == {(d, f) for d in (64, 128, 256) for f in (True, False)}
 
 
 @pytest.mark.parametrize(

@@ -43,17 +43,25 @@ class CacheCase:
     values: object
     scale: float
     sinks: mx.array | None
+    cache: object = None  # the TurboQuantKVCache
 
     def reference(self) -> np.ndarray:
-        """Float64 attention over exactly what the cache stores."""
+        """Float64 attention over exactly what the cache stores, the step's new positions
+        too where the kernel is to write them (``keys.append``)."""
         sinks = None if self.sinks is None else np.array(self.sinks)
         k, v = (np.array(decoded(x)) for x in (self.keys, self.values))
+        append = self.keys.append
+        if append is not None:
+            n = append.k.shape[2]
+            k[:, :, -n:], v[:, :, -n:] = np.array(append.k), np.array(append.v)
         return decode_attention(np.array(self.queries.astype(mx.float32)), k, v, self.scale, sinks)
 
 
-def cache_case(rng, config, *, batch, q_heads, kv_heads, dim, length, sinks=False) -> CacheCase:
-    """Fill a cache built from ``config`` with ``length - 1`` random positions as a prompt,
-    then one more as a decode step; keys have outlier channels like real ones."""
+def cache_case(rng, config, *, batch, q_heads, kv_heads, dim, length, sinks=False,
+               steps=1) -> CacheCase:  # fmt: skip
+    """Fill a cache built from ``config`` with ``length - steps`` random positions as a
+    prompt, then one a decode step; keys have outlier channels like real ones. From the
+    second step on, a step's position is the kernel's to write on CUDA (TailAppend)."""
     from services.turboquant import TurboQuantKVCache, install_patch
 
     install_patch()
@@ -62,12 +70,13 @@ def cache_case(rng, config, *, batch, q_heads, kv_heads, dim, length, sinks=Fals
     chan = 1.0 + 4.0 * (rng.random(dim) < 0.05)  # a few large channels
     k = mx.array((rng.standard_normal(shape) * chan + 0.5).astype(np.float16))
     v = mx.array(rng.standard_normal(shape).astype(np.float16))
-    if length > 1:
-        cache.update_and_fetch(k[:, :, :-1], v[:, :, :-1])
-    ks, vs = cache.update_and_fetch(k[:, :, -1:], v[:, :, -1:])
+    if length > steps:
+        cache.update_and_fetch(k[:, :, :-steps], v[:, :, :-steps])
+    for i in range(length - steps, length):
+        ks, vs = cache.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
     q = mx.array((rng.standard_normal((batch, q_heads, 1, dim)) * 1.5).astype(np.float16))
     sk = mx.array(rng.standard_normal(q_heads).astype(np.float32)) if sinks else None
-    return CacheCase(q, ks, vs, 1.0 / float(np.sqrt(dim)), sk)
+    return CacheCase(q, ks, vs, 1.0 / float(np.sqrt(dim)), sk, cache)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -85,8 +85,10 @@ _COMMON_HEADER = compact(MMA_COMMON)
 _SPLIT_HEADER = compact(MMA_HEADER)
 
 
+# kn, vn: a decode step's new positions, written into kt/vt's buffers (cache.TailAppend);
+# after: the layer's previous such launch (unread: it orders the launches)
 SPLIT_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
-                "kh", "vh", "kt", "vt", "work", "cshift", "sinks")  # fmt: skip
+                "kh", "vh", "kt", "vt", "kn", "vn", "after", "work", "cshift", "sinks")  # fmt: skip
 SPLIT_OUTPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "out")
 JOIN_INPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks")
 
@@ -97,13 +99,15 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     t = dict(template)
     used = dict(kb=t["KQ"] != 1, vb=t["VQ"] != 1, lut_k=t["KQ"] == 1, lut_v=t["VQ"] == 1,
                 signs=t["QROT"], kh=t["HAS_HEAD"], vh=t["HAS_HEAD"], kt=t["HAS_TAIL"],
-                vt=t["HAS_TAIL"], fp_o=t["HAS_HEAD"] or t["HAS_TAIL"])  # fmt: skip
+                vt=t["HAS_TAIL"], fp_o=t["HAS_HEAD"] or t["HAS_TAIL"], kn=t["APPEND"],
+                vn=t["APPEND"], after=t["APPEND"])  # fmt: skip
     # FUSED: the partials go to the workspace (an input), the joined output is the one output
     used.update(o_part=not t["FUSED"], ml_part=not t["FUSED"])
     used["fp_o"] = used["fp_ml"] = used["fp_o"] and not t["FUSED"]
     used.update(work=t["FUSED"], out=t["FUSED"], cshift=t["HAS_CENTER"], sinks=t["HAS_SINKS"])
     fp = getattr(mx, fp_dtype)
-    dtypes = dict(kb=mx.float16, vb=mx.float16, kh=fp, vh=fp, kt=fp, vt=fp, out=t["OT"])
+    dtypes = dict(kb=mx.float16, vb=mx.float16, kh=fp, vh=fp, kt=fp, vt=fp, kn=fp, vn=fp,
+                  out=t["OT"])  # fmt: skip
     # fp_dtype: the sink's and tail's dtype, which types inputs kh..vt in the signature MLX
     # writes but is no template argument: in the name, or one build would serve both.
     name = f"tq_mma_decode_split_{fp_dtype}"
@@ -311,7 +315,7 @@ def mma_decode_layer(
     (the caller then takes another path).
     """
     work = keys.workspace
-    head, tail = keys.head, keys.tail
+    head, tail, append = keys.head, keys.tail, keys.append
     n_head = 0 if head is None else head.shape[2]
     n_tail = 0 if tail is None else tail.shape[2]
     head_chunks, tail_chunks = -(-n_head // MMA_FP_CHUNK), -(-n_tail // MMA_FP_CHUNK)
@@ -324,7 +328,7 @@ def mma_decode_layer(
         memo_key = (
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
-            keys.seed, keys.body_len, _GENERATION, STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
+            keys.seed, keys.body_len, append is None, _GENERATION, STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
             LINEAR_GRID, FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
         memo = work.decode_memo
@@ -351,7 +355,7 @@ def mma_decode_layer(
         STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
         fused=FUSED_JOIN and work is not None,
         fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
-        counter_rows=JOIN_COUNTER_ROWS,
+        counter_rows=JOIN_COUNTER_ROWS, append=append is not None,
     )  # fmt: skip
     if memo_key is not None:
         work.decode_memo = None  # (made again below for a fused plan)
@@ -363,16 +367,24 @@ def mma_decode_layer(
     sinks = sinks.astype(mx.float32) if sinks is not None else None
     # None: an input the planned kernel does not take (nor returns, for outputs)
     fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
+    fp_inputs += _append_inputs(append, queries) if append is not None else [None] * 3
     work_array = work.at_least(split.work_floats) if join is None else None
     inputs = _split_inputs(split, queries, keys, values, const, rot) + fp_inputs
     if memo_key is not None and join is None:
         work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs)
     o_part, ml_part, fp_o, fp_ml, out = split.launch(inputs + [work_array, cshift, sinks], init)
-    if join is None:  # the split kernel joined (FUSED_JOIN)
-        return out
-    signs = rot.signs if rot is not None else None
-    (out,) = join.launch([o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks], init)
+    if join is not None:  # (else the split kernel joined: FUSED_JOIN)
+        signs = rot.signs if rot is not None else None
+        (out,) = join.launch([o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks], init)
+    if append is not None:
+        append.writer = out  # the split launch wrote them; out comes after it
     return out
+
+
+def _append_inputs(append, queries) -> list:
+    """kn, vn, after: the step's new positions and the launch to follow (the layer's last
+    writer, else any evaluated-or-not array of this step: the queries)."""
+    return [append.k, append.v, queries if append.after is None else append.after]
 
 
 def _centre_shift(queries, keys, rot, scale) -> mx.array:
@@ -382,7 +394,7 @@ def _centre_shift(queries, keys, rot, scale) -> mx.array:
 
 
 _STATIC = range(1, SPLIT_INPUTS.index("kh"))  # kw .. signs: the same while the body views are
-_DYNAMIC = ("kh", "kt", "work", "cshift", "sinks")  # per call (kh/vh, kt/vt: in pairs)
+_DYNAMIC = ("kh", "kt", "kn", "work", "cshift", "sinks")  # per call (kh/vh, kt/vt, kn/vn/after)
 
 
 class _DecodeMemo:
@@ -390,7 +402,7 @@ class _DecodeMemo:
     same body views and specs (held here, so no id is reused) and the same ``key``."""
 
     __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "split", "static",
-                 "kh", "kt", "work", "cshift", "sinks")  # fmt: skip
+                 "kh", "kt", "kn", "work", "cshift", "sinks")  # fmt: skip
 
     def __init__(self, key, keys, values, rot, split, inputs):
         self.key, self.rot = key, rot
@@ -415,13 +427,18 @@ class _DecodeMemo:
             inputs += (keys.head, values.head)
         if self.kt:
             inputs += (keys.tail, values.tail)
+        if self.kn:
+            inputs += _append_inputs(keys.append, queries)
         if self.work:  # at_least(the plan's floats) was asked when it was made
             inputs.append(work.array)
         if self.cshift:
             inputs.append(_centre_shift(queries, keys, self.rot, scale))
         if self.sinks:
             inputs.append(sinks.astype(mx.float32))
-        return self.split.call(inputs, None)[0]
+        out = self.split.call(inputs, None)[0]
+        if self.kn:
+            keys.append.writer = out
+        return out
 
 
 class _Launch:
@@ -462,7 +479,7 @@ class _Launch:
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None,
-                counter_rows=JOIN_COUNTER_ROWS):  # fmt: skip
+                counter_rows=JOIN_COUNTER_ROWS, append=False):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
     last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
     ``fused_max``), or None where the kernels cannot read it (:func:`_layouts`, as for
@@ -473,7 +490,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                        k_sdtype, v_sdtype, tunables[0])  # fmt: skip
     if layouts is None:
         return None
-    fp = (head_chunks, tail_chunks, fp_dtype)
+    fp = (head_chunks, tail_chunks, fp_dtype, append)
     if fused and fused_max is not None:
         _, s = _row_splits(layouts[0], b, hq, hkv, d, n_body, splits, tunables)
         work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
@@ -494,7 +511,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     return split, join, const_input(scale * LOG2E)
 
 
-NO_FP = (0, 0, None)  # (sink chunks, tail chunks, their dtype): none
+NO_FP = (0, 0, None, False)  # (sink chunks, tail chunks, their dtype, new positions): none
 NO_JOIN = (False, False, False)  # (fused join, key centre, learned sinks): a join launch follows
 
 
@@ -512,7 +529,7 @@ def _split(q, rot, keys, values, scale, splits, poison):
         PIPELINE, LINEAR_GRID,
     )  # fmt: skip
     inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
-    inputs += [None] * 7  # no full-precision segments, no join here
+    inputs += [None] * 10  # no full-precision segments, no join here
     return launch.launch(inputs, float("nan") if poison else None)[:2]
 
 
@@ -592,6 +609,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("ST", mx.float16),
         ("HAS_HEAD", fp[0] > 0),
         ("HAS_TAIL", fp[1] > 0),
+        ("APPEND", fp[3]),
         ("LIN", linear),
         ("FUSED", join[0]),
         ("OT", q_dtype),

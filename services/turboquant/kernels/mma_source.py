@@ -903,11 +903,14 @@ __device__ void mma_decode_split(
 // shared memory; thread (head, position) scores, 16-lane shuffles take the max and sum, and
 // the unnormalised partial (o, m, l) goes to fp_o / fp_ml in model space, as the separate
 // fp kernel of session 6 wrote it (one launch a layer fewer: bench/gpu_notes.md, session 7).
-template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, typename QT, typename FT>
+// APPEND: the tail's last kn_sh[2] positions are not in kt/vt yet: read from kn/vn and
+// written there by the row's first head tile (cache.TailAppend; session 14).
+template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, typename QT, typename FT>
 __device__ void fp_chunk(
     const QT* q, const int64_t* q_st,
     const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
     const FT* kt, const int* kt_sh, const int64_t* kt_st, const FT* vt, const int64_t* vt_st,
+    const FT* kn, const int* kn_sh, const int64_t* kn_st, const FT* vn, const int64_t* vn_st,
     const float* params, int n_kv, int G, int chunk, int n_chunks, int row, int b, float* fp_o,
     float* fp_ml) {
   constexpr int C = TQM_FP_CHUNK, KP = D + 1;  // keys and queries padded a float a row: no bank conflicts
@@ -933,6 +936,9 @@ __device__ void fp_chunk(
   const int64_t k2 = head ? kh_st[2] : kt_st[2], k3 = head ? kh_st[3] : kt_st[3];
   const int64_t v2 = head ? vh_st[2] : vt_st[2], v3 = head ? vh_st[3] : vt_st[3];
   const int hq0 = hkv * G + ht * 8;
+  const int fresh = APPEND && !head ? FTL - kn_sh[2] - f0 : C;  // chunk rows from kn/vn on
+  const FT* knb = APPEND ? kn + b * kn_st[0] + hkv * kn_st[1] : nullptr;
+  const FT* vnb = APPEND ? vn + b * vn_st[0] + hkv * vn_st[1] : nullptr;
   // Every load of a thread in flight before any is stored (the stores to shared memory
   // would otherwise wait on each load in turn: ~16 round trips; session 13).
   // In batches of at most 8 a thread (D 256: fewer registers than the split path's).
@@ -950,14 +956,23 @@ __device__ void fp_chunk(
 #pragma unroll
     for (int e = 0; e < KBT; ++e) {
       const int i = tid + (e0 + e) * NT, j = min(i / D, n - 1), d = i % D;  // past n: zeroed below
-      kr[e] = kb[(f0 + j) * k2 + d * k3];
-      vr[e] = vb[(f0 + j) * v2 + d * v3];
+      if (APPEND && j >= fresh) {
+        kr[e] = knb[(j - fresh) * kn_st[2] + d * kn_st[3]];
+        vr[e] = vnb[(j - fresh) * vn_st[2] + d * vn_st[3]];
+      } else {
+        kr[e] = kb[(f0 + j) * k2 + d * k3];
+        vr[e] = vb[(f0 + j) * v2 + d * v3];
+      }
     }
 #pragma unroll
     for (int e = 0; e < KBT; ++e) {
       const int i = tid + (e0 + e) * NT, j = i / D, d = i % D;
       k_s[j * KP + d] = j < n ? tofloat(kr[e]) : 0.f;
       v_s[j * D + d] = j < n ? tofloat(vr[e]) : 0.f;
+      if (APPEND && ht == 0 && j >= fresh && j < n) {  // no other block of this launch reads them
+        const_cast<FT*>(kb)[(f0 + j) * k2 + d * k3] = kr[e];
+        const_cast<FT*>(vb)[(f0 + j) * v2 + d * v3] = vr[e];
+      }
     }
   }
 #pragma unroll
@@ -1224,9 +1239,10 @@ MMA_SPLIT_SOURCE = r"""
 #endif
   const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
-    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL>(
+    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(
         q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
-        kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), params,
+        kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(),
+        kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params,
         n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
     TQM_MARK(9);
     if (!FUSED) return;

@@ -1,0 +1,122 @@
+"""A decode step's new positions on CUDA (cache.TailAppend): the tail counts them at once, the
+layer kernel writes them into the tail buffer as it reads them, and every other reader gets
+them written by MLX ops first. On any machine: the cache as on CUDA (a join workspace), the
+kernel a recording stand-in or absent (the portable path). The kernel's own reads and writes
+are checked on the GPU (bench/attention_gpu.py, check run 11)."""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from services.turboquant import TurboQuantConfig, TurboQuantKVCache, install_patch
+from services.turboquant.attention import turboquant_attention
+from services.turboquant.kernels import fused_decode, mma_decode
+
+from .test_decode_fastpath import _Recorder
+from .test_segments import _kv
+
+CFG = TurboQuantConfig.recommended(group_size=64)  # channel keys: a tail of up to 64 + window
+
+
+@pytest.fixture
+def on_cuda(monkeypatch):
+    install_patch()
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)
+
+
+def _caches(n_prompt, k, v, writes=True):
+    c = TurboQuantKVCache(CFG)
+    c.KERNEL_WRITES_TAIL = writes
+    c.update_and_fetch(k[:, :, :n_prompt], v[:, :, :n_prompt])
+    return c
+
+
+def test_untaken_positions_are_written_before_any_other_read(on_cuda):
+    """No layer kernel (the portable path): each step's output, the states and trims are
+    those of a cache that writes every step with MLX ops."""
+    k, v = _kv(260, dtype=mx.float16)
+    q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+    got, want = _caches(100, k, v), _caches(100, k, v, writes=False)
+    deferred = 0
+    for i in range(100, 260):
+        if i == 200:
+            assert got.trim(3) == want.trim(3) == 3  # (the last step's position first)
+        a = got.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        b = want.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        assert b[0].append is None
+        deferred += a[0].append is not None
+        out_a = turboquant_attention(q, *a, scale=0.125)
+        out_b = turboquant_attention(q, *b, scale=0.125)
+        np.testing.assert_array_equal(np.array(out_a), np.array(out_b))
+        if i % 50 == 0:
+            for x, y in zip(got.state, want.state, strict=True):
+                np.testing.assert_array_equal(np.array(x), np.array(y))
+    assert deferred > 120  # all but the steps that quantize a block (or follow one)
+
+
+def test_a_taken_step_is_left_to_its_kernel_and_ordered_after_it(on_cuda, monkeypatch):
+    """The layer kernel gets kn, vn and the last writer; the cache then writes nothing itself
+    (the position stays as the kernel left it: here the stand-in wrote nothing) and queues
+    the kernel before a state reads the tail."""
+    mma_decode.clear_kernel_caches()
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _Recorder)
+    _Recorder.calls, _Recorder.launches, _Recorder.outputs = [], [], []
+    queued = []
+    real_async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: queued.append(a) or real_async_eval(*a))
+    try:
+        k, v = _kv(140, dtype=mx.float16)
+        cache = _caches(100, k, v)
+        cache.update_and_fetch(k[:, :, 100:101], v[:, :, 100:101])  # (a new tail buffer)
+        q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+        last = None
+        for i in range(101, 106):
+            keys, values = cache.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+            append = keys.append
+            assert append is not None and append.after is last
+            out = mma_decode.mma_decode_layer(q, keys, values, 0.125)
+            kernel, kw, outs = _Recorder.calls[-1]
+            given = dict(zip(kernel.input_names, kw["inputs"], strict=True))
+            assert given["kn"] is append.k and given["vn"] is append.v
+            assert given["after"] is (q if last is None else last)
+            assert given["kt"] is keys.tail  # counting the new position already:
+            assert keys.head.shape[2] + keys.n_body + keys.tail.shape[2] == i + 1
+            assert append.writer is out and last is not out
+            last = out
+        assert not queued  # decode steps order their kernels through "after", not an eval
+        tail = np.array(cache.state[2])
+        assert queued == [(last,)]  # the state queued the last kernel before its reads
+        # the stand-in wrote nothing: every position the kernels took is as allocated (zeros)
+        assert not tail[:, :, -5:].any() and tail[:, :, :-5].any()
+    finally:
+        mma_decode.clear_kernel_caches()
+
+
+def test_a_copy_never_writes_into_the_buffer_of_its_original(on_cuda):
+    k, v = _kv(200, dtype=mx.float16)
+    k2, v2 = _kv(200, seed=7, dtype=mx.float16)
+    a = _caches(100, k, v)
+    for i in range(100, 110):
+        a.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    assert a._pending is not None
+    b = copy.deepcopy(a)  # prompt-cache reuse: the copy goes on with other tokens
+    assert a._pending is None and b._pending is None  # settled before copying
+    for i in range(110, 125):  # (the tail stays below a block: no quantization in between)
+        a.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        b.update_and_fetch(k2[:, :, i : i + 1], v2[:, :, i : i + 1])
+        # (a kernel writes in place: the copy must hold a buffer of its own, not share one)
+        assert _address(a._tail_buf[0]) != _address(b._tail_buf[0])
+    ta, tb = np.array(a.state[2]), np.array(b.state[2])
+    np.testing.assert_array_equal(ta[:, :, -15:], np.array(k[:, :, 110:125]))
+    np.testing.assert_array_equal(tb[:, :, -15:], np.array(k2[:, :, 110:125]))
+    np.testing.assert_array_equal(ta[:, :, :-15], tb[:, :, :-15])  # the shared positions
+    np.testing.assert_array_equal(ta[:, :, -25:-15], np.array(k[:, :, 100:110]))
+
+
+def _address(x: mx.array) -> int:
+    mx.eval(x)
+    return np.array(x, copy=False).__array_interface__["data"][0]
