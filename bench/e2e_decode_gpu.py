@@ -50,7 +50,10 @@ QWEN35_35B_A3B = dict(
 # quantized per vector: the layout the fused CUDA kernel takes).
 # tq-fused / tq-unfused: the default layout with the CUDA kernel's join forced into the
 # split launch or left to a second one (mma_decode.FUSED_JOIN), to compare in one run.
-CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused")
+# tq-nowrite: an experiment, not a cache -- the default layout with a decode step's two
+# tail writes left out (its attention reads stale tail positions): what those two MLX ops
+# cost a step, timing only.
+CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused", "tq-nowrite")
 JOIN_MODES = {"tq-fused": dict(FUSED_JOIN=True, FUSED_MAX_WORK=None),
               "tq-unfused": dict(FUSED_JOIN=False)}  # fmt: skip
 
@@ -178,6 +181,14 @@ def decode_rate(model, cache: list, steps: int, host: dict | None = None, batch:
     return steps * batch / (time.perf_counter() - t)
 
 
+def _views_only(self, buf: tuple, k, v, t: int, n: int) -> int:
+    """TurboQuantKVCache._append_in_buffer without its two slice updates (tq-nowrite)."""
+    bk, bv = buf[0], buf[1]
+    self.tail_k, self.tail_v = bk[:, :, : t + n], bv[:, :, : t + n]
+    self._tail_buf = (bk, bv, self.tail_k, t + n, buf[4])
+    return t + n
+
+
 def _filled_cache(model, kind: str, context: int, batch: int):
     """A ``kind`` cache holding ``context`` random tokens, and the device bytes it took."""
     import mlx.core as mx
@@ -194,6 +205,10 @@ def _filled_cache(model, kind: str, context: int, batch: int):
         cache = make_turboquant_cache(model, _tq_config(kind))
     attention_shapes(model, cache)
     fill(cache, context, batch)
+    if kind == "tq-nowrite":
+        for c in cache:
+            if hasattr(c, "_append_in_buffer"):
+                c._append_in_buffer = _views_only.__get__(c)
     mx.synchronize()
     return cache, mx.get_active_memory() - before
 
