@@ -181,6 +181,31 @@ def decode_rate(model, cache: list, steps: int, host: dict | None = None, batch:
     return steps * batch / (time.perf_counter() - t)
 
 
+def step_costs(model, cache: list, steps: int, batch: int = 1) -> dict:
+    """Median ms a step spends building its graph, dispatching it and then waiting for the
+    GPU, each step started on an idle GPU (not pipelined): the host's own cost, which
+    ``decode_rate``'s dispatch can hide (there MLX may block on a GPU a step behind)."""
+    import mlx.core as mx
+
+    def step(tok):
+        return mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
+
+    tok = mx.ones((batch, 1), dtype=mx.int32)
+    parts = []
+    for _ in range(steps):
+        mx.eval(tok)
+        t0 = time.perf_counter()
+        nxt = step(tok)
+        t1 = time.perf_counter()
+        mx.async_eval(nxt)
+        t2 = time.perf_counter()
+        mx.eval(nxt)
+        parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+        tok = nxt
+    return {k: round(statistics.median(p[i] for p in parts) * 1e3, 3)
+            for i, k in enumerate(("build", "dispatch", "wait"))}  # fmt: skip
+
+
 def _views_only(self, buf: tuple, k, v, t: int, n: int) -> int:
     """TurboQuantKVCache._append_in_buffer without its two slice updates (tq-nowrite)."""
     bk, bv = buf[0], buf[1]
@@ -229,14 +254,17 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
         with join_mode(kind):
             decode_rate(model, cache, 3, batch=batch)  # warm-up (kernel compiles, graph caches)
     runs = {kind: [] for kind in kinds}
-    host = {kind: {} for kind in kinds}
+    host = {kind: [] for kind in kinds}
+    unpiped = {kind: [] for kind in kinds}
     peak = {kind: 0 for kind in kinds}
     for _ in range(repeats):
         for kind, (cache, kv) in caches.items():
             mx.synchronize()
             mx.reset_peak_memory()
             with join_mode(kind):
-                runs[kind].append(decode_rate(model, cache, steps, host[kind], batch))
+                host[kind].append({})
+                runs[kind].append(decode_rate(model, cache, steps, host[kind][-1], batch))
+                unpiped[kind].append(step_costs(model, cache, max(4, steps // 4), batch))
             # As if alone: the other caches' buffers sit in memory, unchanged, meanwhile.
             peak[kind] = max(peak[kind], mx.get_peak_memory() - (total_kv - kv))
     rows = []
@@ -246,7 +274,10 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
                          tok_s=statistics.median(runs[kind]), tok_s_runs=runs[kind],
                          vs_first=statistics.median(ratios), kv_bytes=int(kv),
                          peak_bytes=int(peak[kind]),
-                         host_ms={k: round(v * 1e3, 3) for k, v in host[kind].items()}))  # fmt: skip
+                         host_ms={k: round(statistics.median(h[k] for h in host[kind]) * 1e3, 3)
+                                  for k in host[kind][0]},
+                         unpipelined_ms={k: round(statistics.median(u[k] for u in unpiped[kind]), 3)
+                                         for k in unpiped[kind][0]}))  # fmt: skip
     del caches
     mx.clear_cache()
     return rows
@@ -269,11 +300,18 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
         runs = "/".join(f"{x:.1f}" for x in r.get("tok_s_runs", []))
         host = r.get("host_ms")
         host = f"{host['build']:.2f} / {host['dispatch']:.2f} / {host['wait']:.2f}" if host else "-"
+        alone = r.get("unpipelined_ms")
+        alone = (
+            "-"
+            if not alone
+            else f"{alone['build']:.2f} / {alone['dispatch']:.2f} / {alone['wait']:.2f}"
+        )
         rows.append([model, "fp16" if wbits == 16 else f"{wbits}-bit", batch, context_label(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
                      f"{r.get('vs_first', r['tok_s'] / base['tok_s']):.2f}x" if base else "-",
-                     f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}", host])  # fmt: skip
+                     f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}", host, alone])  # fmt: skip
     head = ["model", "weights", "batch", "context", "cache", "decode tok/s (all sequences)", "runs",
-            "vs fp16 (paired runs)", "KV MiB (measured)", "peak GiB", "host ms a step: build / dispatch / wait"]  # fmt: skip
+            "vs fp16 (paired runs)", "KV MiB (measured)", "peak GiB", "host ms a step: build / dispatch / wait",
+            "a step alone (GPU idle first): build / dispatch / wait ms"]  # fmt: skip
     body = f"MLX {res['mlx']}, {res['gpu']}.\n\n" + (note + "\n\n" if note else "")
     body += markdown_table(head, rows)
     write_section("e2e_decode_gpu", "End-to-end decode on the GPU", body, machine=machine or res["gpu"],

@@ -6,12 +6,14 @@ the number of splits. One run, the same caches for every variant:
 
 32 query / 8 KV heads, D 128, the default cache (contexts 63 short of a power of two leave
 a full-precision tail of 64 positions, the average in decode); calls independent (the
-GPU's time, not the host's).
+GPU's time, not the host's). Each cache layer has its join workspace, as on CUDA: the
+layer is one launch where the dispatch fuses the join (up to 64K), else two.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -19,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SPLITS = {4033: [4, 6, 8], 32705: [16, 24, 33, 49, 64], 131009: [33, 44, 49, 64, 98, 132, 196]}
+SPLITS = {4033: [4, 6, 8], 16321: [8, 12, 16, 24, 33], 32705: [12, 16, 20, 24, 33, 49],
+          131009: [33, 44, 49, 64, 98, 132, 196]}  # fmt: skip
 
 
 def main() -> None:
@@ -27,10 +30,11 @@ def main() -> None:
 
     from bench.attention_gpu import bench_time, cache_sides, kv_cache_slices
     from services.turboquant import TurboQuantConfig
+    from services.turboquant.cache import JoinWorkspace
     from services.turboquant.kernels import mma_decode
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--contexts", default="4033,32705,131009")
+    ap.add_argument("--contexts", default="4033,16321,32705,131009")
     ap.add_argument("--sets", type=int, default=2, help="input sets the calls rotate over")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -42,6 +46,7 @@ def main() -> None:
         for _ in range(args.sets):
             k, v = kv_cache_slices(hkv, n, d)
             ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
+            ks = dataclasses.replace(ks, workspace=JoinWorkspace())
             q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
             mx.eval(q, *[a for a in ks.parts + vs.parts], ks.tail, vs.tail)
             sets.append((q, ks, vs))
