@@ -218,9 +218,10 @@ def test_split_launches_are_planned_from_their_settings():
     assert not t_fp["APPEND"] and not dict(template)["APPEND"]
 
 
-def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
+def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks(monkeypatch):
     # 1-D grid: (splits + chunks) x rows blocks, rows = batch x KV heads x head tiles; the
     # split count is at most SPLIT_FACTOR blocks an SM (one wave), not rounded up past it
+    monkeypatch.setattr(mma_decode, "TILES_PER_WARP", 1)  # (the fill rule alone)
     for b, hq, hkv, factor in [(1, 32, 8, 2), (2, 64, 4, 3), (1, 12, 1, 2)]:
         rows = b * hkv * -(-(hq // hkv) // 8)
         args = ((2, 4, 128), (0, 4, 128), b, hq, hkv, 128, 131072, mx.float16, True, None)
@@ -236,6 +237,24 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
         assert 0.9 * slots < s * rows <= slots
         rows_grid = mma_decode._split_plan(*args, fp, None, factor, 4, True, True, False)
         assert rows_grid[3][0][2] >= s  # the rows grid rounds the split count up
+
+
+def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule():
+    """The default layout (pipelined): fewer, longer splits up to 32K, the fill rule's one
+    wave beyond; the other layouts keep the fill rule (measured: session 14)."""
+    tunables = (None, 2, 4, True, True, True)
+    chan, aff = ((2, 4, 128), (0, 4, 128)), ((0, 4, 64), (0, 4, 128))
+    got = {n: mma_decode._row_splits(*chan, 1, 32, 8, 128, n, None, tunables)[1]
+           for n in (4033, 16321, 32705, 65473, 131009)}  # fmt: skip
+    assert got == {4033: 4, 16321: 8, 32705: 16, 65473: 32, 131009: 32}
+    assert mma_decode._row_splits(*chan, 1, 32, 8, 128, 300, None, tunables)[1] == 1  # 1 tile
+    # each warp of the 16 splits at 32K has 4 super-tiles of 128 positions
+    assert 16 * 4 * 4 * 128 >= 32705 > 15 * 4 * 4 * 128
+    # per-vector keys, and the pipeline off: the fill rule as before
+    fill = mma_decode.num_splits(32705, 8, 4, fill=True)
+    assert mma_decode._row_splits(*aff, 1, 32, 8, 128, 32705, None, tunables)[1] == fill > 16
+    off = (None, 2, 4, True, False, True)
+    assert mma_decode._row_splits(*chan, 1, 32, 8, 128, 32705, None, off)[1] == 32
 
 
 def test_only_the_default_layout_is_pipelined():
@@ -677,8 +696,9 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
     tunables = (mma_decode.STEPS, mma_decode.SPLIT_FACTOR, mma_decode.WARPS, mma_decode.FOLD,
                 mma_decode.PIPELINE, mma_decode.LINEAR_GRID)  # fmt: skip
     rows, splits = mma_decode._row_splits(
-        mma_decode.side_layout(keys), b, hq, hkv, dim, keys.n_body, None, tunables
-    )
+        mma_decode.side_layout(keys), mma_decode.side_layout(values, values=True), b, hq, hkv,
+        dim, keys.n_body, None, tunables,
+    )  # fmt: skip
     chunks = grid[0] // (rows * 32 * mma_decode.WARPS) - splits  # the sink's and tail's
     n_fp = sum(-(-x.shape[2] // 16) for x in (keys.head, keys.tail) if x is not None)
     assert splits > 1 and chunks == n_fp

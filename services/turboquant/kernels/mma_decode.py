@@ -45,6 +45,13 @@ STEPS: int | None = None
 # Blocks per SM the split count aims for: NVRTC gives the kernel 182-255 registers, so 2
 # fit (v5 with 3: 0.109 vs 0.103 ms at 128K).
 SPLIT_FACTOR = 2
+# The pipelined layout: no more splits than give each warp this many super-tiles (4 splits
+# at least). Up to 32K a block's fixed costs -- the query's rotation while the first tiles
+# load, the warps' merge, a split more to join -- outweigh more blocks in flight: H200,
+# fused, D 128, 8 KV heads: 4K 4 splits 17.6 vs 8 19.1 us, 16K 8 24.0 vs 32 27.4, 32K 16
+# 30.5 vs 32 32.5 (bench/split_sweep.py, session 14; session 13 the same way). 128K keeps
+# the fill rule's 33. Read when a plan is made: clear_kernel_caches after changing it.
+TILES_PER_WARP = 4
 # Multiply exact codes on the tensor cores and fold a tile's scales and biases into the
 # other operand: channel keys, values with one group a vector (bench/gpu_notes.md, session
 # 4: 0.103 vs 0.117 ms at 128K, 0.177 vs 0.215 at 256K).
@@ -178,13 +185,19 @@ def num_splits(
     factor: int = 2,
     warps: int | None = None,
     fill: bool = False,
+    tiles_per_warp: int = 1,
 ) -> int:
     """Context splits for about ``factor`` blocks per SM (``fill``: at most that, so the
-    split blocks run in one wave), each at least one super-tile per warp."""
+    split blocks run in one wave), each at least one super-tile per warp, and at least
+    ``tiles_per_warp`` where that leaves 4 splits or more."""
     slots = factor * num_sms / max(1, blocks)
     want = max(1, math.floor(slots) if fill else math.ceil(slots))
     tile = 16 * steps
-    s = max(1, min(want, math.ceil(length / (tile * (warps or WARPS)))))
+    per_warp = tile * (warps or WARPS)
+    most = math.ceil(length / per_warp)
+    if tiles_per_warp > 1:
+        most = min(most, max(4, math.ceil(length / (per_warp * tiles_per_warp))))
+    s = max(1, min(want, most))
     chunk = math.ceil(math.ceil(length / s) / tile) * tile  # what the kernel computes
     return max(1, math.ceil(length / chunk))  # no split left without positions
 
@@ -328,8 +341,9 @@ def mma_decode_layer(
         memo_key = (
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
-            keys.seed, keys.body_len, append is None, _GENERATION, STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
-            LINEAR_GRID, FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
+            keys.seed, keys.body_len, append is None, _GENERATION, STEPS, SPLIT_FACTOR,
+            TILES_PER_WARP, WARPS, FOLD, PIPELINE, LINEAR_GRID, FUSED_JOIN, FUSED_MAX_WORK,
+            FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
         memo = work.decode_memo
         if (
@@ -492,7 +506,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
         return None
     fp = (head_chunks, tail_chunks, fp_dtype, append)
     if fused and fused_max is not None:
-        _, s = _row_splits(layouts[0], b, hq, hkv, d, n_body, splits, tunables)
+        _, s = _row_splits(*layouts, b, hq, hkv, d, n_body, splits, tunables)
         work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
         fused = work <= fused_max[0] and tail <= fused_max[1]
     fused = fused and b * hkv * -(-(hq // hkv) // 8) <= counter_rows
@@ -572,12 +586,14 @@ def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
     )
 
 
-def _row_splits(k_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
+def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
     """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits."""
-    steps_setting, factor, warps, _, _, linear = tunables
+    steps_setting, factor, warps, _, pipeline, linear = tunables
     rows = b * hkv * -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
-    return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear)
+    per_warp = TILES_PER_WARP if pipeline and pipelined(k_layout, v_layout, d, steps) else 1
+    return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
+                                      tiles_per_warp=per_warp)  # fmt: skip
 
 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
@@ -591,7 +607,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
     pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
-    rows, s = _row_splits(k_layout, b, hq, hkv, d, n_body, splits, tunables)
+    rows, s = _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables)
     template = [
         ("KQ", k_layout[0]),
         ("VQ", v_layout[0]),
