@@ -240,13 +240,18 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks(monkey
 
 
 def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule():
-    """The default layout (pipelined): fewer, longer splits up to 32K, the fill rule's one
-    wave beyond; the other layouts keep the fill rule (measured: session 14)."""
+    """The default layout (pipelined): fewer, longer splits up to 32K -- 2 super-tiles a warp
+    up to a block an SM, 4 beyond -- the fill rule's one wave past that; the other layouts
+    keep the fill rule (measured: session 14)."""
     tunables = (None, 2, 4, True, True, True)
     chan, aff = ((2, 4, 128), (0, 4, 128)), ((0, 4, 64), (0, 4, 128))
     got = {n: mma_decode._row_splits(*chan, 1, 32, 8, 128, n, None, tunables)[1]
            for n in (4033, 16321, 32705, 65473, 131009)}  # fmt: skip
-    assert got == {4033: 4, 16321: 8, 32705: 16, 65473: 32, 131009: 32}
+    assert got == {4033: 4, 16321: 16, 32705: 16, 65473: 32, 131009: 32}
+    # 2 KV heads: 2 rows, a block an SM is 66 splits
+    two = {n: mma_decode._row_splits(*chan, 1, 16, 2, 128, n, None, tunables)[1]
+           for n in (4033, 32705, 131009)}  # fmt: skip
+    assert two == {4033: 4, 32705: 32, 131009: 64}
     assert mma_decode._row_splits(*chan, 1, 32, 8, 128, 300, None, tunables)[1] == 1  # 1 tile
     # each warp of the 16 splits at 32K has 4 super-tiles of 128 positions
     assert 16 * 4 * 4 * 128 >= 32705 > 15 * 4 * 4 * 128
@@ -674,6 +679,7 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
                                                                     config, dim):  # fmt: skip
     import dataclasses
 
+    monkeypatch.setattr(mma_decode, "TILES_PER_WARP", 1)  # (several splits at this length)
     q, keys, values = _packed(config, dim, length=700)
     q = q.astype(mx.float16)
     from services.turboquant.cache import JOIN_COUNTER_ROWS, JoinWorkspace

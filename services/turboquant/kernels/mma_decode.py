@@ -45,12 +45,14 @@ STEPS: int | None = None
 # Blocks per SM the split count aims for: NVRTC gives the kernel 182-255 registers, so 2
 # fit (v5 with 3: 0.109 vs 0.103 ms at 128K).
 SPLIT_FACTOR = 2
-# The pipelined layout: no more splits than give each warp this many super-tiles (4 splits
-# at least). Up to 32K a block's fixed costs -- the query's rotation while the first tiles
-# load, the warps' merge, a split more to join -- outweigh more blocks in flight: H200,
-# fused, D 128, 8 KV heads: 4K 4 splits 17.6 vs 8 19.1 us, 16K 8 24.0 vs 32 27.4, 32K 16
-# 30.5 vs 32 32.5 (bench/split_sweep.py, session 14; session 13 the same way). 128K keeps
-# the fill rule's 33. Read when a plan is made: clear_kernel_caches after changing it.
+# The pipelined layout: splits of at least 2 super-tiles a warp up to a block an SM, more
+# only where each warp keeps TILES_PER_WARP. Up to 32K a block's fixed costs -- the query's
+# rotation while the first tiles load, the warps' merge, a split more to join -- outweigh
+# more blocks in flight. H200, fused, D 128, 8 KV heads (bench/split_sweep.py and
+# kernel_trace.py, session 14; session 13's sweep the same way): 4K 4 splits 17.6 vs 8 19.1
+# us, 16K 16 24.3 (8: 24.0, 32: 27.4; traced 19.0 vs 21.0 for 32), 32K 16 30.5 vs 32 32.5;
+# 128K keeps the fill rule's 33. Read when a plan is made: clear_kernel_caches after
+# changing it (1: the fill rule alone).
 TILES_PER_WARP = 4
 # Multiply exact codes on the tensor cores and fold a tile's scales and biases into the
 # other operand: channel keys, values with one group a vector (bench/gpu_notes.md, session
@@ -188,15 +190,17 @@ def num_splits(
     tiles_per_warp: int = 1,
 ) -> int:
     """Context splits for about ``factor`` blocks per SM (``fill``: at most that, so the
-    split blocks run in one wave), each at least one super-tile per warp, and at least
-    ``tiles_per_warp`` where that leaves 4 splits or more."""
+    split blocks run in one wave), each at least one super-tile per warp; with
+    ``tiles_per_warp`` > 1, at least 2 a warp up to one block an SM and that many beyond."""
     slots = factor * num_sms / max(1, blocks)
     want = max(1, math.floor(slots) if fill else math.ceil(slots))
     tile = 16 * steps
     per_warp = tile * (warps or WARPS)
     most = math.ceil(length / per_warp)
-    if tiles_per_warp > 1:
-        most = min(most, max(4, math.ceil(length / (per_warp * tiles_per_warp))))
+    if tiles_per_warp > 1:  # 2 a warp up to a block an SM, tiles_per_warp beyond
+        one_wave = max(1, num_sms // max(1, blocks))
+        two = min(one_wave, math.ceil(length / (2 * per_warp)))
+        most = min(most, max(two, math.ceil(length / (tiles_per_warp * per_warp))))
     s = max(1, min(want, most))
     chunk = math.ceil(math.ceil(length / s) / tile) * tile  # what the kernel computes
     return max(1, math.ceil(length / chunk))  # no split left without positions
