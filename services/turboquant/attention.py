@@ -115,7 +115,7 @@ def turboquant_attention(
             _DECODE_CALLS["kernel"] += 1
             return out.astype(queries.dtype)
     if getattr(keys, "append", None) is not None and keys.append.writer is None:
-        keys, values = keys.append.written()  # the paths below read the tail as it is
+        keys, values = keys.append.written(keys, values)  # the paths below read the tail
     # (after the layer kernel, which needs no rotation here: host time per layer)
     k_rot, v_rot = keys.rotation, values.rotation
     # rotate() returns a new float32 array: the caller's queries are never written to.

@@ -124,11 +124,17 @@ class TailAppend:
         self.cache, self.k, self.v, self.at, self.after = cache, k, v, at, after
         self.writer: mx.array | None = None
 
-    def written(self) -> tuple[PackedSide, PackedSide]:
-        """For a reader other than the kernel: the positions written by MLX ops now, and the
-        sides again (their tail holds them)."""
-        self.cache._settle()
-        return self.cache._views()
+    def written(self, keys: PackedSide, values: PackedSide) -> tuple[PackedSide, PackedSide]:
+        """``keys`` and ``values`` (the sides that carry these positions) with them in their
+        tails, for a reader other than the kernel; the cache writes them into its buffer at
+        its next step (or settle), whatever it has done since these sides were cut."""
+        n = self.k.shape[2]
+        out = []
+        for side, new in ((keys, self.k), (values, self.v)):
+            tail = mx.concatenate([side.tail[:, :, : side.tail.shape[2] - n], new], axis=2)
+            fields = {k: v for k, v in side.__dict__.items() if k not in ("tail", "append")}
+            out.append(PackedSide.with_tail(fields, tail))
+        return out[0], out[1]
 
 
 def _len(x: mx.array | None) -> int:
@@ -343,11 +349,13 @@ class TurboQuantKVCache(_BaseCache):
                 t += n
             else:
                 if after is not None:
-                    mx.async_eval(after)  # it writes into this buffer: queued before what reads it
+                    mx.eval(
+                        after
+                    )  # it writes into this buffer in place: done before MLX ops read it
                 t = self._append_in_buffer(buf, keys, values, t, n)
         else:
             if after is not None:
-                mx.async_eval(after)
+                mx.eval(after)
             t = self._store(keys, values, n)
         self.offset += n
         over = t - self.window
@@ -411,9 +419,11 @@ class TurboQuantKVCache(_BaseCache):
         self._tail_buf = (bk, bv, self.tail_k, length, cap)
 
     def _settle(self) -> None:
-        """Before anything but the next decode step reads or changes the tail: the last
-        step's positions written by MLX ops if no kernel took them, else that kernel queued
-        (a graph built and never evaluated would otherwise never write them)."""
+        """Before anything but the next update reads or changes the tail (a state, a trim, a
+        copy): the last step's positions written by MLX ops if no kernel took them, else that
+        kernel run to its end -- a graph built and never evaluated would never write them,
+        and a reader on another stream (no data dependency on an in-place write) could run
+        before it."""
         pending = self._pending
         if pending is None:
             return
@@ -421,7 +431,7 @@ class TurboQuantKVCache(_BaseCache):
         if pending.writer is None:
             self._write(pending)
         else:
-            mx.async_eval(pending.writer)
+            mx.eval(pending.writer)
 
     @property
     def _centering(self) -> bool:

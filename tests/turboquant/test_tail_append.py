@@ -60,14 +60,14 @@ def test_untaken_positions_are_written_before_any_other_read(on_cuda):
 
 def test_a_taken_step_is_left_to_its_kernel_and_ordered_after_it(on_cuda, monkeypatch):
     """The layer kernel gets kn, vn and the last writer; the cache then writes nothing itself
-    (the position stays as the kernel left it: here the stand-in wrote nothing) and queues
-    the kernel before a state reads the tail."""
+    (the position stays as the kernel left it: here the stand-in wrote nothing) and runs the
+    kernel to its end before a state reads the tail."""
     mma_decode.clear_kernel_caches()
     monkeypatch.setattr(mx.fast, "cuda_kernel", _Recorder)
     _Recorder.calls, _Recorder.launches, _Recorder.outputs = [], [], []
     queued = []
-    real_async_eval = mx.async_eval
-    monkeypatch.setattr(mx, "async_eval", lambda *a: queued.append(a) or real_async_eval(*a))
+    real_eval = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: queued.append(a) or real_eval(*a))
     try:
         k, v = _kv(140, dtype=mx.float16)
         cache = _caches(100, k, v)
@@ -87,9 +87,10 @@ def test_a_taken_step_is_left_to_its_kernel_and_ordered_after_it(on_cuda, monkey
             assert keys.head.shape[2] + keys.n_body + keys.tail.shape[2] == i + 1
             assert append.writer is out and last is not out
             last = out
-        assert not queued  # decode steps order their kernels through "after", not an eval
+        writers = lambda: [a for a in queued if any(a[0] is o for o, *_ in _Recorder.outputs)]  # noqa: E731
+        assert not writers()  # decode steps order their kernels through "after", not an eval
         tail = np.array(cache.state[2])
-        assert queued == [(last,)]  # the state queued the last kernel before its reads
+        assert [a[0] for a in writers()] == [last]  # the state ran the last kernel first
         # the stand-in wrote nothing: every position the kernels took is as allocated (zeros)
         assert not tail[:, :, -5:].any() and tail[:, :, :-5].any()
     finally:
@@ -120,3 +121,22 @@ def test_a_copy_never_writes_into_the_buffer_of_its_original(on_cuda):
 def _address(x: mx.array) -> int:
     mx.eval(x)
     return np.array(x, copy=False).__array_interface__["data"][0]
+
+
+def test_sides_kept_past_the_next_step_still_read_their_own_positions(on_cuda):
+    """A path other than the kernel reads the step's sides after the cache has moved on (and
+    written the step's positions into a new buffer state): it gets the sides' own tail and
+    the step's positions, not the cache's current ones."""
+    k, v = _kv(120, dtype=mx.float16)
+    q = mx.random.normal((1, 4, 1, 64)).astype(mx.float16)
+    got, want = _caches(100, k, v), _caches(100, k, v, writes=False)
+    for i in range(100, 104):
+        a = got.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        b = want.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    assert a[0].append is not None
+    for i in range(104, 106):  # the cache goes on
+        got.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        want.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+    out_a = turboquant_attention(q, *a, scale=0.125)
+    out_b = turboquant_attention(q, *b, scale=0.125)
+    np.testing.assert_array_equal(np.array(out_a), np.array(out_b))
