@@ -155,55 +155,51 @@ def decode_rate(model, cache: list, steps: int, host: dict | None = None, batch:
     the GPU runs the current one). ``host``: gets the seconds a step spends building its
     graph, dispatching it (``async_eval``: MLX encodes every kernel on this thread) and
     waiting for the previous step."""
-    import mlx.core as mx
-
-    def step(tok):
-        return mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
-
-    nxt = step(mx.ones((batch, 1), dtype=mx.int32))
-    mx.async_eval(nxt)
-    parts = [0.0, 0.0, 0.0]
-    t = time.perf_counter()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        after = step(nxt)
-        t1 = time.perf_counter()
-        mx.async_eval(after)
-        t2 = time.perf_counter()
-        mx.eval(nxt)
-        parts[0] += t1 - t0
-        parts[1] += t2 - t1
-        parts[2] += time.perf_counter() - t2
-        nxt = after
-    mx.eval(nxt)
+    parts, wall = _timed_steps(model, cache, steps, batch, pipelined=True)
     if host is not None:
-        host.update(build=parts[0] / steps, dispatch=parts[1] / steps, wait=parts[2] / steps)
-    return steps * batch / (time.perf_counter() - t)
+        host.update({k: sum(p[i] for p in parts) / steps for i, k in enumerate(PARTS)})
+    return steps * batch / wall
 
 
 def step_costs(model, cache: list, steps: int, batch: int = 1) -> dict:
     """Median ms a step spends building its graph, dispatching it and then waiting for the
     GPU, each step started on an idle GPU (not pipelined): the host's own cost, which
     ``decode_rate``'s dispatch can hide (there MLX may block on a GPU a step behind)."""
+    parts, _ = _timed_steps(model, cache, steps, batch, pipelined=False)
+    return {k: round(statistics.median(p[i] for p in parts) * 1e3, 3) for i, k in enumerate(PARTS)}
+
+
+PARTS = ("build", "dispatch", "wait")
+
+
+def _timed_steps(model, cache: list, steps: int, batch: int, pipelined: bool):
+    """Each step's (build, dispatch, wait) seconds and the loop's wall time. Pipelined: the
+    wait is for the previous step, whose GPU work ran meanwhile; else each step starts on an
+    idle GPU and waits for itself."""
     import mlx.core as mx
 
     def step(tok):
         return mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
 
     tok = mx.ones((batch, 1), dtype=mx.int32)
+    if pipelined:
+        tok = step(tok)
+        mx.async_eval(tok)
     parts = []
+    t = time.perf_counter()
     for _ in range(steps):
-        mx.eval(tok)
+        if not pipelined:
+            mx.eval(tok)
         t0 = time.perf_counter()
         nxt = step(tok)
         t1 = time.perf_counter()
         mx.async_eval(nxt)
         t2 = time.perf_counter()
-        mx.eval(nxt)
+        mx.eval(tok if pipelined else nxt)
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         tok = nxt
-    return {k: round(statistics.median(p[i] for p in parts) * 1e3, 3)
-            for i, k in enumerate(("build", "dispatch", "wait"))}  # fmt: skip
+    mx.eval(tok)
+    return parts, time.perf_counter() - t
 
 
 def _views_only(self, buf: tuple, k, v, t: int, n: int) -> int:
