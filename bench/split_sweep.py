@@ -3,6 +3,7 @@ grid with every split before the full-precision chunks, or splits and chunks per
 the number of splits. One run, the same caches for every variant:
 
     python bench/split_sweep.py [--contexts 4033,32705,131009] [--out DIR]
+    python bench/split_sweep.py --contexts 32705 --warps 4,8 --splits 8,11,16   # block width
 
 32 query / 8 KV heads, D 128, the default cache (contexts 63 short of a power of two leave
 a full-precision tail of 64 positions, the average in decode); calls independent (the
@@ -36,6 +37,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4033,16321,32705,131009")
     ap.add_argument("--sets", type=int, default=2, help="input sets the calls rotate over")
+    ap.add_argument(
+        "--warps", default="4", help="warps a block (mma_decode.WARPS), comma-separated"
+    )
+    ap.add_argument("--splits", default="", help="split counts to force at every context")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     hkv, hq, d = 8, 32, 128
@@ -50,8 +55,14 @@ def main() -> None:
             q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
             mx.eval(q, *[a for a in ks.parts + vs.parts], ks.tail, vs.tail)
             sets.append((q, ks, vs))
-        variants = [(False, None)] + [(True, None)] + [(True, s) for s in SPLITS.get(n, [])]
-        for linear, splits in variants:
+        forced = [int(x) for x in args.splits.split(",") if x] or SPLITS.get(n, [])
+        variants = [(4, False, None)] + [
+            (w, True, s) for w in map(int, args.warps.split(",")) for s in [None, *forced]
+        ]
+        for warps, linear, splits in variants:
+            if warps != mma_decode.WARPS:
+                mma_decode.WARPS = warps
+                mma_decode.clear_kernel_caches()  # (plans and memos are per setting)
             mma_decode.LINEAR_GRID = linear
 
             def call(i, splits=splits, sets=sets):
@@ -61,11 +72,11 @@ def main() -> None:
             t = bench_time([lambda i=i: call(i) for i in range(len(sets))], reps=100)
             q, ks, vs = sets[0]  # the split count the plan chose (a shape; nothing runs)
             s = mma_decode._split(q, ks.rotation, ks, vs, scale, splits, False)[0].shape[2]
-            rows.append({"context": n, "linear": linear, "splits": s, "rule": splits is None,
-                         "us": t * 1e6})  # fmt: skip
-            print(f"n {n:6d}  {'1-D grid' if linear else 'rows grid':9s}  splits {s:4d}"
+            rows.append({"context": n, "warps": warps, "linear": linear, "splits": s,
+                         "rule": splits is None, "us": t * 1e6})  # fmt: skip
+            print(f"n {n:6d}  warps {warps}  {'1-D grid' if linear else 'rows grid':9s}  splits {s:4d}"
                   f"{' (rule)' if splits is None else '       '}  {t * 1e6:7.1f} us", flush=True)  # fmt: skip
-    mma_decode.LINEAR_GRID = True
+    mma_decode.LINEAR_GRID, mma_decode.WARPS = True, 4
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "split_sweep.json").write_text(json.dumps(rows, indent=1))

@@ -195,3 +195,30 @@ def test_a_baked_launch_compiles_to_the_machine_code_of_a_templated_one(launches
         )
         assert sent is not None, log
         assert nvrtc.machine_code(baked) == nvrtc.machine_code(sent) != b""
+
+
+def test_eight_warps_a_block_compile_for_the_default_layout(monkeypatch):
+    """``mma_decode.WARPS`` = 8 (bench/split_sweep.py --warps 8: twice the warps of a block
+    at the same block count) builds for the default layout, fused, with its chunk blocks."""
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.cache import JoinWorkspace
+    from services.turboquant.kernels.cases import cache_case
+
+    mma_decode.clear_kernel_caches()
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
+    monkeypatch.setattr(mma_decode, "WARPS", 8)
+    _RecordedKernel.launches, _RecordedKernel.outputs = [], []
+    try:
+        case = cache_case(np.random.default_rng(0), TurboQuantConfig.recommended(), batch=1,
+                          q_heads=32, kv_heads=8, dim=128, length=4000)  # fmt: skip
+        keys = dataclasses.replace(case.keys, workspace=JoinWorkspace())
+        mma_decode.mma_decode_layer(case.queries.astype(mx.float16), keys, case.values, 0.1)
+    finally:
+        mma_decode.clear_kernel_caches()
+    ((kernel, inputs, t, grid, group, _),) = _RecordedKernel.launches
+    assert t["WARPS"] == 8 and t["PIPE"] and t["FUSED"] and t["HAS_TAIL"] and group == (256, 1, 1)
+    dtypes = [o.dtype for o in _RecordedKernel.outputs[0]]
+    cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, [], dtypes))
+    assert cubin is not None, log
+    regs, static = nvrtc.cubin_resources(cubin)
+    assert blocks_per_sm(regs, 256, static, kernel.shared_memory) >= 1
