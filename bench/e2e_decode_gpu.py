@@ -50,9 +50,9 @@ QWEN35_35B_A3B = dict(
 # quantized per vector: the layout the fused CUDA kernel takes).
 # tq-fused / tq-unfused: the default layout with the CUDA kernel's join forced into the
 # split launch or left to a second one (mma_decode.FUSED_JOIN), to compare in one run.
-# tq-nowrite: an experiment, not a cache -- the default layout with a decode step's two
-# tail writes left out (its attention reads stale tail positions): what those two MLX ops
-# cost a step, timing only.
+# tq-nowrite: an experiment, not a cache -- the default layout with a decode step's new
+# position never written (neither by MLX ops nor by the kernel: its attention reads stale
+# tail positions): what the write costs a step, timing only.
 CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused", "tq-nowrite")
 JOIN_MODES = {"tq-fused": dict(FUSED_JOIN=True, FUSED_MAX_WORK=None),
               "tq-unfused": dict(FUSED_JOIN=False)}  # fmt: skip
@@ -229,6 +229,7 @@ def _filled_cache(model, kind: str, context: int, batch: int):
     if kind == "tq-nowrite":
         for c in cache:
             if hasattr(c, "_append_in_buffer"):
+                c.KERNEL_WRITES_TAIL = False  # (else the kernel writes them: TailAppend)
                 c._append_in_buffer = _views_only.__get__(c)
     mx.synchronize()
     return cache, mx.get_active_memory() - before

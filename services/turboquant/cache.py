@@ -11,6 +11,7 @@ patched attention (patch.py -> attention.py) understands.
 
 from __future__ import annotations
 
+import copy
 import sys
 import weakref
 from dataclasses import dataclass
@@ -118,10 +119,10 @@ class TailAppend:
     other reader of the tail settles them first (:meth:`TurboQuantKVCache._settle`).
     """
 
-    __slots__ = ("cache", "k", "v", "at", "after", "writer")
+    __slots__ = ("k", "v", "at", "after", "writer")
 
-    def __init__(self, cache, k: mx.array, v: mx.array, at: int, after: mx.array | None):
-        self.cache, self.k, self.v, self.at, self.after = cache, k, v, at, after
+    def __init__(self, k: mx.array, v: mx.array, at: int, after: mx.array | None):
+        self.k, self.v, self.at, self.after = k, v, at, after
         self.writer: mx.array | None = None
 
     def written(self, keys: PackedSide, values: PackedSide) -> tuple[PackedSide, PackedSide]:
@@ -317,45 +318,35 @@ class TurboQuantKVCache(_BaseCache):
         """Append ``(B, H_kv, L, D)`` keys/values (quantizing what leaves the tail)."""
         _check_patch_installed()
         n = keys.shape[2]
-        after = None
-        pending = self._pending
-        if pending is not None:  # the last step's positions
-            self._pending = None
-            if pending.writer is None:
-                self._write(pending)  # no kernel took them: written by MLX ops
-            else:
-                after = pending.writer
+        after = self._settle(keep_writer=True)  # the last step's positions
         buf = self._tail_buf
-        if (
+        # A decode step: the tail is a view of its buffer, so the sink is full (the tail
+        # takes nothing before it is) and the step fits -- _append_tail's ops, less Python.
+        fast = (
             buf is not None
             and buf[2] is self.tail_k
             and n <= self.TAIL_APPEND_MAX
             and buf[3] + n <= buf[4]
             and self.DECODE_FAST_PATH
-        ):
-            # A decode step: the tail is a view of its buffer, so the sink is full (the tail
-            # takes nothing before it is) and the step fits -- _append_tail's ops, less Python.
-            t = buf[3]
-            if (
-                self.KERNEL_WRITES_TAIL
-                and t + n - self.window < self.block  # no block leaves the tail this step
-                and keys.dtype == buf[0].dtype
-                and join_workspace(self) is not None  # CUDA
-            ):
-                # The tail counts them now; the layer kernel writes them (TailAppend).
-                self.tail_k, self.tail_v = buf[0][:, :, : t + n], buf[1][:, :, : t + n]
-                self._tail_buf = (buf[0], buf[1], self.tail_k, t + n, buf[4])
-                self._pending = TailAppend(self, keys, values, t, after)
-                t += n
-            else:
-                if after is not None:
-                    mx.eval(
-                        after
-                    )  # it writes into this buffer in place: done before MLX ops read it
-                t = self._append_in_buffer(buf, keys, values, t, n)
+        )
+        deferred = (
+            fast
+            and self.KERNEL_WRITES_TAIL
+            and buf[3] + n - self.window < self.block  # no block leaves the tail this step
+            and keys.dtype == buf[0].dtype
+            and join_workspace(self) is not None  # CUDA
+        )
+        if after is not None and not deferred:
+            mx.eval(after)  # it writes into this buffer in place: done before MLX ops read it
+        if deferred:
+            # The tail counts them now; the layer kernel writes them (TailAppend).
+            t = buf[3] + n
+            self.tail_k, self.tail_v = buf[0][:, :, :t], buf[1][:, :, :t]
+            self._tail_buf = (buf[0], buf[1], self.tail_k, t, buf[4])
+            self._pending = TailAppend(keys, values, buf[3], after)
+        elif fast:
+            t = self._append_in_buffer(buf, keys, values, buf[3], n)
         else:
-            if after is not None:
-                mx.eval(after)
             t = self._store(keys, values, n)
         self.offset += n
         over = t - self.window
@@ -418,20 +409,24 @@ class TurboQuantKVCache(_BaseCache):
         self.tail_k, self.tail_v = bk[:, :, :length], bv[:, :, :length]
         self._tail_buf = (bk, bv, self.tail_k, length, cap)
 
-    def _settle(self) -> None:
-        """Before anything but the next update reads or changes the tail (a state, a trim, a
-        copy): the last step's positions written by MLX ops if no kernel took them, else that
-        kernel run to its end -- a graph built and never evaluated would never write them,
-        and a reader on another stream (no data dependency on an in-place write) could run
-        before it."""
+    def _settle(self, keep_writer: bool = False) -> mx.array | None:
+        """Before anything reads or changes the tail (a state, a trim, a copy, an update): the
+        last step's positions written by MLX ops if no kernel took them, else that kernel run
+        to its end -- a graph built and never evaluated would never write them, and a reader
+        on another stream (no data dependency on an in-place write) could run before it.
+        ``keep_writer``: return that kernel's output instead of running it (the next decode
+        step's kernel takes it as an input, which orders the two)."""
         pending = self._pending
         if pending is None:
-            return
+            return None
         self._pending = None
         if pending.writer is None:
             self._write(pending)
+        elif keep_writer:
+            return pending.writer
         else:
             mx.eval(pending.writer)
+        return None
 
     @property
     def _centering(self) -> bool:
@@ -679,8 +674,6 @@ class TurboQuantKVCache(_BaseCache):
         """A copy that never writes into this cache's tail buffer: the arrays are shared (an
         MLX copy shares its data), and kernels write new positions in place (TailAppend), so
         the copy's next step starts a buffer of its own."""
-        import copy
-
         self._settle()
         new = object.__new__(type(self))
         memo[id(self)] = new
