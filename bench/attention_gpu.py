@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import tune_arg  # noqa: E402
+
 L2_BYTES = 60 * 2**20
 
 
@@ -837,6 +839,7 @@ def main() -> None:
     ap.add_argument("--v3-checks", action="store_true", help="also check the v3 kernel")
     ap.add_argument("--shapes", default="32/8/128,16/2/256", help="timing shapes q/kv/D")
     ap.add_argument("--checks-only", action="store_true")
+    ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument(
         "--render", help="attention_gpu.json(s), comma-separated, to write into the docs"
     )
@@ -889,6 +892,10 @@ def main() -> None:
         from services.turboquant.kernels import mma_decode
 
         mma_decode.FOLD = False
+    if args.tune:
+        from services.turboquant.kernels import mma_decode
+
+        mma_decode.tune(**args.tune)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import tune_arg  # noqa: E402
+
 # Public config.json shapes (text part).
 LLAMA_31_8B = dict(
     model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
@@ -326,6 +328,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--split-factor", type=int, help="blocks per SM of the CUDA decode kernel")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--weight-bits", type=int, help="quantize the weights (4: as MLX users run)")
     ap.add_argument("--render")
     ap.add_argument("--machine")
@@ -342,6 +345,10 @@ def main() -> None:
         from services.turboquant.kernels import mma_decode
 
         mma_decode.SPLIT_FACTOR = args.split_factor
+    if args.tune:
+        from services.turboquant.kernels import mma_decode
+
+        mma_decode.tune(**args.tune)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"mlx": mx.__version__, "gpu": str(mx.default_device()), "rows": [],

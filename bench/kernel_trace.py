@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import pct  # noqa: E402
+from bench.report import pct, tune_arg  # noqa: E402
 
 TRACE_AT = 1 << 22  # floats past the counters: beyond any partials these shapes need
 SLOTS = 32  # uint64 a block: 16 globaltimer marks, then the same 16 as clock64
@@ -121,11 +121,13 @@ def main() -> None:
         "--splits", default="", help="comma-separated split counts to force (with the rule's)"
     )
     ap.add_argument("--mhz", type=float, default=1980.0, help="SM clock for clock64 durations")
+    ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--out")
     args = ap.parse_args()
     mma_decode.TRACE_AT = TRACE_AT
     mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = True, None
     mma_decode.clear_kernel_caches()
+    mma_decode.tune(**args.tune)
     hkv, hq, d = 8, 32, 128
     results = []
     for n in [int(c) for c in args.contexts.split(",")]:

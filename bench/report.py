@@ -61,6 +61,17 @@ def write_section(
     doc.write_text(text)
 
 
+def tune_arg(text: str) -> dict:
+    """``--tune`` values: ``WARPS=8,SPLIT_FACTOR=1`` (ints, True/False/None) for
+    :func:`services.turboquant.kernels.mma_decode.tune`."""
+    consts = {"True": True, "False": False, "None": None}
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        out[name.strip()] = consts[value] if value in consts else int(value)
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     """The q-quantile (0..1) of ``values`` (nearest rank)."""
     s = sorted(values)

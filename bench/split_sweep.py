@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import tune_arg  # noqa: E402
+
 SPLITS = {4033: [4, 6, 8], 16321: [8, 12, 16, 24, 33], 32705: [12, 16, 20, 24, 33, 49],
           131009: [33, 44, 49, 64, 98, 132, 196]}  # fmt: skip
 
@@ -42,7 +44,10 @@ def main() -> None:
     )
     ap.add_argument("--splits", default="", help="split counts to force at every context")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     args = ap.parse_args()
+    if args.tune:
+        mma_decode.tune(**args.tune)
     hkv, hq, d = 8, 32, 128
     scale = 1 / math.sqrt(d)
     rows = []

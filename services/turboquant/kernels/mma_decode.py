@@ -170,6 +170,16 @@ def clear_kernel_caches() -> None:
         f.cache_clear()
 
 
+def tune(**settings) -> None:
+    """Set tunables by name (benches: ``WARPS=8``) and forget what was planned under the old
+    ones."""
+    for name, value in settings.items():
+        if not name.isupper() or name not in globals():
+            raise ValueError(f"no tunable {name!r} in mma_decode")
+        globals()[name] = value
+    clear_kernel_caches()
+
+
 def steps_for(key_layout: int, dim: int, steps: int | None = None) -> int:
     """Steps of 16 positions per super-tile for a key layout and head dim: ``steps`` (by
     default the module's ``STEPS``) if set, else the rule."""
