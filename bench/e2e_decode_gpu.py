@@ -174,6 +174,28 @@ def step_costs(model, cache: list, steps: int, batch: int = 1) -> dict:
 PARTS = ("build", "dispatch", "wait")
 
 
+def profile_builds(model, cache: list, steps: int, batch: int, top: int) -> str:
+    """cProfile of ``steps`` decode steps' graph builds alone (each step evaluated outside
+    the profile): the ``top`` functions by own time, MLX's C++ calls among them -- where a
+    cache's build time goes on this host."""
+    import cProfile
+    import io
+    import pstats
+
+    import mlx.core as mx
+
+    tok = mx.ones((batch, 1), dtype=mx.int32)
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        prof.enable()
+        tok = mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
+        prof.disable()
+        mx.eval(tok)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def _timed_steps(model, cache: list, steps: int, batch: int, pipelined: bool):
     """Each step's (build, dispatch, wait) seconds and the loop's wall time. Pipelined: the
     wait is for the previous step, whose GPU work ran meanwhile; else each step starts on an
@@ -238,7 +260,7 @@ def _filled_cache(model, kind: str, context: int, batch: int):
 
 
 def run_context(model, kinds: list[str], context: int, steps: int, repeats: int = 2,
-                batch: int = 1) -> list[dict]:  # fmt: skip
+                batch: int = 1, profile: int = 0) -> list[dict]:  # fmt: skip
     """One row per cache kind: decode tok/s (median of ``repeats`` runs; ``batch``
     sequences, all counted), measured KV bytes and peak memory. All caches are filled
     first and their timed runs alternate (fp16, ours, fp16, ours, ...): the device's host
@@ -266,6 +288,9 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
                 unpiped[kind].append(step_costs(model, cache, max(4, steps // 4), batch))
             # As if alone: the other caches' buffers sit in memory, unchanged, meanwhile.
             peak[kind] = max(peak[kind], mx.get_peak_memory() - (total_kv - kv))
+    for kind, (cache, _) in caches.items() if profile else ():
+        with join_mode(kind):
+            print(f"== build profile: {kind}\n" + profile_builds(model, cache, 16, batch, profile))
     rows = []
     for kind, (_, kv) in caches.items():
         ratios = [a / b for a, b in zip(runs[kind], runs[kinds[0]], strict=True)]
@@ -330,6 +355,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--weight-bits", type=int, help="quantize the weights (4: as MLX users run)")
+    ap.add_argument("--profile", type=int, default=0, help="print each cache's top N build costs")
     ap.add_argument("--render")
     ap.add_argument("--machine")
     ap.add_argument("--command")
@@ -365,7 +391,9 @@ def main() -> None:
         model = build(name, args.tiny, args.weight_bits)
         for ctx in (int(c) for c in args.contexts.split(",")):
             kinds = sorted(args.caches.split(","), key=lambda k: k != "fp16")  # fp16 first
-            for row in run_context(model, kinds, ctx, args.steps, args.repeats, args.batch):
+            for row in run_context(
+                model, kinds, ctx, args.steps, args.repeats, args.batch, args.profile
+            ):
                 res["rows"].append(dict(model=name, weight_bits=args.weight_bits or 16, **row))
                 print(json.dumps(res["rows"][-1]), flush=True)
             (out / "e2e_decode_gpu.json").write_text(json.dumps(res, indent=1))
