@@ -198,9 +198,9 @@ def run_mma_checks(
     if select:
         every = [(shape, None, True) for shape in MMA_SHAPES] + runs[-2:] + [None] + forced
         runs = [every[int(i)] for i in select.split(",") if int(i) < len(every) and every[int(i)]]
-    default_steps = mma_decode.STEPS
+    default_steps, default_pipe = mma_decode.STEPS, mma_decode.PIPELINE  # (--tune's)
     for shape, steps, pipeline in runs:
-        mma_decode.STEPS, mma_decode.PIPELINE = steps, pipeline
+        mma_decode.STEPS, mma_decode.PIPELINE = steps, default_pipe if pipeline else False
         bsz, hq, hkv, d = shape
         print(f"mma checks {shape} steps {steps} pipeline {pipeline} at "
               f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
@@ -239,7 +239,7 @@ def run_mma_checks(
                     print("FAIL", rows[-1], errs, flush=True)
         if save is not None:
             save(rows)
-    mma_decode.STEPS, mma_decode.PIPELINE = default_steps, True
+    mma_decode.STEPS, mma_decode.PIPELINE = default_steps, default_pipe
     if not select or "8" in select.split(","):
         rows += run_portable_checks(rng)
         if save is not None:

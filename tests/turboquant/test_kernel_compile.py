@@ -222,3 +222,41 @@ def test_eight_warps_a_block_compile_for_the_default_layout(monkeypatch):
     assert cubin is not None, log
     regs, static = nvrtc.cubin_resources(cubin)
     assert blocks_per_sm(regs, 256, static, kernel.shared_memory) >= 1
+
+
+def test_two_tile_rings_compile_where_the_grid_fits_a_block_an_sm(monkeypatch):
+    """``mma_decode.PIPELINE`` = 2: the default layout's split kernel with two ring slots a
+    warp where the whole grid (splits and chunk blocks) fits a block an SM -- it builds, asks
+    for the larger rings, and a block still fits an SM; a grid that does not keep one slot."""
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.cache import JoinWorkspace
+    from services.turboquant.kernels.cases import cache_case
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
+    monkeypatch.setattr(mma_decode, "PIPELINE", 2)
+    case = cache_case(np.random.default_rng(0), TurboQuantConfig.recommended(), batch=1,
+                      q_heads=32, kv_heads=8, dim=128, length=4000)  # fmt: skip
+    keys = dataclasses.replace(case.keys, workspace=JoinWorkspace())
+    q = case.queries.astype(mx.float16)
+    rings = {}
+    for splits in (
+        8,
+        16,
+    ):  # 8 KV heads: (8 + chunks) x 8 blocks fit 132 SMs, 16 x 8 + chunks do not
+        mma_decode.clear_kernel_caches()
+        _RecordedKernel.launches, _RecordedKernel.outputs = [], []
+        try:
+            mma_decode.mma_decode_layer(q, keys, case.values, 0.1, splits=splits)
+        finally:
+            mma_decode.clear_kernel_caches()
+        ((kernel, inputs, t, grid, group, _),) = _RecordedKernel.launches
+        rings[splits] = t["PIPE"]
+        assert kernel.shared_memory == mma_decode.pipeline_smem(128, 4, t["PIPE"])
+        dtypes = [o.dtype for o in _RecordedKernel.outputs[0]]
+        cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, [], dtypes))
+        assert cubin is not None, log
+        regs, static = nvrtc.cubin_resources(cubin)
+        assert blocks_per_sm(regs, 128, static, kernel.shared_memory) == (
+            1 if t["PIPE"] == 2 else 3
+        )
+    assert rings == {8: 2, 16: 1}
