@@ -43,9 +43,6 @@ def main() -> None:
         "--warps", default="4", help="warps a block (mma_decode.WARPS), comma-separated"
     )
     ap.add_argument("--splits", default="", help="split counts to force at every context")
-    ap.add_argument(
-        "--pipelines", default="1", help="mma_decode.PIPELINE values (2: two-tile rings)"
-    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     args = ap.parse_args()
@@ -64,16 +61,12 @@ def main() -> None:
             mx.eval(q, *[a for a in ks.parts + vs.parts], ks.tail, vs.tail)
             sets.append((q, ks, vs))
         forced = [int(x) for x in args.splits.split(",") if x] or SPLITS.get(n, [])
-        pipes = [int(p) for p in args.pipelines.split(",")]
-        variants = [(4, False, None, pipes[0])] + [
-            (w, True, s, p)
-            for p in pipes
-            for w in map(int, args.warps.split(","))
-            for s in [None, *forced]
+        variants = [(4, False, None)] + [
+            (w, True, s) for w in map(int, args.warps.split(",")) for s in [None, *forced]
         ]
-        for warps, linear, splits, pipe in variants:
-            if (warps, pipe) != (mma_decode.WARPS, int(mma_decode.PIPELINE)):
-                mma_decode.WARPS, mma_decode.PIPELINE = warps, pipe
+        for warps, linear, splits in variants:
+            if warps != mma_decode.WARPS:
+                mma_decode.WARPS = warps
                 mma_decode.clear_kernel_caches()  # (plans and memos are per setting)
             mma_decode.LINEAR_GRID = linear
 
@@ -85,10 +78,10 @@ def main() -> None:
             q, ks, vs = sets[0]  # the split count the plan chose (a shape; nothing runs)
             s = mma_decode._split(q, ks.rotation, ks, vs, scale, splits, False)[0].shape[2]
             rows.append({"context": n, "warps": warps, "linear": linear, "splits": s,
-                         "rule": splits is None, "pipeline": pipe, "us": t * 1e6})  # fmt: skip
-            print(f"n {n:6d}  warps {warps}  ring {pipe}  {'1-D grid' if linear else 'rows grid':9s}  splits {s:4d}"
+                         "rule": splits is None, "us": t * 1e6})  # fmt: skip
+            print(f"n {n:6d}  warps {warps}  {'1-D grid' if linear else 'rows grid':9s}  splits {s:4d}"
                   f"{' (rule)' if splits is None else '       '}  {t * 1e6:7.1f} us", flush=True)  # fmt: skip
-    mma_decode.LINEAR_GRID, mma_decode.WARPS, mma_decode.PIPELINE = True, 4, True
+    mma_decode.LINEAR_GRID, mma_decode.WARPS = True, 4
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "split_sweep.json").write_text(json.dumps(rows, indent=1))

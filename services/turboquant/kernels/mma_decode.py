@@ -60,9 +60,8 @@ TILES_PER_WARP = 4
 FOLD = True
 # The default layout at head dim <= 128 stages each warp's tiles in shared memory with
 # cp.async, the next half-tile loading during this one's math (template PIPE;
-# bench/gpu_notes.md, session 5). False: the v5 loads straight into registers. 2: rings of
-# two tiles (the tile after next loading too) where the whole grid fits a block an SM.
-PIPELINE: bool | int = True
+# bench/gpu_notes.md, session 5). False: the v5 loads straight into registers.
+PIPELINE = True
 # One 1-D grid, every row's splits before the full-precision chunks (template LIN), so the
 # hardware gives each SM an even share of split blocks; else (splits + chunks, rows, batch),
 # where the chunk blocks interleave with the splits and some SMs get 3 split blocks while
@@ -240,10 +239,10 @@ def fp_chunk_smem(dim: int) -> int:
     return 4 * (c * (dim + 1) + c * dim + 8 * (dim + 1) + 8 * c)
 
 
-def pipeline_smem(dim: int, warps: int, ring: int = 1) -> int:
-    """Dynamic shared memory of a ``PIPE`` block: per warp ``ring`` key and value tiles of
-    4-bit codes (64 bytes a row, 128 positions) and a tile's staged scales and biases."""
-    return warps * (ring * (64 * dim + 64 * dim) + 2 * (2 * dim + 2 * 128))
+def pipeline_smem(dim: int, warps: int) -> int:
+    """Dynamic shared memory of a ``PIPE`` block: per warp a key and a value tile of 4-bit
+    codes (64 bytes a row, 128 positions) and the tile's staged scales and biases."""
+    return warps * (64 * dim + 64 * dim + 2 * (2 * dim + 2 * 128))
 
 
 def side_layout(side, values: bool = False) -> tuple[int, int, int] | None:
@@ -521,8 +520,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
         return None
     fp = (head_chunks, tail_chunks, fp_dtype, append)
     if fused and fused_max is not None:
-        _, s = _row_splits(*layouts, b, hq, hkv, d, n_body, splits, tunables,
-                           head_chunks + tail_chunks)  # fmt: skip
+        _, s = _row_splits(*layouts, b, hq, hkv, d, n_body, splits, tunables)
         work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
         fused = work <= fused_max[0] and tail <= fused_max[1]
     fused = fused and b * hkv * -(-(hq // hkv) // 8) <= counter_rows
@@ -602,26 +600,14 @@ def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
     )
 
 
-def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables,
-                chunks: int = 0) -> tuple[int, int]:  # fmt: skip
-    """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits
-    (``chunks``: a row's full-precision chunk blocks, launched with them)."""
+def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
+    """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits."""
     steps_setting, factor, warps, _, pipeline, linear = tunables
     rows = b * hkv * -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
-    pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
-    per_warp = TILES_PER_WARP if pipe else 1
-    if splits:
-        return rows, splits
-    s = num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
-                   tiles_per_warp=per_warp)  # fmt: skip
-    fit = NUM_SMS_GUESS // rows - chunks  # splits that leave every block of the grid an SM
-    if pipe and pipeline == 2 and s * rows <= NUM_SMS_GUESS and s > fit >= 1:
-        # two-tile rings need a block an SM (shared memory): fewer, longer splits instead
-        tile = 16 * steps
-        chunk = math.ceil(math.ceil(n_body / fit) / tile) * tile  # what the kernel computes
-        s = -(-n_body // chunk)
-    return rows, s
+    per_warp = TILES_PER_WARP if pipeline and pipelined(k_layout, v_layout, d, steps) else 1
+    return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
+                                      tiles_per_warp=per_warp)  # fmt: skip
 
 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
@@ -635,10 +621,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
     pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
-    chunks = fp[0] + fp[1]
-    rows, s = _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables, chunks)
-    # ring slots a warp: 2 only where every block (chunks too) has an SM to itself
-    ring = 2 if pipe and pipeline == 2 and (s + chunks) * rows <= NUM_SMS_GUESS else 1
+    rows, s = _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables)
     template = [
         ("KQ", k_layout[0]),
         ("VQ", v_layout[0]),
@@ -651,7 +634,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("STEPS", steps),
         ("QROT", rotate_q),
         ("FOLD", fold),
-        ("PIPE", ring if pipe else 0),
+        ("PIPE", pipe),
         ("QT", q_dtype),
         ("ST", mx.float16),
         ("HAS_HEAD", fp[0] > 0),
@@ -663,6 +646,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("HAS_CENTER", join[1]),
         ("HAS_SINKS", join[2]),
     ]
+    chunks = fp[0] + fp[1]
     grid = (
         ((s + chunks) * rows * 32 * warps, 1, 1)
         if linear
@@ -673,7 +657,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     # 48000 bytes: at head dim 256 the pool (32 KB) and the chunk (41 KB) need it, so a
     # launch with chunks asks for at least 48 KB (2 blocks an SM still fit; registers allow
     # no more for these layouts).
-    smem = pipeline_smem(d, warps, ring) if pipe else 0
+    smem = pipeline_smem(d, warps) if pipe else 0
     if chunks:
         smem = max(smem, fp_chunk_smem(d), FP_SMEM_MIN)
     fp_shapes = [(b, hq, max(1, chunks), d), (b, hq, max(1, chunks), 2)]  # unused when none

@@ -284,7 +284,7 @@ __device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
 }
 
 template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, bool QROT,
-          bool FOLD, int PIPE, typename QT, typename ST>
+          bool FOLD, bool PIPE, typename QT, typename ST>
 __device__ void mma_decode_split(
     const QT* q, const int64_t* q_st, const float* signs,
     const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
@@ -332,11 +332,8 @@ __device__ void mma_decode_split(
   constexpr int KCHK = TP * KB / 128;         // 16-byte chunks a key row (one channel)
   constexpr int VCHK = D * VB / 128;          // 16-byte chunks a value row (one position)
   constexpr int KSH = D == 128 ? 5 : 4;       // key row r belongs to lane t = r >> KSH
-  constexpr int KBUF = PIPE ? D * KCHK * 4 : 0;  // words a warp and ring slot
+  constexpr int KBUF = PIPE ? D * KCHK * 4 : 0;  // words a warp
   constexpr int VBUF = PIPE ? TP * VCHK * 4 : 0;
-  // PIPE 2: two slots a ring, the tile after next loading too -- three tiles' halves in
-  // flight a warp instead of one, for grids of a block an SM (latency-bound tile loop).
-  constexpr int RING = PIPE > 1 ? 2 : 1;
   // One pool: the query (before the loop), the staged scales (in it), the warp merge
   // (after). PIPE: all three live in the dynamic shared memory instead (3 blocks an SM).
   constexpr int RED_BYTES = WARPS * 8 * D * 4, STG_BYTES = WARPS * (KST + VST) * 2;
@@ -350,7 +347,7 @@ __device__ void mma_decode_split(
   auto red_o = reinterpret_cast<float (*)[8][D]>(PIPE ? static_cast<void*>(tq_dyn) : static_cast<void*>(pool));
   // 8 * D floats <= RED_BYTES; PIPE: the staged scales' area, before the first tile's are
   // stored -- the rings are already loading the first tile by then.
-  auto q_s = reinterpret_cast<float (*)[D]>(PIPE ? static_cast<void*>(tq_dyn + WARPS * RING * (KBUF + VBUF))
+  auto q_s = reinterpret_cast<float (*)[D]>(PIPE ? static_cast<void*>(tq_dyn + WARPS * (KBUF + VBUF))
                                                  : static_cast<void*>(pool));
   static_assert(!PIPE || 8 * D * 4 <= STG_BYTES, "PIPE: the query fits where the scales go");
 
@@ -378,10 +375,10 @@ __device__ void mma_decode_split(
   // Strides inside one (batch, head) slice fit in 32 bits: cheaper address arithmetic.
   const int kst = (int)kw_st[2], vst = (int)vw_st[2];
 
-  ST* stg = (PIPE ? reinterpret_cast<ST*>(tq_dyn + WARPS * RING * (KBUF + VBUF)) : reinterpret_cast<ST*>(pool)) +
+  ST* stg = (PIPE ? reinterpret_cast<ST*>(tq_dyn + WARPS * (KBUF + VBUF)) : reinterpret_cast<ST*>(pool)) +
             warp * (KST + VST);
-  uint32_t* kring = tq_dyn + warp * RING * (KBUF + VBUF);
-  uint32_t* vring = kring + RING * KBUF;
+  uint32_t* kring = tq_dyn + warp * (KBUF + VBUF);
+  uint32_t* vring = kring + KBUF;
   // This lane's part of the staged slots it reads: channel t * KD (+ 4kb + c) half g / 4;
   // value row 16t (+ the step's) chunk g * NAV / 4.
   const int kslot = swz_lane(4 * t * KD + (g >> 2), t, g & 3);
@@ -434,18 +431,16 @@ __device__ void mma_decode_split(
   // PIPE: the source is 16-byte aligned (else 4-byte copies; a uniform branch).
   const bool al16 = ((reinterpret_cast<uintptr_t>(kbase) | reinterpret_cast<uintptr_t>(vbase)) & 15) == 0 &&
                     (kst & 3) == 0 && (vst & 3) == 0;
-  auto stage_keys = [&](int P, int slot) {  // rows: channels; a row's 64 bytes are the tile's 128 positions
+  auto stage_keys = [&](int P) {  // rows: channels; a row's 64 bytes are the tile's 128 positions
     if constexpr (PIPE) {
-      uint32_t* ring = kring + slot * KBUF;
-      if (al16) stage_rows<D, KCHK, KSH, true>(ring, kbase + P * KB / 32, kst, D, lane);
-      else stage_rows<D, KCHK, KSH, false>(ring, kbase + P * KB / 32, kst, D, lane);
+      if (al16) stage_rows<D, KCHK, KSH, true>(kring, kbase + P * KB / 32, kst, D, lane);
+      else stage_rows<D, KCHK, KSH, false>(kring, kbase + P * KB / 32, kst, D, lane);
     }
   };
-  auto stage_values = [&](int P, int slot) {  // rows: positions (past the body: zero-filled)
+  auto stage_values = [&](int P) {  // rows: positions (past the body: zero-filled)
     if constexpr (PIPE) {
-      uint32_t* ring = vring + slot * VBUF;
-      if (al16) stage_rows<TP, VCHK, 4, true>(ring, vbase + P * vst, vst, N - P, lane);
-      else stage_rows<TP, VCHK, 4, false>(ring, vbase + P * vst, vst, N - P, lane);
+      if (al16) stage_rows<TP, VCHK, 4, true>(vring, vbase + P * vst, vst, N - P, lane);
+      else stage_rows<TP, VCHK, 4, false>(vring, vbase + P * vst, vst, N - P, lane);
     }
   };
   // The block's 8 query heads (x signs when QROT) load into registers first, all at once:
@@ -463,16 +458,13 @@ __device__ void mma_decode_split(
   }
   // PIPE: the first tile's keys, values and scales start loading before the query is
   // rotated (its latency hides behind that; the rings do not hold the query).
-  if constexpr (PIPE) {  // (every stage commits a group, empty or not: the waits count them)
-#pragma unroll
-    for (int r = 0; r < RING; ++r) {
-      const int P = start + (warp + r * WARPS) * TP;
-      if (P < end) stage_keys(P, r);
-      cp_commit();
-      if (P < end) stage_values(P, r);
-      cp_commit();
-    }
-    if (start + warp * TP < end) load_scales(start + warp * TP);
+  if constexpr (PIPE) {
+    const bool first = start + warp * TP < end;
+    if (first) stage_keys(start + warp * TP);
+    cp_commit();
+    if (first) stage_values(start + warp * TP);
+    cp_commit();
+    if (first) load_scales(start + warp * TP);
   }
 
   if constexpr (KCB) {
@@ -541,12 +533,10 @@ __device__ void mma_decode_split(
     if (start + warp * TP < end) store_scales();
   }
 
-  for (int P0 = start + warp * TP, it = 0; P0 < end; P0 += WARPS * TP, ++it) {
+  for (int P0 = start + warp * TP; P0 < end; P0 += WARPS * TP) {
     const int P_next = P0 + WARPS * TP;
-    const int P_ring = P0 + RING * WARPS * TP;  // the tile that takes this one's ring slots
-    const int slot = RING > 1 ? it & 1 : 0;
     if constexpr (PIPE) {
-      cp_wait<2 * RING - 1>();  // this tile's keys (its values may still be in flight)
+      cp_wait<1>();  // this tile's keys (its values may still be in flight)
       __syncwarp();
       if (P0 == start && warp == 0) TQM_MARK(3);
     } else if constexpr (KSTG || VSTG) {
@@ -592,7 +582,7 @@ __device__ void mma_decode_split(
           for (int c = 0; c < 4; ++c) {
             const int d = t * KD + 4 * kb + c;
             if constexpr (PIPE) {  // word 8r + g of channel d's staged row (slot 4d + 2r + g/4)
-              cw[r][c][0] = kring[slot * KBUF + swz_at(kslot, 4 * (4 * kb + c) + 2 * r)];
+              cw[r][c][0] = kring[swz_at(kslot, 4 * (4 * kb + c) + 2 * r)];
             } else {
               load_bits<NAK, UNAL_K>(kbase + d * kst, (P0 + HALF * r + STEPS * g) * KB, k_nw, cw[r][c]);
             }
@@ -702,7 +692,7 @@ __device__ void mma_decode_split(
     }
     if constexpr (PIPE) {
       __syncwarp();  // every lane has read this tile's keys: the ring takes the next tile's
-      if (P_ring < end) stage_keys(P_ring, slot);
+      if (P_next < end) stage_keys(P_next);
       cp_commit();
       if (P_next < end) load_scales(P_next);
     }
@@ -753,7 +743,7 @@ __device__ void mma_decode_split(
 
     // ---------------------------------------------------------------- values O^T += V^T P^T
     if constexpr (PIPE) {
-      cp_wait<2 * RING - 1>();  // this tile's values (later tiles' halves may still be in flight)
+      cp_wait<1>();  // this tile's values (the next tile's keys may still be in flight)
       __syncwarp();
     }
 #pragma unroll
@@ -783,7 +773,7 @@ __device__ void mma_decode_split(
         const int pos = KCH ? P0 + HALF * (k >> 3) + STEPS * (k & 7) + s : P0 + 16 * s + k;
         const int p = min(pos, N - 1);
         if constexpr (PIPE) {  // words g * NAV.. of the position's staged row (t's part in vslot)
-          const uint32_t* w = vring + slot * VBUF + swz_at(vslot, VCHK * (64 * (i >> 1) + 8 * (i & 1) + s));
+          const uint32_t* w = vring + swz_at(vslot, VCHK * (64 * (i >> 1) + 8 * (i & 1) + s));
           if constexpr (NAV == 2) {
             const uint2 w2 = *reinterpret_cast<const uint2*>(w);
             vr[i][0] = w2.x;
@@ -848,8 +838,10 @@ __device__ void mma_decode_split(
     }
     if constexpr (PIPE) {
       __syncwarp();  // every lane has read this tile's values and scales
-      if (P_ring < end) stage_values(P_ring, slot);
-      if (P_next < end) store_scales();
+      if (P_next < end) {
+        stage_values(P_next);
+        store_scales();
+      }
       cp_commit();
     }
   }
