@@ -192,3 +192,40 @@ def test_join_kinds_force_the_kernels_join_only_while_their_steps_run(monkeypatc
     # per round (warm-up, then two timed): the kinds in order
     assert flags == [default, True, False, default] * 3
     assert mma_decode.FUSED_JOIN is default
+
+
+def test_tune_sets_kernel_tunables_by_name_and_forgets_old_plans(monkeypatch):
+    """bench --tune: ``WARPS=8,PIPELINE=False,STEPS=None`` parses to values, mma_decode.tune
+    sets them (plans made before are dropped), and a name that is no tunable is refused."""
+    import pytest
+
+    from bench.report import tune_arg
+    from services.turboquant.kernels import mma_decode
+
+    assert tune_arg("WARPS=8,PIPELINE=False,STEPS=None") == dict(
+        WARPS=8, PIPELINE=False, STEPS=None
+    )
+    assert tune_arg("") == {}
+    for name in mma_decode.TUNABLES:
+        monkeypatch.setattr(mma_decode, name, getattr(mma_decode, name))  # restored after
+    generation = mma_decode._GENERATION
+    mma_decode.tune(**tune_arg("WARPS=8,PIPELINE=False"))
+    assert (mma_decode.WARPS, mma_decode.PIPELINE) == (8, False)
+    assert mma_decode._GENERATION == generation + 1  # memos made before are not used
+    with pytest.raises(ValueError, match="warps"):
+        mma_decode.tune(warps=4)
+    with pytest.raises(ValueError, match="SPLIT_INPUTS"):
+        mma_decode.tune(SPLIT_INPUTS=())
+    assert mma_decode.WARPS == 8
+
+
+def test_build_profile_names_the_caches_functions():
+    """--profile: a cProfile of decode steps' graph builds alone, our cache's functions in it."""
+    from services.turboquant import TurboQuantConfig, make_turboquant_cache
+
+    model = e2e.build("llama-3.1-8b", tiny=True)
+    cache = make_turboquant_cache(model, TurboQuantConfig.recommended())
+    e2e.attention_shapes(model, cache)
+    e2e.fill(cache, 200)
+    text = e2e.profile_builds(model, cache, steps=3, batch=1, top=40)
+    assert "function calls" in text and "update_and_fetch" in text

@@ -170,13 +170,17 @@ def clear_kernel_caches() -> None:
         f.cache_clear()
 
 
+TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
+             "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
+
+
 def tune(**settings) -> None:
-    """Set tunables by name (benches: ``WARPS=8``) and forget what was planned under the old
-    ones."""
-    for name, value in settings.items():
-        if not name.isupper() or name not in globals():
-            raise ValueError(f"no tunable {name!r} in mma_decode")
-        globals()[name] = value
+    """Set :data:`TUNABLES` by name (benches' ``--tune WARPS=8``) and forget what was
+    planned under the old values."""
+    unknown = sorted(set(settings) - set(TUNABLES))
+    if unknown:
+        raise ValueError(f"not a tunable of mma_decode: {', '.join(unknown)}")
+    globals().update(settings)
     clear_kernel_caches()
 
 
