@@ -1154,6 +1154,21 @@ __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_
   }
 }
 
+// FPIN: a split block's chunk after its split, in a call of its own (its registers apart
+// from the split's: inlined, the kernel took 212 instead of 163 at D 128).
+template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, typename QT, typename FT>
+__device__ __noinline__ void fp_chunk_apart(
+    const QT* q, const int64_t* q_st,
+    const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
+    const FT* kt, const int* kt_sh, const int64_t* kt_st, const FT* vt, const int64_t* vt_st,
+    const FT* kn, const int* kn_sh, const int64_t* kn_st, const FT* vn, const int64_t* vn_st,
+    const float* params, int n_kv, int G, int chunk, int n_chunks, int row, int b, float* fp_o,
+    float* fp_ml) {
+  fp_chunk<D, NT, HAS_HEAD, HAS_TAIL, APPEND>(q, q_st, kh, kh_sh, kh_st, vh, vh_st, kt, kt_sh, kt_st,
+                                             vt, vt_st, kn, kn_sh, kn_st, vn, vn_st, params, n_kv, G,
+                                             chunk, n_chunks, row, b, fp_o, fp_ml);
+}
+
 // FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
 // the last of a row's splits and fp chunks resets the count (so the next launch of this
 // layer starts from 0) and joins the row's query heads -- what MMA_JOIN_SOURCE does in a
@@ -1209,17 +1224,18 @@ MMA_SPLIT_SOURCE = r"""
   const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? (kt_shape[2] + FC - 1) / FC : 0);
   // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
   // the hardware deals blocks out in this order, so the SMs get even shares of split work.
-  // Else blocks (x: splits then chunks, y: row, z: batch).
+  // Else blocks (x: splits then chunks, y: row, z: batch). FPIN: no chunk blocks -- a row's
+  // first n_fp split blocks take its chunks after their splits (n_fp <= S).
   int idx, row, b, S;
   if (LIN) {
     const int R = q_shape[0] * n_kv * n_ht;
-    S = gridDim.x / R - n_fp;
+    S = gridDim.x / R - (FPIN ? 0 : n_fp);
     idx = blockIdx.x / R;
     row = blockIdx.x % R;
     b = row / (n_kv * n_ht);
     row %= n_kv * n_ht;
   } else {
-    S = gridDim.x - n_fp;
+    S = gridDim.x - (FPIN ? 0 : n_fp);
     idx = blockIdx.x;
     row = blockIdx.y;
     b = blockIdx.z;
@@ -1237,7 +1253,7 @@ MMA_SPLIT_SOURCE = r"""
     tqm_mark(0);
   }
 #endif
-  const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
+  const bool fp_block = !FPIN && (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
     tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(
         q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
@@ -1256,6 +1272,22 @@ MMA_SPLIT_SOURCE = r"""
         vs, vs_strides.data(), vb, vb_strides.data(),
         lut_k, lut_v, params,
         n_kv, G, idx, S, row, b, o_part, ml_part);
+  }
+  if constexpr (FPIN && (HAS_HEAD || HAS_TAIL)) {
+    if (idx < n_fp) {
+      __syncthreads();  // the split is done with the dynamic shared memory
+      tqm::fp_chunk_apart<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(
+          q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
+          kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(),
+          kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params,
+          n_kv, G, idx, n_fp, row, b, fp_o, fp_ml);
+      TQM_MARK(9);
+      if constexpr (FUSED) {  // the chunk counts apart: a row's S blocks count S + n_fp partials
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) atomicAdd(const_cast<int*>(reinterpret_cast<const int*>(work)) + (int64_t)b * n_kv * n_ht + row, 1);
+      }
+    }
   }
   if constexpr (FUSED) {  // the join, by the row's last block (one launch a layer)
     tqm::join_last_block<D, OT, HAS_HEAD || HAS_TAIL, QROT, HAS_CENTER, HAS_SINKS>(
