@@ -10,7 +10,7 @@
 #
 # Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
 #        e2e-32k-w4 | e2e-fused | e2e-128k |
-#        e2e-batch | sweep | trace | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
+#        e2e-batch | sweep | trace | fpin | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -82,6 +82,13 @@ while [ $# -gt 0 ]; do
       ;;
     trace)  # every block's timeline in one fused launch (bench/kernel_trace.py)
       run 300 trace python3 bench/kernel_trace.py --contexts 4033,16321,32705,131009 --splits 16
+      ;;
+    fpin)  # mma_decode.FP_IN_SPLITS (fp chunks inside split blocks): checks, then sweep and trace
+      t=FP_IN_SPLITS=True
+      run 240 checks-fpin python3 bench/attention_gpu.py --checks-only --check-runs 0 --tune "$t"
+      run 100 sweep-fpin python3 bench/split_sweep.py --contexts 16321,32705 --splits 16,24,32 --tune "$t"
+      run 100 sweep-nofpin python3 bench/split_sweep.py --contexts 16321,32705 --splits 16,24,32
+      run 60 trace-fpin python3 bench/kernel_trace.py --contexts 32705 --splits 32 --tune "$t"
       ;;
     sweep)  # the split kernel's grid: block order and split count (bench/split_sweep.py)
       run 240 sweep python3 bench/split_sweep.py
