@@ -1156,17 +1156,9 @@ __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_
 
 // FPIN: a split block's chunk after its split, in a call of its own (its registers apart
 // from the split's: inlined, the kernel took 212 instead of 163 at D 128).
-template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, typename QT, typename FT>
-__device__ __noinline__ void fp_chunk_apart(
-    const QT* q, const int64_t* q_st,
-    const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
-    const FT* kt, const int* kt_sh, const int64_t* kt_st, const FT* vt, const int64_t* vt_st,
-    const FT* kn, const int* kn_sh, const int64_t* kn_st, const FT* vn, const int64_t* vn_st,
-    const float* params, int n_kv, int G, int chunk, int n_chunks, int row, int b, float* fp_o,
-    float* fp_ml) {
-  fp_chunk<D, NT, HAS_HEAD, HAS_TAIL, APPEND>(q, q_st, kh, kh_sh, kh_st, vh, vh_st, kt, kt_sh, kt_st,
-                                             vt, vt_st, kn, kn_sh, kn_st, vn, vn_st, params, n_kv, G,
-                                             chunk, n_chunks, row, b, fp_o, fp_ml);
+template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, typename... Args>
+__device__ __noinline__ void fp_chunk_apart(Args... args) {
+  fp_chunk<D, NT, HAS_HEAD, HAS_TAIL, APPEND>(args...);
 }
 
 // FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
