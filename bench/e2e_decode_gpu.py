@@ -188,12 +188,19 @@ def profile_builds(model, cache: list, steps: int, batch: int, top: int) -> str:
     prof = cProfile.Profile()
     for _ in range(steps):
         prof.enable()
-        tok = mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
+        tok = _step(model, cache, tok)
         prof.disable()
         mx.eval(tok)
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
     return text.getvalue()
+
+
+def _step(model, cache: list, tok):
+    """One greedy decode step's graph (built, not evaluated): the next tokens."""
+    import mlx.core as mx
+
+    return mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
 
 
 def _timed_steps(model, cache: list, steps: int, batch: int, pipelined: bool):
@@ -202,12 +209,9 @@ def _timed_steps(model, cache: list, steps: int, batch: int, pipelined: bool):
     idle GPU and waits for itself."""
     import mlx.core as mx
 
-    def step(tok):
-        return mx.argmax(model(tok, cache=cache)[:, -1:, :], axis=-1)
-
     tok = mx.ones((batch, 1), dtype=mx.int32)
     if pipelined:
-        tok = step(tok)
+        tok = _step(model, cache, tok)
         mx.async_eval(tok)
     parts = []
     t = time.perf_counter()
@@ -215,7 +219,7 @@ def _timed_steps(model, cache: list, steps: int, batch: int, pipelined: bool):
         if not pipelined:
             mx.eval(tok)
         t0 = time.perf_counter()
-        nxt = step(tok)
+        nxt = _step(model, cache, tok)
         t1 = time.perf_counter()
         mx.async_eval(nxt)
         t2 = time.perf_counter()
@@ -228,10 +232,7 @@ def _timed_steps(model, cache: list, steps: int, batch: int, pipelined: bool):
 
 def _views_only(self, buf: tuple, k, v, t: int, n: int) -> int:
     """TurboQuantKVCache._append_in_buffer without its two slice updates (tq-nowrite)."""
-    bk, bv = buf[0], buf[1]
-    self.tail_k, self.tail_v = bk[:, :, : t + n], bv[:, :, : t + n]
-    self._tail_buf = (bk, bv, self.tail_k, t + n, buf[4])
-    return t + n
+    return self._cut_tail(buf, t + n)
 
 
 def _filled_cache(model, kind: str, context: int, batch: int):
@@ -367,14 +368,11 @@ def main() -> None:
 
     import mlx.core as mx
 
-    if args.split_factor:
+    settings = {"SPLIT_FACTOR": args.split_factor} if args.split_factor else {}
+    if settings or args.tune:
         from services.turboquant.kernels import mma_decode
 
-        mma_decode.SPLIT_FACTOR = args.split_factor
-    if args.tune:
-        from services.turboquant.kernels import mma_decode
-
-        mma_decode.tune(**args.tune)
+        mma_decode.tune(**{**settings, **args.tune})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"mlx": mx.__version__, "gpu": str(mx.default_device()), "rows": [],

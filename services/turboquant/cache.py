@@ -340,9 +340,7 @@ class TurboQuantKVCache(_BaseCache):
             mx.eval(after)  # it writes into this buffer in place: done before MLX ops read it
         if deferred:
             # The tail counts them now; the layer kernel writes them (TailAppend).
-            t = buf[3] + n
-            self.tail_k, self.tail_v = buf[0][:, :, :t], buf[1][:, :, :t]
-            self._tail_buf = (buf[0], buf[1], self.tail_k, t, buf[4])
+            t = self._cut_tail(buf, buf[3] + n)
             self._pending = TailAppend(keys, values, buf[3], after)
         elif fast:
             t = self._append_in_buffer(buf, keys, values, buf[3], n)
@@ -390,24 +388,25 @@ class TurboQuantKVCache(_BaseCache):
         self._append_in_buffer(buf, k, v, t, n)
 
     def _append_in_buffer(self, buf: tuple, k: mx.array, v: mx.array, t: int, n: int) -> int:
-        # The tail becomes the buffers' first t + n positions; the tuple keeps the lengths
-        # as ints (an array's .shape builds a tuple) for as long as the view is the tail.
-        bk, bv = buf[0], buf[1]
-        bk[:, :, t : t + n] = k
-        bv[:, :, t : t + n] = v
-        self.tail_k, self.tail_v = bk[:, :, : t + n], bv[:, :, : t + n]
-        self._tail_buf = (bk, bv, self.tail_k, t + n, buf[4])
-        return t + n
+        buf[0][:, :, t : t + n] = k
+        buf[1][:, :, t : t + n] = v
+        return self._cut_tail(buf, t + n)
+
+    def _cut_tail(self, buf: tuple, length: int) -> int:
+        # The tail becomes the buffers' first ``length`` positions (views of their arrays as
+        # they are now: a slice update made new ones); the tuple keeps the lengths as ints
+        # (an array's .shape builds a tuple) for as long as the view is the tail.
+        self.tail_k, self.tail_v = buf[0][:, :, :length], buf[1][:, :, :length]
+        self._tail_buf = (buf[0], buf[1], self.tail_k, length, buf[4])
+        return length
 
     def _write(self, pending: TailAppend) -> None:
         """``pending``'s positions into the tail buffer by MLX ops (no kernel took them);
         the tail is still the view that counts them (every other path settles first)."""
-        bk, bv, _, length, cap = self._tail_buf
-        at, n = pending.at, pending.k.shape[2]
-        bk[:, :, at : at + n] = pending.k
-        bv[:, :, at : at + n] = pending.v
-        self.tail_k, self.tail_v = bk[:, :, :length], bv[:, :, :length]
-        self._tail_buf = (bk, bv, self.tail_k, length, cap)
+        buf, at, n = self._tail_buf, pending.at, pending.k.shape[2]
+        buf[0][:, :, at : at + n] = pending.k
+        buf[1][:, :, at : at + n] = pending.v
+        self._cut_tail(buf, buf[3])
 
     def _settle(self, keep_writer: bool = False) -> mx.array | None:
         """Before anything reads or changes the tail (a state, a trim, a copy, an update): the
