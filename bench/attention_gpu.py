@@ -177,8 +177,8 @@ def run_mma_checks(
     ``select``: comma-separated run indices (0-5: the shapes under the dispatch's rules,
     6-7: the forced variants on shape 0, 8: the portable path, 9: shape 0 with the v5
     loads instead of the staged tiles, 10: the default layout read through misaligned
-    views, 11: decode steps whose new positions the kernel writes), all by default; ``save(rows)`` after each run (a call cut by its time limit
-    keeps what it checked). ``only``: comma-separated layout names to check (all by default).
+    views, 11: decode steps whose new positions the kernel writes), all by default;
+    ``save(rows)`` after each run (a call cut by its time limit keeps what it checked). ``only``: comma-separated layout names to check (all by default).
     """
     import mlx.core as mx
 
@@ -884,18 +884,12 @@ def main() -> None:
     import mlx.core as mx
 
     km = load_kernels()
-    if args.fused_join:
+    settings = dict(FUSED_JOIN=True, FUSED_MAX_WORK=None) if args.fused_join else {}
+    settings.update({"FOLD": False} if args.no_fold else {}, **args.tune)
+    if settings:
         from services.turboquant.kernels import mma_decode
 
-        mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = True, None
-    if args.no_fold:
-        from services.turboquant.kernels import mma_decode
-
-        mma_decode.FOLD = False
-    if args.tune:
-        from services.turboquant.kernels import mma_decode
-
-        mma_decode.tune(**args.tune)
+        mma_decode.tune(**settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

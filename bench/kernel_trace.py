@@ -124,10 +124,8 @@ def main() -> None:
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--out")
     args = ap.parse_args()
-    mma_decode.TRACE_AT = TRACE_AT
-    mma_decode.FUSED_JOIN, mma_decode.FUSED_MAX_WORK = True, None
-    mma_decode.clear_kernel_caches()
-    mma_decode.tune(**args.tune)
+    mma_decode.TRACE_AT = TRACE_AT  # (read when a kernel is built: tune clears them)
+    mma_decode.tune(**{"FUSED_JOIN": True, "FUSED_MAX_WORK": None, **args.tune})
     hkv, hq, d = 8, 32, 128
     results = []
     for n in [int(c) for c in args.contexts.split(",")]:

@@ -66,8 +66,7 @@ def main() -> None:
         ]
         for warps, linear, splits in variants:
             if warps != mma_decode.WARPS:
-                mma_decode.WARPS = warps
-                mma_decode.clear_kernel_caches()  # (plans and memos are per setting)
+                mma_decode.tune(WARPS=warps)  # (and forgets the plans and memos)
             mma_decode.LINEAR_GRID = linear
 
             def call(i, splits=splits, sets=sets):
