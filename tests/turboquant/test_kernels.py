@@ -399,8 +399,8 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
         assert split[5][2] == (1, 8, chunks, dim) and split[5][3] == (1, 8, chunks, 2)
     for kernel, inputs, template, grid, threadgroup, _ in recorded_kernels:
         assert len(inputs) == len(kernel.input_names)
-        # Upper-case names the source uses but neither declares nor gets from the header's
-        # #defines must come from the template.
+        # Upper-case names the source uses but neither declares nor #defines (in itself or
+        # in the header) must come from the template.
         code = compact(kernel.source)  # comments say M, H, ...
         used = set(re.findall(r"\b[A-Z][A-Z0-9_]*\b", code))
         declared = {
@@ -408,7 +408,7 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
             for decl in re.findall(r"\b(?:int|float|bool)\s+([^;=()]+)", code)
             for name in decl.split(",")
         }
-        defined = set(re.findall(r"#define\s+(\w+)", header_text(kernel)))
+        defined = set(re.findall(r"#define\s+(\w+)", header_text(kernel) + code))
         optional = set(re.findall(r"#ifn?def\s+(\w+)", code))  # e.g. TQM_TRACE (a bench's)
         missing = used - declared - defined - optional - set(template)
         assert not missing, (kernel.name, missing)

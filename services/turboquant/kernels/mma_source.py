@@ -1245,13 +1245,11 @@ MMA_SPLIT_SOURCE = r"""
     tqm_mark(0);
   }
 #endif
+  // fp_chunk's arguments for chunk c: a chunk block's, or (FPIN) a split block's after its split
+#define TQM_FP_ARGS(c) q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(), kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params, n_kv, G, (c), n_fp, row, b, fp_o, fp_ml
   const bool fp_block = !FPIN && (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
-    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(
-        q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
-        kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(),
-        kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params,
-        n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
+    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(TQM_FP_ARGS(idx - S));
     TQM_MARK(9);
     if (!FUSED) return;
   }
@@ -1268,11 +1266,7 @@ MMA_SPLIT_SOURCE = r"""
   if constexpr (FPIN && (HAS_HEAD || HAS_TAIL)) {
     if (idx < n_fp) {
       __syncthreads();  // the split is done with the dynamic shared memory
-      tqm::fp_chunk_apart<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(
-          q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
-          kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(),
-          kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params,
-          n_kv, G, idx, n_fp, row, b, fp_o, fp_ml);
+      tqm::fp_chunk_apart<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(TQM_FP_ARGS(idx));
       TQM_MARK(9);
       if constexpr (FUSED) {  // the chunk counts apart: a row's S blocks count S + n_fp partials
         __threadfence();
