@@ -96,19 +96,22 @@ def parse_loops(sass: str) -> list[Loop]:
     return loops
 
 
-def tile_counts(loops: list[Loop], k_blocks: int) -> dict:
+def tile_counts(loops: list[Loop], k_blocks: int, steps: int | None = None) -> dict:
     """The tile loop (the smallest loop holding the most tensor-core ops) and what a tile
-    executes: its body once, each inner loop with tensor-core ops ``k_blocks`` times."""
+    executes: its body once, its first inner loop with tensor-core ops (the score k-blocks)
+    ``k_blocks`` times, a second (the value steps, COMPACT_VALUES) ``steps`` times."""
     most = max(loop.mma for loop in loops)
     tile = min((loop for loop in loops if loop.mma == most), key=lambda loop: loop.size)
-    inner = [
-        loop for loop in loops
-        if tile.start <= loop.start and loop.end <= tile.end and loop is not tile and loop.mma
-    ]  # fmt: skip
+    inner = sorted(
+        (loop for loop in loops
+         if tile.start <= loop.start and loop.end <= tile.end and loop is not tile and loop.mma),
+        key=lambda loop: loop.start,
+    )  # fmt: skip
     executed = tile.ops.copy()
-    for loop in inner:
+    for i, loop in enumerate(inner):
+        trips = k_blocks if i == 0 or steps is None else steps
         for op, n in loop.ops.items():
-            executed[op] += (k_blocks - 1) * n
+            executed[op] += (trips - 1) * n
     return {"static": tile.size, "inner": [loop.size for loop in inner],
             "executed": sum(executed.values()), "mma": executed["HMMA"], "ops": executed}  # fmt: skip
 
@@ -170,7 +173,9 @@ def main() -> None:
     for loop in loops:
         print(f"loop {loop.start:#07x}-{loop.end:#07x}  {loop.size:5d} instructions  "
               f"{loop.mma:3d} HMMA")  # fmt: skip
-    t = tile_counts(loops, args.dim // 16)
+    t = tile_counts(
+        loops, args.dim // 16, mma_decode.steps_for(mma_decode.KEY_LAYOUTS["channel"], args.dim)
+    )
     print(f"tile loop: {t['static']} instructions (inner {t['inner']}); a tile executes "
           f"{t['executed']}, {t['mma']} of them HMMA")  # fmt: skip
     print("  " + ", ".join(f"{op} {n}" for op, n in t["ops"].most_common(16)))

@@ -224,50 +224,39 @@ def test_eight_warps_a_block_compile_for_the_default_layout(monkeypatch):
     assert blocks_per_sm(regs, 256, static, kernel.shared_memory) >= 1
 
 
-def test_chunks_in_split_blocks_compile_and_keep_the_occupancy(monkeypatch):
-    """``mma_decode.FP_IN_SPLITS`` (an experiment, off): a row's first split blocks take its
-    full-precision chunks, so the grid holds split blocks only -- built for D 64/128/256,
-    fused and in two launches, with the step's new position (APPEND) or not; the kernel keeps
-    the blocks an SM of the build with chunk blocks; a row with fewer splits than chunks
-    keeps its chunk blocks."""
+def test_the_value_steps_compile_looped_and_unrolled_and_keep_three_blocks_an_sm(monkeypatch):
+    """``mma_decode.COMPACT_VALUES`` (the rule since session 16): the pipelined kernel's value
+    product runs its steps in a loop (template CVAL); unrolled, as before, it still builds --
+    D 64 (one code word a lane) and 128 (two), fused and in two launches, with the step's new
+    position (APPEND) -- and both keep 3 blocks an SM (bench/gpu_notes.md, session 5)."""
     from services.turboquant import TurboQuantConfig
     from services.turboquant.kernels import fused_decode
     from services.turboquant.kernels.cases import cache_case
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
     monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)  # a join workspace
-    config = TurboQuantConfig(key_quantizer="channel", group_size=128, sink_tokens=1)
+    config = TurboQuantConfig.recommended()
     resources = {}
-    for dim in (64, 128, 256):
+    for dim in (64, 128):
         case = cache_case(np.random.default_rng(0), config, batch=1, q_heads=8, kv_heads=2,
                           dim=dim, length=700, steps=3)  # fmt: skip
         assert case.keys.append is not None
         q = case.queries.astype(mx.float16)
-        for fpin, fused, splits in [
-            (True, True, 8),
-            (True, False, 8),
-            (False, True, 8),
-            (True, True, 2),
-        ]:
-            monkeypatch.setattr(mma_decode, "FP_IN_SPLITS", fpin)
-            monkeypatch.setattr(mma_decode, "FUSED_JOIN", fused)
-            mma_decode.clear_kernel_caches()
-            _RecordedKernel.launches, _RecordedKernel.outputs = [], []
-            assert (
-                mma_decode.mma_decode_layer(q, case.keys, case.values, 0.1, splits=splits)
-                is not None
-            )
-            kernel, inputs, t, grid, group, _ = _RecordedKernel.launches[0]
-            chunks = 1 + -(-case.keys.tail.shape[2] // 16)  # the sink's and the tail's
-            assert t["APPEND"] and t["FUSED"] == fused and chunks <= 8
-            assert t["FPIN"] == (fpin and splits >= chunks)
-            assert grid[0] == (splits + (0 if t["FPIN"] else chunks)) * 2 * group[0]
-            dtypes = [o.dtype for o in _RecordedKernel.outputs[0]]
-            cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, [], dtypes))
-            assert cubin is not None, log
-            regs, static = nvrtc.cubin_resources(cubin)
-            resources[(dim, fused, t["FPIN"])] = blocks_per_sm(regs, group[0], static,
-                                                               kernel.shared_memory)  # fmt: skip
+        for compact in (True, False):
+            for fused in (True, False):
+                monkeypatch.setattr(mma_decode, "COMPACT_VALUES", compact)
+                monkeypatch.setattr(mma_decode, "FUSED_JOIN", fused)
+                mma_decode.clear_kernel_caches()
+                _RecordedKernel.launches, _RecordedKernel.outputs = [], []
+                assert mma_decode.mma_decode_layer(q, case.keys, case.values, 0.1) is not None
+                kernel, inputs, t, grid, group, _ = _RecordedKernel.launches[0]
+                assert t["PIPE"] and t["APPEND"] and t["FUSED"] == fused
+                assert t["CVAL"] == compact
+                dtypes = [o.dtype for o in _RecordedKernel.outputs[0]]
+                cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, [], dtypes))
+                assert cubin is not None, log
+                regs, static = nvrtc.cubin_resources(cubin)
+                resources[(dim, compact, fused)] = blocks_per_sm(regs, group[0], static,
+                                                                 kernel.shared_memory)  # fmt: skip
     mma_decode.clear_kernel_caches()
-    for dim in (64, 128, 256):
-        assert resources[(dim, True, True)] >= resources[(dim, True, False)] >= 2, resources
+    assert min(resources.values()) >= 3, resources

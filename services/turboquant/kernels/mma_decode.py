@@ -67,11 +67,11 @@ PIPELINE = True
 # where the chunk blocks interleave with the splits and some SMs get 3 split blocks while
 # others get 1 (ncu at 128K: SMs active 69 % of the kernel; bench/gpu_notes.md, session 8).
 LINEAR_GRID = True
-# The full-precision chunks (sink and tail, 16 positions each) taken by a row's first split
-# blocks after their splits instead of blocks of their own (template FPIN), where a row has
-# at least as many splits as chunks: the grid's blocks all start at once. An experiment, off
-# (bench/gpu_notes.md, session 15: not yet run on a GPU); read when a plan is made (tune()).
-FP_IN_SPLITS = False
+# The pipelined kernel's value product as a loop over its steps, not unrolled (template
+# CVAL): the tile loop's code 2,068 -> 1,446 instructions, ~6 % more executed, and half the
+# "no instruction" stalls (H200, ncu at 32K: the unrolled steps missed the instruction
+# cache); 32K layer ~-5 % (bench/gpu_notes.md, session 16). Read when a plan is made (tune()).
+COMPACT_VALUES = True
 # One launch a layer: the split kernel's last block of each row does the join (counters and
 # partials in a per-layer workspace, cache.join_workspace), saving a custom-kernel call's
 # host work. Only up to FUSED_MAX_WORK key elements (batch x KV heads x body positions x head
@@ -176,7 +176,7 @@ def clear_kernel_caches() -> None:
 
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
-             "FP_IN_SPLITS", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
+             "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
 
 
 def tune(**settings) -> None:
@@ -365,8 +365,8 @@ def mma_decode_layer(
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
             keys.seed, keys.body_len, append is None, _GENERATION, STEPS, SPLIT_FACTOR,
-            TILES_PER_WARP, WARPS, FOLD, PIPELINE, LINEAR_GRID, FP_IN_SPLITS, FUSED_JOIN, FUSED_MAX_WORK,
-            FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
+            TILES_PER_WARP, WARPS, FOLD, PIPELINE, LINEAR_GRID, COMPACT_VALUES, FUSED_JOIN,
+            FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
         memo = work.decode_memo
         if (
@@ -632,7 +632,6 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
     rows, s = _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables)
     chunks = fp[0] + fp[1]
-    fpin = FP_IN_SPLITS and 0 < chunks <= s
     template = [
         ("KQ", k_layout[0]),
         ("VQ", v_layout[0]),
@@ -646,19 +645,19 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("QROT", rotate_q),
         ("FOLD", fold),
         ("PIPE", pipe),
+        ("CVAL", pipe and COMPACT_VALUES),
         ("QT", q_dtype),
         ("ST", mx.float16),
         ("HAS_HEAD", fp[0] > 0),
         ("HAS_TAIL", fp[1] > 0),
         ("APPEND", fp[3]),
         ("LIN", linear),
-        ("FPIN", fpin),
         ("FUSED", join[0]),
         ("OT", q_dtype),
         ("HAS_CENTER", join[1]),
         ("HAS_SINKS", join[2]),
     ]
-    blocks = s if fpin else s + chunks  # a row's
+    blocks = s + chunks  # a row's
     grid = (blocks * rows * 32 * warps, 1, 1) if linear else (blocks * 32 * warps, hkv * n_ht, b)
     # fp_chunk blocks stage in the dynamic shared memory (the PIPE rings are larger). MLX
     # lifts a kernel's 48 KB limit on static + dynamic shared memory only for requests over

@@ -284,7 +284,7 @@ __device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
 }
 
 template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, bool QROT,
-          bool FOLD, bool PIPE, typename QT, typename ST>
+          bool FOLD, bool PIPE, bool CVAL, typename QT, typename ST>
 __device__ void mma_decode_split(
     const QT* q, const int64_t* q_st, const float* signs,
     const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
@@ -746,8 +746,79 @@ __device__ void mma_decode_split(
       cp_wait<1>();  // this tile's values (the next tile's keys may still be in flight)
       __syncwarp();
     }
+    if constexpr (PIPE && CVAL) {
+      // CVAL: the value product's steps in a loop, not unrolled (the B fragments made first,
+      // unrolled, then shifted down a step each pass): ~1/STEPS of its code, so the tile
+      // loop's code fits closer to the instruction cache (ncu session 16: "no instruction"
+      // the top stall). Else every step unrolled below.
+      uint32_t pbr[STEPS][2];
 #pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
+      for (int s = 0; s < STEPS; ++s) {
+        if constexpr (VFOLD) {
+          const ST* vsp = stg + KST + s * 16;
+          const ST* vbp = stg + KST + (STEPS + s) * 16;
+          const float s_lo = tofloat(vsp[g]), s_hi = tofloat(vsp[g + 8]);
+          const float b_lo = tofloat(vbp[g]), b_hi = tofloat(vbp[g + 8]);
+          pbr[s][0] = trans8x8(h2u(__floats2half2_rn(sc[s][0] * s_lo, sc[s][1] * s_lo)));
+          pbr[s][1] = trans8x8(h2u(__floats2half2_rn(sc[s][2] * s_hi, sc[s][3] * s_hi)));
+          mma16816(vbsum, ones, trans8x8(h2u(__floats2half2_rn(sc[s][0] * b_lo, sc[s][1] * b_lo))),
+                   trans8x8(h2u(__floats2half2_rn(sc[s][2] * b_hi, sc[s][3] * b_hi))));
+        } else {
+          pbr[s][0] = trans8x8(h2u(__floats2half2_rn(sc[s][0], sc[s][1])));
+          pbr[s][1] = trans8x8(h2u(__floats2half2_rn(sc[s][2], sc[s][3])));
+        }
+      }
+#pragma unroll 1
+      for (int s = 0; s < STEPS; ++s) {
+        // swz_at(vslot, VCHK * (s + c)) for c a multiple of 8: c adds whole rows (no bits 1-2)
+        const uint32_t* vrow = vring + swz_at(vslot, VCHK * s);
+        uint32_t vr[4][NAV];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t* w = vrow + 4 * VCHK * (64 * (i >> 1) + 8 * (i & 1));
+          if constexpr (NAV == 2) {
+            const uint2 w2 = *reinterpret_cast<const uint2*>(w);
+            vr[i][0] = w2.x;
+            vr[i][1] = w2.y;
+          } else {
+            vr[i][0] = w[0];
+          }
+        }
+        __half2 s01, s23, b01, b23;
+        if constexpr (VFOLD) {
+          s01 = s23 = b01 = b23 = __float2half2_rn(0.f);  // not read
+        } else {
+          const ST* vsp = stg + KST + s * 16 + 2 * t;
+          const ST* vbp = stg + KST + (STEPS + s) * 16 + 2 * t;
+          s01 = *reinterpret_cast<const __half2*>(vsp);
+          s23 = *reinterpret_cast<const __half2*>(vsp + 8);
+          b01 = *reinterpret_cast<const __half2*>(vbp);
+          b23 = *reinterpret_cast<const __half2*>(vbp + 8);
+        }
+#pragma unroll
+        for (int w = 0; w < NAV; ++w) {
+          __half2 p01[8], p23[8];
+          nibble_pairs(vr[0][w], vr[1][w], magic, p01);
+          nibble_pairs(vr[2][w], vr[3][w], magic, p23);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t a[4];
+            a[0] = a_pair<VFOLD>(p01[2 * j], s01, b01);
+            a[1] = a_pair<VFOLD>(p01[2 * j + 1], s01, b01);
+            a[2] = a_pair<VFOLD>(p23[2 * j], s23, b23);
+            a[3] = a_pair<VFOLD>(p23[2 * j + 1], s23, b23);
+            mma16816(o[4 * w + j], a, pbr[0][0], pbr[0][1]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j + 1 < STEPS; ++j) {
+          pbr[j][0] = pbr[j + 1][0];
+          pbr[j][1] = pbr[j + 1][1];
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < (PIPE && CVAL ? 0 : STEPS); ++s) {
       // B: the probabilities (rows: step positions g, g + 8), times the positions' value
       // scales under VFOLD, whose biases then enter through one mma against ones.
       uint32_t pb0, pb1;
@@ -1154,13 +1225,6 @@ __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_
   }
 }
 
-// FPIN: a split block's chunk after its split, in a call of its own (its registers apart
-// from the split's: inlined, the kernel took 212 instead of 163 at D 128).
-template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, typename... Args>
-__device__ __noinline__ void fp_chunk_apart(Args... args) {
-  fp_chunk<D, NT, HAS_HEAD, HAS_TAIL, APPEND>(args...);
-}
-
 // FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
 // the last of a row's splits and fp chunks resets the count (so the next launch of this
 // layer starts from 0) and joins the row's query heads -- what MMA_JOIN_SOURCE does in a
@@ -1216,18 +1280,17 @@ MMA_SPLIT_SOURCE = r"""
   const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? (kt_shape[2] + FC - 1) / FC : 0);
   // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
   // the hardware deals blocks out in this order, so the SMs get even shares of split work.
-  // Else blocks (x: splits then chunks, y: row, z: batch). FPIN: no chunk blocks -- a row's
-  // first n_fp split blocks take its chunks after their splits (n_fp <= S).
+  // Else blocks (x: splits then chunks, y: row, z: batch).
   int idx, row, b, S;
   if (LIN) {
     const int R = q_shape[0] * n_kv * n_ht;
-    S = gridDim.x / R - (FPIN ? 0 : n_fp);
+    S = gridDim.x / R - n_fp;
     idx = blockIdx.x / R;
     row = blockIdx.x % R;
     b = row / (n_kv * n_ht);
     row %= n_kv * n_ht;
   } else {
-    S = gridDim.x - (FPIN ? 0 : n_fp);
+    S = gridDim.x - n_fp;
     idx = blockIdx.x;
     row = blockIdx.y;
     b = blockIdx.z;
@@ -1245,16 +1308,18 @@ MMA_SPLIT_SOURCE = r"""
     tqm_mark(0);
   }
 #endif
-  // fp_chunk's arguments for chunk c: a chunk block's, or (FPIN) a split block's after its split
-#define TQM_FP_ARGS(c) q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(), kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(), kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params, n_kv, G, (c), n_fp, row, b, fp_o, fp_ml
-  const bool fp_block = !FPIN && (HAS_HEAD || HAS_TAIL) && idx >= S;
+  const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
-    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(TQM_FP_ARGS(idx - S));
+    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(
+        q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
+        kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(),
+        kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params,
+        n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
     TQM_MARK(9);
     if (!FUSED) return;
   }
   if (!fp_block) {  // (a fused fp block goes on to count itself below)
-    tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, QT, ST>(
+    tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, CVAL, QT, ST>(
         q, q_strides.data(), signs,
         kw, kw_shape.data(), kw_strides.data(),
         ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
@@ -1262,18 +1327,6 @@ MMA_SPLIT_SOURCE = r"""
         vs, vs_strides.data(), vb, vb_strides.data(),
         lut_k, lut_v, params,
         n_kv, G, idx, S, row, b, o_part, ml_part);
-  }
-  if constexpr (FPIN && (HAS_HEAD || HAS_TAIL)) {
-    if (idx < n_fp) {
-      __syncthreads();  // the split is done with the dynamic shared memory
-      tqm::fp_chunk_apart<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(TQM_FP_ARGS(idx));
-      TQM_MARK(9);
-      if constexpr (FUSED) {  // the chunk counts apart: a row's S blocks count S + n_fp partials
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(const_cast<int*>(reinterpret_cast<const int*>(work)) + (int64_t)b * n_kv * n_ht + row, 1);
-      }
-    }
   }
   if constexpr (FUSED) {  // the join, by the row's last block (one launch a layer)
     tqm::join_last_block<D, OT, HAS_HEAD || HAS_TAIL, QROT, HAS_CENTER, HAS_SINKS>(
