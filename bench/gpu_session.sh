@@ -10,12 +10,13 @@
 #
 # Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
 #        e2e-32k-w4 | e2e-fused | e2e-128k |
-#        e2e-batch | sweep | trace | fpin | ncu N | ncu-args N "ARGS" | ncu-full N | ncu-full-args N "ARGS"
+#        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
+#        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 run() {  # run SECONDS NAME CMD...: one step, its output filtered to what matters
   local limit=$1 name=$2
@@ -83,12 +84,13 @@ while [ $# -gt 0 ]; do
     trace)  # every block's timeline in one fused launch (bench/kernel_trace.py)
       run 300 trace python3 bench/kernel_trace.py --contexts 4033,16321,32705,131009 --splits 16
       ;;
-    fpin)  # mma_decode.FP_IN_SPLITS (fp chunks inside split blocks): checks, then sweep and trace
-      t=FP_IN_SPLITS=True
-      run 240 checks-fpin python3 bench/attention_gpu.py --checks-only --check-runs 0 --tune "$t"
-      run 100 sweep-fpin python3 bench/split_sweep.py --contexts 16321,32705 --splits 16,24,32 --tune "$t"
-      run 100 sweep-nofpin python3 bench/split_sweep.py --contexts 16321,32705 --splits 16,24,32
-      run 60 trace-fpin python3 bench/kernel_trace.py --contexts 32705 --splits 32 --tune "$t"
+    ab)  # ab NAME=VALUE[,...]: the split kernel with and without a tunable, interleaved (3 rounds)
+      t=$1
+      shift
+      for i in 1 2 3; do
+        run 60 "ab-$i-default" python3 bench/split_sweep.py --contexts 4033,32705,131009
+        run 60 "ab-$i-tuned" python3 bench/split_sweep.py --contexts 4033,32705,131009 --tune "$t"
+      done
       ;;
     sweep)  # the split kernel's grid: block order and split count (bench/split_sweep.py)
       run 240 sweep python3 bench/split_sweep.py
@@ -156,6 +158,23 @@ while [ $# -gt 0 ]; do
         echo "== ncu-full failed or timed out"
       grep -E "Duration|SM Active|DRAM Through|Stall|Issued Warp|Achieved Occ|L1/TEX Cache|L2 Cache Th|Pipe" \
         "$f" | head -60
+      ;;
+    ncu-src)  # ncu-src N NAME "ARGS": per-instruction stall samples of the split kernel at N
+      n=$1 name=$2 extra=$3  # (kernel_profile's options), as CSV ($OUT/ncu/src_NAME.csv)
+      shift 3
+      ncu_bin=$(find_ncu)
+      mkdir -p "$OUT/ncu"
+      echo "== ncu-src $n $name $extra"
+      # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
+      timeout 300 "$ncu_bin" --clock-control none --profile-from-start off -k regex:tq_mma_decode_split \
+        --section SourceCounters --section WarpStateStats --section SpeedOfLight -f \
+        -o "/tmp/src_$name" python3 bench/kernel_profile.py --n "$n" $extra >/dev/null 2>&1 ||
+        echo "== ncu-src failed or timed out"
+      "$ncu_bin" -i "/tmp/src_$name.ncu-rep" --page source --csv --print-source sass \
+        >"$OUT/ncu/src_$name.csv" 2>&1 || echo "== ncu-src: no source page"
+      "$ncu_bin" -i "/tmp/src_$name.ncu-rep" --page details --section WarpStateStats --section SpeedOfLight \
+        2>&1 | grep -E "Duration|Stall No|Stall Wait|Stall Long|Stall Short|Stall IMC|Issued Warp" | head -12
+      head -c 600 "$OUT/ncu/src_$name.csv"; echo; wc -l "$OUT/ncu/src_$name.csv"
       ;;
     -h | --help) usage ;;
     *)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import tune_arg  # noqa: E402
+
 
 def main() -> None:
     import mlx.core as mx
@@ -34,10 +36,13 @@ def main() -> None:
     ap.add_argument("--d-major-scales", action="store_true", help="key scales (B, H, D, T/g)")
     ap.add_argument("--layout", choices=["default", "affine", "codebook"], default="default",
                     help="the cache layout (attention_gpu's 'ours ...' variants)")  # fmt: skip
+    ap.add_argument(
+        "--tune", type=tune_arg, default={}, help="mma_decode tunables: COMPACT_VALUES=True,..."
+    )
     args = ap.parse_args()
     from services.turboquant.kernels import mma_decode
 
-    mma_decode.LINEAR_GRID = not args.rows_grid
+    mma_decode.tune(**{"LINEAR_GRID": not args.rows_grid, **args.tune})
     n = args.n
     hkv, hq, d = 8, 32, 128
     k, v = kv_cache_slices(hkv, n, d)
