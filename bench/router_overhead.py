@@ -239,6 +239,8 @@ def main() -> None:
         help="an extra level C@MS: C streams whose chunks come MS ms apart ('' to skip)",
     )
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round, fewer streams")
+    ap.add_argument("--router-http", default="auto", choices=["auto", "httptools", "h11"],
+                    help="the router's ROUTER_HTTP (its parser and event loop)")  # fmt: skip
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--section", default="router_overhead", help="docs/benchmarks.md section")
     args = ap.parse_args()
@@ -255,6 +257,7 @@ def main() -> None:
         TQSTACK_CONFIG="/nonexistent/config.env",
         LOG_LEVEL="WARNING",
         ROUTER_PORT=str(router_port),
+        ROUTER_HTTP=args.router_http,
         OLLAMA_URL=f"http://127.0.0.1:{up_port}",
         SIDECAR_URL=f"http://127.0.0.1:{up_port}",
         MEMORY_SAVER="0",
@@ -358,8 +361,8 @@ def main() -> None:
         f"Load average (1 min) before/after: {load_before:.2f} / {load_after:.2f} on "
         f"{os.cpu_count()} cores shared with other work; client, router and upstream are "
         "three processes on the same cores, so at 64+ streams the figures include CPU "
-        "contention, not only router code. uvicorn ran with its pure-Python h11 parser and "
-        "asyncio loop (httptools/uvloop not installed).\n"
+        f"contention, not only router code. The router ran with ROUTER_HTTP={args.router_http}: "
+        f"{_http_stack(args.router_http)}.\n"
     )
     print(body)
     if not args.no_write:
@@ -367,6 +370,17 @@ def main() -> None:
         if args.section != "router_overhead":
             title += f" [{args.section}]"
         write_section(args.section, title, body)
+
+
+def _http_stack(setting: str) -> str:
+    """The router's parser and event loop under ``ROUTER_HTTP=setting`` on this machine."""
+    import importlib.util
+
+    if setting == "h11":
+        return "uvicorn's pure-Python h11 parser, the asyncio loop"
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11 (no httptools)"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio (no uvloop)"
+    return f"the {parser} parser, the {loop} loop"
 
 
 def _internal_overhead_ms(metrics: str) -> float:

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = 2.0
     upstream_read_timeout_s: float = 600.0
     memory_saver: Literal["auto", "0", "1"] = "auto"
+    router_http: Literal["auto", "httptools", "h11"] = "auto"
 
     # --- backends as the router sees them
     ollama_url: str = "http://127.0.0.1:11434"

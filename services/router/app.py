@@ -104,9 +104,10 @@ class Router:
         limits = httpx.Limits(
             max_connections=None, max_keepalive_connections=max(1, self.keepalive // self.shards)
         )
+        tls = httpx.create_ssl_context(trust_env=False)  # one CA bundle load for every shard
         async with contextlib.AsyncExitStack() as stack:
             self.clients = [
-                await stack.enter_async_context(upstream_client(timeout, limits))
+                await stack.enter_async_context(upstream_client(timeout, limits, tls))
                 for _ in range(self.shards)
             ]
             client = self.client = self.clients[0]

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             # Streams can run for minutes: on shutdown cut them (their jobs get cancelled).
             timeout_graceful_shutdown=5,
             http=enveloped_h11("sidecar"),  # parser-level 400s in the OpenAI envelope too
+            loop="asyncio",  # (the model, not the loop, bounds it; uvloop is the router's)
         )
     )
 
