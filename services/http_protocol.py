@@ -5,7 +5,7 @@ parser before any ASGI app runs; uvicorn then answers ``400`` with a plain-text 
 client of this stack expects ``{"error": {...}}`` from every non-2xx answer, so the server
 processes run uvicorn with one of these protocol classes instead (``http=...``): on
 httptools (a C parser) where it is installed, else on h11 (pure Python: with the asyncio
-loop, ~15 % more of the router's CPU a relayed stream; bench/router_overhead.py).
+loop, ~10 % more of the router's CPU a relayed stream; bench/router_overhead.py).
 """
 
 from __future__ import annotations
