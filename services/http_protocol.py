@@ -68,5 +68,5 @@ def enveloped_http(component: str, parser: str = "auto") -> type:
         if fast is not None:
             return fast
         if parser == "httptools":
-            raise RuntimeError("HTTP_PARSER=httptools, but httptools is not installed")
+            raise RuntimeError("ROUTER_HTTP=httptools, but httptools is not installed")
     return enveloped_h11(component)

@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
 
+    try:
+        protocol = enveloped_http("router", settings.router_http)
+    except RuntimeError as e:
+        print(f"tqstack-router: {e} (pip install httptools, or ROUTER_HTTP=auto)", file=sys.stderr)
+        return 2
     # access_log off: request lines cost time on the hot path; we count in /metrics instead
     uvicorn.run(
         create_app(settings),
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
         # parser-level 400s in the OpenAI envelope too; httptools + uvloop: ~10 % less CPU a
         # relayed stream than h11 + asyncio (bench/router_overhead.py)
-        http=enveloped_http("router", settings.router_http),
+        http=protocol,
         loop="asyncio" if settings.router_http == "h11" else "auto",
     )
     return 0

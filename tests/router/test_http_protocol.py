@@ -42,7 +42,7 @@ def test_without_httptools_auto_falls_back_and_an_explicit_choice_fails(monkeypa
     monkeypatch.setattr(builtins, "__import__", no_httptools)
     assert enveloped_httptools("router") is None
     assert enveloped_http("router").__name__ == "EnvelopedH11Protocol"
-    with pytest.raises(RuntimeError, match="httptools is not installed"):
+    with pytest.raises(RuntimeError, match="ROUTER_HTTP=httptools, but httptools is not installed"):
         enveloped_http("router", "httptools")
 
 

@@ -31,6 +31,24 @@ def test_non_loopback_bind_without_key_is_refused(monkeypatch, capsys) -> None:
     assert "TQSTACK_API_KEY" in err and "0.0.0.0" in err
 
 
+def test_a_missing_httptools_asked_for_is_a_clear_refusal(monkeypatch, capsys) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_httptools(name, *args, **kwargs):
+        if name == "httptools":
+            raise ImportError("no httptools here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_httptools)
+    monkeypatch.setenv("TQSTACK_CONFIG", "/nonexistent/config.env")
+    monkeypatch.setenv("ROUTER_HTTP", "httptools")
+    assert main(["--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "ROUTER_HTTP=httptools" in err and "pip install httptools" in err
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROUTER_", "TQSTACK_"))}
     env.update(TQSTACK_HOME="/nonexistent-tqstack-home", PYTHONPATH=str(REPO), **extra)
