@@ -72,6 +72,12 @@ LINEAR_GRID = True
 # "no instruction" stalls (H200, ncu at 32K: the unrolled steps missed the instruction
 # cache); 32K layer ~-5 % (bench/gpu_notes.md, session 16). Read when a plan is made (tune()).
 COMPACT_VALUES = True
+# The split kernel's softmax with ex2.approx.ftz instead of exp2f (its range check is ~3
+# instructions an element; template LEAN): ~-100 instructions a tile by count, the same
+# registers. (Masking the body's end on a warp's last tile only cost 29 registers at D 64:
+# 4 -> 3 blocks an SM.) An experiment, off: NOT yet run on a GPU (bench/gpu_notes.md,
+# session 16); read when a plan is made (tune()).
+LEAN_SOFTMAX = False
 # One launch a layer: the split kernel's last block of each row does the join (counters and
 # partials in a per-layer workspace, cache.join_workspace), saving a custom-kernel call's
 # host work. Only up to FUSED_MAX_WORK key elements (batch x KV heads x body positions x head
@@ -176,7 +182,7 @@ def clear_kernel_caches() -> None:
 
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
-             "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
+             "COMPACT_VALUES", "LEAN_SOFTMAX", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
 
 
 def tune(**settings) -> None:
@@ -365,8 +371,8 @@ def mma_decode_layer(
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
             keys.seed, keys.body_len, append is None, _GENERATION, STEPS, SPLIT_FACTOR,
-            TILES_PER_WARP, WARPS, FOLD, PIPELINE, LINEAR_GRID, COMPACT_VALUES, FUSED_JOIN,
-            FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
+            TILES_PER_WARP, WARPS, FOLD, PIPELINE, LINEAR_GRID, COMPACT_VALUES, LEAN_SOFTMAX,
+            FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
         memo = work.decode_memo
         if (
@@ -646,6 +652,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("FOLD", fold),
         ("PIPE", pipe),
         ("CVAL", pipe and COMPACT_VALUES),
+        ("LEAN", LEAN_SOFTMAX),
         ("QT", q_dtype),
         ("ST", mx.float16),
         ("HAS_HEAD", fp[0] > 0),
