@@ -22,6 +22,21 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
+def without_httptools(monkeypatch) -> None:
+    """``import httptools`` fails, as on a machine without it."""
+    import builtins
+
+    real = builtins.__import__
+
+    def no_httptools(name, *args, **kwargs):
+        if name == "httptools":
+            raise ImportError("no httptools here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_httptools)
+
+
+@pytest.fixture
 def ollama() -> Iterator[FakeOllama]:
     fake = FakeOllama().start()
     yield fake

@@ -3,7 +3,6 @@ parser-level 400 in the OpenAI envelope on both (services/http_protocol.py)."""
 
 from __future__ import annotations
 
-import builtins
 import threading
 import time
 
@@ -31,15 +30,7 @@ def test_auto_takes_httptools_and_h11_stays_selectable():
     assert enveloped_http("router", "h11").__name__ == "EnvelopedH11Protocol"
 
 
-def test_without_httptools_auto_falls_back_and_an_explicit_choice_fails(monkeypatch):
-    real = builtins.__import__
-
-    def no_httptools(name, *args, **kwargs):
-        if name == "httptools":
-            raise ImportError("no httptools here")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_httptools)
+def test_without_httptools_auto_falls_back_and_an_explicit_choice_fails(without_httptools):
     assert enveloped_httptools("router") is None
     assert enveloped_http("router").__name__ == "EnvelopedH11Protocol"
     with pytest.raises(RuntimeError, match="ROUTER_HTTP=httptools, but httptools is not installed"):

@@ -31,17 +31,9 @@ def test_non_loopback_bind_without_key_is_refused(monkeypatch, capsys) -> None:
     assert "TQSTACK_API_KEY" in err and "0.0.0.0" in err
 
 
-def test_a_missing_httptools_asked_for_is_a_clear_refusal(monkeypatch, capsys) -> None:
-    import builtins
-
-    real = builtins.__import__
-
-    def no_httptools(name, *args, **kwargs):
-        if name == "httptools":
-            raise ImportError("no httptools here")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_httptools)
+def test_a_missing_httptools_asked_for_is_a_clear_refusal(
+    without_httptools, monkeypatch, capsys
+) -> None:
     monkeypatch.setenv("TQSTACK_CONFIG", "/nonexistent/config.env")
     monkeypatch.setenv("ROUTER_HTTP", "httptools")
     assert main(["--port", str(free_port())]) == 2
