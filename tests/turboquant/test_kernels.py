@@ -183,34 +183,44 @@ def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
     assert mma_decode.side_layout(keys) == (2, 4, 32)
 
 
+# the planners' last tunables as the module sets them: TILES_PER_WARP, COMPACT_VALUES,
+# LEAN_SOFTMAX
+REST = (4, True, False)
+
+
 def test_split_launches_are_planned_from_their_settings():
     layouts = ((2, 4, 128), (0, 4, 128))
     args = (*layouts, 1, 32, 8, 128, 131072, mx.float16, True, None, mma_decode.NO_FP)
-    # tunables: STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID (the rows grid here)
-    template, grid, _, shapes, smem = mma_decode._split_plan(*args, None, 2, 4, True, True, False)
+    # tunables: STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID (the rows grid here),
+    # TILES_PER_WARP, COMPACT_VALUES, LEAN_SOFTMAX
+    template, grid, _, shapes, smem = mma_decode._split_plan(
+        *args, None, 2, 4, True, True, False, *REST
+    )
     t = dict(template)
     assert (t["STEPS"], t["FOLD"], t["QROT"], t["WARPS"], t["PIPE"]) == (8, True, True, 4, True)
     assert not t["LIN"] and grid[1:] == (8, 1) and shapes[0][2] == grid[0] // 128
     # the staged tiles: a key and a value tile of 64 bytes a row and their scales per warp
     assert smem == mma_decode.pipeline_smem(128, 4) == 4 * (2 * 128 * 64 + 2 * (2 * 128 + 256))
     assert 3 * (smem + 8 * 1024) <= 228 * 1024  # with the static part: 3 blocks an SM fit
-    template4, grid4, _, _, smem4 = mma_decode._split_plan(*args, 4, 3, 4, False, True, False)
+    template4, grid4, _, _, smem4 = mma_decode._split_plan(
+        *args, 4, 3, 4, False, True, False, *REST
+    )
     assert dict(template4)["STEPS"] == 4 and not dict(template4)["FOLD"]
     assert not dict(template4)["PIPE"] and smem4 == 0  # 4-step tiles: loads into registers
     assert grid4[0] > grid[0]  # more splits for 3 blocks an SM than for 2
-    off = mma_decode._split_plan(*args, None, 2, 4, True, False, False)
+    off = mma_decode._split_plan(*args, None, 2, 4, True, False, False, *REST)
     assert not dict(off[0])["PIPE"] and off[4] == 0
     # the full-precision sink and tail: one block each 16 positions after the splits; they
     # stage in the dynamic shared memory (the PIPE rings when there are some, else their own)
     fp_args = (*args[:-1], (1, 4, mx.bfloat16, False))
     t_fp, grid_fp, _, shapes_fp, smem_fp = mma_decode._split_plan(
-        *fp_args, None, 2, 4, True, True, False
+        *fp_args, None, 2, 4, True, True, False, *REST
     )
     t_fp = dict(t_fp)
     assert (t_fp["HAS_HEAD"], t_fp["HAS_TAIL"]) == (True, True)
     assert grid_fp[0] == grid[0] + 5 * 128 and shapes_fp[:2] == shapes[:2]
     assert shapes_fp[2:4] == [(1, 32, 5, 128), (1, 32, 5, 2)] and smem_fp == smem
-    off_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, False, False)
+    off_fp = mma_decode._split_plan(*fp_args, None, 2, 4, True, False, False, *REST)
     assert mma_decode.fp_chunk_smem(128) == 4 * (24 * 129 + 16 * 128 + 8 * 16)
     # over MLX's 48000-byte threshold: the kernel's limit is raised (static + dynamic > 48 KB)
     assert off_fp[4] == max(mma_decode.fp_chunk_smem(128), 48 * 1024) > 48000
@@ -218,16 +228,16 @@ def test_split_launches_are_planned_from_their_settings():
     assert not t_fp["APPEND"] and not dict(template)["APPEND"]
 
 
-def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks(monkeypatch):
+def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
     # 1-D grid: (splits + chunks) x rows blocks, rows = batch x KV heads x head tiles; the
     # split count is at most SPLIT_FACTOR blocks an SM (one wave), not rounded up past it
-    monkeypatch.setattr(mma_decode, "TILES_PER_WARP", 1)  # (the fill rule alone)
+    # (TILES_PER_WARP 1 below: the fill rule alone)
     for b, hq, hkv, factor in [(1, 32, 8, 2), (2, 64, 4, 3), (1, 12, 1, 2)]:
         rows = b * hkv * -(-(hq // hkv) // 8)
         args = ((2, 4, 128), (0, 4, 128), b, hq, hkv, 128, 131072, mx.float16, True, None)
         fp = (1, 4, mx.float16, True)  # (a step's new positions written: the same grid)
         template, grid, group, shapes, _ = mma_decode._split_plan(
-            *args, fp, None, factor, 4, True, True, True
+            *args, fp, None, factor, 4, True, True, True, 1, True, False
         )
         s = shapes[0][2]
         assert dict(template)["LIN"] and dict(template)["APPEND"] and group == (128, 1, 1)
@@ -235,7 +245,9 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks(monkey
         # (whole tiles a split: chunks rounded up can leave a few splits fewer)
         slots = factor * mma_decode.NUM_SMS_GUESS
         assert 0.9 * slots < s * rows <= slots
-        rows_grid = mma_decode._split_plan(*args, fp, None, factor, 4, True, True, False)
+        rows_grid = mma_decode._split_plan(
+            *args, fp, None, factor, 4, True, True, False, 1, True, False
+        )
         assert rows_grid[3][0][2] >= s  # the rows grid rounds the split count up
 
 
@@ -243,7 +255,7 @@ def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule():
     """The default layout (pipelined): fewer, longer splits up to 32K -- 2 super-tiles a warp
     up to a block an SM, 4 beyond -- the fill rule's one wave past that; the other layouts
     keep the fill rule (measured: session 14)."""
-    tunables = (None, 2, 4, True, True, True)
+    tunables = (None, 2, 4, True, True, True, *REST)
     chan, aff = ((2, 4, 128), (0, 4, 128)), ((0, 4, 64), (0, 4, 128))
     got = {n: mma_decode._row_splits(*chan, 1, 32, 8, 128, n, None, tunables)[1]
            for n in (4033, 16321, 32705, 65473, 131009)}  # fmt: skip
@@ -258,7 +270,7 @@ def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule():
     # per-vector keys, and the pipeline off: the fill rule as before
     fill = mma_decode.num_splits(32705, 8, 4, fill=True)
     assert mma_decode._row_splits(*aff, 1, 32, 8, 128, 32705, None, tunables)[1] == fill > 16
-    off = (None, 2, 4, True, False, True)
+    off = (None, 2, 4, True, False, True, *REST)
     assert mma_decode._row_splits(*chan, 1, 32, 8, 128, 32705, None, off)[1] == 32
 
 
@@ -699,11 +711,9 @@ def test_the_fused_join_is_one_launch_that_takes_the_joins_inputs(recorded_kerne
     monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", most)
     out = mma_decode.mma_decode_layer(q, keys, values, 0.1, sinks)
     ((kernel, inputs, t, grid, group, shapes),) = recorded_kernels
-    tunables = (mma_decode.STEPS, mma_decode.SPLIT_FACTOR, mma_decode.WARPS, mma_decode.FOLD,
-                mma_decode.PIPELINE, mma_decode.LINEAR_GRID)  # fmt: skip
     rows, splits = mma_decode._row_splits(
         mma_decode.side_layout(keys), mma_decode.side_layout(values, values=True), b, hq, hkv,
-        dim, keys.n_body, None, tunables,
+        dim, keys.n_body, None, mma_decode._plan_tunables(),
     )  # fmt: skip
     chunks = grid[0] // (rows * 32 * mma_decode.WARPS) - splits  # the sink's and tail's
     n_fp = sum(-(-x.shape[2] // 16) for x in (keys.head, keys.tail) if x is not None)

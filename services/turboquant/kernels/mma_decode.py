@@ -395,8 +395,7 @@ def mma_decode_layer(
         kp[1].dtype, vp[1].dtype, queries.shape, queries.dtype, kp[0].shape[1], keys.n_body,
         rot is not None, head_chunks, tail_chunks, fp_dtype,
         keys.center is not None, sinks is not None, scale, splits,
-        STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID,
-        fused=FUSED_JOIN and work is not None,
+        *_plan_tunables(), fused=FUSED_JOIN and work is not None,
         fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
         counter_rows=JOIN_COUNTER_ROWS, append=append is not None,
     )  # fmt: skip
@@ -568,8 +567,7 @@ def _split(q, rot, keys, values, scale, splits, poison):
     b, hq, _, d = q.shape
     launch = _split_launch(
         side_layout(keys), side_layout(values, values=True), b, hq, keys.parts[0].shape[1], d,
-        keys.n_body, q.dtype, rot is not None, splits, NO_FP, STEPS, SPLIT_FACTOR, WARPS, FOLD,
-        PIPELINE, LINEAR_GRID,
+        keys.n_body, q.dtype, rot is not None, splits, NO_FP, *_plan_tunables(),
     )  # fmt: skip
     inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
     inputs += [None] * 10  # no full-precision segments, no join here
@@ -605,6 +603,13 @@ def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, 
     )  # fmt: skip
 
 
+def _plan_tunables() -> tuple:
+    """The settings a split launch's plan reads, in the order the planners unpack them (they
+    are part of the planners' cache keys)."""
+    return (STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID, TILES_PER_WARP,
+            COMPACT_VALUES, LEAN_SOFTMAX)  # fmt: skip
+
+
 def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
     """Floats the fused join's partials take in a workspace after its counters, as the split
     kernel lays them out for ``heads`` (batch x query heads): o_part, ml_part, fp_o, fp_ml,
@@ -617,10 +622,10 @@ def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
 
 def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
     """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits."""
-    steps_setting, factor, warps, _, pipeline, linear = tunables
+    steps_setting, factor, warps, _, pipeline, linear, tiles_per_warp, *_ = tunables
     rows = b * hkv * -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
-    per_warp = TILES_PER_WARP if pipeline and pipelined(k_layout, v_layout, d, steps) else 1
+    per_warp = tiles_per_warp if pipeline and pipelined(k_layout, v_layout, d, steps) else 1
     return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
                                       tiles_per_warp=per_warp)  # fmt: skip
 
@@ -631,8 +636,9 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
     full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
-    LINEAR_GRID -- are in the key; ``join``: :data:`NO_JOIN` or the fused join's flags)."""
-    steps_setting, factor, warps, fold, pipeline, linear = tunables
+    LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES, LEAN_SOFTMAX -- are in the key; ``join``:
+    :data:`NO_JOIN` or the fused join's flags)."""
+    steps_setting, factor, warps, fold, pipeline, linear, _, compact, lean = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
     pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
@@ -651,8 +657,8 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("QROT", rotate_q),
         ("FOLD", fold),
         ("PIPE", pipe),
-        ("CVAL", pipe and COMPACT_VALUES),
-        ("LEAN", LEAN_SOFTMAX),
+        ("CVAL", pipe and compact),
+        ("LEAN", lean),
         ("QT", q_dtype),
         ("ST", mx.float16),
         ("HAS_HEAD", fp[0] > 0),
