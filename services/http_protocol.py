@@ -32,16 +32,21 @@ def _envelope_400(msg: str, component: str) -> bytes:
     return head + body
 
 
+def _enveloped(base: type, component: str) -> type:
+    """``base`` (a uvicorn HTTP protocol) whose parser-level 400 names ``component``."""
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(_envelope_400(msg, component))
+        self.transport.close()
+
+    return type(f"Enveloped{base.__name__}", (base,), {"send_400_response": send_400_response})
+
+
 def enveloped_h11(component: str) -> type:
     """An ``H11Protocol`` whose parser-level 400 names ``component`` (router, sidecar)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class EnvelopedH11Protocol(H11Protocol):
-        def send_400_response(self, msg: str) -> None:
-            self.transport.write(_envelope_400(msg, component))
-            self.transport.close()
-
-    return EnvelopedH11Protocol
+    return _enveloped(H11Protocol, component)
 
 
 def enveloped_httptools(component: str) -> type | None:
@@ -51,13 +56,7 @@ def enveloped_httptools(component: str) -> type | None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
-
-    class EnvelopedHttpToolsProtocol(HttpToolsProtocol):
-        def send_400_response(self, msg: str) -> None:
-            self.transport.write(_envelope_400(msg, component))
-            self.transport.close()
-
-    return EnvelopedHttpToolsProtocol
+    return _enveloped(HttpToolsProtocol, component)
 
 
 def enveloped_http(component: str, parser: str = "auto") -> type:
