@@ -370,8 +370,7 @@ def mma_decode_layer(
         memo_key = (
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
-            keys.seed, keys.body_len, append is None, _GENERATION, STEPS, SPLIT_FACTOR,
-            TILES_PER_WARP, WARPS, FOLD, PIPELINE, LINEAR_GRID, COMPACT_VALUES, LEAN_SOFTMAX,
+            keys.seed, keys.body_len, append is None, _GENERATION, *_plan_tunables(),
             FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
         memo = work.decode_memo
