@@ -178,7 +178,8 @@ def run_mma_checks(
     6-7: the forced variants on shape 0, 8: the portable path, 9: shape 0 with the v5
     loads instead of the staged tiles, 10: the default layout read through misaligned
     views, 11: decode steps whose new positions the kernel writes), all by default;
-    ``save(rows)`` after each run (a call cut by its time limit keeps what it checked). ``only``: comma-separated layout names to check (all by default).
+    ``save(rows)`` after each run (a call cut by its time limit keeps what it checked).
+    ``only``: comma-separated layout names to check (all by default).
     """
     import mlx.core as mx
 
