@@ -61,6 +61,9 @@ class PackedSide:
     # Keys only: the newest positions, which the tail's last rows do not hold yet (the CUDA
     # layer kernel writes them as it reads them: :class:`TailAppend`); None: all written.
     append: TailAppend | None = None
+    # Not a field: (tail buffer, the tail's length) where the tail is cut only when read
+    # (:class:`BufferedTail`); the CUDA layer kernel takes the buffer and the length.
+    tail_buf = None
 
     @classmethod
     def made(cls, parts, spec, dim, use_rotation, seed, center, head, tail, body_len, workspace,
@@ -81,6 +84,10 @@ class PackedSide:
         d["tail"] = tail
         d["append"] = append
         return obj
+
+    def other_fields(self) -> dict:
+        """Every field but the tail's (``tail``, ``append`` and a buffered tail's own)."""
+        return {k: v for k, v in self.__dict__.items() if k not in _TAIL_FIELDS}
 
     @property
     def n_body(self) -> int:
@@ -104,6 +111,39 @@ class PackedSide:
     def rotation(self):
         """The rotation the vectors were stored under (``None``: none)."""
         return get_rotation(self.dim, self.seed) if self.use_rotation else None
+
+
+_TAIL_FIELDS = ("tail", "append", "tail_buf", "_cut")
+
+
+class BufferedTail(PackedSide):
+    """A side whose tail is the first ``tail_buf[1]`` positions of the tail buffer
+    ``tail_buf[0]``: the cache makes two a layer every decode step, and cutting the tail
+    (two slice ops, ~10-15 us of MLX host time a layer on the H200's host: bench/gpu_notes.md,
+    session 17) is left to a reader that asks for ``tail``; the CUDA layer kernel takes the
+    buffer and the length instead."""
+
+    @classmethod
+    def of(cls, fields: dict, buf: mx.array, length: int, append: TailAppend | None = None):
+        obj = object.__new__(cls)
+        d = obj.__dict__
+        d.update(fields)
+        d["tail_buf"] = (buf, length)
+        d["append"] = append
+        return obj
+
+    @property
+    def tail(self) -> mx.array:
+        d = self.__dict__
+        cut = d.get("_cut")
+        if cut is None:
+            buf, length = d["tail_buf"]
+            cut = d["_cut"] = buf[:, :, :length]
+        return cut
+
+    @tail.setter
+    def tail(self, x: mx.array) -> None:  # (dataclasses.replace: a side with this tail, cut)
+        self.__dict__["_cut"] = x
 
 
 class TailAppend:
@@ -133,8 +173,7 @@ class TailAppend:
         out = []
         for side, new in ((keys, self.k), (values, self.v)):
             tail = mx.concatenate([side.tail[:, :, : side.tail.shape[2] - n], new], axis=2)
-            fields = {k: v for k, v in side.__dict__.items() if k not in ("tail", "append")}
-            out.append(PackedSide.with_tail(fields, tail))
+            out.append(PackedSide.with_tail(side.other_fields(), tail))
         return out[0], out[1]
 
 
@@ -173,8 +212,12 @@ class TurboQuantKVCache(_BaseCache):
     values: tuple[mx.array, ...] | None = None
     head_k: mx.array | None = None
     head_v: mx.array | None = None
-    tail_k: mx.array | None = None
-    tail_v: mx.array | None = None
+    # The tail (tail_k / tail_v): the views last cut, or -- _tail_uncut set -- the tail
+    # buffer's first _tail_uncut positions, cut when read (a decode step hands the kernel
+    # the buffer instead: BufferedTail).
+    _tail_k: mx.array | None = None
+    _tail_v: mx.array | None = None
+    _tail_uncut: int | None = None
     body_len = 0
     offset = 0
     key_bits = 4
@@ -205,6 +248,9 @@ class TurboQuantKVCache(_BaseCache):
     # On CUDA a decode step's new positions go to the layer kernel, which writes them into
     # the tail buffer (TailAppend). False: two slice updates a step, as elsewhere.
     KERNEL_WRITES_TAIL = True
+    # Such a step's sides carry the tail buffer and the tail's length (BufferedTail), not
+    # two tail views cut a step. False: the views (sessions 14-16), for comparison.
+    BUFFERED_TAIL = True
     _pending: TailAppend | None = None  # this step's positions, until written or taken
     # Per-channel key scales and biases stored (B, H, T/g, D): the CUDA split kernel reads a
     # tile's scales for all channels at once, coalesced this way (128K: 77 -> 58 us, ncu).
@@ -286,6 +332,31 @@ class TurboQuantKVCache(_BaseCache):
         """Positions quantized together: a per-channel key group spans positions."""
         return self.group_size if self.key_quantizer in KEY_ONLY_QUANTIZERS else 1
 
+    @property
+    def tail_k(self) -> mx.array | None:
+        if self._tail_uncut is not None:
+            self._cut_tail(self._tail_buf, self._tail_uncut)
+        return self._tail_k
+
+    @tail_k.setter
+    def tail_k(self, x: mx.array | None) -> None:
+        self._tail_k, self._tail_uncut = x, None
+
+    @property
+    def tail_v(self) -> mx.array | None:
+        if self._tail_uncut is not None:
+            self._cut_tail(self._tail_buf, self._tail_uncut)
+        return self._tail_v
+
+    @tail_v.setter
+    def tail_v(self, x: mx.array | None) -> None:
+        self._tail_v, self._tail_uncut = x, None
+
+    def _tail_in_buffer(self) -> bool:
+        """The tail is the first ``_tail_buf[3]`` positions of its buffer (cut or not)."""
+        buf = self._tail_buf
+        return buf is not None and (self._tail_uncut is not None or buf[2] is self._tail_k)
+
     def _dims(self) -> tuple[int, int]:
         ref_k = self.head_k if self.head_k is not None else self.tail_k
         ref_v = self.head_v if self.head_v is not None else self.tail_v
@@ -323,8 +394,7 @@ class TurboQuantKVCache(_BaseCache):
         # A decode step: the tail is a view of its buffer, so the sink is full (the tail
         # takes nothing before it is) and the step fits -- _append_tail's ops, less Python.
         fast = (
-            buf is not None
-            and buf[2] is self.tail_k
+            self._tail_in_buffer()
             and n <= self.TAIL_APPEND_MAX
             and buf[3] + n <= buf[4]
             and self.DECODE_FAST_PATH
@@ -340,7 +410,11 @@ class TurboQuantKVCache(_BaseCache):
             mx.eval(after)  # it writes into this buffer in place: done before MLX ops read it
         if deferred:
             # The tail counts them now; the layer kernel writes them (TailAppend).
-            t = self._cut_tail(buf, buf[3] + n)
+            t = buf[3] + n
+            if self.BUFFERED_TAIL:  # (cut only if something else reads the tail)
+                self._tail_buf, self._tail_uncut = (buf[0], buf[1], None, t, buf[4]), t
+            else:
+                self._cut_tail(buf, t)
             self._pending = TailAppend(keys, values, buf[3], after)
         elif fast:
             t = self._append_in_buffer(buf, keys, values, buf[3], n)
@@ -376,7 +450,7 @@ class TurboQuantKVCache(_BaseCache):
             self.tail_v = mx.concatenate([self.tail_v, v], axis=2)
             return
         buf = self._tail_buf
-        if buf is None or buf[2] is not self.tail_k or t + n > buf[4]:
+        if not self._tail_in_buffer() or t + n > buf[4]:
             # Room for the window, one block and a draft: decode never outgrows it.
             cap = max(self.window + self.block + self.TAIL_APPEND_MAX, t + n)
             bk = mx.zeros((*k.shape[:2], cap, k.shape[3]), dtype=k.dtype)
@@ -406,7 +480,8 @@ class TurboQuantKVCache(_BaseCache):
         buf, at, n = self._tail_buf, pending.at, pending.k.shape[2]
         buf[0][:, :, at : at + n] = pending.k
         buf[1][:, :, at : at + n] = pending.v
-        self._cut_tail(buf, buf[3])
+        if self._tail_uncut is None:  # (else the tail is cut from the buffers when read)
+            self._cut_tail(buf, buf[3])
 
     def _settle(self, keep_writer: bool = False) -> mx.array | None:
         """Before anything reads or changes the tail (a state, a trim, a copy, an update): the
@@ -526,6 +601,13 @@ class TurboQuantKVCache(_BaseCache):
         ):
             return self._remember_views()
         # (the key side's workspace is kept too: the same cache, by the id check)
+        n = self._tail_uncut
+        if n is not None:
+            buf = self._tail_buf
+            return (
+                BufferedTail.of(memo[7], buf[0], n, self._pending),
+                BufferedTail.of(memo[8], buf[1], n),
+            )
         return (
             PackedSide.with_tail(memo[7], self.tail_k, self._pending),
             PackedSide.with_tail(memo[8], self.tail_v),
@@ -536,9 +618,8 @@ class TurboQuantKVCache(_BaseCache):
         if self.keys is None or not self.DECODE_FAST_PATH:  # (the empty parts are made anew)
             self._sides_memo = None
             return kv
-        fields = [dict(side.__dict__) for side in kv]
-        for f in fields:
-            f["tail"] = f["append"] = None  # they change every step: not kept alive by the memo
+        # (the tails change every step: not kept alive by the memo)
+        fields = [side.other_fields() for side in kv]
         self._sides_memo = (
             id(self), self.keys, self.values, self.body_len, self.head_k, self.head_v,
             self.key_center, fields[0], fields[1],
@@ -573,6 +654,7 @@ class TurboQuantKVCache(_BaseCache):
     @state.setter
     def state(self, v) -> None:
         self._settle()  # (a kernel queued for the old tail still writes into its buffer)
+        self.tail_k  # noqa: B018 -- cut: a state that fails to load leaves a whole tail
         self._tail_buf = None
         if v is None or len(v) == 0:
             self.keys = self.values = None
@@ -674,6 +756,7 @@ class TurboQuantKVCache(_BaseCache):
         MLX copy shares its data), and kernels write new positions in place (TailAppend), so
         the copy's next step starts a buffer of its own."""
         self._settle()
+        self.tail_k  # noqa: B018 -- cut: the copy takes the views, not this cache's buffer
         new = object.__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
@@ -756,7 +839,7 @@ class TurboQuantKVCache(_BaseCache):
             return 0
         body = 0 if self.keys is None else sum(p.nbytes for p in (*self.keys, *self.values))
         buf = self._tail_buf
-        if buf is not None and buf[2] is self.tail_k:  # the tail is a view of its buffer
+        if self._tail_in_buffer():
             fp = buf[0].nbytes + buf[1].nbytes + self.head_k.nbytes + self.head_v.nbytes
         else:
             fp = sum(a.nbytes for a in self._fp_arrays())

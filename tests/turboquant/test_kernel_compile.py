@@ -143,6 +143,8 @@ def test_every_launch_compiles_and_the_split_kernel_keeps_its_occupancy(launches
     assert {(d, pipe) for d, pipe, *_ in seen} >= {(128, True), (64, True), (256, False)}
     appends = {(t["D"], t["FUSED"]) for k, _, t, _ in launches if t.get("APPEND")}
     assert appends == {(d, f) for d in (64, 128, 256) for f in (True, False)}
+    # (their tails as whole buffers with the length in params: cache.BufferedTail)
+    assert appends == {(t["D"], t["FUSED"]) for k, _, t, _ in launches if t.get("TLEN")}
 
 
 @pytest.mark.parametrize(

@@ -212,7 +212,7 @@ def test_split_launches_are_planned_from_their_settings():
     assert not dict(off[0])["PIPE"] and off[4] == 0
     # the full-precision sink and tail: one block each 16 positions after the splits; they
     # stage in the dynamic shared memory (the PIPE rings when there are some, else their own)
-    fp_args = (*args[:-1], (1, 4, mx.bfloat16, False))
+    fp_args = (*args[:-1], (1, 4, mx.bfloat16, False, False))
     t_fp, grid_fp, _, shapes_fp, smem_fp = mma_decode._split_plan(
         *fp_args, None, 2, 4, True, True, False, *REST
     )
@@ -235,7 +235,7 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
     for b, hq, hkv, factor in [(1, 32, 8, 2), (2, 64, 4, 3), (1, 12, 1, 2)]:
         rows = b * hkv * -(-(hq // hkv) // 8)
         args = ((2, 4, 128), (0, 4, 128), b, hq, hkv, 128, 131072, mx.float16, True, None)
-        fp = (1, 4, mx.float16, True)  # (a step's new positions written: the same grid)
+        fp = (1, 4, mx.float16, True, False)  # (a step's new positions written: the same grid)
         template, grid, group, shapes, _ = mma_decode._split_plan(
             *args, fp, None, factor, 4, True, True, True, 1, True, False
         )

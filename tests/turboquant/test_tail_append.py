@@ -7,6 +7,7 @@ are checked on the GPU (bench/attention_gpu.py, check run 11)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import mlx.core as mx
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from services.turboquant import TurboQuantConfig, TurboQuantKVCache, install_patch
 from services.turboquant.attention import turboquant_attention
 from services.turboquant.kernels import fused_decode, mma_decode
+from services.turboquant.kernels.fused_decode import LOG2E
 
 from .test_decode_fastpath import _Recorder
 from .test_segments import _kv
@@ -83,8 +85,15 @@ def test_a_taken_step_is_left_to_its_kernel_and_ordered_after_it(on_cuda, monkey
             given = dict(zip(kernel.input_names, kw["inputs"], strict=True))
             assert given["kn"] is append.k and given["vn"] is append.v
             assert given["after"] is (q if last is None else last)
-            assert given["kt"] is keys.tail  # counting the new position already:
-            assert keys.head.shape[2] + keys.n_body + keys.tail.shape[2] == i + 1
+            # the whole tail buffers and the tail's length, counting the new position already
+            # (cache.BufferedTail: no tail view cut for the kernel)
+            n_tail = keys.tail_buf[1]
+            assert given["kt"] is keys.tail_buf[0] and given["vt"] is values.tail_buf[0]
+            assert "_cut" not in keys.__dict__ and "_cut" not in values.__dict__
+            assert given["kt"].shape[2] > n_tail == i + 1 - keys.head.shape[2] - keys.n_body
+            np.testing.assert_allclose(np.array(given["params"])[:2], [0.125 * LOG2E, n_tail])
+            assert _Recorder.launches[-1][2]["TLEN"]  # (the kernel reads params[1])
+            assert keys.tail.shape[2] == n_tail  # (cut when read by anything else)
             assert append.writer is out and last is not out
             last = out
         writers = lambda: [a for a in queued if any(a[0] is o for o, *_ in _Recorder.outputs)]  # noqa: E731
@@ -140,3 +149,33 @@ def test_sides_kept_past_the_next_step_still_read_their_own_positions(on_cuda):
     out_a = turboquant_attention(q, *a, scale=0.125)
     out_b = turboquant_attention(q, *b, scale=0.125)
     np.testing.assert_array_equal(np.array(out_a), np.array(out_b))
+
+
+def test_a_decode_step_cuts_no_tail_view_unless_something_reads_it(on_cuda):
+    """cache.BufferedTail: a deferred step's sides carry the tail buffer and the tail's
+    length; the tail is cut only for a reader that asks (the same positions as the views
+    the cache cut every step before, BUFFERED_TAIL False), and a copied side keeps it."""
+    k, v = _kv(160, dtype=mx.float16)
+    got, want = _caches(100, k, v), _caches(100, k, v)
+    want.BUFFERED_TAIL = False
+    buffered = 0
+    for i in range(100, 160):
+        a = got.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        b = want.update_and_fetch(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        assert b[0].tail_buf is None and b[1].tail_buf is None
+        if a[0].append is None:  # (a block step, or the one after it: views, as before)
+            assert a[0].tail_buf is None
+            continue
+        buffered += 1
+        assert got._tail_uncut == a[0].tail_buf[1] == a[1].tail_buf[1]
+        assert a[0].tail_buf[0] is got._tail_buf[0] and a[1].tail_buf[0] is got._tail_buf[1]
+        assert "_cut" not in a[0].__dict__  # nothing cut so far
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(np.array(x.tail), np.array(y.tail))
+        assert got._tail_uncut is not None  # (a side's cut is its own: the cache stays uncut)
+        side = dataclasses.replace(a[0], workspace=None)
+        assert side.tail_buf is None and side.tail is a[0].tail
+    assert buffered > 40
+    for x, y in zip(got.state, want.state, strict=True):  # (the state cuts the cache's tail)
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+    assert got._tail_uncut is None

@@ -78,6 +78,32 @@ def const_input(value: float) -> mx.array:
     return device_constant(mx.array([value] * 4, dtype=mx.float32))
 
 
+TAIL_PARAMS_MADE = 256  # tail lengths made at once (a decode tail holds window + a block)
+
+
+def tail_params(value: float, tail_len: int) -> mx.array:
+    """:func:`const_input` with the tail's length in element 1, for a split kernel that takes
+    the whole tail buffers (template TLEN): cached, as a tail's lengths repeat every block,
+    so a decode step makes no array (a host-made one would be read across the bus:
+    :func:`device_constant`)."""
+    table = _tail_params(value)
+    return table[tail_len] if tail_len < len(table) else _tail_param(value, tail_len)
+
+
+@lru_cache(maxsize=64)
+def _tail_params(value: float) -> tuple[mx.array, ...]:
+    # All at once: each made alone would evaluate (wait for the GPU) on a new decode step.
+    made = [mx.array([value, float(n), 0.0, 0.0], dtype=mx.float32) + 0.0
+            for n in range(TAIL_PARAMS_MADE)]  # fmt: skip
+    mx.eval(made)
+    return tuple(made)
+
+
+@lru_cache(maxsize=1024)
+def _tail_param(value: float, tail_len: int) -> mx.array:
+    return device_constant(mx.array([value, float(tail_len), 0.0, 0.0], dtype=mx.float32))
+
+
 @lru_cache(maxsize=8)
 def dummy_input(dtype: mx.Dtype) -> mx.array:
     """A cached stand-in for an input a kernel variant does not read."""

@@ -20,7 +20,7 @@ import mlx.core as mx
 from ..attention import centre_shift2
 from ..cache import JOIN_COUNTER_ROWS
 from ..rotation import rotate
-from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant
+from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant, tail_params
 from .jit import baked_kernel
 from .mma_source import (
     MMA_COMBINE_SOURCE,
@@ -357,9 +357,13 @@ def mma_decode_layer(
     (the caller then takes another path).
     """
     work = keys.workspace
-    head, tail, append = keys.head, keys.tail, keys.append
+    head, append, buffered = keys.head, keys.append, keys.tail_buf
     n_head = 0 if head is None else head.shape[2]
-    n_tail = 0 if tail is None else tail.shape[2]
+    if buffered is not None:  # the whole tail buffers and the tail's length (TLEN)
+        tail, n_tail, v_tail = buffered[0], buffered[1], values.tail_buf[0]
+    else:
+        tail = keys.tail
+        n_tail, v_tail = 0 if tail is None else tail.shape[2], values.tail
     head_chunks, tail_chunks = -(-n_head // MMA_FP_CHUNK), -(-n_tail // MMA_FP_CHUNK)
     fp_side = head if n_head else tail if n_tail else None
     fp_dtype = None if fp_side is None else fp_side.dtype
@@ -370,7 +374,8 @@ def mma_decode_layer(
         memo_key = (
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
-            keys.seed, keys.body_len, append is None, _GENERATION, *_plan_tunables(),
+            keys.seed, keys.body_len, append is None, buffered is None, _GENERATION,
+            *_plan_tunables(),
             FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
         memo = work.decode_memo
@@ -396,7 +401,7 @@ def mma_decode_layer(
         keys.center is not None, sinks is not None, scale, splits,
         *_plan_tunables(), fused=FUSED_JOIN and work is not None,
         fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
-        counter_rows=JOIN_COUNTER_ROWS, append=append is not None,
+        counter_rows=JOIN_COUNTER_ROWS, append=append is not None, tlen=buffered is not None,
     )  # fmt: skip
     if memo_key is not None:
         work.decode_memo = None  # (made again below for a fused plan)
@@ -407,12 +412,13 @@ def mma_decode_layer(
     cshift = _centre_shift(queries, keys, rot, scale) if keys.center is not None else None
     sinks = sinks.astype(mx.float32) if sinks is not None else None
     # None: an input the planned kernel does not take (nor returns, for outputs)
-    fp_inputs = [head, values.head, tail, values.tail] if n_head or n_tail else [None] * 4
+    fp_inputs = [head, values.head, tail, v_tail] if n_head or n_tail else [None] * 4
     fp_inputs += _append_inputs(append, queries) if append is not None else [None] * 3
     work_array = work.at_least(split.work_floats) if join is None else None
-    inputs = _split_inputs(split, queries, keys, values, const, rot) + fp_inputs
+    params = const if buffered is None else tail_params(scale * LOG2E, n_tail)
+    inputs = _split_inputs(split, queries, keys, values, params, rot) + fp_inputs
     if memo_key is not None and join is None:
-        work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs)
+        work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs, scale)
     o_part, ml_part, fp_o, fp_ml, out = split.launch(inputs + [work_array, cshift, sinks], init)
     if join is not None:  # (else the split kernel joined: FUSED_JOIN)
         signs = rot.signs if rot is not None else None
@@ -435,6 +441,7 @@ def _centre_shift(queries, keys, rot, scale) -> mx.array:
 
 
 _STATIC = range(1, SPLIT_INPUTS.index("kh"))  # kw .. signs: the same while the body views are
+_PARAMS = SPLIT_INPUTS.index("params")  # (but for TLEN's tail length, set each call)
 _DYNAMIC = ("kh", "kt", "kn", "work", "cshift", "sinks")  # per call (kh/vh, kt/vt, kn/vn/after)
 
 
@@ -443,9 +450,9 @@ class _DecodeMemo:
     same body views and specs (held here, so no id is reused) and the same ``key``."""
 
     __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "split", "static",
-                 "kh", "kt", "kn", "work", "cshift", "sinks")  # fmt: skip
+                 "kh", "kt", "kn", "work", "cshift", "sinks", "tlen", "params_at", "scale2")  # fmt: skip
 
-    def __init__(self, key, keys, values, rot, split, inputs):
+    def __init__(self, key, keys, values, rot, split, inputs, scale):
         self.key, self.rot = key, rot
         self.k_parts, self.v_parts, self.k_spec, self.v_spec = (
             keys.parts, values.parts, keys.spec, values.spec
@@ -456,6 +463,10 @@ class _DecodeMemo:
         for name in _DYNAMIC:
             setattr(self, name, name in kept)
         self.split = split
+        # TLEN: the tail's length is in params, one cached constant a length (tail_params)
+        self.tlen = keys.tail_buf is not None
+        self.params_at = [i for i in split.kept if i in _STATIC].index(_PARAMS) + 1
+        self.scale2 = scale * LOG2E
 
     def __deepcopy__(self, _memo):
         return None  # a copied cache plans afresh (a kernel object does not copy)
@@ -464,10 +475,14 @@ class _DecodeMemo:
         """The split launch for this call, its inputs in the order of ``SPLIT_INPUTS`` as
         :func:`mma_decode_layer` passes them."""
         inputs = [queries, *self.static]
+        if self.tlen:
+            inputs[self.params_at] = tail_params(self.scale2, keys.tail_buf[1])
         if self.kh:
             inputs += (keys.head, values.head)
         if self.kt:
-            inputs += (keys.tail, values.tail)
+            inputs += (
+                (keys.tail_buf[0], values.tail_buf[0]) if self.tlen else (keys.tail, values.tail)
+            )
         if self.kn:
             inputs += _append_inputs(keys.append, queries)
         if self.work:  # at_least(the plan's floats) was asked when it was made
@@ -520,7 +535,7 @@ class _Launch:
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None,
-                counter_rows=JOIN_COUNTER_ROWS, append=False):  # fmt: skip
+                counter_rows=JOIN_COUNTER_ROWS, append=False, tlen=False):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
     last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
     ``fused_max``), or None where the kernels cannot read it (:func:`_layouts`, as for
@@ -531,7 +546,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                        k_sdtype, v_sdtype, tunables[0])  # fmt: skip
     if layouts is None:
         return None
-    fp = (head_chunks, tail_chunks, fp_dtype, append)
+    fp = (head_chunks, tail_chunks, fp_dtype, append, tlen and tail_chunks > 0)
     if fused and fused_max is not None:
         _, s = _row_splits(*layouts, b, hq, hkv, d, n_body, splits, tunables)
         work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
@@ -552,7 +567,8 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     return split, join, const_input(scale * LOG2E)
 
 
-NO_FP = (0, 0, None, False)  # (sink chunks, tail chunks, their dtype, new positions): none
+# (sink chunks, tail chunks, their dtype, new positions, the tail's length in params): none
+NO_FP = (0, 0, None, False, False)
 NO_JOIN = (False, False, False)  # (fused join, key centre, learned sinks): a join launch follows
 
 
@@ -663,6 +679,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("HAS_HEAD", fp[0] > 0),
         ("HAS_TAIL", fp[1] > 0),
         ("APPEND", fp[3]),
+        ("TLEN", fp[4]),
         ("LIN", linear),
         ("FUSED", join[0]),
         ("OT", q_dtype),

@@ -984,7 +984,9 @@ __device__ void mma_decode_split(
 // fp kernel of session 6 wrote it (one launch a layer fewer: bench/gpu_notes.md, session 7).
 // APPEND: the tail's last kn_sh[2] positions are not in kt/vt yet: read from kn/vn and
 // written there by the row's first head tile (cache.TailAppend; session 14).
-template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, typename QT, typename FT>
+// TLEN: kt/vt are the whole tail buffers, the tail their first params[1] positions (no
+// slice op a decode step to cut them: cache.BufferedTail).
+template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, bool TLEN, typename QT, typename FT>
 __device__ void fp_chunk(
     const QT* q, const int64_t* q_st,
     const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
@@ -1005,7 +1007,7 @@ __device__ void fp_chunk(
   const int hkv = row / n_ht, ht = row % n_ht;
   const int nh = min(8, G - ht * 8);  // query heads of this tile
   const int FH = HAS_HEAD ? kh_sh[2] : 0;
-  const int FTL = HAS_TAIL ? kt_sh[2] : 0;
+  const int FTL = HAS_TAIL ? (TLEN ? (int)params[1] : kt_sh[2]) : 0;
   const int HC = (FH + C - 1) / C;
   const bool head = chunk < HC;
   const int f0 = (head ? chunk : chunk - HC) * C;
@@ -1285,7 +1287,8 @@ MMA_SPLIT_SOURCE = r"""
   const int G = q_shape[1] / n_kv;
   const int n_ht = (G + 7) / 8;
   constexpr int FC = TQM_FP_CHUNK;
-  const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? (kt_shape[2] + FC - 1) / FC : 0);
+  // TLEN: the tail is the first params[1] positions of the buffers kt/vt
+  const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? ((TLEN ? (int)params[1] : kt_shape[2]) + FC - 1) / FC : 0);
   // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
   // the hardware deals blocks out in this order, so the SMs get even shares of split work.
   // Else blocks (x: splits then chunks, y: row, z: batch).
@@ -1318,7 +1321,7 @@ MMA_SPLIT_SOURCE = r"""
 #endif
   const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
-    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND>(
+    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND, TLEN>(
         q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
         kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(),
         kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params,
