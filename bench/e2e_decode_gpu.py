@@ -55,7 +55,10 @@ QWEN35_35B_A3B = dict(
 # tq-nowrite: an experiment, not a cache -- the default layout with a decode step's new
 # position never written (neither by MLX ops nor by the kernel: its attention reads stale
 # tail positions): what the write costs a step, timing only.
-CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused", "tq-nowrite")
+# tq-cut: the default cache with a decode step's tail views cut every step (two slice ops a
+# layer), as before the sides carried the tail buffer (cache.BufferedTail, session 17).
+CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused", "tq-nowrite",
+               "tq-cut")  # fmt: skip
 JOIN_MODES = {"tq-fused": dict(FUSED_JOIN=True, FUSED_MAX_WORK=None),
               "tq-unfused": dict(FUSED_JOIN=False)}  # fmt: skip
 
@@ -251,6 +254,10 @@ def _filled_cache(model, kind: str, context: int, batch: int):
         cache = make_turboquant_cache(model, _tq_config(kind))
     attention_shapes(model, cache)
     fill(cache, context, batch)
+    if kind == "tq-cut":
+        for c in cache:
+            if hasattr(c, "BUFFERED_TAIL"):
+                c.BUFFERED_TAIL = False
     if kind == "tq-nowrite":
         for c in cache:
             if hasattr(c, "_append_in_buffer"):

@@ -11,6 +11,7 @@ it. Steps of the two caches alternate; medians per step and per layer::
     python bench/host_time.py --write   # SmolLM2 f32 from .cache/models; the section too
     python bench/host_time.py --profile 20     # where our share of it goes (cProfile)
     python bench/host_time.py --calls          # per layer: cache update vs attention call
+    python bench/host_time.py --cut            # + ours with the tail views cut every step
 """
 
 from __future__ import annotations
@@ -130,7 +131,14 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="print the top N functions of ours")
     ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
     ap.add_argument("--calls", action="store_true", help="time update and attention calls too")
+    ap.add_argument(
+        "--cut",
+        action="store_true",
+        help="a third cache: ours with the tail views cut a step (BUFFERED_TAIL off)",
+    )
     args = ap.parse_args()
+    if args.cut and args.calls:
+        ap.error("--calls times ours by class: run it without --cut")
 
     model, _ = load(args.model)
     hook_kernels()
@@ -141,6 +149,12 @@ def main() -> None:
             make_turboquant_cache(model, TurboQuantConfig.recommended())
         ),
     }
+    if args.cut:
+        caches["turboquant, tail cut a step"] = with_join_workspaces(
+            make_turboquant_cache(model, TurboQuantConfig.recommended())
+        )
+        for c in caches["turboquant, tail cut a step"]:
+            c.BUFFERED_TAIL = False
     for cache in caches.values():  # prefill (portable path: one launch per layer is decode)
         mx.eval(model(prompt, cache=cache))
     layers = sum(1 for c in caches["turboquant default"] if hasattr(c, "key_spec"))
@@ -179,7 +193,7 @@ def main() -> None:
         rows.append([name, f"{med * 1e3:.2f}", f"{(med - base) / layers * 1e6:+.1f}"])
     body = (
         f"{Path(args.model).name}: {layers} attention layers, context {args.context}, "
-        f"{len(times['fp16 KVCache'])} decode steps each, the two caches taking turns "
+        f"{len(times['fp16 KVCache'])} decode steps each, the caches taking turns "
         f"{args.block} steps at a time; only "
         "the graph of each step is built and timed (it is evaluated untimed). The CUDA "
         "kernels are hooked in as on a GPU (each cache layer with its join workspace: one "
