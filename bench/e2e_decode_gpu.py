@@ -199,6 +199,41 @@ def profile_builds(model, cache: list, steps: int, batch: int, top: int) -> str:
     return text.getvalue()
 
 
+_CALLS: dict = {}  # (cache, "update" | "attention") -> seconds, once time_calls wraps them
+
+
+def call_times(model, cache: list, steps: int, batch: int) -> dict:
+    """Mean microseconds a layer of ``steps`` decode steps' builds (each step evaluated
+    outside the timing): the whole step, and the cache update and attention calls inside
+    the model (bench.host_time.time_calls' timers) -- where the build goes, with the real
+    kernels, without a profiler's per-call cost."""
+    import mlx.core as mx
+
+    from bench.host_time import time_calls
+
+    if not _CALLS.get("wrapped"):
+        time_calls(_CALLS)
+        _CALLS["wrapped"] = True
+    layers = len(cache)
+    tok = mx.ones((batch, 1), dtype=mx.int32)
+    for _ in range(4):  # (warm)
+        tok = _step(model, cache, tok)
+        mx.eval(tok)
+    rows = []  # per step: the whole build, then each timer's share
+    for _ in range(steps):
+        for key in [k for k in _CALLS if k != "wrapped"]:
+            _CALLS[key] = 0.0
+        t = time.perf_counter()
+        tok = _step(model, cache, tok)
+        step = {"step": time.perf_counter() - t}
+        step.update((" ".join(k), v) for k, v in _CALLS.items() if k != "wrapped" and v)
+        rows.append(step)
+        mx.eval(tok)
+    # medians over steps: a block's step (its quantization, a wait for the GPU) is 1 in 128
+    return {k: round(statistics.median(r.get(k, 0.0) for r in rows) * 1e6 / layers, 1)
+            for k in rows[-1]}  # fmt: skip
+
+
 def _step(model, cache: list, tok):
     """One greedy decode step's graph (built, not evaluated): the next tokens."""
     import mlx.core as mx
@@ -268,7 +303,7 @@ def _filled_cache(model, kind: str, context: int, batch: int):
 
 
 def run_context(model, kinds: list[str], context: int, steps: int, repeats: int = 2,
-                batch: int = 1, profile: int = 0) -> list[dict]:  # fmt: skip
+                batch: int = 1, profile: int = 0, calls: int = 0) -> list[dict]:  # fmt: skip
     """One row per cache kind: decode tok/s (median of ``repeats`` runs; ``batch``
     sequences, all counted), measured KV bytes and peak memory. All caches are filled
     first and their timed runs alternate (fp16, ours, fp16, ours, ...): the device's host
@@ -299,6 +334,9 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
     for kind, (cache, _) in caches.items() if profile else ():
         with join_mode(kind):
             print(f"== build profile: {kind}\n" + profile_builds(model, cache, 16, batch, profile))
+    for kind, (cache, _) in caches.items() if calls else ():
+        with join_mode(kind):
+            print(f"== build a layer (us): {kind} {call_times(model, cache, calls, batch)}")
     rows = []
     for kind, (_, kv) in caches.items():
         ratios = [a / b for a, b in zip(runs[kind], runs[kinds[0]], strict=True)]
@@ -364,6 +402,12 @@ def main() -> None:
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--weight-bits", type=int, help="quantize the weights (4: as MLX users run)")
     ap.add_argument("--profile", type=int, default=0, help="print each cache's top N build costs")
+    ap.add_argument(
+        "--calls",
+        type=int,
+        default=0,
+        help="then N steps each with the update and attention calls timed (printed)",
+    )
     ap.add_argument("--render")
     ap.add_argument("--machine")
     ap.add_argument("--command")
@@ -397,7 +441,7 @@ def main() -> None:
         for ctx in (int(c) for c in args.contexts.split(",")):
             kinds = sorted(args.caches.split(","), key=lambda k: k != "fp16")  # fp16 first
             for row in run_context(
-                model, kinds, ctx, args.steps, args.repeats, args.batch, args.profile
+                model, kinds, ctx, args.steps, args.repeats, args.batch, args.profile, args.calls
             ):
                 res["rows"].append(dict(model=name, weight_bits=args.weight_bits or 16, **row))
                 print(json.dumps(res["rows"][-1]), flush=True)
