@@ -94,24 +94,3 @@ def test_looped_value_steps_shrink_the_tile_loops_code(monkeypatch):
     assert on["static"] < 0.8 * off["static"]
     assert off["executed"] < on["executed"] < 1.1 * off["executed"]
     assert on["mma"] == off["mma"]
-
-
-@pytest.mark.skipif(
-    not (nvrtc.available() and sass_count.nvdisasm()),
-    reason="needs NVRTC and nvdisasm 13 from PyPI (test extras, Linux x86-64)",
-)
-def test_the_lean_softmax_executes_fewer_instructions_for_the_same_math(monkeypatch):
-    """mma_decode.LEAN_SOFTMAX at D 128: one MUFU.EX2 an exponential without exp2f's range
-    check (its FSETPs and scaling FMULs) -- fewer instructions a tile, the same tensor-core
-    and EX2 work."""
-    from services.turboquant.kernels import mma_decode
-
-    counts = {}
-    for lean in (True, False):
-        monkeypatch.setattr(mma_decode, "LEAN_SOFTMAX", lean)
-        loops = sass_count.parse_loops(sass_count.split_sass(128, 32, 8, 4000, aligned=True))
-        counts[lean] = sass_count.tile_counts(loops, 8, steps=8)
-    on, off = counts[True], counts[False]
-    assert on["executed"] < off["executed"] - 64 and on["static"] < off["static"]
-    assert on["mma"] == off["mma"] and on["ops"]["MUFU"] == off["ops"]["MUFU"]
-    assert on["ops"]["FSETP"] < off["ops"]["FSETP"]

@@ -262,39 +262,3 @@ def test_the_value_steps_compile_looped_and_unrolled_and_keep_three_blocks_an_sm
                                                                  kernel.shared_memory)  # fmt: skip
     mma_decode.clear_kernel_caches()
     assert min(resources.values()) >= 3, resources
-
-
-@pytest.mark.parametrize(
-    "config, dim",
-    [(dict(key_quantizer="channel", group_size=128, sink_tokens=1), 128),
-     (dict(key_quantizer="channel", group_size=128, sink_tokens=1), 64),
-     (dict(quantizer="codebook", key_bits=3, value_bits=3), 256)],
-    ids=["default-128", "default-64", "codebook-256"],
-)  # fmt: skip
-def test_the_lean_softmax_compiles_and_keeps_the_occupancy(monkeypatch, config, dim):
-    """``mma_decode.LEAN_SOFTMAX`` (an experiment, off; NOT yet run on a GPU): ex2.approx
-    builds for the pipelined and the general split kernel, with as many blocks an SM as
-    without (a first version that also branched around the body's end mask took 29 more
-    registers at D 64: 4 -> 3 blocks an SM)."""
-    from services.turboquant import TurboQuantConfig
-    from services.turboquant.kernels.cases import cache_case
-
-    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
-    case = cache_case(np.random.default_rng(0), TurboQuantConfig(**config), batch=1, q_heads=8,
-                      kv_heads=2, dim=dim, length=700, sinks=True)  # fmt: skip
-    q = case.queries.astype(mx.float16)
-    blocks = {}
-    for lean in (False, True):
-        monkeypatch.setattr(mma_decode, "LEAN_SOFTMAX", lean)
-        mma_decode.clear_kernel_caches()
-        _RecordedKernel.launches, _RecordedKernel.outputs = [], []
-        assert mma_decode.mma_decode_layer(q, case.keys, case.values, 0.1, case.sinks) is not None
-        kernel, inputs, t, grid, group, _ = _RecordedKernel.launches[0]
-        assert t["LEAN"] == lean
-        dtypes = [o.dtype for o in _RecordedKernel.outputs[0]]
-        cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, [], dtypes))
-        assert cubin is not None, log
-        regs, static = nvrtc.cubin_resources(cubin)
-        blocks[lean] = blocks_per_sm(regs, group[0], static, kernel.shared_memory)
-    mma_decode.clear_kernel_caches()
-    assert blocks[True] >= blocks[False] >= 1, blocks

@@ -183,16 +183,15 @@ def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
     assert mma_decode.side_layout(keys) == (2, 4, 32)
 
 
-# the planners' last tunables as the module sets them: TILES_PER_WARP, COMPACT_VALUES,
-# LEAN_SOFTMAX
-REST = (4, True, False)
+# the planners' last tunables as the module sets them: TILES_PER_WARP, COMPACT_VALUES
+REST = (4, True)
 
 
 def test_split_launches_are_planned_from_their_settings():
     layouts = ((2, 4, 128), (0, 4, 128))
     args = (*layouts, 1, 32, 8, 128, 131072, mx.float16, True, None, mma_decode.NO_FP)
     # tunables: STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID (the rows grid here),
-    # TILES_PER_WARP, COMPACT_VALUES, LEAN_SOFTMAX
+    # TILES_PER_WARP, COMPACT_VALUES
     template, grid, _, shapes, smem = mma_decode._split_plan(
         *args, None, 2, 4, True, True, False, *REST
     )
@@ -237,7 +236,7 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
         args = ((2, 4, 128), (0, 4, 128), b, hq, hkv, 128, 131072, mx.float16, True, None)
         fp = (1, 4, mx.float16, True, False)  # (a step's new positions written: the same grid)
         template, grid, group, shapes, _ = mma_decode._split_plan(
-            *args, fp, None, factor, 4, True, True, True, 1, True, False
+            *args, fp, None, factor, 4, True, True, True, 1, True
         )
         s = shapes[0][2]
         assert dict(template)["LIN"] and dict(template)["APPEND"] and group == (128, 1, 1)
@@ -245,9 +244,7 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
         # (whole tiles a split: chunks rounded up can leave a few splits fewer)
         slots = factor * mma_decode.NUM_SMS_GUESS
         assert 0.9 * slots < s * rows <= slots
-        rows_grid = mma_decode._split_plan(
-            *args, fp, None, factor, 4, True, True, False, 1, True, False
-        )
+        rows_grid = mma_decode._split_plan(*args, fp, None, factor, 4, True, True, False, 1, True)
         assert rows_grid[3][0][2] >= s  # the rows grid rounds the split count up
 
 

@@ -72,12 +72,6 @@ LINEAR_GRID = True
 # "no instruction" stalls (H200, ncu at 32K: the unrolled steps missed the instruction
 # cache); 32K layer ~-5 % (bench/gpu_notes.md, session 16). Read when a plan is made (tune()).
 COMPACT_VALUES = True
-# The split kernel's softmax with ex2.approx.ftz instead of exp2f (its range check is ~3
-# instructions an element; template LEAN): ~-100 instructions a tile by count, the same
-# registers. (Masking the body's end on a warp's last tile only cost 29 registers at D 64:
-# 4 -> 3 blocks an SM.) An experiment, off: NOT yet run on a GPU (bench/gpu_notes.md,
-# session 16); read when a plan is made (tune()).
-LEAN_SOFTMAX = False
 # One launch a layer: the split kernel's last block of each row does the join (counters and
 # partials in a per-layer workspace, cache.join_workspace), saving a custom-kernel call's
 # host work. Only up to FUSED_MAX_WORK key elements (batch x KV heads x body positions x head
@@ -182,7 +176,7 @@ def clear_kernel_caches() -> None:
 
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
-             "COMPACT_VALUES", "LEAN_SOFTMAX", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
+             "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
 
 
 def tune(**settings) -> None:
@@ -622,7 +616,7 @@ def _plan_tunables() -> tuple:
     """The settings a split launch's plan reads, in the order the planners unpack them (they
     are part of the planners' cache keys)."""
     return (STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID, TILES_PER_WARP,
-            COMPACT_VALUES, LEAN_SOFTMAX)  # fmt: skip
+            COMPACT_VALUES)  # fmt: skip
 
 
 def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
@@ -651,9 +645,9 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
     full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
-    LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES, LEAN_SOFTMAX -- are in the key; ``join``:
+    LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES -- are in the key; ``join``:
     :data:`NO_JOIN` or the fused join's flags)."""
-    steps_setting, factor, warps, fold, pipeline, linear, _, compact, lean = tunables
+    steps_setting, factor, warps, fold, pipeline, linear, _, compact = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps = steps_for(k_layout[0], d, steps_setting)
     pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
@@ -673,7 +667,6 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("FOLD", fold),
         ("PIPE", pipe),
         ("CVAL", pipe and compact),
-        ("LEAN", lean),
         ("QT", q_dtype),
         ("ST", mx.float16),
         ("HAS_HEAD", fp[0] > 0),

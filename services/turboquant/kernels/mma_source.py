@@ -142,14 +142,6 @@ __device__ __forceinline__ int64_t work_span(int64_t floats) {
   return (floats + TQM_WORK_ALIGN - 1) / TQM_WORK_ALIGN * TQM_WORK_ALIGN;
 }
 
-// 2^x in one MUFU.EX2, subnormal results flushed to 0 (exp2f adds a range check: ~3
-// instructions an element); LEAN_SOFTMAX's probabilities.
-__device__ __forceinline__ float ex2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // c(16x8, f32) += a(16x16, f16, row) . b(16x8, f16, col)
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -292,7 +284,7 @@ __device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
 }
 
 template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, bool QROT,
-          bool FOLD, bool PIPE, bool CVAL, bool LEAN, typename QT, typename ST>
+          bool FOLD, bool PIPE, bool CVAL, typename QT, typename ST>
 __device__ void mma_decode_split(
     const QT* q, const int64_t* q_st, const float* signs,
     const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
@@ -728,7 +720,7 @@ __device__ void mma_decode_split(
 #pragma unroll
         for (int off = 4; off < 32; off <<= 1) mt2[i] = fmaxf(mt2[i], __shfl_xor_sync(0xffffffffu, mt2[i], off));
         const float m_new = fmaxf(m_run[i], mt2[i]);  // finite: row 0 of step 0 is valid
-        const float alpha = LEAN ? ex2_ftz(m_run[i] - m_new) : exp2f(m_run[i] - m_new);
+        const float alpha = exp2f(m_run[i] - m_new);
         m_run[i] = m_new;
         l_run[i] *= alpha;
 #pragma unroll
@@ -744,7 +736,7 @@ __device__ void mma_decode_split(
     for (int s = 0; s < STEPS; ++s) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sc[s][e] = LEAN ? ex2_ftz(sc[s][e] - m_run[e & 1]) : exp2f(sc[s][e] - m_run[e & 1]);
+        sc[s][e] = exp2f(sc[s][e] - m_run[e & 1]);
         l_run[e & 1] += sc[s][e];
       }
     }
@@ -1330,7 +1322,7 @@ MMA_SPLIT_SOURCE = r"""
     if (!FUSED) return;
   }
   if (!fp_block) {  // (a fused fp block goes on to count itself below)
-    tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, CVAL, LEAN, QT, ST>(
+    tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, CVAL, QT, ST>(
         q, q_strides.data(), signs,
         kw, kw_shape.data(), kw_strides.data(),
         ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
