@@ -229,3 +229,29 @@ def test_build_profile_names_the_caches_functions():
     e2e.fill(cache, 200)
     text = e2e.profile_builds(model, cache, steps=3, batch=1, top=40)
     assert "function calls" in text and "update_and_fetch" in text
+
+
+def test_calls_time_each_cache_update_and_attention_inside_the_model(monkeypatch, capsys):
+    """--calls: after the timed runs, each kind's build a layer -- the whole step and the
+    cache update and attention calls inside it, by the kind's own timers."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    import services.turboquant.patch as patch
+    from services.turboquant import TurboQuantKVCache
+
+    # time_calls wraps these for the rest of a bench's process: put them back after the test
+    monkeypatch.setattr(e2e, "_CALLS", {})
+    for owner, name in ((KVCache, "update_and_fetch"), (TurboQuantKVCache, "update_and_fetch"),
+                        (patch, "turboquant_attention"),
+                        (mx.fast, "scaled_dot_product_attention")):  # fmt: skip
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    model = e2e.build("llama-3.1-8b", tiny=True)
+    e2e.run_context(model, ["fp16", "tq-default"], context=40, steps=1, repeats=1, calls=3)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "build a layer" in ln]
+    assert [ln.split("(us): ")[1].split(" {")[0] for ln in lines] == ["fp16", "tq-default"]
+    fp16, ours = (eval(ln.split(" ", 6)[-1]) for ln in lines)  # noqa: S307 - our own dict repr
+    assert set(fp16) == {"step", "fp16 update", "fp16 attention"}
+    assert set(ours) == {"step", "ours update", "ours attention"}
+    for got in (fp16, ours):  # per layer: the calls are inside the step
+        assert 0 < sum(v for k, v in got.items() if k != "step") < got["step"]
