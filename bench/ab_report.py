@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--machine")
     ap.add_argument("--command")
     ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
+    ap.add_argument("--section", default="kernel_ab",
+                    help="its name (another A/B's section is left as it is)")  # fmt: skip
     args = ap.parse_args()
     dirs = args.sweeps.split(",")
     if len(dirs) % 2:
@@ -115,7 +117,7 @@ def main() -> None:
     if args.write:
         from bench.report import write_section
 
-        write_section("kernel_ab", f"Split kernel A/B: {args.name}", body,
+        write_section(args.section, f"Split kernel A/B: {args.name}", body,
                       machine=args.machine, command=args.command)  # fmt: skip
 
 

@@ -62,3 +62,8 @@ def test_the_section_pairs_rounds_and_takes_medians(tmp_path, monkeypatch):
     text = written["body"]
     assert "| 32705 | 28.0 / 24.0 | 30.0 / 27.0 | 33.0 / 26.0 | 30.0 | 26.0 | 1.15x |" in text
     assert "| no_inst | 701 | 71 |" in text
+    # --section: a second A/B in a section of its own
+    monkeypatch.setattr("sys.argv", ["ab_report.py", "--name", "lean", "--sweeps", ",".join(dirs),
+                                     "--write", "--section", "kernel_ab_lean"])  # fmt: skip
+    ab_report.main()
+    assert written["name"] == "kernel_ab_lean" and "| no_inst |" not in written["body"]
