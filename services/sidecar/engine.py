@@ -230,6 +230,20 @@ class Engine:
         gen = generate_step(mx.array(ids), self.loaded.model, max_tokens=2, prompt_cache=cache)
         for _ in gen:
             pass
+        if self.backend.turboquant:
+            from services.turboquant.kernels.fused_decode import cuda_available
+
+            if cuda_available():
+                self._warm_kernels(ids)
+
+    def _warm_kernels(self, ids: list[int]) -> None:
+        """On CUDA: a synthetic generation through every decode-kernel variant this model's
+        cache reaches, so none compiles (seconds) inside a request (kernels/warm.py)."""
+        from services.turboquant.kernels import warm
+
+        t0 = time.monotonic()
+        warm.warm_model(self.loaded.model, self.backend.make_cache, self.backend.tq_config, ids)
+        log.info("decode kernels built in %.1fs", time.monotonic() - t0)
 
     # ----------------------------------------------------------------- queue
 
