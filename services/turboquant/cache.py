@@ -192,6 +192,25 @@ def _to_bool_str(v: bool) -> str:
     return "1" if v else "0"
 
 
+class _TailSide:
+    """``TurboQuantKVCache.tail_k`` / ``tail_v``: the views last cut, cut first if the tail is
+    the buffer's first ``_tail_uncut`` positions; setting one ends that (the caller sets both)."""
+
+    def __init__(self, attr: str):
+        self.attr = attr
+
+    def __get__(self, cache, owner=None):
+        if cache is None:
+            return self
+        if cache._tail_uncut is not None:
+            cache._cut_tail(cache._tail_buf, cache._tail_uncut)
+        return getattr(cache, self.attr)
+
+    def __set__(self, cache, x: mx.array | None) -> None:
+        setattr(cache, self.attr, x)
+        cache._tail_uncut = None
+
+
 class TurboQuantKVCache(_BaseCache):
     """Compressed KV cache of one softmax-attention layer (see docs/turboquant.md).
 
@@ -332,25 +351,8 @@ class TurboQuantKVCache(_BaseCache):
         """Positions quantized together: a per-channel key group spans positions."""
         return self.group_size if self.key_quantizer in KEY_ONLY_QUANTIZERS else 1
 
-    @property
-    def tail_k(self) -> mx.array | None:
-        if self._tail_uncut is not None:
-            self._cut_tail(self._tail_buf, self._tail_uncut)
-        return self._tail_k
-
-    @tail_k.setter
-    def tail_k(self, x: mx.array | None) -> None:
-        self._tail_k, self._tail_uncut = x, None
-
-    @property
-    def tail_v(self) -> mx.array | None:
-        if self._tail_uncut is not None:
-            self._cut_tail(self._tail_buf, self._tail_uncut)
-        return self._tail_v
-
-    @tail_v.setter
-    def tail_v(self, x: mx.array | None) -> None:
-        self._tail_v, self._tail_uncut = x, None
+    tail_k = _TailSide("_tail_k")
+    tail_v = _TailSide("_tail_v")
 
     def _tail_in_buffer(self) -> bool:
         """The tail is the first ``_tail_buf[3]`` positions of its buffer (cut or not)."""
