@@ -92,13 +92,13 @@ def ncu_table(base: Counter, tuned: Counter, name: str) -> str:
 
 
 def main() -> None:
+    from bench.report import add_section_args
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", required=True, help="what the tuned build changes")
     ap.add_argument("--sweeps", required=True, help="split_sweep output folders, in pairs")
     ap.add_argument("--ncu", help="two source-page CSVs (.csv or .csv.gz): default, tuned")
-    ap.add_argument("--note", default="")
-    ap.add_argument("--machine")
-    ap.add_argument("--command")
+    add_section_args(ap)
     ap.add_argument("--write", action="store_true", help="write the docs/benchmarks.md section")
     ap.add_argument("--section", default="kernel_ab",
                     help="its name (another A/B's section is left as it is)")  # fmt: skip

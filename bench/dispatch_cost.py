@@ -111,14 +111,13 @@ def render(paths: str, machine: str | None, command: str | None, note: str = "")
 
 
 def main() -> None:
+    from bench.report import add_section_args
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=64)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--render", help="result JSONs (comma-separated) to write into the docs")
-    ap.add_argument("--machine")
-    ap.add_argument("--command")
-    ap.add_argument("--note", default="")
+    add_section_args(ap, "result JSONs (comma-separated) to write into the docs")
     args = ap.parse_args()
     if args.render:
         render(args.render, args.machine, args.command, args.note)

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import tune_arg  # noqa: E402
+from bench.report import add_section_args, tune_arg  # noqa: E402
 
 # Public config.json shapes (text part).
 LLAMA_31_8B = dict(
@@ -408,10 +408,7 @@ def main() -> None:
         default=0,
         help="then N steps each with the update and attention calls timed (printed)",
     )
-    ap.add_argument("--render")
-    ap.add_argument("--machine")
-    ap.add_argument("--command")
-    ap.add_argument("--note", default="", help="extra paragraph for the rendered section")
+    add_section_args(ap, "result JSONs (comma-separated) to write into the docs")
     args = ap.parse_args()
     if args.render:
         render(args.render, args.machine, args.command, args.note)

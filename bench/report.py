@@ -61,6 +61,16 @@ def write_section(
     doc.write_text(text)
 
 
+def add_section_args(ap, render_help: str | None = None) -> None:
+    """A bench's options for its docs/benchmarks.md section: ``--machine``, ``--command``,
+    ``--note`` and, given its help, ``--render`` (result files to write, nothing run)."""
+    if render_help:
+        ap.add_argument("--render", help=render_help)
+    ap.add_argument("--machine", help="the section's Machine line (default: this machine)")
+    ap.add_argument("--command", help="its Command line (default: this command)")
+    ap.add_argument("--note", default="", help="a paragraph for the rendered section")
+
+
 def tune_arg(text: str) -> dict:
     """``--tune`` values: ``WARPS=8,SPLIT_FACTOR=1`` (ints, True/False/None) for
     :func:`services.turboquant.kernels.mma_decode.tune`."""

@@ -44,6 +44,7 @@ def main() -> None:
     from mlx_lm.generate import generate_step
     from mlx_lm.models import llama
 
+    from bench.report import add_section_args
     from services.sidecar.kv import KVBackend
     from services.turboquant import TurboQuantConfig, install_patch
     from services.turboquant.kernels import dispatch, jit, mma_decode, warm
@@ -60,10 +61,7 @@ def main() -> None:
         "(FUSED_MAX_WORK lowered: the mid-decode plan change of a long context)",
     )
     ap.add_argument("--no-warm", action="store_true", help="the generation alone (its compiles)")
-    ap.add_argument("--render", help="warm_gpu.json files: write the docs section, run nothing")
-    ap.add_argument("--machine")
-    ap.add_argument("--command")
-    ap.add_argument("--note", default="")
+    add_section_args(ap, "warm_gpu.json files: write the docs section, run nothing")
     args = ap.parse_args()
     if args.render:
         print(render(args.render, args.machine, args.command, args.note))
