@@ -119,9 +119,9 @@ _TAIL_FIELDS = ("tail", "append", "tail_buf", "_cut")
 class BufferedTail(PackedSide):
     """A side whose tail is the first ``tail_buf[1]`` positions of the tail buffer
     ``tail_buf[0]``: the cache makes two a layer every decode step, and cutting the tail
-    (two slice ops, ~10-15 us of MLX host time a layer on the H200's host: bench/gpu_notes.md,
-    session 17) is left to a reader that asks for ``tail``; the CUDA layer kernel takes the
-    buffer and the length instead."""
+    (two slice ops: 3-8 us of build a layer inside the model on the H200's host, and their
+    encode; bench/gpu_notes.md, session 17) is left to a reader that asks for ``tail``; the
+    CUDA layer kernel takes the buffer and the length instead."""
 
     @classmethod
     def of(cls, fields: dict, buf: mx.array, length: int, append: TailAppend | None = None):
@@ -357,7 +357,9 @@ class TurboQuantKVCache(_BaseCache):
     def _tail_in_buffer(self) -> bool:
         """The tail is the first ``_tail_buf[3]`` positions of its buffer (cut or not)."""
         buf = self._tail_buf
-        return buf is not None and (self._tail_uncut is not None or buf[2] is self._tail_k)
+        if buf is None:
+            return False
+        return self._tail_uncut is not None or (buf[2] is not None and buf[2] is self._tail_k)
 
     def _dims(self) -> tuple[int, int]:
         ref_k = self.head_k if self.head_k is not None else self.tail_k
