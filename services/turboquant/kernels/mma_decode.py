@@ -629,12 +629,18 @@ def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
     )
 
 
+def _steps_pipe(k_layout, v_layout, d, tunables) -> tuple[int, bool]:
+    """A split launch's steps a super-tile and whether it stages its tiles (template PIPE)."""
+    steps = steps_for(k_layout[0], d, tunables[0])
+    return steps, bool(tunables[4]) and pipelined(k_layout, v_layout, d, steps)
+
+
 def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
     """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits."""
-    steps_setting, factor, warps, _, pipeline, linear, tiles_per_warp, *_ = tunables
+    _, factor, warps, _, _, linear, tiles_per_warp, *_ = tunables
     rows = b * hkv * -(-(hq // hkv) // 8)
-    steps = steps_for(k_layout[0], d, steps_setting)
-    per_warp = tiles_per_warp if pipeline and pipelined(k_layout, v_layout, d, steps) else 1
+    steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
+    per_warp = tiles_per_warp if pipe else 1
     return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
                                       tiles_per_warp=per_warp)  # fmt: skip
 
@@ -647,10 +653,9 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
     LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES -- are in the key; ``join``:
     :data:`NO_JOIN` or the fused join's flags)."""
-    steps_setting, factor, warps, fold, pipeline, linear, _, compact = tunables
+    _, _, warps, fold, _, linear, _, compact = tunables
     n_ht = -(-(hq // hkv) // 8)
-    steps = steps_for(k_layout[0], d, steps_setting)
-    pipe = pipeline and pipelined(k_layout, v_layout, d, steps)
+    steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
     rows, s = _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables)
     chunks = fp[0] + fp[1]
     template = [
