@@ -28,6 +28,13 @@ run() {  # run SECONDS NAME CMD...: one step, its output filtered to what matter
     echo "== $name failed or timed out (status $?)"
 }
 
+ncu_split() {  # ncu_split SECONDS NCU-ARGS...: ncu on the split kernel alone, clocks as they run
+  local limit=$1
+  shift
+  timeout "$limit" "$(find_ncu)" --clock-control none --profile-from-start off \
+    -k regex:tq_mma_decode_split "$@"
+}
+
 find_ncu() {  # ncu on PATH, else the CUDA toolkit's
   local f
   command -v ncu && return
@@ -149,19 +156,17 @@ while [ $# -gt 0 ]; do
         extra=$1
         shift
       fi
-      ncu_bin=$(find_ncu)
       mkdir -p "$OUT/ncu"
       f="$OUT/ncu/ncu_full_${n}$(echo "$extra" | tr -c 'A-Za-z0-9\n' _).txt"
       echo "== ncu-full $n $extra"
       # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
-      timeout 400 "$ncu_bin" --clock-control none --profile-from-start off -k regex:tq_mma_decode_split \
-        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+      ncu_split 400 --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
         --section MemoryWorkloadAnalysis --section SchedulerStats --section ComputeWorkloadAnalysis \
         --section SourceCounters --print-details all \
         python3 bench/kernel_profile.py --n "$n" $extra >"$f" 2>&1 ||
         echo "== ncu-full failed or timed out"
       grep -E "Duration|SM Active|DRAM Through|Stall|Issued Warp|Achieved Occ|L1/TEX Cache|L2 Cache Th|Pipe" \
-        "$f" | head -60
+        "$f" | head -60 || true  # (nothing matched: ncu failed, said above; the next step runs)
       ;;
     ncu-src)  # ncu-src N NAME "ARGS": per-instruction stall samples of the split kernel at N
       n=$1 name=$2 extra=$3  # (kernel_profile's options), as CSV ($OUT/ncu/src_NAME.csv)
@@ -170,14 +175,14 @@ while [ $# -gt 0 ]; do
       mkdir -p "$OUT/ncu"
       echo "== ncu-src $n $name $extra"
       # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
-      timeout 300 "$ncu_bin" --clock-control none --profile-from-start off -k regex:tq_mma_decode_split \
-        --section SourceCounters --section WarpStateStats --section SpeedOfLight -f \
+      ncu_split 300 --section SourceCounters --section WarpStateStats --section SpeedOfLight -f \
         -o "/tmp/src_$name" python3 bench/kernel_profile.py --n "$n" $extra >/dev/null 2>&1 ||
         echo "== ncu-src failed or timed out"
       "$ncu_bin" -i "/tmp/src_$name.ncu-rep" --page source --csv --print-source sass \
         >"$OUT/ncu/src_$name.csv" 2>&1 || echo "== ncu-src: no source page"
       "$ncu_bin" -i "/tmp/src_$name.ncu-rep" --page details --section WarpStateStats --section SpeedOfLight \
-        2>&1 | grep -E "Duration|Stall No|Stall Wait|Stall Long|Stall Short|Stall IMC|Issued Warp" | head -12
+        2>&1 | grep -E "Duration|Stall No|Stall Wait|Stall Long|Stall Short|Stall IMC|Issued Warp" | head -12 ||
+        true
       head -c 600 "$OUT/ncu/src_$name.csv"; echo; wc -l "$OUT/ncu/src_$name.csv"
       ;;
     -h | --help) usage ;;
