@@ -203,10 +203,10 @@ _CALLS: dict = {}  # (cache, "update" | "attention") -> seconds, once time_calls
 
 
 def call_times(model, cache: list, steps: int, batch: int) -> dict:
-    """Mean microseconds a layer of ``steps`` decode steps' builds (each step evaluated
-    outside the timing): the whole step, and the cache update and attention calls inside
-    the model (bench.host_time.time_calls' timers) -- where the build goes, with the real
-    kernels, without a profiler's per-call cost."""
+    """Microseconds a layer of ``steps`` decode steps' builds, medians over the steps (each
+    evaluated outside the timing): the whole step, and the cache update and attention calls
+    inside the model (bench.host_time.time_calls' timers) -- where the build goes, with the
+    real kernels, without a profiler's per-call cost."""
     import mlx.core as mx
 
     from bench.host_time import time_calls
