@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     tq_sink_tokens: int = 1
     tq_window: int = 0
     tq_enabled: bool = True
+    tq_warm_kernels: bool = True
 
     @field_validator("prompt_token_threshold", mode="before")
     @classmethod

@@ -230,7 +230,7 @@ class Engine:
         gen = generate_step(mx.array(ids), self.loaded.model, max_tokens=2, prompt_cache=cache)
         for _ in gen:
             pass
-        if self.backend.turboquant:
+        if self.backend.turboquant and self.settings.tq_warm_kernels:
             from services.turboquant.kernels.fused_decode import cuda_available
 
             if cuda_available():

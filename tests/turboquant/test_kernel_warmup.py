@@ -104,3 +104,27 @@ def test_the_gpu_check_renders_both_runs(tmp_path, monkeypatch):
     assert written["name"] == "kernel_warmup"
     assert "| no warm-up | 0.0 | 0 | 7 | 5313.6 | 0.50 |" in written["body"]
     assert "| warm-up first | 24.1 | 7 | 0 | 3.7 | 0.50 |" in written["body"]
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_the_engine_warms_the_kernels_on_cuda_unless_told_not_to(smollm2, monkeypatch, setting):
+    """TQ_WARM_KERNELS (default 1): the load's warm-up builds the kernels on CUDA only."""
+    from services.config import Settings
+    from services.sidecar.engine import Engine
+    from services.sidecar.kv import KVBackend
+    from services.turboquant import TurboQuantConfig, install_patch
+
+    install_patch()
+    model, tokenizer = smollm2
+    backend = KVBackend(model=model, turboquant=True, tq_config=TurboQuantConfig.recommended())
+    calls = []
+    engine = SimpleNamespace(
+        backend=backend, settings=Settings(tq_warm_kernels=setting),
+        loaded=SimpleNamespace(model=model, tokenizer=tokenizer),
+        _warm_kernels=lambda ids: calls.append(ids),
+    )  # fmt: skip
+    for cuda in (False, True):
+        monkeypatch.setattr(fused_decode, "cuda_available", lambda cuda=cuda: cuda)
+        Engine._warm_up(engine)
+    assert len(calls) == (1 if setting else 0)
+    assert Settings().tq_warm_kernels
