@@ -199,7 +199,7 @@ def profile_builds(model, cache: list, steps: int, batch: int, top: int) -> str:
     return text.getvalue()
 
 
-_CALLS: dict = {}  # (cache, "update" | "attention") -> seconds, once time_calls wraps them
+_CALLS: dict | None = None  # (cache, "update" | "attention") -> seconds; None: not wrapped yet
 
 
 def call_times(model, cache: list, steps: int, batch: int) -> dict:
@@ -211,9 +211,10 @@ def call_times(model, cache: list, steps: int, batch: int) -> dict:
 
     from bench.host_time import time_calls
 
-    if not _CALLS.get("wrapped"):
+    global _CALLS
+    if _CALLS is None:
+        _CALLS = {}
         time_calls(_CALLS)
-        _CALLS["wrapped"] = True
     layers = len(cache)
     tok = mx.ones((batch, 1), dtype=mx.int32)
     for _ in range(4):  # (warm)
@@ -221,12 +222,11 @@ def call_times(model, cache: list, steps: int, batch: int) -> dict:
         mx.eval(tok)
     rows = []  # per step: the whole build, then each timer's share
     for _ in range(steps):
-        for key in [k for k in _CALLS if k != "wrapped"]:
-            _CALLS[key] = 0.0
+        _CALLS.clear()  # (the timers add their keys back as they run)
         t = time.perf_counter()
         tok = _step(model, cache, tok)
         step = {"step": time.perf_counter() - t}
-        step.update((" ".join(k), v) for k, v in _CALLS.items() if k != "wrapped" and v)
+        step.update((" ".join(k), v) for k, v in _CALLS.items())
         rows.append(step)
         mx.eval(tok)
     # medians over steps: a block's step (its quantization, a wait for the GPU) is 1 in 128

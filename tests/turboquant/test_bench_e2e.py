@@ -241,7 +241,7 @@ def test_calls_time_each_cache_update_and_attention_inside_the_model(monkeypatch
     from services.turboquant import TurboQuantKVCache
 
     # time_calls wraps these for the rest of a bench's process: put them back after the test
-    monkeypatch.setattr(e2e, "_CALLS", {})
+    monkeypatch.setattr(e2e, "_CALLS", None)
     for owner, name in ((KVCache, "update_and_fetch"), (TurboQuantKVCache, "update_and_fetch"),
                         (patch, "turboquant_attention"),
                         (mx.fast, "scaled_dot_product_attention")):  # fmt: skip
