@@ -453,13 +453,14 @@ class _DecodeMemo:
         )  # fmt: skip
         assert split.kept_out == (SPLIT_OUTPUTS.index("out"),)  # a fused plan's one output
         kept = [SPLIT_INPUTS[i] for i in split.kept]
-        self.static = [inputs[i] for i in split.kept if i in _STATIC]
+        static = [i for i in split.kept if i in _STATIC]
+        self.static = [inputs[i] for i in static]
         for name in _DYNAMIC:
             setattr(self, name, name in kept)
         self.split = split
         # TLEN: the tail's length is in params, one cached constant a length (tail_params)
         self.tlen = keys.tail_buf is not None
-        self.params_at = [i for i in split.kept if i in _STATIC].index(_PARAMS) + 1
+        self.params_at = static.index(_PARAMS) + 1  # (after the queries)
         self.scale2 = scale * LOG2E
 
     def __deepcopy__(self, _memo):
