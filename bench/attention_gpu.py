@@ -177,7 +177,8 @@ def run_mma_checks(
     ``select``: comma-separated run indices (0-5: the shapes under the dispatch's rules,
     6-7: the forced variants on shape 0, 8: the portable path, 9: shape 0 with the v5
     loads instead of the staged tiles, 10: the default layout read through misaligned
-    views, 11: decode steps whose new positions the kernel writes), all by default;
+    views, 11: decode steps whose new positions the kernel writes, 12: the same with their
+    RoPE applied by the kernel), all by default;
     ``save(rows)`` after each run (a call cut by its time limit keeps what it checked).
     ``only``: comma-separated layout names to check (all by default).
     """
@@ -253,19 +254,46 @@ def run_mma_checks(
         rows += run_append_checks(rng)
         if save is not None:
             save(rows)
+    if not select or "12" in select.split(","):
+        rows += run_append_checks(rng, rope=True)
+        if save is not None:
+            save(rows)
     return rows
 
 
-def run_append_checks(rng) -> list[dict]:
+def _check_ropes(shape):
+    """RoPEs the rope checks (run 12) apply on ``shape``'s head dim: Llama 3.1's (base 5e5,
+    its frequency bands), Qwen3.5's partial one (64 of 256 dims, base 1e7), a traditional."""
+    import mlx.nn as nn
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    from services.turboquant.rope_fusion import DeferringRope, rope_spec
+
+    d = shape[3]
+    if d == 256:
+        rope = nn.RoPE(64, traditional=False, base=1e7)
+    elif shape == MMA_SHAPES[0]:
+        rope = Llama3RoPE(d, 131072, False, 500000.0, dict(factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192))  # fmt: skip
+    else:
+        rope = nn.RoPE(d, traditional=True, base=10000.0)
+    return DeferringRope(rope, rope_spec(rope))
+
+
+def run_append_checks(rng, rope: bool = False) -> list[dict]:
     """Decode steps whose new position the layer kernel reads from its inputs and writes
     into the tail buffer (cache.TailAppend): each step's output vs float64 over the stored
-    positions and the new one, then the tail the state returns vs the positions given."""
+    positions and the new one, then the tail the state returns vs the positions given.
+    ``rope`` (run 12): the query and the new key come unrotated by RoPE (rope_fusion) and
+    the kernel applies it; the reference takes MLX's rope of them (float16, as a cache
+    without rope_fusion stores them), the tail must hold that within float16 rounding."""
     import mlx.core as mx
 
     from services.turboquant import TurboQuantConfig
     from services.turboquant.kernels import mma_decode
     from services.turboquant.kernels.cases import CacheCase, cache_case
     from services.turboquant.kernels.reference import rel_error
+    from services.turboquant.rope_fusion import PendingRope, as_array
 
     rows = []
     # Channel keys: their tail holds up to a block of 128 or 64 positions (per-vector keys
@@ -273,8 +301,12 @@ def run_append_checks(rng) -> list[dict]:
     layouts = ["default k4v4 chan g128 s1", "chan k4v4 g64 s1 w64", "chan k8v8 g128"]
     for shape in (MMA_SHAPES[0], MMA_SHAPES[1], MMA_SHAPES[4]):
         bsz, hq, hkv, d = shape
+        wrap = _check_ropes(shape) if rope else None
         for name in layouts:
-            for n, fused in ((1000, True), (4000, True), (4000, False)):
+            runs = [(1000, True), (4000, True), (4000, False)]
+            if rope and name == layouts[0]:  # angles past sincosf's fast range (~1e5)
+                runs.append((131000 if shape == MMA_SHAPES[0] else 40000, True))
+            for n, fused in runs:
                 saved = mma_decode.FUSED_JOIN
                 mma_decode.FUSED_JOIN = fused
                 try:
@@ -289,7 +321,16 @@ def run_append_checks(rng) -> list[dict]:
                             ks, vs = c.cache.update_and_fetch(k, v)
                             c = CacheCase(c.queries, ks, vs, c.scale, c.sinks, c.cache)
                         assert c.keys.append is not None, "the step did not defer its write"
-                        given.append((np.array(c.keys.append.k), np.array(c.keys.append.v)))
+                        if wrap is not None:  # the step's query and key, pending their RoPE
+                            last = int(c.cache.offset) - 1
+                            q = c.queries.x if isinstance(c.queries, PendingRope) else c.queries
+                            c.keys.append.k = PendingRope(c.keys.append.k, wrap, last)
+                            c = CacheCase(PendingRope(q, wrap, last), c.keys, c.values, c.scale,
+                                          c.sinks, c.cache)  # fmt: skip
+                            taken = mma_decode._rope_taken(c.queries, c.keys, c.keys.append, last)
+                            assert taken is not None, "the kernel would not take the RoPE"
+                        given.append((np.array(as_array(c.keys.append.k)),
+                                      np.array(c.keys.append.v)))  # fmt: skip
                         ref = c.reference()
                         out = mma_decode.mma_decode_layer(c.queries, c.keys, c.values, c.scale,
                                                           c.sinks, poison=True)  # fmt: skip
@@ -297,16 +338,19 @@ def run_append_checks(rng) -> list[dict]:
                         errs.append(rel_error(np.array(out.astype(mx.float32)), ref))
                     state = c.cache.state  # settles: the last writer queued before these
                     tk, tv = np.array(state[2]), np.array(state[3])
+                    # (RoPE: the kernel's float32 angles vs MLX's: a float16 ulp or so apart)
+                    same = (lambda a, b: np.allclose(a, b, rtol=4e-3, atol=4e-3)) if rope else (
+                        np.array_equal)  # fmt: skip
                     stored = all(
-                        np.array_equal(tk[:, :, i - 4], gk[:, :, 0])
-                        and np.array_equal(tv[:, :, i - 4], gv[:, :, 0])
+                        same(tk[:, :, i - 4], gk[:, :, 0]) and np.array_equal(tv[:, :, i - 4], gv[:, :, 0])
                         for i, (gk, gv) in enumerate(given)
-                    )
+                    )  # fmt: skip
                 finally:
                     mma_decode.FUSED_JOIN = saved
                 err = max(errs) if not any(math.isnan(e) for e in errs) else float("nan")
-                rows.append(dict(shape=str(shape), fmt=f"{name} append{'' if fused else ' 2 launches'}",
-                                 length=n, rel_err=err, ok=bool(err <= MMA_TOL and stored)))  # fmt: skip
+                fmt = f"{name} append{' rope' if rope else ''}{'' if fused else ' 2 launches'}"
+                rows.append(dict(shape=str(shape), fmt=fmt, length=n, rel_err=err,
+                                 ok=bool(err <= MMA_TOL and stored)))  # fmt: skip
                 print("append", rows[-1], "tail written" if stored else "TAIL NOT WRITTEN",
                       flush=True)  # fmt: skip
     return rows
@@ -832,7 +876,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768,131072,262144")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
-    ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-11)")
+    ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-12)")
     ap.add_argument("--no-fold", action="store_true", help="scales applied per element")
     ap.add_argument("--fused-join", action="store_true", help="one launch a layer (checks too)")
     ap.add_argument("--check-layouts", default="", help="layout names to check (all)")

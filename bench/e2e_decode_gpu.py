@@ -57,8 +57,10 @@ QWEN35_35B_A3B = dict(
 # tail positions): what the write costs a step, timing only.
 # tq-cut: the default cache with a decode step's tail views cut every step (two slice ops a
 # layer), as before the sides carried the tail buffer (cache.BufferedTail, session 17).
+# tq-mlxrope: the default cache with a decode step's RoPE left to MLX ops (two a layer), as
+# before the layer kernel applied it (rope_fusion, session 18).
 CACHE_KINDS = ("fp16", "tq-default", "tq-plain", "tq-fused", "tq-unfused", "tq-nowrite",
-               "tq-cut")  # fmt: skip
+               "tq-cut", "tq-mlxrope")  # fmt: skip
 JOIN_MODES = {"tq-fused": dict(FUSED_JOIN=True, FUSED_MAX_WORK=None),
               "tq-unfused": dict(FUSED_JOIN=False)}  # fmt: skip
 
@@ -72,19 +74,29 @@ def _tq_config(kind: str):
 
 
 @contextlib.contextmanager
-def join_mode(kind: str):
-    """``kind``'s join (JOIN_MODES) while its steps run; the module's default otherwise."""
+def join_mode(kind: str, model=None):
+    """``kind``'s join (JOIN_MODES) while its steps run; the module's default otherwise.
+    With ``model``: fp16 runs with the model's own ropes (no rope_fusion wrapper: an
+    fp16 stack would have none), tq-mlxrope with the wrappers off."""
+    from services.turboquant import rope_fusion
     from services.turboquant.kernels import mma_decode
 
     mode = JOIN_MODES.get(kind, {})
     saved = {k: getattr(mma_decode, k) for k in mode}
     for k, v in mode.items():
         setattr(mma_decode, k, v)
+    takes = rope_fusion.kernel_takes_rope()
+    unwrapped = rope_fusion.restore_rope(model) if model is not None and kind == "fp16" else 0
+    if kind == "tq-mlxrope":
+        rope_fusion.set_kernel_takes_rope(False)
     try:
         yield
     finally:
         for k, v in saved.items():
             setattr(mma_decode, k, v)
+        rope_fusion.set_kernel_takes_rope(takes)
+        if unwrapped:
+            rope_fusion.defer_rope(model)
 
 
 TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=512)
@@ -315,7 +327,7 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
     caches = {kind: _filled_cache(model, kind, context, batch) for kind in kinds}
     total_kv = sum(b for _, b in caches.values())
     for kind, (cache, _) in caches.items():
-        with join_mode(kind):
+        with join_mode(kind, model):
             decode_rate(model, cache, 3, batch=batch)  # warm-up (kernel compiles, graph caches)
     runs = {kind: [] for kind in kinds}
     host = {kind: [] for kind in kinds}
@@ -325,17 +337,17 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
         for kind, (cache, kv) in caches.items():
             mx.synchronize()
             mx.reset_peak_memory()
-            with join_mode(kind):
+            with join_mode(kind, model):
                 host[kind].append({})
                 runs[kind].append(decode_rate(model, cache, steps, host[kind][-1], batch))
                 unpiped[kind].append(step_costs(model, cache, max(4, steps // 4), batch))
             # As if alone: the other caches' buffers sit in memory, unchanged, meanwhile.
             peak[kind] = max(peak[kind], mx.get_peak_memory() - (total_kv - kv))
     for kind, (cache, _) in caches.items() if profile else ():
-        with join_mode(kind):
+        with join_mode(kind, model):
             print(f"== build profile: {kind}\n" + profile_builds(model, cache, 16, batch, profile))
     for kind, (cache, _) in caches.items() if calls else ():
-        with join_mode(kind):
+        with join_mode(kind, model):
             print(f"== build a layer (us): {kind} {call_times(model, cache, calls, batch)}")
     rows = []
     for kind, (_, kv) in caches.items():

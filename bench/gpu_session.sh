@@ -9,7 +9,7 @@
 #   bash bench/gpu_session.sh table e2e-128k
 #
 # Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
-#        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-128k |
+#        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k |
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS"
 set -euo pipefail
@@ -126,6 +126,10 @@ while [ $# -gt 0 ]; do
     e2e-cut)  # Llama at 32K, batch 1: the tail buffer to the kernel (default) vs views cut a step
       run 300 e2e-32k-cut python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \
         --contexts 32768 --caches fp16,tq-default,tq-cut --repeats 6
+      ;;
+    e2e-rope)  # Llama at 32K, batch 1: RoPE in the layer kernel (default) vs by MLX ops
+      run 300 e2e-32k-rope python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \
+        --contexts 32768 --caches fp16,tq-default,tq-mlxrope --repeats 6
       ;;
     e2e-128k)
       run 200 e2e-128k-b4 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \

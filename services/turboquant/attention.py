@@ -17,6 +17,7 @@ import mlx.core as mx
 from .cache import body_positions
 from .codebook import centroids
 from .packing import unpack
+from .rope_fusion import as_array, set_kernel_takes_rope
 from .rotation import rotate, unrotate
 
 # Context positions per tile of the blocked paths: bounds what is materialised.
@@ -94,6 +95,8 @@ def set_layer_decode_kernel(fn: LayerKernel | None) -> LayerKernel | None:
     to decline, in which case the body kernel (if any) and then the portable path run."""
     global _layer_kernel
     old, _layer_kernel = _layer_kernel, fn
+    # ``fn.takes_rope``: it applies a PendingRope query's and new key's rope (rope_fusion)
+    set_kernel_takes_rope(getattr(fn, "takes_rope", False))
     return old
 
 
@@ -114,6 +117,7 @@ def turboquant_attention(
         if out is not None:
             _DECODE_CALLS["kernel"] += 1
             return out.astype(queries.dtype)
+    queries = as_array(queries)  # (a PendingRope the kernel did not take: rope_fusion)
     if getattr(keys, "append", None) is not None and keys.append.writer is None:
         keys, values = keys.append.written(keys, values)  # the paths below read the tail
     # (after the layer kernel, which needs no rotation here: host time per layer)

@@ -31,6 +31,8 @@ from .quantizers import (
     num_parts,
     quantize,
 )
+from . import rope_fusion
+from .rope_fusion import PendingRope, as_array
 from .rotation import get_rotation, rotate, unrotate
 
 
@@ -156,7 +158,9 @@ class TailAppend:
     bench/gpu_notes.md, session 14). ``writer``: the output of the launch that took them (the
     write happens when it runs); ``after``: the previous such launch of this layer, which
     wrote what this step's tail reads (the kernel takes it as an input: it runs first). Every
-    other reader of the tail settles them first (:meth:`TurboQuantKVCache._settle`).
+    other reader of the tail settles them first (:meth:`TurboQuantKVCache._settle`). ``k``
+    may be a :class:`PendingRope`: the kernel rotates it as it writes it; MLX writers take
+    its array.
     """
 
     __slots__ = ("k", "v", "at", "after", "writer")
@@ -171,7 +175,7 @@ class TailAppend:
         its next step (or settle), whatever it has done since these sides were cut."""
         n = self.k.shape[2]
         out = []
-        for side, new in ((keys, self.k), (values, self.v)):
+        for side, new in ((keys, as_array(self.k)), (values, self.v)):
             tail = mx.concatenate([side.tail[:, :, : side.tail.shape[2] - n], new], axis=2)
             out.append(PackedSide.with_tail(side.other_fields(), tail))
         return out[0], out[1]
@@ -238,7 +242,7 @@ class TurboQuantKVCache(_BaseCache):
     _tail_v: mx.array | None = None
     _tail_uncut: int | None = None
     body_len = 0
-    offset = 0
+    _offset = 0
     key_bits = 4
     value_bits = 4
     group_size = 64
@@ -389,27 +393,59 @@ class TurboQuantKVCache(_BaseCache):
 
     # ------------------------------------------------------------------ mlx-lm interface
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[PackedSide, PackedSide]:
-        """Append ``(B, H_kv, L, D)`` keys/values (quantizing what leaves the tail)."""
-        _check_patch_installed()
-        n = keys.shape[2]
-        after = self._settle(keep_writer=True)  # the last step's positions
-        buf = self._tail_buf
+    @property
+    def offset(self) -> int:
+        # Noted: a deferring rope handed this very int knows whose step it is (rope_fusion).
+        rope_fusion._last_read = weakref.ref(self)  # (CPython hands back the same ref)
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        self._offset = value
+
+    def _fast(self, buf, n: int) -> bool:
         # A decode step: the tail is a view of its buffer, so the sink is full (the tail
         # takes nothing before it is) and the step fits -- _append_tail's ops, less Python.
-        fast = (
+        return (
             self._tail_in_buffer()
             and n <= self.TAIL_APPEND_MAX
             and buf[3] + n <= buf[4]
             and self.DECODE_FAST_PATH
         )
-        deferred = (
-            fast
-            and self.KERNEL_WRITES_TAIL
-            and buf[3] + n - self.window < self.block  # no block leaves the tail this step
-            and keys.dtype == buf[0].dtype
-            and join_workspace(self) is not None  # CUDA
+
+    def _deferrable(self, buf, n: int, dtype) -> bool:
+        # A fast step the layer kernel writes (TailAppend): CUDA, no block leaves the tail.
+        return (
+            self.KERNEL_WRITES_TAIL
+            and buf[3] + n - self.window < self.block
+            and dtype == buf[0].dtype
+            and join_workspace(self) is not None
         )
+
+    def defers_rope(self, dtype, dims: int, dim: int) -> bool:
+        """Whether this step's one new position goes to the layer kernel, which can then
+        apply the rope (``dims`` of ``dim``) itself (rope_fusion.DeferringRope)."""
+        buf = self._tail_buf
+        return (
+            self.body_len > 0  # (else no kernel reads the step)
+            and dims <= dim
+            and self._fast(buf, 1)
+            and self._deferrable(buf, 1, dtype)
+        )
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[PackedSide, PackedSide]:
+        """Append ``(B, H_kv, L, D)`` keys/values (quantizing what leaves the tail).
+
+        ``keys`` may be a :class:`PendingRope` (rope_fusion): kept as it is for the layer
+        kernel where this step defers its write, else rotated here."""
+        _check_patch_installed()
+        n = keys.shape[2]
+        after = self._settle(keep_writer=True)  # the last step's positions
+        buf = self._tail_buf
+        fast = self._fast(buf, n)
+        deferred = fast and self._deferrable(buf, n, keys.dtype)
+        if type(keys) is PendingRope and not (deferred and keys.offset == self._offset):
+            keys = keys.array()
         if after is not None and not deferred:
             mx.eval(after)  # it writes into this buffer in place: done before MLX ops read it
         if deferred:
@@ -482,7 +518,7 @@ class TurboQuantKVCache(_BaseCache):
         """``pending``'s positions into the tail buffer by MLX ops (no kernel took them);
         the tail is still the view that counts them (every other path settles first)."""
         buf, at, n = self._tail_buf, pending.at, pending.k.shape[2]
-        buf[0][:, :, at : at + n] = pending.k
+        buf[0][:, :, at : at + n] = as_array(pending.k)
         buf[1][:, :, at : at + n] = pending.v
         if self._tail_uncut is None:  # (else the tail is cut from the buffers when read)
             self._cut_tail(buf, buf[3])

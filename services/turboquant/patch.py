@@ -18,6 +18,7 @@ from typing import Any
 
 from .attention import turboquant_attention
 from .cache import TurboQuantKVCache
+from .rope_fusion import defer_rope, kernel_takes_rope
 
 _PREFIX = "mlx_lm.models."
 _lock = threading.Lock()
@@ -134,9 +135,12 @@ def _modules_of(model: Any) -> set[str]:
 
 
 def ensure_patched(model: Any) -> list[str]:
-    """Install the patch, including the modules ``model``'s classes come from."""
+    """Install the patch, including the modules ``model``'s classes come from; where the
+    layer kernel applies RoPE itself (CUDA), leave it the decode steps' (rope_fusion)."""
     for name in _modules_of(model):
         __import__(name)
+    if kernel_takes_rope():
+        defer_rope(model)
     return install_patch()
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from services.turboquant.kernels import mma_decode
+from services.turboquant.rope_fusion import DeferringRope, PendingRope, rope_spec
 
 from . import nvrtc
 from .test_kernels import _RecordedKernel, base_name
@@ -112,6 +114,18 @@ def _append_launches(config, dim):
             assert (
                 mma_decode.mma_decode_layer(q, case.keys, case.values, 0.1, case.sinks) is not None
             )
+        # the query and new key pending their RoPE (rope_fusion): Llama's whole head, a
+        # partial one (Qwen3.5: 64 of 256 dims), pairs of neighbours (traditional)
+        raw_k, last = case.keys.append.k, case.cache.offset - 1
+        for dims, traditional in ((dim, False), (64, dim != 256)):
+            wrap = DeferringRope(nn.RoPE(dims, traditional), rope_spec(nn.RoPE(dims, traditional)))
+            for fused in (True, False):
+                mma_decode.FUSED_JOIN = fused
+                case.keys.append.k = PendingRope(raw_k, wrap, last)
+                out = mma_decode.mma_decode_layer(
+                    PendingRope(q, wrap, last), case.keys, case.values, 0.1, case.sinks
+                )
+                assert out is not None and isinstance(case.keys.append.k, PendingRope)
     finally:
         fused_decode.cuda_available, mma_decode.FUSED_JOIN = saved
 
@@ -145,6 +159,9 @@ def test_every_launch_compiles_and_the_split_kernel_keeps_its_occupancy(launches
     assert appends == {(d, f) for d in (64, 128, 256) for f in (True, False)}
     # (their tails as whole buffers with the length in params: cache.BufferedTail)
     assert appends == {(t["D"], t["FUSED"]) for k, _, t, _ in launches if t.get("TLEN")}
+    ropes = {(t["D"], t["RDIMS"], t["RTRAD"]) for k, _, t, _ in launches if t.get("RDIMS")}
+    assert ropes == {(64, 64, False), (64, 64, True), (128, 128, False), (128, 64, True),
+                     (256, 256, False), (256, 64, False)}  # fmt: skip
 
 
 @pytest.mark.parametrize(

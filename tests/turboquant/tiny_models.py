@@ -22,8 +22,11 @@ def _finish(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def tiny_llama(*, layers: int = 4, head_dim: int = 64, seed: int = 0) -> nn.Module:
-    """A llama with GQA (4 query heads, 2 KV heads); all layers use ``KVCache``."""
+def tiny_llama(
+    *, layers: int = 4, head_dim: int = 64, seed: int = 0, rope_scaling: dict | None = None
+) -> nn.Module:
+    """A llama with GQA (4 query heads, 2 KV heads); all layers use ``KVCache``.
+    ``rope_scaling``: as a checkpoint's config has it (Llama 3.1: type "llama3")."""
     from mlx_lm.models import llama
 
     mx.random.seed(seed)
@@ -38,6 +41,7 @@ def tiny_llama(*, layers: int = 4, head_dim: int = 64, seed: int = 0) -> nn.Modu
         rms_norm_eps=1e-5,
         vocab_size=VOCAB,
         rope_theta=10000.0,
+        rope_scaling=rope_scaling,
         tie_word_embeddings=True,
     )
     return _finish(llama.Model(args), seed)

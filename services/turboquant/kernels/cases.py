@@ -48,13 +48,16 @@ class CacheCase:
     def reference(self) -> np.ndarray:
         """Float64 attention over exactly what the cache stores, the step's new positions
         too where the kernel is to write them (``keys.append``)."""
+        from services.turboquant.rope_fusion import as_array  # (a pending RoPE: its MLX op's)
+
         sinks = None if self.sinks is None else np.array(self.sinks)
         k, v = (np.array(decoded(x)) for x in (self.keys, self.values))
         append = self.keys.append
         if append is not None:
             n = append.k.shape[2]
-            k[:, :, -n:], v[:, :, -n:] = np.array(append.k), np.array(append.v)
-        return decode_attention(np.array(self.queries.astype(mx.float32)), k, v, self.scale, sinks)
+            k[:, :, -n:], v[:, :, -n:] = np.array(as_array(append.k)), np.array(append.v)
+        q = np.array(as_array(self.queries).astype(mx.float32))
+        return decode_attention(q, k, v, self.scale, sinks)
 
 
 def cache_case(rng, config, *, batch, q_heads, kv_heads, dim, length, sinks=False,

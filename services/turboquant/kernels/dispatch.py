@@ -21,6 +21,9 @@ def mma_layer_kernel(queries, keys, values, scale, sinks=None):
     return mma_decode.mma_decode_layer(queries, keys, values, scale, sinks)  # None: declined
 
 
+mma_layer_kernel.takes_rope = True  # a PendingRope query and new key (rope_fusion)
+
+
 def mma_body_kernel(q_rot, keys, values, scale):
     """``BodyKernel`` for ``set_body_decode_kernel``: the split kernel over the body, its
     output and log-sum-exp joined with the sink and tail by MLX ops."""

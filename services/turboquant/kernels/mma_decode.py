@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from ..attention import centre_shift2
 from ..cache import JOIN_COUNTER_ROWS
+from ..rope_fusion import PendingRope, RopeSpec, as_array
 from ..rotation import rotate
 from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant, tail_params
 from .jit import baked_kernel
@@ -100,9 +101,11 @@ _SPLIT_HEADER = compact(MMA_HEADER)
 
 
 # kn, vn: a decode step's new positions, written into kt/vt's buffers (cache.TailAppend);
-# after: the layer's previous such launch (unread: it orders the launches)
+# after: the layer's previous such launch (unread: it orders the launches); rope: the
+# RoPE frequencies where the kernel rotates the query and kn by position (rope_fusion)
 SPLIT_INPUTS = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "lut_k", "lut_v", "params", "signs",
-                "kh", "vh", "kt", "vt", "kn", "vn", "after", "work", "cshift", "sinks")  # fmt: skip
+                "rope", "kh", "vh", "kt", "vt", "kn", "vn", "after", "work", "cshift",
+                "sinks")  # fmt: skip
 SPLIT_OUTPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "out")
 JOIN_INPUTS = ("o_part", "ml_part", "fp_o", "fp_ml", "signs", "cshift", "sinks")
 
@@ -114,7 +117,7 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     used = dict(kb=t["KQ"] != 1, vb=t["VQ"] != 1, lut_k=t["KQ"] == 1, lut_v=t["VQ"] == 1,
                 signs=t["QROT"], kh=t["HAS_HEAD"], vh=t["HAS_HEAD"], kt=t["HAS_TAIL"],
                 vt=t["HAS_TAIL"], fp_o=t["HAS_HEAD"] or t["HAS_TAIL"], kn=t["APPEND"],
-                vn=t["APPEND"], after=t["APPEND"])  # fmt: skip
+                vn=t["APPEND"], after=t["APPEND"], rope=t["RDIMS"] > 0)  # fmt: skip
     # FUSED: the partials go to the workspace (an input), the joined output is the one output
     used.update(o_part=not t["FUSED"], ml_part=not t["FUSED"])
     used["fp_o"] = used["fp_ml"] = used["fp_o"] and not t["FUSED"]
@@ -358,6 +361,15 @@ def mma_decode_layer(
     else:
         tail = keys.tail
         n_tail, v_tail = 0 if tail is None else tail.shape[2], values.tail
+    rope = None  # the RoPE the kernel applies to the query and the new key (rope_fusion)
+    if type(queries) is PendingRope or (append is not None and type(append.k) is PendingRope):
+        rope = _rope_taken(queries, keys, append, n_head + keys.n_body + n_tail - 1)
+        if rope is None:  # rotated by MLX ops, as the paths that decline read them too
+            queries = as_array(queries)
+            if append is not None:
+                append.k = as_array(append.k)
+        else:
+            queries = queries.x
     head_chunks, tail_chunks = -(-n_head // MMA_FP_CHUNK), -(-n_tail // MMA_FP_CHUNK)
     fp_side = head if n_head else tail if n_tail else None
     fp_dtype = None if fp_side is None else fp_side.dtype
@@ -368,7 +380,7 @@ def mma_decode_layer(
         memo_key = (
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
-            keys.seed, keys.body_len, append is None, buffered is None, _GENERATION,
+            keys.seed, keys.body_len, append is None, buffered is None, rope, _GENERATION,
             *_plan_tunables(),
             FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
@@ -396,6 +408,7 @@ def mma_decode_layer(
         *_plan_tunables(), fused=FUSED_JOIN and work is not None,
         fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
         counter_rows=JOIN_COUNTER_ROWS, append=append is not None, tlen=buffered is not None,
+        rope=None if rope is None else (rope.dims, rope.traditional),
     )  # fmt: skip
     if memo_key is not None:
         work.decode_memo = None  # (made again below for a fused plan)
@@ -410,7 +423,7 @@ def mma_decode_layer(
     fp_inputs += _append_inputs(append, queries) if append is not None else [None] * 3
     work_array = work.at_least(split.work_floats) if join is None else None
     params = const if buffered is None else tail_params(scale * LOG2E, n_tail)
-    inputs = _split_inputs(split, queries, keys, values, params, rot) + fp_inputs
+    inputs = _split_inputs(split, queries, keys, values, params, rot, rope) + fp_inputs
     if memo_key is not None and join is None:
         work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs, scale)
     o_part, ml_part, fp_o, fp_ml, out = split.launch(inputs + [work_array, cshift, sinks], init)
@@ -423,9 +436,40 @@ def mma_decode_layer(
 
 
 def _append_inputs(append, queries) -> list:
-    """kn, vn, after: the step's new positions and the launch to follow (the layer's last
-    writer, else any evaluated-or-not array of this step: the queries)."""
-    return [append.k, append.v, queries if append.after is None else append.after]
+    """kn, vn, after: the step's new positions (unrotated where the kernel applies their
+    RoPE) and the launch to follow (the layer's last writer, else any evaluated-or-not array
+    of this step: the queries)."""
+    k = append.k.x if type(append.k) is PendingRope else append.k
+    return [k, append.v, queries if append.after is None else append.after]
+
+
+def _rope_taken(queries, keys, append, last: int) -> RopeSpec | None:
+    """The RoPE the split kernel can apply itself (template RDIMS): one query and one new
+    key, both pending from the same rope at the same position -- the context's ``last`` --
+    and no key centre (whose shift MLX works out from the rotated query)."""
+    k = None if append is None else append.k
+    if type(queries) is not PendingRope or type(k) is not PendingRope:
+        return None
+    spec = queries.spec
+    ok = (
+        k.rope is queries.rope
+        and queries.offset == k.offset == last
+        and queries.shape[2] == 1
+        and k.shape[2] == 1
+        and keys.center is None
+        and spec.dims <= queries.shape[3]
+    )
+    return spec if ok else None
+
+
+def rope_table(spec: RopeSpec) -> mx.array:
+    """The kernel's ``rope`` input: the pairs' frequencies, float32 in device memory (kept
+    on the spec: hashing its frequencies a call would cost more than the lookup saves)."""
+    table = spec.__dict__.get("_table")
+    if table is None:
+        inv = list(spec.inv_freq) + [0.0] * max(0, 4 - len(spec.inv_freq))  # (> 8 bytes)
+        table = spec.__dict__["_table"] = device_constant(mx.array(inv, dtype=mx.float32))
+    return table
 
 
 def _centre_shift(queries, keys, rot, scale) -> mx.array:
@@ -434,7 +478,7 @@ def _centre_shift(queries, keys, rot, scale) -> mx.array:
     return centre_shift2(rotate(queries, rot), keys, scale).reshape(b, hq)
 
 
-_STATIC = range(1, SPLIT_INPUTS.index("kh"))  # kw .. signs: the same while the body views are
+_STATIC = range(1, SPLIT_INPUTS.index("kh"))  # kw .. rope: the same while the body views are
 _PARAMS = SPLIT_INPUTS.index("params")  # (but for TLEN's tail length, set each call)
 _DYNAMIC = ("kh", "kt", "kn", "work", "cshift", "sinks")  # per call (kh/vh, kt/vt, kn/vn/after)
 
@@ -530,7 +574,7 @@ class _Launch:
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None,
-                counter_rows=JOIN_COUNTER_ROWS, append=False, tlen=False):  # fmt: skip
+                counter_rows=JOIN_COUNTER_ROWS, append=False, tlen=False, rope=None):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
     last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
     ``fused_max``), or None where the kernels cannot read it (:func:`_layouts`, as for
@@ -541,7 +585,8 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                        k_sdtype, v_sdtype, tunables[0])  # fmt: skip
     if layouts is None:
         return None
-    fp = (head_chunks, tail_chunks, fp_dtype, append, tlen and tail_chunks > 0)
+    fp = (head_chunks, tail_chunks, fp_dtype, append, tlen and tail_chunks > 0,
+          rope if append and tail_chunks > 0 else None)  # fmt: skip
     if fused and fused_max is not None:
         _, s = _row_splits(*layouts, b, hq, hkv, d, n_body, splits, tunables)
         work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
@@ -562,8 +607,9 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     return split, join, const_input(scale * LOG2E)
 
 
-# (sink chunks, tail chunks, their dtype, new positions, the tail's length in params): none
-NO_FP = (0, 0, None, False, False)
+# (sink chunks, tail chunks, their dtype, new positions, the tail's length in params, the
+# RoPE of the query and new positions -- (dims, traditional) or None): none
+NO_FP = (0, 0, None, False, False, None)
 NO_JOIN = (False, False, False)  # (fused join, key centre, learned sinks): a join launch follows
 
 
@@ -579,20 +625,22 @@ def _split(q, rot, keys, values, scale, splits, poison):
         side_layout(keys), side_layout(values, values=True), b, hq, keys.parts[0].shape[1], d,
         keys.n_body, q.dtype, rot is not None, splits, NO_FP, *_plan_tunables(),
     )  # fmt: skip
-    inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot)
+    inputs = _split_inputs(launch, q, keys, values, const_input(scale * LOG2E), rot, None)
     inputs += [None] * 10  # no full-precision segments, no join here
     return launch.launch(inputs, float("nan") if poison else None)[:2]
 
 
-def _split_inputs(launch, q, keys, values, const, rot) -> list:
+def _split_inputs(launch, q, keys, values, const, rot, rope) -> list:
     """The split kernel's inputs up to the full-precision segments, in the order of
     ``SPLIT_INPUTS`` (the kernel drops what its plan does not read: a codebook side's
-    biases, an affine side's table, the signs without a rotation)."""
+    biases, an affine side's table, the signs without a rotation, the RoPE table without
+    ``rope``)."""
     kp, vp = keys.parts, values.parts
     signs = rot.signs if rot is not None else None
     kb, vb = (kp[2] if len(kp) > 2 else None), (vp[2] if len(vp) > 2 else None)
+    table = None if rope is None else rope_table(rope)
     return [q, kp[0], kp[1], kb, vp[0], vp[1], vb, launch.lut_k, launch.lut_v, const,
-            signs]  # fmt: skip
+            signs, table]  # fmt: skip
 
 
 @lru_cache(maxsize=1024)
@@ -679,6 +727,8 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("HAS_TAIL", fp[1] > 0),
         ("APPEND", fp[3]),
         ("TLEN", fp[4]),
+        ("RDIMS", fp[5][0] if fp[5] else 0),
+        ("RTRAD", bool(fp[5] and fp[5][1])),
         ("LIN", linear),
         ("FUSED", join[0]),
         ("OT", q_dtype),

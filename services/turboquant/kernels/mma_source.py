@@ -136,6 +136,25 @@ __device__ __forceinline__ void tqm_mark(int i) {
 #endif
 namespace tqm {
 
+// RoPE of element d of a vector x (stride st) at position pos, as mx.fast.rope computes it
+// (rope_fusion.RopeSpec): RD dims rotated in pairs (i, i + RD/2), or (2i, 2i + 1) when RT,
+// pair i by pos * inv[i] radians; the dims past RD as they are. The angle reaches ~1e5 at
+// long contexts: reduced in double first (sincosf's slow path there uses local memory).
+template <int RD, bool RT, typename T>
+__device__ __forceinline__ float rope_at(const T* x, int64_t st, int d, float pos, const float* inv) {
+  const float a = tofloat(x[d * st]);
+  if (d >= RD) return a;
+  constexpr int H = RD / 2;
+  const bool lo = RT ? (d & 1) == 0 : d < H;
+  const int i = RT ? d >> 1 : (lo ? d : d - H);
+  const int p = RT ? d ^ 1 : (lo ? d + H : d - H);
+  const float b = tofloat(x[p * st]);
+  const double th = (double)(pos * inv[i]);
+  float sn, cs;
+  __sincosf((float)(th - rint(th * 0.15915494309189535) * 6.283185307179586), &sn, &cs);
+  return lo ? a * cs - b * sn : a * cs + b * sn;
+}
+
 // Floats a part of the fused join's workspace takes (mma_decode.work_floats): whole
 // 128-byte lines, so every part keeps the float4 alignment of the join's loads.
 __device__ __forceinline__ int64_t work_span(int64_t floats) {
@@ -284,9 +303,9 @@ __device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
 }
 
 template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, bool QROT,
-          bool FOLD, bool PIPE, bool CVAL, typename QT, typename ST>
+          bool FOLD, bool PIPE, bool CVAL, int RD, bool RT, typename QT, typename ST>
 __device__ void mma_decode_split(
-    const QT* q, const int64_t* q_st, const float* signs,
+    const QT* q, const int64_t* q_st, const float* signs, const float* rope, float rpos,
     const uint32_t* kw, const int* kw_sh, const int64_t* kw_st,
     const ST* ks, const int* ks_sh, const int64_t* ks_st, const ST* kbias, const int64_t* kb_st,
     const uint32_t* vw, const int* vw_sh, const int64_t* vw_st,
@@ -449,11 +468,13 @@ __device__ void mma_decode_split(
   constexpr int QE = 8 * D / (32 * WARPS);  // query elements a thread (blockDim = 32 WARPS)
   static_assert(QE * 32 * WARPS == 8 * D, "the query divides over the block");
   QT qraw[QE];
-  float qsg[QE];
+  float qsg[QE], qrp[RD ? QE : 1];  // RD: the query's RoPE here (rope_fusion)
 #pragma unroll
   for (int e = 0; e < QE; ++e) {
     const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D, head = ht * 8 + h;
-    qraw[e] = q[b * q_st[0] + (int64_t)(hkv * G + min(head, G - 1)) * q_st[1] + d * q_st[3]];
+    const int64_t at = b * q_st[0] + (int64_t)(hkv * G + min(head, G - 1)) * q_st[1];
+    if constexpr (RD > 0) qrp[e] = rope_at<RD, RT>(q + at, q_st[3], d, rpos, rope);
+    else qraw[e] = q[at + d * q_st[3]];
     qsg[e] = QROT ? signs[d] : 1.f;
   }
   // PIPE: the first tile's keys, values and scales start loading before the query is
@@ -480,7 +501,7 @@ __device__ void mma_decode_split(
 #pragma unroll
     for (int e = 0; e < QE; ++e) {
       const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
-      q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
+      q_s[h][d] = ht * 8 + h < G ? (RD > 0 ? qrp[e] : tofloat(qraw[e])) * qsg[e] : 0.f;
     }
     __syncthreads();
     if constexpr (QROT) {
@@ -978,9 +999,10 @@ __device__ void mma_decode_split(
 // written there by the row's first head tile (cache.TailAppend; session 14).
 // TLEN: kt/vt are the whole tail buffers, the tail their first params[1] positions (no
 // slice op a decode step to cut them: cache.BufferedTail).
-template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, bool TLEN, typename QT, typename FT>
+template <int D, int NT, bool HAS_HEAD, bool HAS_TAIL, bool APPEND, bool TLEN, int RD, bool RT, typename QT,
+          typename FT>
 __device__ void fp_chunk(
-    const QT* q, const int64_t* q_st,
+    const QT* q, const int64_t* q_st, const float* rope, float rpos,
     const FT* kh, const int* kh_sh, const int64_t* kh_st, const FT* vh, const int64_t* vh_st,
     const FT* kt, const int* kt_sh, const int64_t* kt_st, const FT* vt, const int64_t* vt_st,
     const FT* kn, const int* kn_sh, const int64_t* kn_st, const FT* vn, const int64_t* vn_st,
@@ -1018,10 +1040,13 @@ __device__ void fp_chunk(
   constexpr int KE = C * D / NT, QN = 8 * D / NT, KBT = KE < 8 ? KE : 8;
   static_assert(KE % KBT == 0 && KE * NT == C * D && QN * NT == 8 * D, "a chunk divides over the block");
   QT qr[QN];
+  float qrp[RD ? QN : 1];  // RD: the query's and the new key's RoPE here (rope_fusion)
 #pragma unroll
   for (int e = 0; e < QN; ++e) {
     const int i = tid + e * NT, h = min(i / D, nh - 1), d = i % D;
-    qr[e] = q[b * q_st[0] + (int64_t)(hq0 + h) * q_st[1] + d * q_st[3]];
+    const int64_t at = b * q_st[0] + (int64_t)(hq0 + h) * q_st[1];
+    if constexpr (RD > 0) qrp[e] = rope_at<RD, RT>(q + at, q_st[3], d, rpos, rope);
+    else qr[e] = q[at + d * q_st[3]];
   }
 #pragma unroll
   for (int e0 = 0; e0 < KE; e0 += KBT) {
@@ -1030,7 +1055,10 @@ __device__ void fp_chunk(
     for (int e = 0; e < KBT; ++e) {
       const int i = tid + (e0 + e) * NT, j = min(i / D, n - 1), d = i % D;  // past n: zeroed below
       if (APPEND && j >= fresh) {
-        kr[e] = knb[(j - fresh) * kn_st[2] + d * kn_st[3]];
+        if constexpr (RD > 0)  // (the new positions end at the query's)
+          kr[e] = static_cast<FT>(rope_at<RD, RT>(knb + (j - fresh) * kn_st[2], kn_st[3], d,
+                                                  rpos - (kn_sh[2] - 1 - (j - fresh)), rope));
+        else kr[e] = knb[(j - fresh) * kn_st[2] + d * kn_st[3]];
         vr[e] = vnb[(j - fresh) * vn_st[2] + d * vn_st[3]];
       } else {
         kr[e] = kb[(f0 + j) * k2 + d * k3];
@@ -1051,7 +1079,7 @@ __device__ void fp_chunk(
 #pragma unroll
   for (int e = 0; e < QN; ++e) {
     const int i = tid + e * NT, h = i / D, d = i % D;
-    q_s[h * KP + d] = h < nh ? tofloat(qr[e]) : 0.f;
+    q_s[h * KP + d] = h < nh ? (RD > 0 ? qrp[e] : tofloat(qr[e])) : 0.f;
   }
   __syncthreads();
   const int64_t row0 = (int64_t)b * n_kv * G + hq0;  // b * Hq + first head
@@ -1311,10 +1339,16 @@ MMA_SPLIT_SOURCE = r"""
     tqm_mark(0);
   }
 #endif
+  // RDIMS: the query and the new key (APPEND) come unrotated by RoPE (rope_fusion); the
+  // query's position is the context's last: sink + body + tail (which counts the new ones).
+  static_assert(RDIMS == 0 || (APPEND && HAS_TAIL), "RoPE here only for the new positions");
+  const float rpos = RDIMS == 0 ? 0.f
+      : (float)((HAS_HEAD ? kh_shape[2] : 0) + (KQ == 2 ? ks_shape[3] * KGS : kw_shape[2]) +
+                (TLEN ? (int)params[1] : kt_shape[2]) - 1);
   const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
-    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND, TLEN>(
-        q, q_strides.data(), kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
+    tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND, TLEN, RDIMS, RTRAD>(
+        q, q_strides.data(), rope, rpos, kh, kh_shape.data(), kh_strides.data(), vh, vh_strides.data(),
         kt, kt_shape.data(), kt_strides.data(), vt, vt_strides.data(),
         kn, kn_shape.data(), kn_strides.data(), vn, vn_strides.data(), params,
         n_kv, G, idx - S, n_fp, row, b, fp_o, fp_ml);
@@ -1322,8 +1356,8 @@ MMA_SPLIT_SOURCE = r"""
     if (!FUSED) return;
   }
   if (!fp_block) {  // (a fused fp block goes on to count itself below)
-    tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, CVAL, QT, ST>(
-        q, q_strides.data(), signs,
+    tqm::mma_decode_split<KQ, VQ, KB, VB, KGS, VGS, D, WARPS, STEPS, QROT, FOLD, PIPE, CVAL, RDIMS, RTRAD, QT, ST>(
+        q, q_strides.data(), signs, rope, rpos,
         kw, kw_shape.data(), kw_strides.data(),
         ks, ks_shape.data(), ks_strides.data(), kb, kb_strides.data(),
         vw, vw_shape.data(), vw_strides.data(),
