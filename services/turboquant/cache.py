@@ -21,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
+from . import rope_fusion
 from .config import TurboQuantConfig
 from .quantizers import (
     KEY_ONLY_QUANTIZERS,
@@ -31,7 +32,6 @@ from .quantizers import (
     num_parts,
     quantize,
 )
-from . import rope_fusion
 from .rope_fusion import PendingRope, as_array
 from .rotation import get_rotation, rotate, unrotate
 
