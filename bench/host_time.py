@@ -12,6 +12,7 @@ it. Steps of the two caches alternate; medians per step and per layer::
     python bench/host_time.py --profile 20     # where our share of it goes (cProfile)
     python bench/host_time.py --calls          # per layer: cache update vs attention call
     python bench/host_time.py --cut            # + ours with the tail views cut every step
+    python bench/host_time.py --mlxrope        # + ours with the step's RoPE by MLX ops
 """
 
 from __future__ import annotations
@@ -113,6 +114,19 @@ def time_calls(acc: dict) -> None:
     )
 
 
+def rope_mode(model, name: str) -> None:
+    """The decode step's RoPE for cache ``name``'s steps: by the layer kernel (rope_fusion)
+    for ours, by MLX ops for "..., RoPE by MLX ops", and the model's own ropes for fp16 (a
+    stack without TurboQuant has no wrapper)."""
+    from services.turboquant import rope_fusion
+
+    rope_fusion.set_kernel_takes_rope("RoPE by MLX" not in name and "fp16" not in name)
+    if "fp16" in name:
+        rope_fusion.restore_rope(model)
+    else:
+        rope_fusion.defer_rope(model)
+
+
 def main() -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -136,9 +150,14 @@ def main() -> None:
         action="store_true",
         help="a third cache: ours with the tail views cut a step (BUFFERED_TAIL off)",
     )
+    ap.add_argument(
+        "--mlxrope",
+        action="store_true",
+        help="a third cache: ours with the decode step's RoPE by MLX ops (rope_fusion off)",
+    )
     args = ap.parse_args()
-    if args.cut and args.calls:
-        ap.error("--calls times ours by class: run it without --cut")
+    if (args.cut or args.mlxrope) and args.calls:
+        ap.error("--calls times ours by class: run it without --cut or --mlxrope")
 
     model, _ = load(args.model)
     hook_kernels()
@@ -155,6 +174,10 @@ def main() -> None:
         )
         for c in caches["turboquant, tail cut a step"]:
             c.BUFFERED_TAIL = False
+    if args.mlxrope:
+        caches["turboquant, RoPE by MLX ops"] = with_join_workspaces(
+            make_turboquant_cache(model, TurboQuantConfig.recommended())
+        )
     for cache in caches.values():  # prefill (portable path: one launch per layer is decode)
         mx.eval(model(prompt, cache=cache))
     layers = sum(1 for c in caches["turboquant default"] if hasattr(c, "key_spec"))
@@ -175,6 +198,7 @@ def main() -> None:
         if i == 1:
             acc.clear()  # the call timings count from the same step as the rest
         for name, cache in caches.items():
+            rope_mode(model, name)
             for _ in range(steps):
                 if prof and name != "fp16 KVCache":
                     prof.enable()

@@ -136,23 +136,34 @@ __device__ __forceinline__ void tqm_mark(int i) {
 #endif
 namespace tqm {
 
-// RoPE of element d of a vector x (stride st) at position pos, as mx.fast.rope computes it
-// (rope_fusion.RopeSpec): RD dims rotated in pairs (i, i + RD/2), or (2i, 2i + 1) when RT,
-// pair i by pos * inv[i] radians; the dims past RD as they are. The angle reaches ~1e5 at
-// long contexts: reduced in double first (sincosf's slow path there uses local memory).
-template <int RD, bool RT, typename T>
-__device__ __forceinline__ float rope_at(const T* x, int64_t st, int d, float pos, const float* inv) {
-  const float a = tofloat(x[d * st]);
-  if (d >= RD) return a;
+// RoPE as mx.fast.rope computes it (rope_fusion.RopeSpec): RD dims rotated in pairs
+// (i, i + RD/2), or (2i, 2i + 1) when RT, pair f by pos * inv[f] radians. rope_pair: element
+// d's partner p, frequency index f and whether d leads its pair; a dim past RD pairs with
+// itself at f = -1 (frequency 0: unrotated), so callers load both without a branch.
+template <int RD, bool RT>
+__device__ __forceinline__ void rope_pair(int d, int& p, int& f, bool& lo) {
   constexpr int H = RD / 2;
-  const bool lo = RT ? (d & 1) == 0 : d < H;
-  const int i = RT ? d >> 1 : (lo ? d : d - H);
-  const int p = RT ? d ^ 1 : (lo ? d + H : d - H);
-  const float b = tofloat(x[p * st]);
-  const double th = (double)(pos * inv[i]);
+  lo = d >= RD || (RT ? (d & 1) == 0 : d < H);
+  f = d >= RD ? -1 : RT ? d >> 1 : (lo ? d : d - H);
+  p = d >= RD ? d : RT ? d ^ 1 : (lo ? d + H : d - H);
+}
+
+// Element a of a pair (b its partner) rotated by pos * inv radians. The angle reaches ~1e5
+// at long contexts: reduced in double first (sincosf's slow path there uses local memory).
+__device__ __forceinline__ float rope_mix(float a, float b, float inv, bool lo, float pos) {
+  const double th = (double)(pos * inv);
   float sn, cs;
   __sincosf((float)(th - rint(th * 0.15915494309189535) * 6.283185307179586), &sn, &cs);
   return lo ? a * cs - b * sn : a * cs + b * sn;
+}
+
+// Element d of x (stride st) rotated at position pos (a few loads in a row: the new key).
+template <int RD, bool RT, typename T>
+__device__ __forceinline__ float rope_at(const T* x, int64_t st, int d, float pos, const float* inv) {
+  int p, f;
+  bool lo;
+  rope_pair<RD, RT>(d, p, f, lo);
+  return rope_mix(tofloat(x[d * st]), tofloat(x[p * st]), f < 0 ? 0.f : inv[f], lo, pos);
 }
 
 // Floats a part of the fused join's workspace takes (mma_decode.work_floats): whole
@@ -467,14 +478,22 @@ __device__ void mma_decode_split(
   // chain queued behind a wave of tiles; bench/kernel_trace.py, session 13).
   constexpr int QE = 8 * D / (32 * WARPS);  // query elements a thread (blockDim = 32 WARPS)
   static_assert(QE * 32 * WARPS == 8 * D, "the query divides over the block");
-  QT qraw[QE];
-  float qsg[QE], qrp[RD ? QE : 1];  // RD: the query's RoPE here (rope_fusion)
+  // RD: the query's RoPE here (rope_fusion): each element's partner and frequency load
+  // with it, the rotation is done where the query is stored (no load waits on math).
+  QT qraw[QE], qpar[RD ? QE : 1];
+  float qsg[QE], qinv[RD ? QE : 1];
 #pragma unroll
   for (int e = 0; e < QE; ++e) {
     const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D, head = ht * 8 + h;
     const int64_t at = b * q_st[0] + (int64_t)(hkv * G + min(head, G - 1)) * q_st[1];
-    if constexpr (RD > 0) qrp[e] = rope_at<RD, RT>(q + at, q_st[3], d, rpos, rope);
-    else qraw[e] = q[at + d * q_st[3]];
+    qraw[e] = q[at + d * q_st[3]];
+    if constexpr (RD > 0) {
+      int p, f;
+      bool lo;
+      rope_pair<RD, RT>(d, p, f, lo);
+      qpar[e] = q[at + p * q_st[3]];
+      qinv[e] = f < 0 ? 0.f : rope[f];
+    }
     qsg[e] = QROT ? signs[d] : 1.f;
   }
   // PIPE: the first tile's keys, values and scales start loading before the query is
@@ -501,7 +520,15 @@ __device__ void mma_decode_split(
 #pragma unroll
     for (int e = 0; e < QE; ++e) {
       const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
-      q_s[h][d] = ht * 8 + h < G ? (RD > 0 ? qrp[e] : tofloat(qraw[e])) * qsg[e] : 0.f;
+      if constexpr (RD > 0) {
+        int p, f;
+        bool lo;
+        rope_pair<RD, RT>(d, p, f, lo);
+        const float x = rope_mix(tofloat(qraw[e]), tofloat(qpar[e]), qinv[e], lo, rpos);
+        q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
+      } else {
+        q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
+      }
     }
     __syncthreads();
     if constexpr (QROT) {
@@ -1039,14 +1066,22 @@ __device__ void fp_chunk(
   // In batches of at most 8 a thread (D 256: fewer registers than the split path's).
   constexpr int KE = C * D / NT, QN = 8 * D / NT, KBT = KE < 8 ? KE : 8;
   static_assert(KE % KBT == 0 && KE * NT == C * D && QN * NT == 8 * D, "a chunk divides over the block");
-  QT qr[QN];
-  float qrp[RD ? QN : 1];  // RD: the query's and the new key's RoPE here (rope_fusion)
+  // RD: the query's and the new key's RoPE here (rope_fusion), the query's as the split
+  // blocks do it (partners and frequencies loaded with it, rotated where it is stored).
+  QT qr[QN], qp[RD ? QN : 1];
+  float qinv[RD ? QN : 1];
 #pragma unroll
   for (int e = 0; e < QN; ++e) {
     const int i = tid + e * NT, h = min(i / D, nh - 1), d = i % D;
     const int64_t at = b * q_st[0] + (int64_t)(hq0 + h) * q_st[1];
-    if constexpr (RD > 0) qrp[e] = rope_at<RD, RT>(q + at, q_st[3], d, rpos, rope);
-    else qr[e] = q[at + d * q_st[3]];
+    qr[e] = q[at + d * q_st[3]];
+    if constexpr (RD > 0) {
+      int p, f;
+      bool lo;
+      rope_pair<RD, RT>(d, p, f, lo);
+      qp[e] = q[at + p * q_st[3]];
+      qinv[e] = f < 0 ? 0.f : rope[f];
+    }
   }
 #pragma unroll
   for (int e0 = 0; e0 < KE; e0 += KBT) {
@@ -1079,7 +1114,14 @@ __device__ void fp_chunk(
 #pragma unroll
   for (int e = 0; e < QN; ++e) {
     const int i = tid + e * NT, h = i / D, d = i % D;
-    q_s[h * KP + d] = h < nh ? (RD > 0 ? qrp[e] : tofloat(qr[e])) : 0.f;
+    if constexpr (RD > 0) {
+      int p, f;
+      bool lo;
+      rope_pair<RD, RT>(d, p, f, lo);
+      q_s[h * KP + d] = h < nh ? rope_mix(tofloat(qr[e]), tofloat(qp[e]), qinv[e], lo, rpos) : 0.f;
+    } else {
+      q_s[h * KP + d] = h < nh ? tofloat(qr[e]) : 0.f;
+    }
   }
   __syncthreads();
   const int64_t row0 = (int64_t)b * n_kv * G + hq0;  // b * Hq + first head
