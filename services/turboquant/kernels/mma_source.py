@@ -157,14 +157,6 @@ __device__ __forceinline__ float rope_mix(float a, float b, float inv, bool lo, 
   return lo ? a * cs - b * sn : a * cs + b * sn;
 }
 
-// Element d of x (stride st) rotated at position pos (a few loads in a row: the new key).
-template <int RD, bool RT, typename T>
-__device__ __forceinline__ float rope_at(const T* x, int64_t st, int d, float pos, const float* inv) {
-  int p, f;
-  bool lo;
-  rope_pair<RD, RT>(d, p, f, lo);
-  return rope_mix(tofloat(x[d * st]), tofloat(x[p * st]), f < 0 ? 0.f : inv[f], lo, pos);
-}
 
 // Floats a part of the fused join's workspace takes (mma_decode.work_floats): whole
 // 128-byte lines, so every part keeps the float4 alignment of the join's loads.
@@ -1085,15 +1077,20 @@ __device__ void fp_chunk(
   }
 #pragma unroll
   for (int e0 = 0; e0 < KE; e0 += KBT) {
-    FT kr[KBT], vr[KBT];
+    FT kr[KBT], vr[KBT], kp[RD ? KBT : 1];  // RD: a new key's partners and frequencies
+    float kinv[RD ? KBT : 1];                // (loaded with it, rotated where it is stored)
 #pragma unroll
     for (int e = 0; e < KBT; ++e) {
       const int i = tid + (e0 + e) * NT, j = min(i / D, n - 1), d = i % D;  // past n: zeroed below
       if (APPEND && j >= fresh) {
-        if constexpr (RD > 0)  // (the new positions end at the query's)
-          kr[e] = static_cast<FT>(rope_at<RD, RT>(knb + (j - fresh) * kn_st[2], kn_st[3], d,
-                                                  rpos - (kn_sh[2] - 1 - (j - fresh)), rope));
-        else kr[e] = knb[(j - fresh) * kn_st[2] + d * kn_st[3]];
+        kr[e] = knb[(j - fresh) * kn_st[2] + d * kn_st[3]];
+        if constexpr (RD > 0) {
+          int p, f;
+          bool lo;
+          rope_pair<RD, RT>(d, p, f, lo);
+          kp[e] = knb[(j - fresh) * kn_st[2] + p * kn_st[3]];
+          kinv[e] = f < 0 ? 0.f : rope[f];
+        }
         vr[e] = vnb[(j - fresh) * vn_st[2] + d * vn_st[3]];
       } else {
         kr[e] = kb[(f0 + j) * k2 + d * k3];
@@ -1103,6 +1100,15 @@ __device__ void fp_chunk(
 #pragma unroll
     for (int e = 0; e < KBT; ++e) {
       const int i = tid + (e0 + e) * NT, j = i / D, d = i % D;
+      if constexpr (RD > 0) {
+        if (APPEND && j >= fresh && j < n) {  // (the new positions end at the query's)
+          int p, f;
+          bool lo;
+          rope_pair<RD, RT>(d, p, f, lo);
+          kr[e] = static_cast<FT>(rope_mix(tofloat(kr[e]), tofloat(kp[e]), kinv[e], lo,
+                                           rpos - (kn_sh[2] - 1 - (j - fresh))));
+        }
+      }
       k_s[j * KP + d] = j < n ? tofloat(kr[e]) : 0.f;
       v_s[j * D + d] = j < n ? tofloat(vr[e]) : 0.f;
       if (APPEND && ht == 0 && j >= fresh && j < n) {  // no other block of this launch reads them
