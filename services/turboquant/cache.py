@@ -275,6 +275,9 @@ class TurboQuantKVCache(_BaseCache):
     # two tail views cut a step. False: the views (sessions 14-16), for comparison.
     BUFFERED_TAIL = True
     _pending: TailAppend | None = None  # this step's positions, until written or taken
+    # (offset, whether defers_rope said yes) of this step: its query's rope asks, its key's
+    # reads it (rope_fusion.DeferringRope)
+    _rope_step: tuple | None = None
     # Per-channel key scales and biases stored (B, H, T/g, D): the CUDA split kernel reads a
     # tile's scales for all channels at once, coalesced this way (128K: 77 -> 58 us, ncu).
     # None: where the CUDA kernels read them; Metal keeps (B, H, D, T/g) for quantized_matmul.
@@ -442,10 +445,12 @@ class TurboQuantKVCache(_BaseCache):
         n = keys.shape[2]
         after = self._settle(keep_writer=True)  # the last step's positions
         buf = self._tail_buf
-        fast = self._fast(buf, n)
-        deferred = fast and self._deferrable(buf, n, keys.dtype)
-        if type(keys) is PendingRope and not (deferred and keys.offset == self._offset):
-            keys = keys.array()
+        if type(keys) is PendingRope and keys.offset is self._offset:
+            fast = deferred = True  # (its rope asked defers_rope this step)
+        else:
+            fast = self._fast(buf, n)
+            deferred = fast and self._deferrable(buf, n, keys.dtype)
+            keys = as_array(keys)
         if after is not None and not deferred:
             mx.eval(after)  # it writes into this buffer in place: done before MLX ops read it
         if deferred:
@@ -802,6 +807,7 @@ class TurboQuantKVCache(_BaseCache):
         for k, v in self.__dict__.items():
             new.__dict__[k] = copy.deepcopy(v, memo)
         new._tail_buf = None
+        new._rope_step = None  # (the same offset object: the copy decides for itself)
         return new
 
     def is_trimmable(self) -> bool:

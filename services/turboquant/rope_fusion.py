@@ -132,15 +132,18 @@ class DeferringRope(nn.Module):
 
     def __call__(self, x, offset=0):
         cache = _last_read() if _last_read is not None else None
-        if (
-            _kernel_takes_rope
-            and cache is not None
-            and offset is cache._offset
-            and offset > SMALL_INTS
-            and x.shape[2] == 1
-            and cache.defers_rope(x.dtype, self._spec.dims, x.shape[3])
-        ):
-            return PendingRope(x, self, offset)
+        if cache is not None and offset is cache._offset and _kernel_takes_rope:
+            # Decided once a step (the query's call; the key's reads it): host time a layer.
+            step = cache._rope_step
+            if step is None or step[0] is not offset:
+                takes = (
+                    offset > SMALL_INTS
+                    and x.shape[2] == 1
+                    and cache.defers_rope(x.dtype, self._spec.dims, x.shape[3])
+                )
+                step = cache._rope_step = (offset, takes)
+            if step[1]:
+                return PendingRope(x, self, offset)
         return self._inner(x, offset=offset)
 
 
