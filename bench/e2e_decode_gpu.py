@@ -365,20 +365,24 @@ def run_context(model, kinds: list[str], context: int, steps: int, repeats: int 
     return rows
 
 
-def render(path: str, machine: str | None, command: str | None, note: str = "") -> None:
-    """Write the e2e_decode_gpu section of docs/benchmarks.md from a results JSON."""
+def render(path: str, machine: str | None, command: str | None, note: str = "",
+           section: str = "e2e_decode_gpu", title: str = "End-to-end decode on the GPU") -> None:  # fmt: skip
+    """Write the e2e_decode_gpu section (or ``section``) of docs/benchmarks.md from results
+    JSONs; several files go into one table, each file's rows apart (column "process": the
+    same rows measured in another process are another sample, not a duplicate)."""
     from bench.report import context_label, markdown_table, write_section
 
-    # Several result files (e.g. batch 1 and batch 8 runs) go into one table.
     files = [json.loads(Path(p).read_text()) for p in path.split(",")]
-    res = dict(files[0], rows=[r for f in files for r in f["rows"]])
+    res = dict(files[0], rows=[dict(r, process=i + 1) for i, f in enumerate(files)
+                               for r in f["rows"]])  # fmt: skip
 
     def key(r):
-        return r["model"], r.get("weight_bits", 16), r.get("batch", 1), r["cache"], r["context"]
+        return (r["model"], r.get("weight_bits", 16), r.get("batch", 1), r["process"],
+                r["cache"], r["context"])  # fmt: skip
 
     rows, by = [], {key(r): r for r in res["rows"]}
-    for (model, wbits, batch, kind, ctx), r in sorted(by.items()):
-        base = by.get((model, wbits, batch, "fp16", ctx))
+    for (model, wbits, batch, proc, kind, ctx), r in sorted(by.items()):
+        base = by.get((model, wbits, batch, proc, "fp16", ctx))
         runs = "/".join(f"{x:.1f}" for x in r.get("tok_s_runs", []))
         host = r.get("host_ms")
         host = f"{host['build']:.2f} / {host['dispatch']:.2f} / {host['wait']:.2f}" if host else "-"
@@ -388,16 +392,15 @@ def render(path: str, machine: str | None, command: str | None, note: str = "") 
             if not alone
             else f"{alone['build']:.2f} / {alone['dispatch']:.2f} / {alone['wait']:.2f}"
         )
-        rows.append([model, "fp16" if wbits == 16 else f"{wbits}-bit", batch, context_label(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
+        rows.append([model, "fp16" if wbits == 16 else f"{wbits}-bit", batch, proc, context_label(ctx), kind, f"{r['tok_s']:.1f}", runs or "-",
                      f"{r.get('vs_first', r['tok_s'] / base['tok_s']):.2f}x" if base else "-",
                      f"{r['kv_bytes'] / 2**20:.0f}", f"{r['peak_bytes'] / 2**30:.1f}", host, alone])  # fmt: skip
-    head = ["model", "weights", "batch", "context", "cache", "decode tok/s (all sequences)", "runs",
+    head = ["model", "weights", "batch", "process", "context", "cache", "decode tok/s (all sequences)", "runs",
             "vs fp16 (paired runs)", "KV MiB (measured)", "peak GiB", "host ms a step: build / dispatch / wait",
             "a step alone (GPU idle first): build / dispatch / wait ms"]  # fmt: skip
     body = f"MLX {res['mlx']}, {res['gpu']}.\n\n" + (note + "\n\n" if note else "")
     body += markdown_table(head, rows)
-    write_section("e2e_decode_gpu", "End-to-end decode on the GPU", body, machine=machine or res["gpu"],
-                  command=command)  # fmt: skip
+    write_section(section, title, body, machine=machine or res["gpu"], command=command)
 
 
 def main() -> None:
@@ -421,9 +424,11 @@ def main() -> None:
         help="then N steps each with the update and attention calls timed (printed)",
     )
     add_section_args(ap, "result JSONs (comma-separated) to write into the docs")
+    ap.add_argument("--section", default="e2e_decode_gpu", help="the docs section --render writes")
+    ap.add_argument("--title", default="End-to-end decode on the GPU", help="its heading")
     args = ap.parse_args()
     if args.render:
-        render(args.render, args.machine, args.command, args.note)
+        render(args.render, args.machine, args.command, args.note, args.section, args.title)
         return
 
     import mlx.core as mx

@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     tq_window: int = 0
     tq_enabled: bool = True
     tq_warm_kernels: bool = True
+    tq_fuse_rope: bool = True
 
     @field_validator("prompt_token_threshold", mode="before")
     @classmethod

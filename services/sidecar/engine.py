@@ -201,6 +201,10 @@ class Engine:
         from services.sidecar import kv, loader
 
         t0 = time.monotonic()
+        if self.settings.tq_enabled:  # (before any cache is made: patch.ensure_patched reads it)
+            from services.turboquant import rope_fusion
+
+            rope_fusion.set_enabled(self.settings.tq_fuse_rope)
         self.loaded = loader.load(self.settings)
         itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.loaded.dtype, 2)
         self.backend = kv.build_backend(self.loaded.model, self.settings, itemsize)

@@ -16,9 +16,10 @@ import sys
 import threading
 from typing import Any
 
+from . import rope_fusion
 from .attention import turboquant_attention
 from .cache import TurboQuantKVCache
-from .rope_fusion import defer_rope, kernel_takes_rope
+from .rope_fusion import defer_rope, kernel_takes_rope, restore_rope
 
 _PREFIX = "mlx_lm.models."
 _lock = threading.Lock()
@@ -139,8 +140,10 @@ def ensure_patched(model: Any) -> list[str]:
     layer kernel applies RoPE itself (CUDA), leave it the decode steps' (rope_fusion)."""
     for name in _modules_of(model):
         __import__(name)
-    if kernel_takes_rope():
+    if kernel_takes_rope() and rope_fusion.ENABLED:
         defer_rope(model)
+    elif not rope_fusion.ENABLED:
+        restore_rope(model)
     return install_patch()
 
 

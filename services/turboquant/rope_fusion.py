@@ -104,6 +104,13 @@ def as_array(x: Any) -> Any:
 
 # Set by attention.set_layer_decode_kernel: the installed layer kernel takes a PendingRope.
 _kernel_takes_rope = False
+# TQ_FUSE_ROPE (the sidecar sets it at load): patch.ensure_patched wraps ropes only while on.
+ENABLED = True
+
+
+def set_enabled(flag: bool) -> None:
+    global ENABLED
+    ENABLED = bool(flag)
 
 
 def set_kernel_takes_rope(flag: bool) -> None:

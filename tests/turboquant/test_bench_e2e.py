@@ -50,7 +50,11 @@ def test_quantized_weights_decode_and_render_in_their_own_rows(tmp_path, monkeyp
     lines = [ln for ln in written["body"].splitlines() if ln.startswith("| m |")]
     assert [ln.split("|")[2].strip() for ln in lines] == ["4-bit", "4-bit", "fp16"]
     # the 4-bit tq row's ratio is against the 4-bit fp16-cache row (its own paired runs)
-    assert lines[1].split("|")[8].strip() == f"{rows[1]['vs_first']:.2f}x"
+    assert lines[1].split("|")[9].strip() == f"{rows[1]['vs_first']:.2f}x"
+    # two processes' files: each row kept, by process (another sample, not a duplicate)
+    e2e.render(f"{f},{f}", "cpu", "cmd")
+    lines = [ln for ln in written["body"].splitlines() if ln.startswith("| m |")]
+    assert [ln.split("|")[4].strip() for ln in lines] == ["1", "1", "2", "2", "1", "2"]
 
 
 def test_dispatch_cost_times_a_chain_per_call():

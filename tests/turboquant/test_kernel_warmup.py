@@ -39,9 +39,9 @@ def recorded_on_cuda(monkeypatch):
 
 
 def _variants(launches) -> set[tuple]:
-    """(fused, tail, kernel-written tail) of each split launch."""
+    """(fused, tail, kernel-written tail, its RoPE by the kernel) of each split launch."""
     return {
-        (t["FUSED"], t["HAS_TAIL"], t["APPEND"] and t["TLEN"])
+        (t["FUSED"], t["HAS_TAIL"], t["APPEND"] and t["TLEN"], t["RDIMS"] > 0)
         for k, _, t, *_ in launches
         if base_name(k.name) == "tq_mma_decode_split"
     }
@@ -62,8 +62,10 @@ def test_the_warm_up_reaches_every_decode_variant_with_both_joins(smollm2, recor
     assert mma_decode.FUSED_JOIN
     Engine._warm_kernels(engine, tokenizer.encode("Hello, world.", add_special_tokens=False))
     assert mma_decode.FUSED_JOIN  # (restored)
-    want = {(f, tail, appended) for f in (True, False)
-            for tail, appended in ((False, False), (True, False), (True, True))}  # fmt: skip
+    # (a kernel-written tail with the step's RoPE in the kernel or not: rope_fusion)
+    want = {(f, tail, appended, rope) for f in (True, False)
+            for tail, appended, rope in ((False, False, False), (True, False, False),
+                                         (True, True, False), (True, True, True))}  # fmt: skip
     assert _variants(recorded_on_cuda) == want
     # and a request's generation afterwards builds nothing new: a longer one, past a block
     seen = {k.name for k, *_ in recorded_on_cuda}
@@ -82,6 +84,11 @@ def test_the_prompt_length_puts_a_block_step_two_tokens_in():
     assert n == 255 and (n - 1 - 1) % 128 == 125
     assert warm.warm_prompt_len(64, 1, 32, 64) == 1 + 32 + 126
     assert warm.warm_prompt_len(1, 0, 0, 64) == 70  # per-vector keys: past the key centre
+    # with the RoPE in the kernel: a second prompt whose appending step is past SMALL_INTS
+    assert warm.warm_prompt_lens(128, 1, 0, 64, rope=True) == [n, n + 128]
+    assert warm.warm_prompt_lens(64, 1, 0, 64, rope=True) == [127, 127 + 3 * 64]
+    assert warm.warm_prompt_lens(128, 1, 0, 64, rope=False) == [n]
+    assert warm.warm_prompt_lens(1, 0, 0, 64, rope=True) == [70]
 
 
 def test_the_gpu_check_renders_both_runs(tmp_path, monkeypatch):

@@ -211,7 +211,7 @@ def test_split_launches_are_planned_from_their_settings():
     assert not dict(off[0])["PIPE"] and off[4] == 0
     # the full-precision sink and tail: one block each 16 positions after the splits; they
     # stage in the dynamic shared memory (the PIPE rings when there are some, else their own)
-    fp_args = (*args[:-1], (1, 4, mx.bfloat16, False, False))
+    fp_args = (*args[:-1], (1, 4, mx.bfloat16, False, False, None))
     t_fp, grid_fp, _, shapes_fp, smem_fp = mma_decode._split_plan(
         *fp_args, None, 2, 4, True, True, False, *REST
     )
@@ -234,12 +234,14 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
     for b, hq, hkv, factor in [(1, 32, 8, 2), (2, 64, 4, 3), (1, 12, 1, 2)]:
         rows = b * hkv * -(-(hq // hkv) // 8)
         args = ((2, 4, 128), (0, 4, 128), b, hq, hkv, 128, 131072, mx.float16, True, None)
-        fp = (1, 4, mx.float16, True, False)  # (a step's new positions written: the same grid)
+        # (a step's new positions written, their RoPE by the kernel: the same grid)
+        fp = (1, 4, mx.float16, True, False, (128, False))
         template, grid, group, shapes, _ = mma_decode._split_plan(
             *args, fp, None, factor, 4, True, True, True, 1, True
         )
         s = shapes[0][2]
         assert dict(template)["LIN"] and dict(template)["APPEND"] and group == (128, 1, 1)
+        assert dict(template)["RDIMS"] == 128 and not dict(template)["RTRAD"]
         assert grid == ((s + 5) * rows * 128, 1, 1)
         # (whole tiles a split: chunks rounded up can leave a few splits fewer)
         slots = factor * mma_decode.NUM_SMS_GUESS

@@ -194,3 +194,23 @@ def test_the_offset_stays_a_plain_int_through_copies(on_cuda):
     assert twin.offset == 300 and twin._rope_step is None
     assert mx.arange(c.offset, c.offset + 2).tolist() == [300, 301]  # (MLX takes it)
     assert rope_fusion.SMALL_INTS < 300
+
+
+def test_tq_fuse_rope_turns_the_wrappers_off(on_cuda):
+    """TQ_FUSE_ROPE (default 1): with it off, making a cache for the model leaves (or puts
+    back) the model's own ropes, and decoding runs MLX's rope."""
+    from services.config import Settings
+    from services.turboquant.patch import ensure_patched
+
+    assert Settings().tq_fuse_rope and not Settings(tq_fuse_rope=False).tq_fuse_rope
+    model = tiny_llama()
+    set_layer_decode_kernel(_kernel_in_mlx(0, []))
+    try:
+        ensure_patched(model)
+        assert isinstance(model.model.layers[0].self_attn.rope, DeferringRope)
+        rope_fusion.set_enabled(False)
+        ensure_patched(model)
+        assert not any(isinstance(getattr(m, "rope", None), DeferringRope)
+                       for m in model.modules())  # fmt: skip
+    finally:
+        rope_fusion.set_enabled(True)
