@@ -3,17 +3,19 @@
 mlx-lm's attention layers rotate the step's query and key by position
 (``self.rope(x, offset=cache.offset)``), then call ``cache.update_and_fetch`` and the shared
 SDPA. On CUDA the layer kernel already reads that query and writes that key into the tail
-buffer (cache.TailAppend), so it can apply the rotation itself: on the H200's host each MLX
-op costs a layer ~5-8 us of build and encode, and a Llama-3.1-8B step is host-bound at
-batch 1 (bench/gpu_notes.md, session 17).
+buffer (cache.TailAppend), so it can apply the rotation itself: a Llama-3.1-8B step is
+host-bound at batch 1 on the H200's host, where a rope op costs ~3 us of build and ~3-5 of
+encode a layer (bench/gpu_notes.md, session 18: a step alone costs the host less; end to
+end at parity within that host's noise).
 
 How it is wired: :func:`defer_rope` wraps the ``rope`` of every attention layer whose
 source follows mlx-lm's pattern (``queries = self.rope(queries, offset=cache.offset)``, the
 same for the keys, ``cache.update_and_fetch``, the SDPA). Reading our cache's ``offset``
 notes the cache; the wrapper returns a :class:`PendingRope` (the unrotated ``x``, the rope,
 the position) instead of calling the rope when its ``offset`` is that cache's own int
-object, the call is one decode position and the cache will hand the step to the kernel. A
-stale note (an int of another cache) fails the identity test and the rope runs as before.
+object (past SMALL_INTS), the call is one decode position and the cache will hand the step
+to the kernel (decided once a step, by the query's call). A stale note (an int of another
+cache) fails the identity test and the rope runs as before.
 Every other reader gets the rotated array from :meth:`PendingRope.array` -- the original
 rope module's own output. (``offset`` stays a plain int: MLX functions reject subclasses.)
 """
