@@ -157,6 +157,26 @@ __device__ __forceinline__ float rope_mix(float a, float b, float inv, bool lo, 
   return lo ? a * cs - b * sn : a * cs + b * sn;
 }
 
+// The partner (x[at + p * st]) and frequency of element d, loaded beside the element itself
+// so that no load waits on math; rope_apply rotates them where the element is stored.
+template <int RD, bool RT, typename T>
+__device__ __forceinline__ void rope_load(const T* x, int64_t at, int64_t st, int d, const float* inv,
+                                          T& partner, float& freq) {
+  int p, f;
+  bool lo;
+  rope_pair<RD, RT>(d, p, f, lo);
+  partner = x[at + p * st];
+  freq = f < 0 ? 0.f : inv[f];
+}
+
+template <int RD, bool RT, typename T>
+__device__ __forceinline__ float rope_apply(T a, T partner, float freq, int d, float pos) {
+  int p, f;
+  bool lo;
+  rope_pair<RD, RT>(d, p, f, lo);
+  return rope_mix(tofloat(a), tofloat(partner), freq, lo, pos);
+}
+
 
 // Floats a part of the fused join's workspace takes (mma_decode.work_floats): whole
 // 128-byte lines, so every part keeps the float4 alignment of the join's loads.
@@ -479,13 +499,7 @@ __device__ void mma_decode_split(
     const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D, head = ht * 8 + h;
     const int64_t at = b * q_st[0] + (int64_t)(hkv * G + min(head, G - 1)) * q_st[1];
     qraw[e] = q[at + d * q_st[3]];
-    if constexpr (RD > 0) {
-      int p, f;
-      bool lo;
-      rope_pair<RD, RT>(d, p, f, lo);
-      qpar[e] = q[at + p * q_st[3]];
-      qinv[e] = f < 0 ? 0.f : rope[f];
-    }
+    if constexpr (RD > 0) rope_load<RD, RT>(q, at, q_st[3], d, rope, qpar[e], qinv[e]);
     qsg[e] = QROT ? signs[d] : 1.f;
   }
   // PIPE: the first tile's keys, values and scales start loading before the query is
@@ -513,10 +527,7 @@ __device__ void mma_decode_split(
     for (int e = 0; e < QE; ++e) {
       const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
       if constexpr (RD > 0) {
-        int p, f;
-        bool lo;
-        rope_pair<RD, RT>(d, p, f, lo);
-        const float x = rope_mix(tofloat(qraw[e]), tofloat(qpar[e]), qinv[e], lo, rpos);
+        const float x = rope_apply<RD, RT>(qraw[e], qpar[e], qinv[e], d, rpos);
         q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
       } else {
         q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
@@ -1067,13 +1078,7 @@ __device__ void fp_chunk(
     const int i = tid + e * NT, h = min(i / D, nh - 1), d = i % D;
     const int64_t at = b * q_st[0] + (int64_t)(hq0 + h) * q_st[1];
     qr[e] = q[at + d * q_st[3]];
-    if constexpr (RD > 0) {
-      int p, f;
-      bool lo;
-      rope_pair<RD, RT>(d, p, f, lo);
-      qp[e] = q[at + p * q_st[3]];
-      qinv[e] = f < 0 ? 0.f : rope[f];
-    }
+    if constexpr (RD > 0) rope_load<RD, RT>(q, at, q_st[3], d, rope, qp[e], qinv[e]);
   }
 #pragma unroll
   for (int e0 = 0; e0 < KE; e0 += KBT) {
@@ -1084,13 +1089,8 @@ __device__ void fp_chunk(
       const int i = tid + (e0 + e) * NT, j = min(i / D, n - 1), d = i % D;  // past n: zeroed below
       if (APPEND && j >= fresh) {
         kr[e] = knb[(j - fresh) * kn_st[2] + d * kn_st[3]];
-        if constexpr (RD > 0) {
-          int p, f;
-          bool lo;
-          rope_pair<RD, RT>(d, p, f, lo);
-          kp[e] = knb[(j - fresh) * kn_st[2] + p * kn_st[3]];
-          kinv[e] = f < 0 ? 0.f : rope[f];
-        }
+        if constexpr (RD > 0)
+          rope_load<RD, RT>(knb, (j - fresh) * kn_st[2], kn_st[3], d, rope, kp[e], kinv[e]);
         vr[e] = vnb[(j - fresh) * vn_st[2] + d * vn_st[3]];
       } else {
         kr[e] = kb[(f0 + j) * k2 + d * k3];
@@ -1101,13 +1101,9 @@ __device__ void fp_chunk(
     for (int e = 0; e < KBT; ++e) {
       const int i = tid + (e0 + e) * NT, j = i / D, d = i % D;
       if constexpr (RD > 0) {
-        if (APPEND && j >= fresh && j < n) {  // (the new positions end at the query's)
-          int p, f;
-          bool lo;
-          rope_pair<RD, RT>(d, p, f, lo);
-          kr[e] = static_cast<FT>(rope_mix(tofloat(kr[e]), tofloat(kp[e]), kinv[e], lo,
-                                           rpos - (kn_sh[2] - 1 - (j - fresh))));
-        }
+        if (APPEND && j >= fresh && j < n)  // (the new positions end at the query's)
+          kr[e] = static_cast<FT>(
+              rope_apply<RD, RT>(kr[e], kp[e], kinv[e], d, rpos - (kn_sh[2] - 1 - (j - fresh))));
       }
       k_s[j * KP + d] = j < n ? tofloat(kr[e]) : 0.f;
       v_s[j * D + d] = j < n ? tofloat(vr[e]) : 0.f;
@@ -1121,10 +1117,7 @@ __device__ void fp_chunk(
   for (int e = 0; e < QN; ++e) {
     const int i = tid + e * NT, h = i / D, d = i % D;
     if constexpr (RD > 0) {
-      int p, f;
-      bool lo;
-      rope_pair<RD, RT>(d, p, f, lo);
-      q_s[h * KP + d] = h < nh ? rope_mix(tofloat(qr[e]), tofloat(qp[e]), qinv[e], lo, rpos) : 0.f;
+      q_s[h * KP + d] = h < nh ? rope_apply<RD, RT>(qr[e], qp[e], qinv[e], d, rpos) : 0.f;
     } else {
       q_s[h * KP + d] = h < nh ? tofloat(qr[e]) : 0.f;
     }
