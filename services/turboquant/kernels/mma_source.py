@@ -325,6 +325,27 @@ __device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
   }
 }
 
+// B of the value product for step s: the probabilities sc (rows: step positions g, g + 8),
+// times the positions' staged value scales under VFOLD, whose biases then enter vbsum
+// through one mma against ones (vs: the staged scales, STEPS * 16 of them, then the biases).
+template <bool VFOLD, int STEPS, typename ST>
+__device__ __forceinline__ void value_b(const float (&sc)[4], const ST* vs, int s, int g, float vbsum[4],
+                                        const uint32_t ones[4], uint32_t& b0, uint32_t& b1) {
+  if constexpr (VFOLD) {
+    const ST* vsp = vs + s * 16;
+    const ST* vbp = vs + (STEPS + s) * 16;
+    const float s_lo = tofloat(vsp[g]), s_hi = tofloat(vsp[g + 8]);
+    const float b_lo = tofloat(vbp[g]), b_hi = tofloat(vbp[g + 8]);
+    b0 = trans8x8(h2u(__floats2half2_rn(sc[0] * s_lo, sc[1] * s_lo)));
+    b1 = trans8x8(h2u(__floats2half2_rn(sc[2] * s_hi, sc[3] * s_hi)));
+    mma16816(vbsum, ones, trans8x8(h2u(__floats2half2_rn(sc[0] * b_lo, sc[1] * b_lo))),
+             trans8x8(h2u(__floats2half2_rn(sc[2] * b_hi, sc[3] * b_hi))));
+  } else {
+    b0 = trans8x8(h2u(__floats2half2_rn(sc[0], sc[1])));
+    b1 = trans8x8(h2u(__floats2half2_rn(sc[2], sc[3])));
+  }
+}
+
 template <int KQ, int VQ, int KB, int VB, int KGS, int VGS, int D, int WARPS, int STEPS, bool QROT,
           bool FOLD, bool PIPE, bool CVAL, int RD, bool RT, typename QT, typename ST>
 __device__ void mma_decode_split(
@@ -804,21 +825,8 @@ __device__ void mma_decode_split(
       // the top stall). Else every step unrolled below.
       uint32_t pbr[STEPS][2];
 #pragma unroll
-      for (int s = 0; s < STEPS; ++s) {
-        if constexpr (VFOLD) {
-          const ST* vsp = stg + KST + s * 16;
-          const ST* vbp = stg + KST + (STEPS + s) * 16;
-          const float s_lo = tofloat(vsp[g]), s_hi = tofloat(vsp[g + 8]);
-          const float b_lo = tofloat(vbp[g]), b_hi = tofloat(vbp[g + 8]);
-          pbr[s][0] = trans8x8(h2u(__floats2half2_rn(sc[s][0] * s_lo, sc[s][1] * s_lo)));
-          pbr[s][1] = trans8x8(h2u(__floats2half2_rn(sc[s][2] * s_hi, sc[s][3] * s_hi)));
-          mma16816(vbsum, ones, trans8x8(h2u(__floats2half2_rn(sc[s][0] * b_lo, sc[s][1] * b_lo))),
-                   trans8x8(h2u(__floats2half2_rn(sc[s][2] * b_hi, sc[s][3] * b_hi))));
-        } else {
-          pbr[s][0] = trans8x8(h2u(__floats2half2_rn(sc[s][0], sc[s][1])));
-          pbr[s][1] = trans8x8(h2u(__floats2half2_rn(sc[s][2], sc[s][3])));
-        }
-      }
+      for (int s = 0; s < STEPS; ++s)
+        value_b<VFOLD, STEPS>(sc[s], stg + KST, s, g, vbsum, ones, pbr[s][0], pbr[s][1]);
 #pragma unroll 1
       for (int s = 0; s < STEPS; ++s) {
         // swz_at(vslot, VCHK * (s + c)) for c a multiple of 8: c adds whole rows (no bits 1-2)
@@ -870,22 +878,8 @@ __device__ void mma_decode_split(
     }
 #pragma unroll
     for (int s = 0; s < (PIPE && CVAL ? 0 : STEPS); ++s) {
-      // B: the probabilities (rows: step positions g, g + 8), times the positions' value
-      // scales under VFOLD, whose biases then enter through one mma against ones.
       uint32_t pb0, pb1;
-      if constexpr (VFOLD) {
-        const ST* vsp = stg + KST + s * 16;
-        const ST* vbp = stg + KST + (STEPS + s) * 16;
-        const float s_lo = tofloat(vsp[g]), s_hi = tofloat(vsp[g + 8]);
-        const float b_lo = tofloat(vbp[g]), b_hi = tofloat(vbp[g + 8]);
-        pb0 = trans8x8(h2u(__floats2half2_rn(sc[s][0] * s_lo, sc[s][1] * s_lo)));
-        pb1 = trans8x8(h2u(__floats2half2_rn(sc[s][2] * s_hi, sc[s][3] * s_hi)));
-        mma16816(vbsum, ones, trans8x8(h2u(__floats2half2_rn(sc[s][0] * b_lo, sc[s][1] * b_lo))),
-                 trans8x8(h2u(__floats2half2_rn(sc[s][2] * b_hi, sc[s][3] * b_hi))));
-      } else {
-        pb0 = trans8x8(h2u(__floats2half2_rn(sc[s][0], sc[s][1])));
-        pb1 = trans8x8(h2u(__floats2half2_rn(sc[s][2], sc[s][3])));
-      }
+      value_b<VFOLD, STEPS>(sc[s], stg + KST, s, g, vbsum, ones, pb0, pb1);
       // This lane's A rows use step positions k = 2t, 2t+1, 2t+8, 2t+9.
       uint32_t vr[4][NAV];
       float vsc[4] = {0.f, 0.f, 0.f, 0.f};
