@@ -325,6 +325,18 @@ __device__ __forceinline__ uint32_t a_pair(__half2 c, __half2 s, __half2 b) {
   }
 }
 
+// A value row's NAV words staged at w (shared memory): one 8-byte load for two.
+template <int NAV>
+__device__ __forceinline__ void staged_words(const uint32_t* w, uint32_t (&vr)[NAV]) {
+  if constexpr (NAV == 2) {
+    const uint2 w2 = *reinterpret_cast<const uint2*>(w);
+    vr[0] = w2.x;
+    vr[1] = w2.y;
+  } else {
+    vr[0] = w[0];
+  }
+}
+
 // B of the value product for step s: the probabilities sc (rows: step positions g, g + 8),
 // times the positions' staged value scales under VFOLD, whose biases then enter vbsum
 // through one mma against ones (vs: the staged scales, STEPS * 16 of them, then the biases).
@@ -833,16 +845,7 @@ __device__ void mma_decode_split(
         const uint32_t* vrow = vring + swz_at(vslot, VCHK * s);
         uint32_t vr[4][NAV];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t* w = vrow + 4 * VCHK * (64 * (i >> 1) + 8 * (i & 1));
-          if constexpr (NAV == 2) {
-            const uint2 w2 = *reinterpret_cast<const uint2*>(w);
-            vr[i][0] = w2.x;
-            vr[i][1] = w2.y;
-          } else {
-            vr[i][0] = w[0];
-          }
-        }
+        for (int i = 0; i < 4; ++i) staged_words<NAV>(vrow + 4 * VCHK * (64 * (i >> 1) + 8 * (i & 1)), vr[i]);
         __half2 s01, s23, b01, b23;
         if constexpr (VFOLD) {
           s01 = s23 = b01 = b23 = __float2half2_rn(0.f);  // not read
@@ -889,14 +892,7 @@ __device__ void mma_decode_split(
         const int pos = KCH ? P0 + HALF * (k >> 3) + STEPS * (k & 7) + s : P0 + 16 * s + k;
         const int p = min(pos, N - 1);
         if constexpr (PIPE) {  // words g * NAV.. of the position's staged row (t's part in vslot)
-          const uint32_t* w = vring + swz_at(vslot, VCHK * (64 * (i >> 1) + 8 * (i & 1) + s));
-          if constexpr (NAV == 2) {
-            const uint2 w2 = *reinterpret_cast<const uint2*>(w);
-            vr[i][0] = w2.x;
-            vr[i][1] = w2.y;
-          } else {
-            vr[i][0] = w[0];
-          }
+          staged_words<NAV>(vring + swz_at(vslot, VCHK * (64 * (i >> 1) + 8 * (i & 1) + s)), vr[i]);
         } else {
           load_bits<NAV, UNAL_V>(vbase + p * vst, VD * g * VB, v_nw, vr[i]);
         }
