@@ -136,6 +136,13 @@ __device__ __forceinline__ void tqm_mark(int i) {
 #endif
 namespace tqm {
 
+// The full-precision tail's length: TLEN, the first params[1] positions of the whole tail
+// buffer (cache.BufferedTail); else the tail view's own length.
+template <bool TLEN>
+__device__ __forceinline__ int tail_len(const float* params, const int* kt_sh) {
+  return TLEN ? (int)params[1] : kt_sh[2];
+}
+
 // RoPE as mx.fast.rope computes it (rope_fusion.RopeSpec): RD dims rotated in pairs
 // (i, i + RD/2), or (2i, 2i + 1) when RT, pair f by pos * inv[f] radians. rope_pair: element
 // d's partner p, frequency index f and whether d leads its pair; a dim past RD pairs with
@@ -1041,7 +1048,7 @@ __device__ void fp_chunk(
   const int hkv = row / n_ht, ht = row % n_ht;
   const int nh = min(8, G - ht * 8);  // query heads of this tile
   const int FH = HAS_HEAD ? kh_sh[2] : 0;
-  const int FTL = HAS_TAIL ? (TLEN ? (int)params[1] : kt_sh[2]) : 0;
+  const int FTL = HAS_TAIL ? tail_len<TLEN>(params, kt_sh) : 0;
   const int HC = (FH + C - 1) / C;
   const bool head = chunk < HC;
   const int f0 = (head ? chunk : chunk - HC) * C;
@@ -1338,7 +1345,8 @@ MMA_SPLIT_SOURCE = r"""
   const int G = q_shape[1] / n_kv;
   const int n_ht = (G + 7) / 8;
   constexpr int FC = TQM_FP_CHUNK;
-  // TLEN: the tail is the first params[1] positions of the buffers kt/vt
+  // TLEN: the tail is the first params[1] positions of the buffers kt/vt (tqm::tail_len;
+  // written out here: through the helper this line compiled to other machine code)
   const int n_fp = (HAS_HEAD ? (kh_shape[2] + FC - 1) / FC : 0) + (HAS_TAIL ? ((TLEN ? (int)params[1] : kt_shape[2]) + FC - 1) / FC : 0);
   // LIN: a 1-D grid, the splits of every row first (rows fastest), the fp chunks last --
   // the hardware deals blocks out in this order, so the SMs get even shares of split work.
@@ -1375,7 +1383,7 @@ MMA_SPLIT_SOURCE = r"""
   static_assert(RDIMS == 0 || (APPEND && HAS_TAIL), "RoPE here only for the new positions");
   const float rpos = RDIMS == 0 ? 0.f
       : (float)((HAS_HEAD ? kh_shape[2] : 0) + (KQ == 2 ? ks_shape[3] * KGS : kw_shape[2]) +
-                (TLEN ? (int)params[1] : kt_shape[2]) - 1);
+                tqm::tail_len<TLEN>(params, kt_shape.data()) - 1);
   const bool fp_block = (HAS_HEAD || HAS_TAIL) && idx >= S;
   if (fp_block) {
     tqm::fp_chunk<D, 32 * WARPS, HAS_HEAD, HAS_TAIL, APPEND, TLEN, RDIMS, RTRAD>(
