@@ -225,6 +225,14 @@ def main() -> None:
         "of a real custom kernel are not included.\n\n"
         + markdown_table(["cache", "ms a step (median)", "us a layer over fp16"], rows)
     )
+    if args.mlxrope:
+        body += (
+            "\nOurs applies the step's RoPE in the layer kernel (rope_fusion) unless the row "
+            "says MLX ops. On a CPU `mx.fast.rope` builds its fallback graph (~10 us a call "
+            "here); on CUDA it is one primitive (a few us on the H200's host), so the gap "
+            "between those two rows overstates the GPU host's saving (bench/gpu_notes.md, "
+            "session 18).\n"
+        )
     if acc:
         per = 1e6 / (layers * len(times["fp16 KVCache"]))
         calls = [[part] + [f"{acc.get((c, part), 0.0) * per:.1f}" for c in ("fp16", "ours")]

@@ -76,22 +76,12 @@ class PendingRope:
     """``rope(x, offset)`` not yet computed: the layer kernel takes ``x`` and rotates it at
     ``offset``; :meth:`array` computes it with the rope's MLX op for any other reader."""
 
-    __slots__ = ("x", "rope", "offset", "_done")
+    __slots__ = ("x", "rope", "offset", "shape", "dtype", "spec", "_done")
 
     def __init__(self, x: mx.array, rope: DeferringRope, offset: int):
         self.x, self.rope, self.offset, self._done = x, rope, offset, None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.x.shape
-
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.x.dtype
-
-    @property
-    def spec(self) -> RopeSpec:
-        return self.rope.spec
+        # (read several times a layer: an MLX shape is a new tuple each time)
+        self.shape, self.dtype, self.spec = x.shape, x.dtype, rope.spec
 
     def array(self) -> mx.array:
         if self._done is None:

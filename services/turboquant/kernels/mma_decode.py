@@ -463,13 +463,19 @@ def _rope_taken(queries, keys, append, last: int) -> RopeSpec | None:
 
 
 def rope_table(spec: RopeSpec) -> mx.array:
-    """The kernel's ``rope`` input: the pairs' frequencies, float32 in device memory (kept
-    on the spec: hashing its frequencies a call would cost more than the lookup saves)."""
+    """The kernel's ``rope`` input: the pairs' frequencies, float32 in device memory. Kept
+    on the spec object (hashing its frequencies every call would cost more than the lookup
+    saves), one for all equal specs (every layer of a model: one device array, one sync)."""
     table = spec.__dict__.get("_table")
     if table is None:
-        inv = list(spec.inv_freq) + [0.0] * max(0, 4 - len(spec.inv_freq))  # (> 8 bytes)
-        table = spec.__dict__["_table"] = device_constant(mx.array(inv, dtype=mx.float32))
+        table = spec.__dict__["_table"] = _rope_table(spec)
     return table
+
+
+@lru_cache(maxsize=64)
+def _rope_table(spec: RopeSpec) -> mx.array:
+    inv = list(spec.inv_freq) + [0.0] * max(0, 4 - len(spec.inv_freq))  # (> 8 bytes)
+    return device_constant(mx.array(inv, dtype=mx.float32))
 
 
 def _centre_shift(queries, keys, rot, scale) -> mx.array:
