@@ -78,25 +78,20 @@ def join_mode(kind: str, model=None):
     """``kind``'s join (JOIN_MODES) while its steps run; the module's default otherwise.
     With ``model``: fp16 runs with the model's own ropes (no rope_fusion wrapper: an
     fp16 stack would have none), tq-mlxrope with the wrappers off."""
-    from services.turboquant import rope_fusion
+    from bench.host_time import rope_mode
     from services.turboquant.kernels import mma_decode
 
     mode = JOIN_MODES.get(kind, {})
     saved = {k: getattr(mma_decode, k) for k in mode}
     for k, v in mode.items():
         setattr(mma_decode, k, v)
-    takes = rope_fusion.kernel_takes_rope()
-    unwrapped = rope_fusion.restore_rope(model) if model is not None and kind == "fp16" else 0
-    if kind == "tq-mlxrope":
-        rope_fusion.set_kernel_takes_rope(False)
+    how = "model" if kind == "fp16" else "mlx" if kind == "tq-mlxrope" else "kernel"
     try:
-        yield
+        with rope_mode(model, how):
+            yield
     finally:
         for k, v in saved.items():
             setattr(mma_decode, k, v)
-        rope_fusion.set_kernel_takes_rope(takes)
-        if unwrapped:
-            rope_fusion.defer_rope(model)
 
 
 TINY = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=512)

@@ -18,6 +18,7 @@ it. Steps of the two caches alternate; medians per step and per layer::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import statistics
@@ -114,17 +115,24 @@ def time_calls(acc: dict) -> None:
     )
 
 
-def rope_mode(model, name: str) -> None:
-    """The decode step's RoPE for cache ``name``'s steps: by the layer kernel (rope_fusion)
-    for ours, by MLX ops for "..., RoPE by MLX ops", and the model's own ropes for fp16 (a
-    stack without TurboQuant has no wrapper)."""
+@contextlib.contextmanager
+def rope_mode(model, how: str):
+    """The decode step's RoPE while the block runs, then as before: ``"kernel"`` (as set up:
+    rope_fusion's wrappers hand it to the layer kernel), ``"mlx"`` (the wrappers pass it to
+    MLX's op) or ``"model"`` (the model's own ropes, no wrapper: a stack without TurboQuant
+    has none; ``model`` None: nothing to unwrap)."""
     from services.turboquant import rope_fusion
 
-    rope_fusion.set_kernel_takes_rope("RoPE by MLX" not in name and "fp16" not in name)
-    if "fp16" in name:
-        rope_fusion.restore_rope(model)
-    else:
-        rope_fusion.defer_rope(model)
+    takes = rope_fusion.kernel_takes_rope()
+    unwrapped = rope_fusion.restore_rope(model) if how == "model" and model is not None else 0
+    if how == "mlx":
+        rope_fusion.set_kernel_takes_rope(False)
+    try:
+        yield
+    finally:
+        rope_fusion.set_kernel_takes_rope(takes)
+        if unwrapped:
+            rope_fusion.defer_rope(model)
 
 
 def main() -> None:
@@ -198,18 +206,19 @@ def main() -> None:
         if i == 1:
             acc.clear()  # the call timings count from the same step as the rest
         for name, cache in caches.items():
-            rope_mode(model, name)
-            for _ in range(steps):
-                if prof and name != "fp16 KVCache":
-                    prof.enable()
-                t = time.perf_counter()
-                logits = model(y, cache=cache)
-                dt = time.perf_counter() - t
-                if prof:
-                    prof.disable()
-                if i:
-                    times[name].append(dt)
-                mx.eval(logits, [x for _, x in tree_flatten([c.state for c in cache])])
+            how = "model" if "fp16" in name else "mlx" if "RoPE by MLX" in name else "kernel"
+            with rope_mode(model, how):
+                for _ in range(steps):
+                    if prof and name != "fp16 KVCache":
+                        prof.enable()
+                    t = time.perf_counter()
+                    logits = model(y, cache=cache)
+                    dt = time.perf_counter() - t
+                    if prof:
+                        prof.disable()
+                    if i:
+                        times[name].append(dt)
+                    mx.eval(logits, [x for _, x in tree_flatten([c.state for c in cache])])
     base = statistics.median(times["fp16 KVCache"])
     rows = []
     for name, ts in times.items():
