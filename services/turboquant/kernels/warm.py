@@ -5,9 +5,9 @@ full-precision tail holding positions or not, a step's new position written by t
 (``cache.TailAppend``, the tail buffer whole: TLEN) with its RoPE applied by the kernel or
 not (rope_fusion: only past ``SMALL_INTS`` positions), and one launch or two (the fused
 join stops at ``mma_decode.FUSED_MAX_WORK`` / ``FUSED_MAX_TAIL``: Llama-3.1-8B at 64K,
-Qwen3.5's layers near 4K). MLX compiles each variant on its first launch (NVRTC: seconds), so without
-this the compile lands inside a user's generation (bench/gpu_notes.md, session 17: a step
-of seconds when a Qwen3.5 layer went from one launch to two).
+Qwen3.5's layers near 4K). MLX compiles each variant on its first launch (NVRTC: seconds),
+so without this the compile lands inside a user's generation (bench/gpu_notes.md, session
+17: a step of seconds when a Qwen3.5 layer went from one launch to two).
 """
 
 from __future__ import annotations
@@ -41,12 +41,11 @@ def warm_prompt_lens(block: int, sink_tokens: int, window: int, center_positions
     """:func:`warm_prompt_len`, and with ``rope`` (the layer kernel applies a deferred RoPE)
     as many blocks more as put its appending step past ``rope_fusion.SMALL_INTS``
     positions, where the RoPE variants take over (below, the plain ones serve)."""
-    lens = [warm_prompt_len(block, sink_tokens, window, center_positions)]
+    first = n = warm_prompt_len(block, sink_tokens, window, center_positions)
     if rope and block > 2:  # (one position a block: no step defers its write)
-        while lens[-1] <= SMALL_INTS + 2:
-            lens.append(lens[-1] + block)
-        lens = lens[:1] + lens[-1:]
-    return lens
+        while n <= SMALL_INTS + 2:
+            n += block
+    return [first] if n == first else [first, n]
 
 
 def warm_decode_kernels(run: Callable[[int, int], None], prompt_lens: list[int]) -> None:
