@@ -26,6 +26,7 @@ import inspect
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -49,16 +50,19 @@ def rope_spec(rope: Any) -> RopeSpec | None:
     from mlx_lm.models.rope_utils import Llama3RoPE
 
     dims = getattr(rope, "dims", None)
-    if not isinstance(dims, int) or dims <= 0 or dims % 2:
+    if (
+        type(rope) not in (nn.RoPE, Llama3RoPE)
+        or not isinstance(dims, int)
+        or dims <= 0
+        or dims % 2
+    ):
         return None
     half = mx.arange(0, dims, 2, dtype=mx.float32)
     if type(rope) is nn.RoPE:
         # mx.fast.rope: theta = scale * position * base^(-2i / dims)
         inv = float(rope.scale) * mx.power(float(rope.base), -half / dims)
-    elif type(rope) is Llama3RoPE:
-        inv = 1.0 / rope._freqs.astype(mx.float32)  # freqs: periods, scale 1.0
     else:
-        return None
+        inv = 1.0 / rope._freqs.astype(mx.float32)  # Llama3RoPE's freqs: periods, scale 1.0
     values = tuple(float(x) for x in inv.astype(mx.float32).tolist())
     if not all(math.isfinite(x) for x in values):
         return None
@@ -157,9 +161,11 @@ _NO_CACHE_ROPE = re.compile(r"queries = self\.rope\(queries\)")
 _SDPA_QUERIES = re.compile(r"scaled_dot_product_attention\(\s*queries\s*,")
 
 
+@lru_cache(maxsize=256)
 def follows_pattern(cls: type) -> bool:
     """Whether ``cls.__call__`` rotates its query and key by ``cache.offset``, stores them,
-    and reads the query again only as the shared SDPA's first argument."""
+    and reads the query again only as the shared SDPA's first argument. Cached: every cache
+    made for a model asks again (patch.ensure_patched), and reading source takes ~ms."""
     call = cls.__dict__.get("__call__")
     if call is None:
         return False
