@@ -115,7 +115,7 @@ class PackedSide:
         return get_rotation(self.dim, self.seed) if self.use_rotation else None
 
 
-_TAIL_FIELDS = ("tail", "append", "tail_buf", "_cut")
+_TAIL_FIELDS = ("tail", "append", "tail_buf", "_cut", "fields")
 
 
 class BufferedTail(PackedSide):
@@ -127,11 +127,14 @@ class BufferedTail(PackedSide):
 
     @classmethod
     def of(cls, fields: dict, buf: mx.array, length: int, append: TailAppend | None = None):
+        """``fields`` is kept too (``.fields``): a reader that finds the very dict it saw
+        last knows every other field is the same without reading them (mma_decode's memo)."""
         obj = object.__new__(cls)
         d = obj.__dict__
         d.update(fields)
         d["tail_buf"] = (buf, length)
         d["append"] = append
+        d["fields"] = fields
         return obj
 
     @property
@@ -427,13 +430,21 @@ class TurboQuantKVCache(_BaseCache):
 
     def defers_rope(self, dtype, dims: int, dim: int) -> bool:
         """Whether this step's one new position goes to the layer kernel, which can then
-        apply the rope (``dims`` of ``dim``) itself (rope_fusion.DeferringRope)."""
+        apply the rope (``dims`` of ``dim``) itself (rope_fusion.DeferringRope): ``_fast``
+        and ``_deferrable`` for one position, written out (asked every layer, every step)."""
         buf = self._tail_buf
+        if buf is None or self.body_len <= 0 or dims > dim:  # (no body: no kernel reads it)
+            return False
+        t = buf[3] + 1
         return (
-            self.body_len > 0  # (else no kernel reads the step)
-            and dims <= dim
-            and self._fast(buf, 1)
-            and self._deferrable(buf, 1, dtype)
+            (self._tail_uncut is not None or (buf[2] is not None and buf[2] is self._tail_k))
+            and t <= buf[4]
+            and self.TAIL_APPEND_MAX >= 1
+            and self.DECODE_FAST_PATH
+            and self.KERNEL_WRITES_TAIL
+            and t - self.window < self.block
+            and dtype == buf[0].dtype
+            and join_workspace(self) is not None
         )
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[PackedSide, PackedSide]:
@@ -441,6 +452,8 @@ class TurboQuantKVCache(_BaseCache):
 
         ``keys`` may be a :class:`PendingRope` (rope_fusion): kept as it is for the layer
         kernel where this step defers its write, else rotated here."""
+        if type(keys) is PendingRope and keys.offset is self._offset and self.BUFFERED_TAIL:
+            return self._defer_step(keys, values)
         _check_patch_installed()
         n = keys.shape[2]
         after = self._settle(keep_writer=True)  # the last step's positions
@@ -469,6 +482,26 @@ class TurboQuantKVCache(_BaseCache):
         over = t - self.window
         if over >= self.block and self._center_ready():
             self._compress(over // self.block * self.block)
+        return self._views()
+
+    def _defer_step(self, keys: PendingRope, values: mx.array) -> tuple[PackedSide, PackedSide]:
+        """:meth:`update_and_fetch` of a decode step whose rope deferred its key: this step's
+        rope asked :meth:`defers_rope` (the tail buffer has room, no block leaves the tail,
+        the layer kernel takes it), so only the bookkeeping is left -- every layer, every
+        step, where Python's host time sets the decode speed (bench/gpu_notes.md, session 19).
+        Only a rope from an installed patch makes a PendingRope (patch.ensure_patched)."""
+        pending, after = self._pending, None
+        if pending is not None:  # _settle(keep_writer=True)
+            self._pending = None
+            after = pending.writer
+            if after is None:
+                self._write(pending)
+        buf = self._tail_buf
+        at = buf[3]
+        t = at + 1
+        self._tail_buf, self._tail_uncut = (buf[0], buf[1], None, t, buf[4]), t
+        self._pending = TailAppend(keys, values, at, after)
+        self._offset += 1
         return self._views()
 
     def _store(self, keys: mx.array, values: mx.array, n: int) -> int:
@@ -647,12 +680,15 @@ class TurboQuantKVCache(_BaseCache):
             return self._remember_views()
         # (the key side's workspace is kept too: the same cache, by the id check)
         n = self._tail_uncut
-        if n is not None:
-            buf = self._tail_buf
-            return (
-                BufferedTail.of(memo[7], buf[0], n, self._pending),
-                BufferedTail.of(memo[8], buf[1], n),
-            )
+        if n is not None:  # (BufferedTail.of, written out: every layer, every step)
+            buf, new = self._tail_buf, object.__new__
+            k, v = new(BufferedTail), new(BufferedTail)
+            kd, vd = k.__dict__, v.__dict__
+            kd.update(memo[7])
+            vd.update(memo[8])
+            kd["tail_buf"], kd["append"], kd["fields"] = (buf[0], n), self._pending, memo[7]
+            vd["tail_buf"], vd["append"], vd["fields"] = (buf[1], n), None, memo[8]
+            return k, v
         return (
             PackedSide.with_tail(memo[7], self.tail_k, self._pending),
             PackedSide.with_tail(memo[8], self.tail_v),

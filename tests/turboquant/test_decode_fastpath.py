@@ -137,6 +137,51 @@ def test_decode_steps_launch_as_planned_with_the_memo(monkeypatch, launches, con
     copy.deepcopy(cache)  # a copied cache (prompt-cache reuse): the memo is not copied
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["rope-by-mlx", "rope-in-kernel"])
+def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope):
+    """_DecodeMemo.steady (a decode step with less Python) answers the steps between blocks
+    and tail chunks, and launches exactly what planning afresh launches -- with the step's
+    RoPE left to the kernel (PendingRope) or not; a query one position off is not its."""
+    import mlx.nn as nn
+
+    from services.turboquant.rope_fusion import DeferringRope, PendingRope, rope_spec
+
+    rng = np.random.default_rng(2)
+    cache = _cuda_cache(monkeypatch, key_quantizer="channel", group_size=64, sink_tokens=1)
+    kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 128)).astype(np.float16))  # noqa: E731
+    wrap = DeferringRope(nn.RoPE(128), rope_spec(nn.RoPE(128)))
+    answered = []
+    real = mma_decode._DecodeMemo.steady
+    monkeypatch.setattr(
+        mma_decode._DecodeMemo, "steady", lambda *a: answered.append(real(*a)) or answered[-1]
+    )
+    cache.update_and_fetch(kv(100), kv(100))
+    steps, off = 40, 0
+    for i in range(steps):
+        keys, values = cache.update_and_fetch(kv(1), kv(1))
+        q = mx.array(rng.standard_normal((1, 8, 1, 128)).astype(np.float16))
+        if rope and keys.append is not None:
+            last = keys.head.shape[2] + keys.n_body + keys.tail_buf[1] - 1
+            keys.append.k = PendingRope(keys.append.k, wrap, last)
+            q = PendingRope(q, wrap, last)
+        args = (q, keys, values, 0.1)
+        first = layer(monkeypatch, True, *args)[1]
+        n = len(answered)
+        out, second, plans = layer(monkeypatch, True, *args)
+        planned = layer(monkeypatch, False, *args)[1]
+        assert_same_launches(first, planned)
+        assert_same_launches(second, planned)
+        if keys.append is not None:  # (a step that quantized a block writes by MLX ops)
+            assert plans == 0 and len(answered) == n + 1 and answered[n] is out  # steady took it
+        if rope and keys.append is not None and i % 5 == 4:
+            # a query of another position: not steady's (then MLX rotates the step's key)
+            layer(monkeypatch, True, PendingRope(q.x, wrap, q.offset + 1), keys, values, 0.1)
+            assert answered[-1] is None
+            off += 1
+    assert sum(a is not None for a in answered) > steps  # and most first calls too
+    assert off >= 6 if rope else off == 0
+
+
 def _fused_case():
     from services.turboquant import TurboQuantConfig
     from services.turboquant.cache import JoinWorkspace

@@ -13,15 +13,11 @@ from __future__ import annotations
 from . import mma_decode
 from .fused_decode import cuda_available
 
-
-def mma_layer_kernel(queries, keys, values, scale, sinks=None):
-    """``LayerKernel`` for ``set_layer_decode_kernel``: the split kernel (which rotates the
-    query and takes the sink and tail in its last blocks) and the join, two launches a
-    layer; None where the body kernel + MLX join must do it."""
-    return mma_decode.mma_decode_layer(queries, keys, values, scale, sinks)  # None: declined
-
-
-mma_layer_kernel.takes_rope = True  # a PendingRope query and new key (rope_fusion)
+# ``LayerKernel`` for ``set_layer_decode_kernel``: the split kernel (which rotates the query
+# and takes the sink and tail in its last blocks) and the join, fused into one launch where
+# the plan allows; None where the body kernel + MLX join must do it. The function itself,
+# not a wrapper: a call frame is host time on every layer (bench/gpu_notes.md, session 19).
+mma_layer_kernel = mma_decode.mma_decode_layer
 
 
 def mma_body_kernel(q_rot, keys, values, scale):

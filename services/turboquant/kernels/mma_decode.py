@@ -13,6 +13,8 @@ first CUDA call.
 from __future__ import annotations
 
 import math
+import sys
+import types
 from functools import lru_cache
 
 import mlx.core as mx
@@ -21,7 +23,14 @@ from ..attention import centre_shift2
 from ..cache import JOIN_COUNTER_ROWS
 from ..rope_fusion import PendingRope, RopeSpec, as_array
 from ..rotation import rotate
-from .fused_decode import LOG2E, NUM_SMS_GUESS, const_input, device_constant, tail_params
+from .fused_decode import (
+    LOG2E,
+    NUM_SMS_GUESS,
+    _tail_params,
+    const_input,
+    device_constant,
+    tail_params,
+)
 from .jit import baked_kernel
 from .mma_source import (
     MMA_COMBINE_SOURCE,
@@ -167,6 +176,23 @@ def _join_kernel(template: tuple):
 
 
 _GENERATION = 0  # bumped by clear_kernel_caches: a _DecodeMemo from before it is never used
+
+
+class _SettingsModule(types.ModuleType):
+    """This module's class: setting any of its names from outside (``mma_decode.FUSED_JOIN =
+    False``, monkeypatch, :func:`tune`'s callers) bumps ``_GENERATION``, so a decode memo's
+    key holds that one int instead of every setting the plan read -- built each step of
+    every layer, where the host's time sets the decode speed (bench/gpu_notes.md, session
+    19)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        old = self.__dict__.get(name, _SettingsModule)
+        super().__setattr__(name, value)
+        if old is not value and name not in ("_GENERATION", "DECODE_MEMO"):  # (read each call)
+            super().__setattr__("_GENERATION", self._GENERATION + 1)
+
+
+sys.modules[__name__].__class__ = _SettingsModule
 
 
 def clear_kernel_caches() -> None:
@@ -354,6 +380,12 @@ def mma_decode_layer(
     (the caller then takes another path).
     """
     work = keys.workspace
+    if work is not None and splits is None and not poison and DECODE_MEMO:
+        memo = work.decode_memo
+        if memo is not None and memo.k_fields is not None:
+            out = memo.steady(queries, keys, values, scale, sinks, work)
+            if out is not None:
+                return out
     head, append, buffered = keys.head, keys.append, keys.tail_buf
     n_head = 0 if head is None else head.shape[2]
     if buffered is not None:  # the whole tail buffers and the tail's length (TLEN)
@@ -377,12 +409,11 @@ def mma_decode_layer(
     if work is not None and not poison and DECODE_MEMO:
         # everything the plan reads but the body views and specs (compared by identity),
         # the module's settings included: tests and benches change them between calls
+        # (the settings by _GENERATION: setting one from outside bumps it, _SettingsModule)
         memo_key = (
             queries.shape, queries.dtype, head_chunks, tail_chunks, fp_dtype, scale, splits,
             sinks is None, keys.center is None, keys.dim, values.dim, keys.use_rotation,
             keys.seed, keys.body_len, append is None, buffered is None, rope, _GENERATION,
-            *_plan_tunables(),
-            FUSED_JOIN, FUSED_MAX_WORK, FUSED_MAX_TAIL, JOIN_COUNTER_ROWS,
         )  # fmt: skip
         memo = work.decode_memo
         if (
@@ -426,6 +457,8 @@ def mma_decode_layer(
     inputs = _split_inputs(split, queries, keys, values, params, rot, rope) + fp_inputs
     if memo_key is not None and join is None:
         work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs, scale)
+        if splits is None and buffered is not None and append is not None:
+            work.decode_memo.steady_on(keys, values, queries, n_head + keys.n_body, rope, fp_dtype)
     o_part, ml_part, fp_o, fp_ml, out = split.launch(inputs + [work_array, cshift, sinks], init)
     if join is not None:  # (else the split kernel joined: FUSED_JOIN)
         signs = rot.signs if rot is not None else None
@@ -433,6 +466,9 @@ def mma_decode_layer(
     if append is not None:
         append.writer = out  # the split launch wrote them; out comes after it
     return out
+
+
+mma_decode_layer.takes_rope = True  # a PendingRope query and new key (rope_fusion)
 
 
 def _append_inputs(append, queries) -> list:
@@ -494,7 +530,9 @@ class _DecodeMemo:
     same body views and specs (held here, so no id is reused) and the same ``key``."""
 
     __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "split", "static",
-                 "kh", "kt", "kn", "work", "cshift", "sinks", "tlen", "params_at", "scale2")  # fmt: skip
+                 "kh", "kt", "kn", "work", "cshift", "sinks", "tlen", "params_at", "scale2", "params",
+                 "k_fields", "v_fields", "gen", "q_shape", "q_dtype", "chunks", "fp_dtype",
+                 "scale", "has_sinks", "rope", "fixed")  # fmt: skip
 
     def __init__(self, key, keys, values, rot, split, inputs, scale):
         self.key, self.rot = key, rot
@@ -512,6 +550,81 @@ class _DecodeMemo:
         self.tlen = keys.tail_buf is not None
         self.params_at = static.index(_PARAMS) + 1  # (after the queries)
         self.scale2 = scale * LOG2E
+        self.params = _tail_params(self.scale2) if self.tlen else ()  # (tail_params' table)
+        self.k_fields = None  # (steady_on: none yet)
+
+    def steady_on(self, keys, values, queries, fixed: int, rope, fp_dtype) -> None:
+        """Let :meth:`steady` take the next decode steps of these sides' cache: ``fixed``,
+        the sink's and body's positions; ``rope``: the RoPE the kernel applied or None."""
+        self.k_fields = keys.__dict__.get("fields")
+        self.v_fields = values.__dict__.get("fields")
+        self.gen, self.fixed, self.rope, self.fp_dtype = _GENERATION, fixed, rope, fp_dtype
+        self.q_shape = queries.shape
+        self.q_dtype = queries.dtype
+        self.chunks = -(-keys.tail_buf[1] // MMA_FP_CHUNK)
+        self.scale, self.has_sinks = self.key[5], self.sinks
+
+    def steady(self, queries, keys, values, scale, sinks, work) -> mx.array | None:
+        """A decode step as :func:`mma_decode_layer` would plan it from this memo's key, or
+        None: the same with less Python, as every layer runs it every step (host time sets
+        the decode speed: bench/gpu_notes.md, session 19). The sides' shared ``fields``
+        (BufferedTail.of) stand for every field the key reads but the tail's and the new
+        positions'; what changes a step is checked here."""
+        kd = keys.__dict__
+        append = kd.get("append")
+        if (
+            kd.get("fields") is not self.k_fields
+            or values.__dict__.get("fields") is not self.v_fields
+            or self.gen != _GENERATION
+            or append is None
+            or scale != self.scale
+            or (sinks is not None) != self.has_sinks
+            or queries.shape != self.q_shape
+            or queries.dtype != self.q_dtype
+        ):
+            return None
+        n = kd["tail_buf"][1]
+        if -(-n // MMA_FP_CHUNK) != self.chunks:
+            return None
+        k, rope = append.k, self.rope
+        if rope is not None:  # as _rope_taken: both pending from one rope at the last position
+            if (
+                type(queries) is not PendingRope
+                or type(k) is not PendingRope
+                or queries.spec is not rope
+                or k.rope is not queries.rope
+                or queries.offset != self.fixed + n - 1
+                or k.offset != queries.offset
+                or k.shape[2] != 1
+            ):
+                return None
+            queries, k = queries.x, k.x
+        elif type(queries) is PendingRope or type(k) is PendingRope:
+            return None
+        buf = kd["tail_buf"][0]
+        if self.fp_dtype != buf.dtype and kd["head"] is None:
+            return None
+        inputs = [queries, *self.static]
+        table = self.params
+        inputs[self.params_at] = table[n] if n < len(table) else tail_params(self.scale2, n)
+        if self.kh:
+            inputs += (kd["head"], values.head)
+        if self.kt:
+            inputs += (buf, values.tail_buf[0])
+        after = append.after
+        inputs += (k, append.v, queries if after is None else after)
+        if self.work:
+            inputs.append(work.array)
+        if self.cshift:  # (never with the RoPE in the kernel: _rope_taken)
+            inputs.append(_centre_shift(queries, keys, self.rot, scale))
+        if self.sinks:
+            inputs.append(sinks.astype(mx.float32))
+        split = self.split
+        out = split.kernel(inputs=inputs, grid=split.grid, threadgroup=split.threadgroup,
+                           output_shapes=split.shapes, output_dtypes=split.dtypes,
+                           init_value=None)[0]  # fmt: skip
+        append.writer = out
+        return out
 
     def __deepcopy__(self, _memo):
         return None  # a copied cache plans afresh (a kernel object does not copy)
@@ -521,7 +634,8 @@ class _DecodeMemo:
         :func:`mma_decode_layer` passes them."""
         inputs = [queries, *self.static]
         if self.tlen:
-            inputs[self.params_at] = tail_params(self.scale2, keys.tail_buf[1])
+            n, table = keys.tail_buf[1], self.params
+            inputs[self.params_at] = table[n] if n < len(table) else tail_params(self.scale2, n)
         if self.kh:
             inputs += (keys.head, values.head)
         if self.kt:
@@ -536,7 +650,10 @@ class _DecodeMemo:
             inputs.append(_centre_shift(queries, keys, self.rot, scale))
         if self.sinks:
             inputs.append(sinks.astype(mx.float32))
-        out = self.split.call(inputs, None)[0]
+        split = self.split  # (its call inlined: host time a layer)
+        out = split.kernel(inputs=inputs, grid=split.grid, threadgroup=split.threadgroup,
+                           output_shapes=split.shapes, output_dtypes=split.dtypes,
+                           init_value=None)[0]  # fmt: skip
         if self.kn:
             keys.append.writer = out
         return out
