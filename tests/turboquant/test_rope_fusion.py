@@ -149,7 +149,7 @@ def test_a_deferred_rope_gives_the_logits_of_mlx_ops_and_a_wrong_position_does_n
     # every step but those that quantize a block (no deferred write there) took the rope
     assert sum(seen) > 0.8 * len(seen)
     rel = np.abs(got - want).max() / np.abs(want).max()
-    assert rel < 1e-4, rel
+    assert rel < 3e-4, rel  # (CPU ~1e-6; an H200's MLX ops 1.4e-4: bench/gpu_notes.md, session 19)
     assert (got.argmax(-1) == want.argmax(-1)).all()
     off = _logits(build, _kernel_in_mlx(1, []))  # one position off: the test can fail
     assert np.abs(off - want).max() / np.abs(want).max() > 30 * max(rel, 1e-6)
