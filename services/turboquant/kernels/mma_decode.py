@@ -458,7 +458,7 @@ def mma_decode_layer(
     if memo_key is not None and join is None:
         work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs, scale)
         if splits is None and buffered is not None and append is not None:
-            work.decode_memo.steady_on(keys, values, queries, n_head + keys.n_body, rope, fp_dtype)
+            work.decode_memo.steady_on(keys, values, queries, n_head + keys.n_body, rope, scale)
     o_part, ml_part, fp_o, fp_ml, out = split.launch(inputs + [work_array, cshift, sinks], init)
     if join is not None:  # (else the split kernel joined: FUSED_JOIN)
         signs = rot.signs if rot is not None else None
@@ -553,16 +553,17 @@ class _DecodeMemo:
         self.params = _tail_params(self.scale2) if self.tlen else ()  # (tail_params' table)
         self.k_fields = None  # (steady_on: none yet)
 
-    def steady_on(self, keys, values, queries, fixed: int, rope, fp_dtype) -> None:
+    def steady_on(self, keys, values, queries, fixed: int, rope, scale: float) -> None:
         """Let :meth:`steady` take the next decode steps of these sides' cache: ``fixed``,
         the sink's and body's positions; ``rope``: the RoPE the kernel applied or None."""
         self.k_fields = keys.__dict__.get("fields")
         self.v_fields = values.__dict__.get("fields")
-        self.gen, self.fixed, self.rope, self.fp_dtype = _GENERATION, fixed, rope, fp_dtype
+        self.gen, self.fixed, self.rope, self.scale = _GENERATION, fixed, rope, scale
         self.q_shape = queries.shape
         self.q_dtype = queries.dtype
-        self.chunks = -(-keys.tail_buf[1] // MMA_FP_CHUNK)
-        self.scale, self.has_sinks = self.key[5], self.sinks
+        buf, n = keys.tail_buf
+        self.chunks, self.fp_dtype = -(-n // MMA_FP_CHUNK), buf.dtype
+        self.has_sinks = self.sinks
 
     def steady(self, queries, keys, values, scale, sinks, work) -> mx.array | None:
         """A decode step as :func:`mma_decode_layer` would plan it from this memo's key, or
@@ -602,7 +603,7 @@ class _DecodeMemo:
         elif type(queries) is PendingRope or type(k) is PendingRope:
             return None
         buf = kd["tail_buf"][0]
-        if self.fp_dtype != buf.dtype and kd["head"] is None:
+        if buf.dtype != self.fp_dtype:  # (the tail buffer's: a new buffer of another dtype)
             return None
         inputs = [queries, *self.static]
         table = self.params
