@@ -123,19 +123,10 @@ class BufferedTail(PackedSide):
     ``tail_buf[0]``: the cache makes two a layer every decode step, and cutting the tail
     (two slice ops: 3-8 us of build a layer inside the model on the H200's host, and their
     encode; bench/gpu_notes.md, session 17) is left to a reader that asks for ``tail``; the
-    CUDA layer kernel takes the buffer and the length instead."""
-
-    @classmethod
-    def of(cls, fields: dict, buf: mx.array, length: int, append: TailAppend | None = None):
-        """``fields`` is kept too (``.fields``): a reader that finds the very dict it saw
-        last knows every other field is the same without reading them (mma_decode's memo)."""
-        obj = object.__new__(cls)
-        d = obj.__dict__
-        d.update(fields)
-        d["tail_buf"] = (buf, length)
-        d["append"] = append
-        d["fields"] = fields
-        return obj
+    CUDA layer kernel takes the buffer and the length instead. Made by the cache's ``_views``
+    only, with ``fields`` -- the dict its other fields were copied from, the same for every
+    step between blocks: a reader that finds the very dict it saw last knows every other
+    field is the same without reading them (mma_decode's ``_DecodeMemo.steady``)."""
 
     @property
     def tail(self) -> mx.array:
@@ -680,7 +671,7 @@ class TurboQuantKVCache(_BaseCache):
             return self._remember_views()
         # (the key side's workspace is kept too: the same cache, by the id check)
         n = self._tail_uncut
-        if n is not None:  # (BufferedTail.of, written out: every layer, every step)
+        if n is not None:  # (two BufferedTail made here: every layer, every step)
             buf, new = self._tail_buf, object.__new__
             k, v = new(BufferedTail), new(BufferedTail)
             kd, vd = k.__dict__, v.__dict__

@@ -569,7 +569,7 @@ class _DecodeMemo:
         """A decode step as :func:`mma_decode_layer` would plan it from this memo's key, or
         None: the same with less Python, as every layer runs it every step (host time sets
         the decode speed: bench/gpu_notes.md, session 19). The sides' shared ``fields``
-        (BufferedTail.of) stand for every field the key reads but the tail's and the new
+        (BufferedTail) stand for every field the key reads but the tail's and the new
         positions'; what changes a step is checked here."""
         kd = keys.__dict__
         append = kd.get("append")
