@@ -13,6 +13,11 @@ it. Steps of the two caches alternate; medians per step and per layer::
     python bench/host_time.py --calls          # per layer: cache update vs attention call
     python bench/host_time.py --cut            # + ours with the tail views cut every step
     python bench/host_time.py --mlxrope        # + ours with the step's RoPE by MLX ops
+    python bench/host_time.py --opcodes 4      # Python opcodes a layer: ours vs the model's
+
+Timed medians move by +-5 us a layer on a shared 2-core VM; the opcode count (``sys.settrace``
+with ``f_trace_opcodes``) does not, and inside the model it tracks our time better than
+micro-benchmarks of each call, which run warm (bench/gpu_notes.md, session 19).
 """
 
 from __future__ import annotations
@@ -115,6 +120,38 @@ def time_calls(acc: dict) -> None:
     )
 
 
+def count_opcodes(model, cache, steps: int) -> dict:
+    """Python opcodes and calls a layer while ``steps`` decode steps build, split into ours
+    (frames in services/turboquant) and the rest (the model's own code, mlx.nn)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    n = {"ours": 0, "other": 0, "ours calls": 0}
+
+    def tracer(frame, event, _arg):
+        name = frame.f_code.co_filename
+        if "/bench/" in name:  # the stand-in kernel: a real launch runs no Python
+            return None
+        ours = "services/turboquant" in name
+        if event == "call":
+            frame.f_trace_opcodes = True
+            n["ours calls"] += ours
+        elif event == "opcode":
+            n["ours" if ours else "other"] += 1
+        return tracer
+
+    layers = sum(1 for c in cache if hasattr(c, "key_spec"))
+    y = mx.array([[1]])
+    for _ in range(steps):
+        sys.settrace(tracer)
+        try:
+            logits = model(y, cache=cache)
+        finally:
+            sys.settrace(None)
+        mx.eval(logits, [x for _, x in tree_flatten([c.state for c in cache])])
+    return {k: v / (steps * layers) for k, v in n.items()}
+
+
 @contextlib.contextmanager
 def rope_mode(model, how: str):
     """The decode step's RoPE while the block runs, then as before: ``"kernel"`` (as set up:
@@ -163,6 +200,7 @@ def main() -> None:
         action="store_true",
         help="a third cache: ours with the decode step's RoPE by MLX ops (rope_fusion off)",
     )
+    ap.add_argument("--opcodes", type=int, default=0, help="count opcodes over N steps instead")
     args = ap.parse_args()
     if (args.cut or args.mlxrope) and args.calls:
         ap.error("--calls times ours by class: run it without --cut or --mlxrope")
@@ -188,6 +226,15 @@ def main() -> None:
         )
     for cache in caches.values():  # prefill (portable path: one launch per layer is decode)
         mx.eval(model(prompt, cache=cache))
+    if args.opcodes:
+        hook_kernels(CachedStandInKernel)  # (its launches add no graph node)
+        ours = caches["turboquant default"]
+        count_opcodes(model, ours, 20)  # (plans and builds first)
+        per = count_opcodes(model, ours, args.opcodes)
+        print(f"{Path(args.model).name}, context {args.context}, a decode layer: ours "
+              f"{per['ours']:.0f} opcodes in {per['ours calls']:.1f} Python calls; the model's "
+              f"own code {per['other']:.0f} opcodes")  # fmt: skip
+        return
     layers = sum(1 for c in caches["turboquant default"] if hasattr(c, "key_spec"))
     acc: dict = {}
     if args.calls:
