@@ -122,7 +122,8 @@ def time_calls(acc: dict) -> None:
 
 def count_opcodes(model, cache, steps: int) -> dict:
     """Python opcodes and calls a layer while ``steps`` decode steps build, split into ours
-    (frames in services/turboquant) and the rest (the model's own code, mlx.nn)."""
+    (frames in services/turboquant) and the rest (the model's own code, mlx.nn, and the
+    little Python ours calls elsewhere: a dataclass's generated hash)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 

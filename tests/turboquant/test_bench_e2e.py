@@ -259,3 +259,37 @@ def test_calls_time_each_cache_update_and_attention_inside_the_model(monkeypatch
     assert set(ours) == {"step", "ours update", "ours attention"}
     for got in (fp16, ours):  # per layer: the calls are inside the step
         assert 0 < sum(v for k, v in got.items() if k != "step") < got["step"]
+
+
+def test_host_time_counts_fewer_opcodes_with_the_decode_memo(monkeypatch):
+    """bench/host_time.py --opcodes: our Python a decode layer, counted (steady where timings
+    are not); the decode memo's steady path must show in it, the model's own code not."""
+    import mlx.core as mx
+
+    from bench.host_time import CachedStandInKernel, count_opcodes, hook_kernels
+    from services.turboquant import TurboQuantConfig, make_turboquant_cache
+    from services.turboquant.attention import set_body_decode_kernel, set_layer_decode_kernel
+    from services.turboquant.kernels import fused_decode, mma_decode
+
+    from .tiny_models import tiny_llama
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", mx.fast.cuda_kernel)  # restored after
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)  # workspaces, ropes
+    old = set_layer_decode_kernel(None), set_body_decode_kernel(None)
+    try:
+        hook_kernels(CachedStandInKernel)
+        model = tiny_llama(layers=2)
+        cache = make_turboquant_cache(model, TurboQuantConfig.recommended(group_size=64))
+        mx.eval(model(mx.random.randint(0, 256, (1, 300), key=mx.random.key(0)), cache=cache))
+        count_opcodes(model, cache, 4)  # (plans first)
+        steady = count_opcodes(model, cache, 6)
+        monkeypatch.setattr(mma_decode, "DECODE_MEMO", False)
+        planned = count_opcodes(model, cache, 6)
+        # (deterministic counts; two layers carry the step's fixed share, so the gap is small)
+        assert 0 < steady["ours"] < planned["ours"]
+        assert steady["ours calls"] < planned["ours calls"]
+        assert 0 < steady["other"] <= planned["other"]  # (the model, and what planning calls)
+    finally:
+        set_layer_decode_kernel(old[0])
+        set_body_decode_kernel(old[1])
+        mma_decode.clear_kernel_caches()
