@@ -401,6 +401,8 @@ class TurboQuantKVCache(_BaseCache):
         self._offset = value
 
     def _fast(self, buf, n: int) -> bool:
+        # (defers_rope writes this and _deferrable out for n = 1: keep the three in step;
+        # test_decode_fastpath.test_defers_rope_answers_as_the_update_decides)
         # A decode step: the tail is a view of its buffer, so the sink is full (the tail
         # takes nothing before it is) and the step fits -- _append_tail's ops, less Python.
         return (

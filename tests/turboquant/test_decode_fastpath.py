@@ -267,3 +267,29 @@ def test_a_poisoned_call_plans_and_other_views_miss(monkeypatch, launches):
         _, planned, _ = layer(monkeypatch, False, *args)
         assert plans == 1
         assert_same_launches(got, planned)
+
+
+@pytest.mark.parametrize("window", [0, 20])
+def test_defers_rope_answers_as_the_update_decides(monkeypatch, window):
+    """``defers_rope`` writes out ``_fast`` and ``_deferrable`` for one position (it runs
+    every layer, every step): through blocks, buffer growth and windows it must say exactly
+    what they say."""
+    rng = np.random.default_rng(3)
+    cache = _cuda_cache(monkeypatch, key_quantizer="channel", group_size=64, window=window)
+    kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 64)).astype(np.float16))  # noqa: E731
+    cache.update_and_fetch(kv(90), kv(90))
+    said = []
+    for step in range(150):
+        buf = cache._tail_buf
+        want = (
+            buf is not None
+            and cache.body_len > 0
+            and cache._fast(buf, 1)
+            and cache._deferrable(buf, 1, mx.float16)
+        )
+        got = cache.defers_rope(mx.float16, 64, 64)
+        assert got == bool(want), step
+        assert not cache.defers_rope(mx.float32, 64, 64)  # (another dtype than the buffer's)
+        said.append(got)
+        cache.update_and_fetch(kv(1), kv(1))
+    assert True in said and False in said
