@@ -401,8 +401,6 @@ class TurboQuantKVCache(_BaseCache):
         self._offset = value
 
     def _fast(self, buf, n: int) -> bool:
-        # (defers_rope writes this and _deferrable out for n = 1: keep the three in step;
-        # test_decode_fastpath.test_defers_rope_answers_as_the_update_decides)
         # A decode step: the tail is a view of its buffer, so the sink is full (the tail
         # takes nothing before it is) and the step fits -- _append_tail's ops, less Python.
         return (
@@ -423,21 +421,13 @@ class TurboQuantKVCache(_BaseCache):
 
     def defers_rope(self, dtype, dims: int, dim: int) -> bool:
         """Whether this step's one new position goes to the layer kernel, which can then
-        apply the rope (``dims`` of ``dim``) itself (rope_fusion.DeferringRope): ``_fast``
-        and ``_deferrable`` for one position, written out (asked every layer, every step)."""
+        apply the rope (``dims`` of ``dim``) itself (rope_fusion.DeferringRope)."""
         buf = self._tail_buf
-        if buf is None or self.body_len <= 0 or dims > dim:  # (no body: no kernel reads it)
-            return False
-        t = buf[3] + 1
         return (
-            (self._tail_uncut is not None or (buf[2] is not None and buf[2] is self._tail_k))
-            and t <= buf[4]
-            and self.TAIL_APPEND_MAX >= 1
-            and self.DECODE_FAST_PATH
-            and self.KERNEL_WRITES_TAIL
-            and t - self.window < self.block
-            and dtype == buf[0].dtype
-            and join_workspace(self) is not None
+            self.body_len > 0  # (else no kernel reads the step)
+            and dims <= dim
+            and self._fast(buf, 1)
+            and self._deferrable(buf, 1, dtype)
         )
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[PackedSide, PackedSide]:
@@ -446,7 +436,9 @@ class TurboQuantKVCache(_BaseCache):
         ``keys`` may be a :class:`PendingRope` (rope_fusion): kept as it is for the layer
         kernel where this step defers its write, else rotated here."""
         if type(keys) is PendingRope and keys.offset is self._offset and self.BUFFERED_TAIL:
-            return self._defer_step(keys, values)
+            # (its rope asked defers_rope this step: only the bookkeeping is left; only a
+            # rope the installed patch wrapped makes a PendingRope, so no patch check)
+            return self._defer_step(keys, values, self._settle(keep_writer=True), 1)
         _check_patch_installed()
         n = keys.shape[2]
         after = self._settle(keep_writer=True)  # the last step's positions
@@ -461,11 +453,10 @@ class TurboQuantKVCache(_BaseCache):
             mx.eval(after)  # it writes into this buffer in place: done before MLX ops read it
         if deferred:
             # The tail counts them now; the layer kernel writes them (TailAppend).
-            t = buf[3] + n
             if self.BUFFERED_TAIL:  # (cut only if something else reads the tail)
-                self._tail_buf, self._tail_uncut = (buf[0], buf[1], None, t, buf[4]), t
-            else:
-                self._cut_tail(buf, t)
+                return self._defer_step(keys, values, after, n)
+            t = buf[3] + n
+            self._cut_tail(buf, t)
             self._pending = TailAppend(keys, values, buf[3], after)
         elif fast:
             t = self._append_in_buffer(buf, keys, values, buf[3], n)
@@ -477,24 +468,18 @@ class TurboQuantKVCache(_BaseCache):
             self._compress(over // self.block * self.block)
         return self._views()
 
-    def _defer_step(self, keys: PendingRope, values: mx.array) -> tuple[PackedSide, PackedSide]:
-        """:meth:`update_and_fetch` of a decode step whose rope deferred its key: this step's
-        rope asked :meth:`defers_rope` (the tail buffer has room, no block leaves the tail,
-        the layer kernel takes it), so only the bookkeeping is left -- every layer, every
-        step, where Python's host time sets the decode speed (bench/gpu_notes.md, session 19).
-        Only a rope from an installed patch makes a PendingRope (patch.ensure_patched)."""
-        pending, after = self._pending, None
-        if pending is not None:  # _settle(keep_writer=True)
-            self._pending = None
-            after = pending.writer
-            if after is None:
-                self._write(pending)
+    def _defer_step(self, keys, values: mx.array, after, n: int) -> tuple[PackedSide, PackedSide]:
+        """A deferred step's bookkeeping, the buffered tail's way: the tail counts the ``n``
+        new positions, the layer kernel writes them (``after``: the layer's last writer,
+        which runs first). ``_deferrable`` held (no block leaves the tail: nothing to
+        compress), so this is all -- every layer, every step on CUDA, where Python's host
+        time sets the decode speed (bench/gpu_notes.md, session 19)."""
         buf = self._tail_buf
         at = buf[3]
-        t = at + 1
+        t = at + n
         self._tail_buf, self._tail_uncut = (buf[0], buf[1], None, t, buf[4]), t
         self._pending = TailAppend(keys, values, at, after)
-        self._offset += 1
+        self._offset += n
         return self._views()
 
     def _store(self, keys: mx.array, values: mx.array, n: int) -> int:

@@ -271,9 +271,9 @@ def test_a_poisoned_call_plans_and_other_views_miss(monkeypatch, launches):
 
 @pytest.mark.parametrize("window", [0, 20])
 def test_defers_rope_answers_as_the_update_decides(monkeypatch, window):
-    """``defers_rope`` writes out ``_fast`` and ``_deferrable`` for one position (it runs
-    every layer, every step): through blocks, buffer growth and windows it must say exactly
-    what they say."""
+    """``defers_rope`` (a step's rope asks it; the update then skips its own checks) must
+    say what ``_fast`` and ``_deferrable`` say for one position, through blocks, buffer
+    growth and windows."""
     rng = np.random.default_rng(3)
     cache = _cuda_cache(monkeypatch, key_quantizer="channel", group_size=64, window=window)
     kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 64)).astype(np.float16))  # noqa: E731

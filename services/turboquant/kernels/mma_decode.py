@@ -587,45 +587,16 @@ class _DecodeMemo:
         n = kd["tail_buf"][1]
         if -(-n // MMA_FP_CHUNK) != self.chunks:
             return None
-        k, rope = append.k, self.rope
-        if rope is not None:  # as _rope_taken: both pending from one rope at the last position
-            if (
-                type(queries) is not PendingRope
-                or type(k) is not PendingRope
-                or queries.spec is not rope
-                or k.rope is not queries.rope
-                or queries.offset != self.fixed + n - 1
-                or k.offset != queries.offset
-                or k.shape[2] != 1
-            ):
+        rope = self.rope
+        if rope is not None:  # the RoPE this memo's launch applies, at the last position
+            if _rope_taken(queries, keys, append, self.fixed + n - 1) is not rope:
                 return None
-            queries, k = queries.x, k.x
-        elif type(queries) is PendingRope or type(k) is PendingRope:
+            queries = queries.x  # (launch takes the key's x: _append_inputs)
+        elif type(queries) is PendingRope or type(append.k) is PendingRope:
             return None
-        buf = kd["tail_buf"][0]
-        if buf.dtype != self.fp_dtype:  # (the tail buffer's: a new buffer of another dtype)
+        if kd["tail_buf"][0].dtype != self.fp_dtype:  # (a new tail buffer of another dtype)
             return None
-        inputs = [queries, *self.static]
-        table = self.params
-        inputs[self.params_at] = table[n] if n < len(table) else tail_params(self.scale2, n)
-        if self.kh:
-            inputs += (kd["head"], values.head)
-        if self.kt:
-            inputs += (buf, values.tail_buf[0])
-        after = append.after
-        inputs += (k, append.v, queries if after is None else after)
-        if self.work:
-            inputs.append(work.array)
-        if self.cshift:  # (never with the RoPE in the kernel: _rope_taken)
-            inputs.append(_centre_shift(queries, keys, self.rot, scale))
-        if self.sinks:
-            inputs.append(sinks.astype(mx.float32))
-        split = self.split
-        out = split.kernel(inputs=inputs, grid=split.grid, threadgroup=split.threadgroup,
-                           output_shapes=split.shapes, output_dtypes=split.dtypes,
-                           init_value=None)[0]  # fmt: skip
-        append.writer = out
-        return out
+        return self.launch(queries, keys, values, scale, sinks, work)
 
     def __deepcopy__(self, _memo):
         return None  # a copied cache plans afresh (a kernel object does not copy)
