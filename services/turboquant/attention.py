@@ -34,6 +34,9 @@ BodyKernel = Callable[..., "tuple[mx.array, mx.array] | None"]
 _body_kernel: BodyKernel | None = None
 LayerKernel = Callable[..., "mx.array | None"]
 _layer_kernel: LayerKernel | None = None
+# The layer kernel's ``steady`` (kernels/mma_decode.py): a steady decode step in one frame,
+# asked before anything else here (host time a layer sets the decode speed on CUDA).
+_steady_kernel: LayerKernel | None = None
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Decode calls (one query position) by the path that answered: /health shows them, so a
@@ -93,8 +96,9 @@ def set_layer_decode_kernel(fn: LayerKernel | None) -> LayerKernel | None:
     ``fn`` gets the unrotated queries (rotating them is its job: no MLX ops spent on it
     when a kernel does it) and returns the layer's whole output (model space) or ``None``
     to decline, in which case the body kernel (if any) and then the portable path run."""
-    global _layer_kernel
+    global _layer_kernel, _steady_kernel
     old, _layer_kernel = _layer_kernel, fn
+    _steady_kernel = getattr(fn, "steady", None)
     # ``fn.takes_rope``: it applies a PendingRope query's and new key's rope (rope_fusion)
     set_kernel_takes_rope(getattr(fn, "takes_rope", False))
     return old
@@ -109,6 +113,11 @@ def turboquant_attention(
     sinks: mx.array | None = None,
 ) -> mx.array:
     """SDPA of ``(B, H_q, L, D)`` queries over packed sides; output in the queries' dtype."""
+    if _steady_kernel is not None and mask is None:  # (its launch writes the queries' dtype)
+        out = _steady_kernel(queries, keys, values, scale, sinks)
+        if out is not None:
+            _DECODE_CALLS["kernel"] += 1
+            return out
     if queries.shape[2] == 1 and mask == "causal":
         mask = None  # the one query is the last position: it sees the whole context
     one_query = queries.shape[2] == 1 and mask is None and keys.n_body

@@ -175,6 +175,9 @@ class TailAppend:
         return out[0], out[1]
 
 
+_new, _set = object.__new__, object.__setattr__  # (a frozen dataclass's own setattr: a frame)
+
+
 def _len(x: mx.array | None) -> int:
     return 0 if x is None else x.shape[2]
 
@@ -207,6 +210,7 @@ class _TailSide:
     def __set__(self, cache, x: mx.array | None) -> None:
         setattr(cache, self.attr, x)
         cache._tail_uncut = None
+        cache._armed = None  # (the buffer tuple may stay: it no longer holds the tail)
 
 
 class TurboQuantKVCache(_BaseCache):
@@ -272,6 +276,10 @@ class TurboQuantKVCache(_BaseCache):
     # (offset, whether defers_rope said yes) of this step: its query's rope asks, its key's
     # reads it (rope_fusion.DeferringRope)
     _rope_step: tuple | None = None
+    # (the _tail_buf a deferred step left, the tail length the next step must stay under,
+    # the buffer's dtype): defers_rope's rule, less what stays true while that tuple is the
+    # buffer -- every path that changes the sides replaces it (host time a layer a step)
+    _armed: tuple | None = None
     # Per-channel key scales and biases stored (B, H, T/g, D): the CUDA split kernel reads a
     # tile's scales for all channels at once, coalesced this way (128K: 77 -> 58 us, ncu).
     # None: where the CUDA kernels read them; Metal keeps (B, H, D, T/g) for quantized_matmul.
@@ -324,7 +332,7 @@ class TurboQuantKVCache(_BaseCache):
 
     def _resolve(self) -> None:
         # Validates the combination and records which quantizer each side really uses.
-        self._sides_memo = None  # (its specs, rotation and seed were the old options')
+        self._sides_memo = self._armed = None  # (its specs, rotation, seed: the old options')
         self.key_quantizer = self._spec(self.key_bits, self.requested_key_quantizer).quantizer
         self.value_quantizer = self._spec(self.value_bits, self.requested_value_quantizer).quantizer
         if self.value_quantizer in KEY_ONLY_QUANTIZERS:
@@ -423,6 +431,15 @@ class TurboQuantKVCache(_BaseCache):
         """Whether this step's one new position goes to the layer kernel, which can then
         apply the rope (``dims`` of ``dim``) itself (rope_fusion.DeferringRope)."""
         buf = self._tail_buf
+        armed = self._armed
+        if armed is not None and armed[0] is buf:  # (the last step deferred: _defer_step)
+            return (
+                buf[3] < armed[1]
+                and dtype == armed[2]
+                and dims <= dim
+                and self.DECODE_FAST_PATH
+                and self.KERNEL_WRITES_TAIL
+            )
         return (
             self.body_len > 0  # (else no kernel reads the step)
             and dims <= dim
@@ -473,14 +490,28 @@ class TurboQuantKVCache(_BaseCache):
         new positions, the layer kernel writes them (``after``: the layer's last writer,
         which runs first). ``_deferrable`` held (no block leaves the tail: nothing to
         compress), so this is all -- every layer, every step on CUDA, where Python's host
-        time sets the decode speed (bench/gpu_notes.md, session 19)."""
-        buf = self._tail_buf
+        time sets the decode speed (bench/gpu_notes.md, sessions 19-20).
+
+        It arms the next step (``_armed``): while the tuple made here is the buffer, no path
+        changed the sides (each that does replaces or drops it, or sets a tail, which
+        disarms), so ``defers_rope`` checks only the tail's length, dtype and the flags, and
+        the next deferred step copies the views memo unchecked."""
+        buf, armed = self._tail_buf, self._armed
         at = buf[3]
         t = at + n
-        self._tail_buf, self._tail_uncut = (buf[0], buf[1], None, t, buf[4]), t
+        self._tail_buf = new = (buf[0], buf[1], None, t, buf[4])
+        self._tail_uncut = t
         self._pending = TailAppend(keys, values, at, after)
         self._offset += n
-        return self._views()
+        memo = self._sides_memo
+        if armed is not None and armed[0] is buf and memo is not None:
+            self._armed = (new, armed[1], armed[2])
+            return self._copied_views(memo)
+        # _fast and _deferrable for one position, but what stays true while armed
+        limit = min(buf[4], self.window + self.block - 1)
+        views = self._views()
+        self._armed = (new, limit, buf[0].dtype) if self._sides_memo and self.body_len else None
+        return views
 
     def _store(self, keys: mx.array, values: mx.array, n: int) -> int:
         """Put ``n`` new positions in the sink, then the tail; returns the tail's length."""
@@ -656,16 +687,17 @@ class TurboQuantKVCache(_BaseCache):
             or memo[0] != id(self)  # a copy (copy.deepcopy) makes its own, with its workspace
         ):
             return self._remember_views()
-        # (the key side's workspace is kept too: the same cache, by the id check)
+        return self._copied_views(memo)  # (the key side's workspace too: the same cache, by id)
+
+    def _copied_views(self, memo: tuple) -> tuple[PackedSide, PackedSide]:
+        """The sides of ``memo`` (current: :meth:`_views` checked it, or the steps since it
+        was made deferred) with this step's tails."""
         n = self._tail_uncut
         if n is not None:  # (two BufferedTail made here: every layer, every step)
-            buf, new = self._tail_buf, object.__new__
-            k, v = new(BufferedTail), new(BufferedTail)
-            kd, vd = k.__dict__, v.__dict__
-            kd.update(memo[7])
-            vd.update(memo[8])
-            kd["tail_buf"], kd["append"], kd["fields"] = (buf[0], n), self._pending, memo[7]
-            vd["tail_buf"], vd["append"], vd["fields"] = (buf[1], n), None, memo[8]
+            buf, kf, vf = self._tail_buf, memo[7], memo[8]
+            k, v = _new(BufferedTail), _new(BufferedTail)
+            _set(k, "__dict__", dict(kf, tail_buf=(buf[0], n), append=self._pending, fields=kf))
+            _set(v, "__dict__", dict(vf, tail_buf=(buf[1], n), append=None, fields=vf))
             return k, v
         return (
             PackedSide.with_tail(memo[7], self.tail_k, self._pending),
@@ -820,7 +852,7 @@ class TurboQuantKVCache(_BaseCache):
         memo[id(self)] = new
         for k, v in self.__dict__.items():
             new.__dict__[k] = copy.deepcopy(v, memo)
-        new._tail_buf = None
+        new._tail_buf = new._armed = None
         new._rope_step = None  # (the same offset object: the copy decides for itself)
         return new
 

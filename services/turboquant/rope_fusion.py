@@ -85,7 +85,7 @@ class PendingRope:
     def __init__(self, x: mx.array, rope: DeferringRope, offset: int):
         self.x, self.rope, self.offset, self._done = x, rope, offset, None
         # (read several times a layer: an MLX shape is a new tuple each time)
-        self.shape, self.dtype, self.spec = x.shape, x.dtype, rope.spec
+        self.shape, self.dtype, self.spec = x.shape, x.dtype, rope._spec
 
     def array(self) -> mx.array:
         if self._done is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 
 import mlx.core as mx
 import numpy as np
@@ -139,7 +140,7 @@ def test_decode_steps_launch_as_planned_with_the_memo(monkeypatch, launches, con
 
 @pytest.mark.parametrize("rope", [False, True], ids=["rope-by-mlx", "rope-in-kernel"])
 def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope):
-    """_DecodeMemo.steady (a decode step with less Python) answers the steps between blocks
+    """steady_decode_layer (a decode step in one frame) answers the steps between blocks
     and tail chunks, and launches exactly what planning afresh launches -- with the step's
     RoPE left to the kernel (PendingRope) or not; a query one position off is not its."""
     import mlx.nn as nn
@@ -151,9 +152,9 @@ def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope
     kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 128)).astype(np.float16))  # noqa: E731
     wrap = DeferringRope(nn.RoPE(128), rope_spec(nn.RoPE(128)))
     answered = []
-    real = mma_decode._DecodeMemo.steady
+    real = mma_decode.steady_decode_layer
     monkeypatch.setattr(
-        mma_decode._DecodeMemo, "steady", lambda *a: answered.append(real(*a)) or answered[-1]
+        mma_decode, "steady_decode_layer", lambda *a: answered.append(real(*a)) or answered[-1]
     )
     cache.update_and_fetch(kv(100), kv(100))
     steps, off = 40, 0
@@ -293,3 +294,47 @@ def test_defers_rope_answers_as_the_update_decides(monkeypatch, window):
         said.append(got)
         cache.update_and_fetch(kv(1), kv(1))
     assert True in said and False in said
+
+
+def test_an_armed_step_is_what_checking_afresh_gives(monkeypatch):
+    """A deferred step leaves ``_armed`` (the buffer tuple it made): while that tuple is still
+    the buffer, the next step skips ``defers_rope``'s rule but the tail's length and the
+    views memo's checks. Its answers and its views' fields must be what checking afresh
+    gives -- through blocks, a trim, a state round trip, a copy and a tail set from outside."""
+    from services.turboquant.cache import join_workspace
+
+    rng = np.random.default_rng(4)
+    cache = _cuda_cache(monkeypatch, key_quantizer="channel", group_size=64, window=8)
+    kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 64)).astype(np.float16))  # noqa: E731
+    cache.update_and_fetch(kv(90), kv(90))
+    events = {
+        30: lambda c: c.trim(3) and c,
+        45: lambda c: setattr(c, "state", c.state) or c,
+        60: lambda c: copy.deepcopy(c),
+        75: lambda c: setattr(c, "tail_k", c.tail_k) or setattr(c, "tail_v", c.tail_v) or c,
+    }
+    armed = 0
+    for step in range(130):
+        if step in events:
+            cache = events[step](cache)
+        buf = cache._tail_buf
+        full = (
+            buf is not None
+            and cache.body_len > 0
+            and cache._fast(buf, 1)
+            and cache._deferrable(buf, 1, mx.float16)
+        )
+        armed += cache._armed is not None and cache._armed[0] is buf
+        assert cache.defers_rope(mx.float16, 64, 64) == bool(full), step
+        keys, values = cache.update_and_fetch(kv(1), kv(1))
+        k_parts, v_parts = cache._body_views()
+        for side, parts, head, center, work in (
+            (keys, k_parts, cache.head_k, cache.key_center, join_workspace(cache)),
+            (values, v_parts, cache.head_v, None, None),
+        ):
+            assert len(side.parts) == len(parts) and all(map(operator.is_, side.parts, parts))
+            assert side.head is head and side.center is center and side.workspace is work
+            assert side.body_len == cache.body_len and side.seed == cache.seed, step
+        assert keys.spec is cache.key_spec(64) and values.spec is cache.value_spec(64)
+        assert keys.shape[2] == cache.offset, step
+    assert armed > 60  # (most steps took the shortcut)

@@ -379,13 +379,11 @@ def mma_decode_layer(
     kernels cannot read this call (:func:`supports`) or the rotation has no sign vector
     (the caller then takes another path).
     """
+    if splits is None and not poison and DECODE_MEMO:
+        out = steady_decode_layer(queries, keys, values, scale, sinks)
+        if out is not None:
+            return out
     work = keys.workspace
-    if work is not None and splits is None and not poison and DECODE_MEMO:
-        memo = work.decode_memo
-        if memo is not None and memo.k_fields is not None:
-            out = memo.steady(queries, keys, values, scale, sinks, work)
-            if out is not None:
-                return out
     head, append, buffered = keys.head, keys.append, keys.tail_buf
     n_head = 0 if head is None else head.shape[2]
     if buffered is not None:  # the whole tail buffers and the tail's length (TLEN)
@@ -471,6 +469,75 @@ def mma_decode_layer(
 mma_decode_layer.takes_rope = True  # a PendingRope query and new key (rope_fusion)
 
 
+def steady_decode_layer(queries, keys, values, scale: float, sinks=None) -> mx.array | None:
+    """A steady decode step: the launch :func:`mma_decode_layer` would plan for it, made from
+    the layer's memo (:meth:`_DecodeMemo.steady_on`), or None -- every layer runs it every
+    step on CUDA, where host time sets the decode speed, so it is one frame (bench/gpu_notes.md,
+    session 20). The sides' shared ``fields`` (BufferedTail) stand for every field the plan
+    read but the tail's and the new position's; those, the call's arguments and the pending
+    RoPE (as :func:`_rope_taken` decides it) are checked here."""
+    kd = keys.__dict__
+    fields = kd.get("fields")  # (a BufferedTail's: the dict its other fields came from)
+    work = None if fields is None else fields["workspace"]
+    memo = None if work is None else work.decode_memo
+    if (
+        memo is None
+        or memo.k_fields is not fields
+        or values.__dict__.get("fields") is not memo.v_fields
+        or memo.gen != _GENERATION
+        or not DECODE_MEMO
+        or scale != memo.scale
+        or (sinks is not None) != memo.has_sinks
+    ):
+        return None
+    append = kd["append"]
+    buf, n = kd["tail_buf"]
+    if append is None or -(-n // MMA_FP_CHUNK) != memo.chunks or buf.dtype != memo.fp_dtype:
+        return None
+    q, k, rope = queries, append.k, memo.rope
+    if rope is None:  # (the memo's launch rotated them by MLX ops: so must this step)
+        if type(q) is PendingRope or type(k) is PendingRope:
+            return None
+    elif (  # _rope_taken's rule at the context's last position, the spec the memo's
+        type(q) is not PendingRope
+        or type(k) is not PendingRope
+        or q.spec is not rope
+        or k.rope is not q.rope
+        or not q.offset == k.offset == memo.fixed + n - 1
+        or k.shape[2] != 1
+    ):
+        return None
+    else:
+        q, k = q.x, k.x
+    if queries.shape != memo.q_shape or queries.dtype != memo.q_dtype:
+        return None
+    # The split launch's inputs in SPLIT_INPUTS' order (:meth:`_DecodeMemo.launch`, written
+    # out for a tail buffer and new positions: steady_on holds them).
+    inputs = [q, *memo.static]
+    table = memo.params
+    inputs[memo.params_at] = table[n] if n < len(table) else tail_params(memo.scale2, n)
+    vd = values.__dict__
+    if memo.kh:
+        inputs += (kd["head"], vd["head"])
+    after = append.after
+    inputs += (buf, vd["tail_buf"][0], k, append.v, q if after is None else after)
+    if memo.work:
+        inputs.append(work.array)
+    if memo.cshift:
+        inputs.append(_centre_shift(q, keys, memo.rot, scale))
+    if memo.sinks:
+        inputs.append(sinks.astype(mx.float32))
+    split = memo.split
+    out = split.kernel(inputs=inputs, grid=split.grid, threadgroup=split.threadgroup,
+                       output_shapes=split.shapes, output_dtypes=split.dtypes,
+                       init_value=None)[0]  # fmt: skip
+    append.writer = out
+    return out
+
+
+mma_decode_layer.steady = steady_decode_layer  # attention.turboquant_attention asks it first
+
+
 def _append_inputs(append, queries) -> list:
     """kn, vn, after: the step's new positions (unrotated where the kernel applies their
     RoPE) and the launch to follow (the layer's last writer, else any evaluated-or-not array
@@ -554,8 +621,10 @@ class _DecodeMemo:
         self.k_fields = None  # (steady_on: none yet)
 
     def steady_on(self, keys, values, queries, fixed: int, rope, scale: float) -> None:
-        """Let :meth:`steady` take the next decode steps of these sides' cache: ``fixed``,
-        the sink's and body's positions; ``rope``: the RoPE the kernel applied or None."""
+        """Let :func:`steady_decode_layer` take the next decode steps of these sides' cache:
+        ``fixed``, the sink's and body's positions; ``rope``: the RoPE the kernel applied or
+        None. (A plan with a tail buffer and new positions: their inputs are kept.)"""
+        assert self.tlen and self.kt and self.kn
         self.k_fields = keys.__dict__.get("fields")
         self.v_fields = values.__dict__.get("fields")
         self.gen, self.fixed, self.rope, self.scale = _GENERATION, fixed, rope, scale
@@ -564,39 +633,6 @@ class _DecodeMemo:
         buf, n = keys.tail_buf
         self.chunks, self.fp_dtype = -(-n // MMA_FP_CHUNK), buf.dtype
         self.has_sinks = self.sinks
-
-    def steady(self, queries, keys, values, scale, sinks, work) -> mx.array | None:
-        """A decode step as :func:`mma_decode_layer` would plan it from this memo's key, or
-        None: the same with less Python, as every layer runs it every step (host time sets
-        the decode speed: bench/gpu_notes.md, session 19). The sides' shared ``fields``
-        (BufferedTail) stand for every field the key reads but the tail's and the new
-        positions'; what changes a step is checked here."""
-        kd = keys.__dict__
-        append = kd.get("append")
-        if (
-            kd.get("fields") is not self.k_fields
-            or values.__dict__.get("fields") is not self.v_fields
-            or self.gen != _GENERATION
-            or append is None
-            or scale != self.scale
-            or (sinks is not None) != self.has_sinks
-            or queries.shape != self.q_shape
-            or queries.dtype != self.q_dtype
-        ):
-            return None
-        n = kd["tail_buf"][1]
-        if -(-n // MMA_FP_CHUNK) != self.chunks:
-            return None
-        rope = self.rope
-        if rope is not None:  # the RoPE this memo's launch applies, at the last position
-            if _rope_taken(queries, keys, append, self.fixed + n - 1) is not rope:
-                return None
-            queries = queries.x  # (launch takes the key's x: _append_inputs)
-        elif type(queries) is PendingRope or type(append.k) is PendingRope:
-            return None
-        if kd["tail_buf"][0].dtype != self.fp_dtype:  # (a new tail buffer of another dtype)
-            return None
-        return self.launch(queries, keys, values, scale, sinks, work)
 
     def __deepcopy__(self, _memo):
         return None  # a copied cache plans afresh (a kernel object does not copy)
