@@ -16,6 +16,7 @@ import math
 import sys
 import types
 from functools import lru_cache
+from operator import itemgetter
 
 import mlx.core as mx
 
@@ -607,15 +608,18 @@ class _DecodeMemo:
             keys.parts, values.parts, keys.spec, values.spec
         )  # fmt: skip
         assert split.kept_out == (SPLIT_OUTPUTS.index("out"),)  # a fused plan's one output
-        kept = [SPLIT_INPUTS[i] for i in split.kept]
-        static = [i for i in split.kept if i in _STATIC]
-        self.static = [inputs[i] for i in static]
-        for name in _DYNAMIC:
-            setattr(self, name, name in kept)
+        layout = split.__dict__.get("memo_layout")
+        if layout is None:  # (once a plan: a memo is made again every tail chunk of a layer)
+            kept = [SPLIT_INPUTS[i] for i in split.kept]
+            static = [i for i in split.kept if i in _STATIC]
+            flags = tuple(name in kept for name in _DYNAMIC)
+            layout = split.memo_layout = (_picker(static), static.index(_PARAMS) + 1, flags)
+        pick, self.params_at, flags = layout  # (params: after the queries)
+        self.static = pick(inputs)
+        self.kh, self.kt, self.kn, self.work, self.cshift, self.sinks = flags
         self.split = split
         # TLEN: the tail's length is in params, one cached constant a length (tail_params)
         self.tlen = keys.tail_buf is not None
-        self.params_at = static.index(_PARAMS) + 1  # (after the queries)
         self.scale2 = scale * LOG2E
         self.params = _tail_params(self.scale2) if self.tlen else ()  # (tail_params' table)
         self.k_fields = None  # (steady_on: none yet)
@@ -667,6 +671,14 @@ class _DecodeMemo:
         return out
 
 
+def _picker(indices):
+    """``f(items) -> [items[i] for i in indices]``, by ``operator.itemgetter`` (no Python loop)."""
+    if len(indices) == 1:
+        return lambda items, _i=indices[0]: [items[_i]]
+    get = itemgetter(*indices)
+    return lambda items: list(get(items))
+
+
 class _Launch:
     """One planned launch: the kernel (its template written in) and everything but its input
     arrays. :meth:`launch` takes every input of the kernel's full list (None or anything
@@ -692,7 +704,10 @@ class _Launch:
         )
 
     def launch(self, inputs, init_value):
-        made = self.call([inputs[i] for i in self.kept], init_value)
+        pick = self.__dict__.get("pick")
+        if pick is None:
+            pick = self.pick = _picker(self.kept)
+        made = self.call(pick(inputs), init_value)
         if len(made) == self.n_out:
             return made
         out = [None] * self.n_out
