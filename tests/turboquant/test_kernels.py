@@ -7,6 +7,7 @@ dim, GQA ratio and bit width, odd lengths and outputs poisoned with NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -386,18 +387,30 @@ def test_every_launch_gets_what_its_source_names(recorded_kernels, config, dim):
     """The kernels only compile on a CUDA device; here, on any device, each launch of a
     decode layer must pass one input per declared name and every template parameter the
     source and header use (a missing one is an NVRTC error only a GPU run would show)."""
+    from services.turboquant.cache import JoinWorkspace
     from services.turboquant.kernels.mma_source import compact
 
     q, keys, values = _packed(config, dim, length=700)
     q = q.astype(mx.float16)
+    # No join workspace (as off CUDA: the cache makes one only there): split + join, then
+    # the body alone; then with one (as on CUDA), where the plan may fuse the join.
+    keys = dataclasses.replace(keys, workspace=None)
     out = mma_decode.mma_decode_layer(q, keys, values, 0.1, mx.zeros((q.shape[1],)))
     body = mma_decode.mma_body_attention(q.astype(mx.float32), keys, values, 0.1)
     assert out.shape == q.shape and out.dtype == q.dtype and body[1].shape == (1, 8, 1, 1)
+    with_work = dataclasses.replace(keys, workspace=JoinWorkspace())
+    fused = mma_decode.mma_decode_layer(q, with_work, values, 0.1, mx.zeros((q.shape[1],)))
+    assert fused.shape == q.shape and fused.dtype == q.dtype
     names = [base_name(k.name) for k, *_ in recorded_kernels]
     segments = [x for x in (keys.head, keys.tail) if x is not None and x.shape[2]]
     full_precision = bool(segments)
     layer = ["tq_mma_decode_split"]
-    assert names == layer + ["tq_mma_decode_join", "tq_mma_decode_split", "tq_mma_decode_combine"]
+    assert names[:4] == layer + [
+        "tq_mma_decode_join",
+        "tq_mma_decode_split",
+        "tq_mma_decode_combine",
+    ]
+    assert names[4:] == layer  # the join fused into the split launch (FUSED_JOIN)
     split, body_split = recorded_kernels[0], recorded_kernels[2]
     chunks = sum(-(-x.shape[2] // 16) for x in segments)  # the sink's, then the tail's
     # the layer's split grid (1-D): the body's splits of every row, then one block per chunk
