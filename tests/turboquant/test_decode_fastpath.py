@@ -270,6 +270,18 @@ def test_a_poisoned_call_plans_and_other_views_miss(monkeypatch, launches):
         assert_same_launches(got, planned)
 
 
+def _update_defers(cache) -> bool:
+    """What the update's own checks say of a one-position float16 step: the layer kernel
+    writes it (defers_rope's rule, written out of ``_fast`` and ``_deferrable``)."""
+    buf = cache._tail_buf
+    return bool(
+        buf is not None
+        and cache.body_len > 0
+        and cache._fast(buf, 1)
+        and cache._deferrable(buf, 1, mx.float16)
+    )
+
+
 @pytest.mark.parametrize("window", [0, 20])
 def test_defers_rope_answers_as_the_update_decides(monkeypatch, window):
     """``defers_rope`` (a step's rope asks it; the update then skips its own checks) must
@@ -281,15 +293,8 @@ def test_defers_rope_answers_as_the_update_decides(monkeypatch, window):
     cache.update_and_fetch(kv(90), kv(90))
     said = []
     for step in range(150):
-        buf = cache._tail_buf
-        want = (
-            buf is not None
-            and cache.body_len > 0
-            and cache._fast(buf, 1)
-            and cache._deferrable(buf, 1, mx.float16)
-        )
         got = cache.defers_rope(mx.float16, 64, 64)
-        assert got == bool(want), step
+        assert got == _update_defers(cache), step
         assert not cache.defers_rope(mx.float32, 64, 64)  # (another dtype than the buffer's)
         said.append(got)
         cache.update_and_fetch(kv(1), kv(1))
@@ -317,15 +322,8 @@ def test_an_armed_step_is_what_checking_afresh_gives(monkeypatch):
     for step in range(130):
         if step in events:
             cache = events[step](cache)
-        buf = cache._tail_buf
-        full = (
-            buf is not None
-            and cache.body_len > 0
-            and cache._fast(buf, 1)
-            and cache._deferrable(buf, 1, mx.float16)
-        )
-        armed += cache._armed is not None and cache._armed[0] is buf
-        assert cache.defers_rope(mx.float16, 64, 64) == bool(full), step
+        armed += cache._armed is not None and cache._armed[0] is cache._tail_buf
+        assert cache.defers_rope(mx.float16, 64, 64) == _update_defers(cache), step
         keys, values = cache.update_and_fetch(kv(1), kv(1))
         k_parts, v_parts = cache._body_views()
         for side, parts, head, center, work in (
