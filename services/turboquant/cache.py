@@ -123,10 +123,11 @@ class BufferedTail(PackedSide):
     ``tail_buf[0]``: the cache makes two a layer every decode step, and cutting the tail
     (two slice ops: 3-8 us of build a layer inside the model on the H200's host, and their
     encode; bench/gpu_notes.md, session 17) is left to a reader that asks for ``tail``; the
-    CUDA layer kernel takes the buffer and the length instead. Made by the cache's ``_views``
-    only, with ``fields`` -- the dict its other fields were copied from, the same for every
-    step between blocks: a reader that finds the very dict it saw last knows every other
-    field is the same without reading them (mma_decode's ``_DecodeMemo.steady``)."""
+    CUDA layer kernel takes the buffer and the length instead. Made by the cache's
+    ``_copied_views`` only, with ``fields`` -- the dict its other fields were copied from, the
+    same for every step between blocks: a reader that finds the very dict it saw last knows
+    every other field is the same without reading them (mma_decode's
+    ``steady_decode_layer``)."""
 
     @property
     def tail(self) -> mx.array:

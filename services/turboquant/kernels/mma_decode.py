@@ -646,8 +646,7 @@ class _DecodeMemo:
         :func:`mma_decode_layer` passes them."""
         inputs = [queries, *self.static]
         if self.tlen:
-            n, table = keys.tail_buf[1], self.params
-            inputs[self.params_at] = table[n] if n < len(table) else tail_params(self.scale2, n)
+            inputs[self.params_at] = tail_params(self.scale2, keys.tail_buf[1])
         if self.kh:
             inputs += (keys.head, values.head)
         if self.kt:
@@ -662,10 +661,7 @@ class _DecodeMemo:
             inputs.append(_centre_shift(queries, keys, self.rot, scale))
         if self.sinks:
             inputs.append(sinks.astype(mx.float32))
-        split = self.split  # (its call inlined: host time a layer)
-        out = split.kernel(inputs=inputs, grid=split.grid, threadgroup=split.threadgroup,
-                           output_shapes=split.shapes, output_dtypes=split.dtypes,
-                           init_value=None)[0]  # fmt: skip
+        out = self.split.call(inputs, None)[0]
         if self.kn:
             keys.append.writer = out
         return out
