@@ -110,12 +110,15 @@ def compact(source: str) -> str:
 
 
 MMA_FP_CHUNK = 16  # positions a fp_chunk block takes (the kernels read TQM_FP_CHUNK)
+MMA_RAW_CODES = (
+    2  # the default layout's codes to the tensor cores with offsets: 2 high nibbles, 1 all
+)
 MMA_WORK_ALIGN = 32  # floats each part of the fused join's workspace is rounded up to
 
 # The split kernel's device code, after MMA_COMMON.
 MMA_HEADER = (
     MMA_COMMON
-    + f"#define TQM_FP_CHUNK {MMA_FP_CHUNK}\n"
+    + f"#define TQM_FP_CHUNK {MMA_FP_CHUNK}\n#define TQM_RAW_CODES {MMA_RAW_CODES}\n"
     + f"#define TQM_JOIN_ROWS {JOIN_COUNTER_ROWS}\n#define TQM_WORK_ALIGN {MMA_WORK_ALIGN}\n"
     + r"""
 // TQM_TRACE (bench/kernel_trace.py only: mma_decode.TRACE_AT): each block of a fused launch
@@ -269,14 +272,19 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t bits) {
 // 1024 + c (or 1024 + 16c), one HADD2/HFMA2 removes the offset -- ~1.75 instructions an
 // element against ~6 for code_at + codes2h (bench/gpu_notes.md, session 4). ``magic`` is
 // 0x64006400 held in a register the compiler cannot see into (see mma_decode_split).
+// RAW 2: out[2i + 1] without its HFMA2, 1024 + 16c; RAW 1: out[2i] without its HADD2 too,
+// 1024 + c -- the caller takes the offsets out of the product in fp32 (RAWC).
+template <int RAW = 0>
 __device__ __forceinline__ void nibble_pairs(uint32_t a, uint32_t b, uint32_t magic, __half2 (&out)[8]) {
   const uint32_t lo = __byte_perm(a, b, 0x5410), hi = __byte_perm(a, b, 0x7632);
   const uint32_t src[4] = {lo, lo >> 8, hi, hi >> 8};
   const __half2 k1024 = u2h(0x64006400u), k16th = u2h(0x2c002c00u), km64 = u2h(0xd400d400u);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __hsub2(u2h(and_or<0x000f000fu>(src[i], magic)), k1024);
-    out[2 * i + 1] = __hfma2(u2h(and_or<0x00f000f0u>(src[i], magic)), k16th, km64);
+    const __half2 c_lo = u2h(and_or<0x000f000fu>(src[i], magic));
+    const __half2 c_hi = u2h(and_or<0x00f000f0u>(src[i], magic));
+    out[2 * i] = RAW == 1 ? c_lo : __hsub2(c_lo, k1024);
+    out[2 * i + 1] = RAW ? c_hi : __hfma2(c_hi, k16th, km64);
   }
 }
 
@@ -404,6 +412,13 @@ __device__ void mma_decode_split(
   // extra mma against a matrix of ones -- no scale/bias HFMA2 per element.
   constexpr bool KFOLD = FOLD && KSTG;
   constexpr bool VFOLD = FOLD && VSTG && NVG == 1;
+  // RAWC (the default layout, folded): the tensor cores take the high nibbles as nibble_pairs
+  // leaves them, 1024 + 16c (odd key steps, value rows g + 8), and under TQM_RAW_CODES 1 the
+  // low ones too, 1024 + c (even steps, rows g); the offsets leave in fp32 through sums of
+  // the B operands (qbsum, vssum: one mma against ones a k-block / step) -- 256 (512) fewer
+  // HFMA2 (and HADD2) a tile for 16 mma. The low nibbles' offset is 1024x their unit, 16x
+  // the high ones': raw, they doubled the error at 33K (2.8e-3; bench/gpu_notes.md, session 21).
+  constexpr int RAWC = PIPE && KFOLD && VFOLD ? TQM_RAW_CODES : 0;
   const uint32_t ones[4] = {0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u};
   // PIPE (the default layout at D <= 128): each warp stages its tiles' codes in shared
   // memory with cp.async -- the next tile's keys load during this tile's values and the
@@ -418,7 +433,10 @@ __device__ void mma_decode_split(
   constexpr int VBUF = PIPE ? TP * VCHK * 4 : 0;
   // One pool: the query (before the loop), the staged scales (in it), the warp merge
   // (after). PIPE: all three live in the dynamic shared memory instead (3 blocks an SM).
-  constexpr int RED_BYTES = WARPS * 8 * D * 4, STG_BYTES = WARPS * (KST + VST) * 2;
+  // The warp merge's rows: RED_P floats, a lane's run of VD dims shifted 4 floats a group
+  // (red_col), so a quarter-warp's 16-byte stores land in distinct banks (unpadded: 4-way).
+  constexpr int RED_P = D + 36;
+  constexpr int RED_BYTES = WARPS * 8 * RED_P * 4, STG_BYTES = WARPS * (KST + VST) * 2;
   constexpr int POOL = PIPE ? 16 : RED_BYTES > STG_BYTES ? RED_BYTES : STG_BYTES;
   __shared__ __align__(16) unsigned char pool[POOL];
   extern __shared__ __align__(16) uint32_t tq_dyn[];  // PIPE: rings, then staged scales
@@ -426,7 +444,8 @@ __device__ void mma_decode_split(
   __shared__ float lutv_s[VCB ? (1 << VB) * 32 : 1];
   __shared__ float red_m[WARPS][8], red_l[WARPS][8];
   __shared__ uint2 qfrag_s[PIPE ? NKB * 32 : 1];  // PIPE: the B fragments, read per k-block (16 registers)
-  auto red_o = reinterpret_cast<float (*)[8][D]>(PIPE ? static_cast<void*>(tq_dyn) : static_cast<void*>(pool));
+  float* red_o = reinterpret_cast<float*>(PIPE ? static_cast<void*>(tq_dyn) : static_cast<void*>(pool));
+  static_assert(!PIPE || RED_BYTES <= WARPS * (KBUF + VBUF) * 4, "PIPE: the merge fits in the rings");
   // 8 * D floats <= RED_BYTES; PIPE: the staged scales' area, before the first tile's are
   // stored -- the rings are already loading the first tile by then.
   auto q_s = reinterpret_cast<float (*)[D]>(PIPE ? static_cast<void*>(tq_dyn + WARPS * (KBUF + VBUF))
@@ -615,6 +634,7 @@ __device__ void mma_decode_split(
 #pragma unroll
   for (int mt = 0; mt < NMT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
   float vbsum[4] = {0.f, 0.f, 0.f, 0.f};  // VFOLD: sum of p * bias per head (every row the same)
+  float vssum[4] = {0.f, 0.f, 0.f, 0.f};  // RAWC: sum of p * scale per head (every row the same)
 
   uint32_t magic = 0x64006400u;  // fp16 1024 in both halves, kept in a register:
   asm volatile("" : "+r"(magic));  // opaque, so each and_or stays one LOP3
@@ -654,6 +674,7 @@ __device__ void mma_decode_split(
     for (int s = 0; s < STEPS; ++s) sc[s][0] = sc[s][1] = sc[s][2] = sc[s][3] = 0.f;
 
     float kbsum[4] = {0.f, 0.f, 0.f, 0.f};  // KFOLD: q . bias per head (every row the same)
+    float qbsum[4] = {0.f, 0.f, 0.f, 0.f};  // RAWC: the sum of q * scale per head
     if constexpr (KCH) {
       // Row g of step s is position P0 + STEPS*g + s, row g+8 is P0 + HALF + STEPS*g + s.
       int grp[2];
@@ -705,13 +726,14 @@ __device__ void mma_decode_split(
           qb0 = h2u(__hmul2(u2h(q0), sc2[0][0]));
           qb1 = h2u(__hmul2(u2h(q1), sc2[0][1]));
           mma16816(kbsum, ones, h2u(__hmul2(u2h(q0), bi2[0][0])), h2u(__hmul2(u2h(q1), bi2[0][1])));
+          if constexpr (RAWC) mma16816(qbsum, ones, qb0, qb1);
         }
         if constexpr (KB == 4 && STEPS == 8) {  // one word = the 8 steps of a channel
           __half2 kp[2][2][8];  // [row half][channel pair][step]
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            nibble_pairs(cw[r][0][0], cw[r][1][0], magic, kp[r][0]);
-            nibble_pairs(cw[r][2][0], cw[r][3][0], magic, kp[r][1]);
+            nibble_pairs<RAWC>(cw[r][0][0], cw[r][1][0], magic, kp[r][0]);
+            nibble_pairs<RAWC>(cw[r][2][0], cw[r][3][0], magic, kp[r][1]);
           }
 #pragma unroll
           for (int s = 0; s < STEPS; ++s) {
@@ -774,7 +796,19 @@ __device__ void mma_decode_split(
       }
     }
 
-    if constexpr (KFOLD) {
+    if constexpr (RAWC) {  // odd steps: sum (1024 + 16c) qb; even: sum (1024 + c) qb (RAWC 1)
+      float ce[4], co[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        ce[e] = RAWC == 1 ? fmaf(-1024.f, qbsum[e], kbsum[e]) : kbsum[e];
+        co[e] = fmaf(-64.f, qbsum[e], kbsum[e]);
+      }
+#pragma unroll
+      for (int s = 0; s < STEPS; ++s) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[s][e] = (s & 1) ? fmaf(sc[s][e], 0.0625f, co[e]) : sc[s][e] + ce[e];
+      }
+    } else if constexpr (KFOLD) {
 #pragma unroll
       for (int s = 0; s < STEPS; ++s) {
 #pragma unroll
@@ -821,6 +855,8 @@ __device__ void mma_decode_split(
         }
         vbsum[i] *= alpha;
         vbsum[2 + i] *= alpha;
+        vssum[i] *= alpha;
+        vssum[2 + i] *= alpha;
       }
     }
 #pragma unroll
@@ -844,8 +880,10 @@ __device__ void mma_decode_split(
       // the top stall). Else every step unrolled below.
       uint32_t pbr[STEPS][2];
 #pragma unroll
-      for (int s = 0; s < STEPS; ++s)
+      for (int s = 0; s < STEPS; ++s) {
         value_b<VFOLD, STEPS>(sc[s], stg + KST, s, g, vbsum, ones, pbr[s][0], pbr[s][1]);
+        if constexpr (RAWC) mma16816(vssum, ones, pbr[s][0], pbr[s][1]);
+      }
 #pragma unroll 1
       for (int s = 0; s < STEPS; ++s) {
         // swz_at(vslot, VCHK * (s + c)) for c a multiple of 8: c adds whole rows (no bits 1-2)
@@ -867,8 +905,8 @@ __device__ void mma_decode_split(
 #pragma unroll
         for (int w = 0; w < NAV; ++w) {
           __half2 p01[8], p23[8];
-          nibble_pairs(vr[0][w], vr[1][w], magic, p01);
-          nibble_pairs(vr[2][w], vr[3][w], magic, p23);
+          nibble_pairs<RAWC>(vr[0][w], vr[1][w], magic, p01);
+          nibble_pairs<RAWC>(vr[2][w], vr[3][w], magic, p23);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             uint32_t a[4];
@@ -890,6 +928,7 @@ __device__ void mma_decode_split(
     for (int s = 0; s < (PIPE && CVAL ? 0 : STEPS); ++s) {
       uint32_t pb0, pb1;
       value_b<VFOLD, STEPS>(sc[s], stg + KST, s, g, vbsum, ones, pb0, pb1);
+      if constexpr (RAWC) mma16816(vssum, ones, pb0, pb1);
       // This lane's A rows use step positions k = 2t, 2t+1, 2t+8, 2t+9.
       uint32_t vr[4][NAV];
       float vsc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -924,8 +963,8 @@ __device__ void mma_decode_split(
 #pragma unroll
         for (int w = 0; w < NAV; ++w) {
           __half2 p01[8], p23[8];  // (position 2t, 2t+1) and (2t+8, 2t+9) of each dim
-          nibble_pairs(vr[0][w], vr[1][w], magic, p01);
-          nibble_pairs(vr[2][w], vr[3][w], magic, p23);
+          nibble_pairs<RAWC>(vr[0][w], vr[1][w], magic, p01);
+          nibble_pairs<RAWC>(vr[2][w], vr[3][w], magic, p23);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {  // m-tile 4w + j: dims 8w + 2j (rows g), + 1 (rows g + 8)
             uint32_t a[4];
@@ -967,6 +1006,16 @@ __device__ void mma_decode_split(
 
   // ---------------------------------------------------------------- merge the warps
   TQM_MARK_WARP(4);
+  if constexpr (RAWC) {  // rows g + 8: sum (1024 + 16c) p s; rows g: sum (1024 + c) p s (RAWC 1)
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if constexpr (RAWC == 1) o[mt][e] = fmaf(-1024.f, vssum[e], o[mt][e]);
+        o[mt][2 + e] = fmaf(-1024.f, vssum[2 + e], o[mt][2 + e]) * 0.0625f;
+      }
+    }
+  }
   if constexpr (PIPE) cp_wait<0>();  // nothing may land in the ring once it holds red_o
   __syncthreads();  // every warp is done with its staged scales: the pool becomes red_o
 #pragma unroll
@@ -980,13 +1029,15 @@ __device__ void mma_decode_split(
     red_l[warp][2 * t] = l_run[0];
     red_l[warp][2 * t + 1] = l_run[1];
   }
+  // A lane's VD dims of heads 2t and 2t + 1, four at a time (m-tiles 2j and 2j + 1).
+  auto red_col = [](int d) { return d + 4 * (d / VD); };
 #pragma unroll
-  for (int mt = 0; mt < NMT; ++mt) {
-    const int d = VD * g + 2 * mt;
-    red_o[warp][2 * t][d] = o[mt][0] + vbsum[0];  // vbsum: 0 unless VFOLD
-    red_o[warp][2 * t + 1][d] = o[mt][1] + vbsum[1];
-    red_o[warp][2 * t][d + 1] = o[mt][2] + vbsum[2];
-    red_o[warp][2 * t + 1][d + 1] = o[mt][3] + vbsum[3];
+  for (int j = 0; j < NMT / 2; ++j) {
+    float* r0 = red_o + (warp * 8 + 2 * t) * RED_P + red_col(VD * g + 4 * j);
+    *reinterpret_cast<float4*>(r0) = make_float4(o[2 * j][0] + vbsum[0], o[2 * j][2] + vbsum[2],
+                                                 o[2 * j + 1][0] + vbsum[0], o[2 * j + 1][2] + vbsum[2]);
+    *reinterpret_cast<float4*>(r0 + RED_P) = make_float4(o[2 * j][1] + vbsum[1], o[2 * j][3] + vbsum[3],
+                                                         o[2 * j + 1][1] + vbsum[1], o[2 * j + 1][3] + vbsum[3]);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
@@ -1003,7 +1054,7 @@ __device__ void mma_decode_split(
       if (mw == TQM_NEG_INF) continue;  // a warp with no positions
       const float f = exp2f(mw - M);
       L = fmaf(red_l[w][h], f, L);
-      acc = fmaf(red_o[w][h][d], f, acc);
+      acc = fmaf(red_o[(w * 8 + h) * RED_P + red_col(d)], f, acc);
     }
     const int64_t row = ((int64_t)(b * n_kv + hkv) * G + head) * S + split;
     o_part[row * D + d] = acc;
