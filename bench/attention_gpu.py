@@ -170,7 +170,7 @@ MMA_TOL = 5e-3  # float16 operands on the tensor cores (METHOD: fp16 ~1e-3)
 
 
 def run_mma_checks(
-    rng, quick: bool = False, select: str = "", save=None, only: str = ""
+    rng, quick: bool = False, select: str = "", save=None, only: str = "", longer: str = ""
 ) -> list[dict]:
     """v4 through real caches (decode step, kernel joined with sink/tail) vs float64.
 
@@ -180,7 +180,8 @@ def run_mma_checks(
     views, 11: decode steps whose new positions the kernel writes, 12: the same with their
     RoPE applied by the kernel), all by default;
     ``save(rows)`` after each run (a call cut by its time limit keeps what it checked).
-    ``only``: comma-separated layout names to check (all by default).
+    ``only``: comma-separated layout names to check (all by default); ``longer``:
+    comma-separated lengths checked on the first shape besides its own (error growth).
     """
     import mlx.core as mx
 
@@ -208,6 +209,8 @@ def run_mma_checks(
               f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
         for name, cfg in layouts:
             lengths = [77, 1000, 4099] + ([129, 33333] if shape == MMA_SHAPES[0] else [])
+            if shape == MMA_SHAPES[0]:
+                lengths += [int(x) for x in longer.split(",") if x]
             for n in lengths:
                 c = cache_case(rng, TurboQuantConfig(**cfg), batch=bsz, q_heads=hq,
                                kv_heads=hkv, dim=d, length=n, sinks=bool(n % 2))  # fmt: skip
@@ -880,6 +883,9 @@ def main() -> None:
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--quick-checks", action="store_true", help="a subset of the checks")
     ap.add_argument("--check-runs", default="", help="check runs to do (indices 0-12)")
+    ap.add_argument(
+        "--check-lengths", default="", help="more lengths for the first shape: 131072,..."
+    )
     ap.add_argument("--no-fold", action="store_true", help="scales applied per element")
     ap.add_argument("--fused-join", action="store_true", help="one launch a layer (checks too)")
     ap.add_argument("--check-layouts", default="", help="layout names to check (all)")
@@ -958,7 +964,9 @@ def main() -> None:
 
     checks = []
     if not args.skip_checks:
-        checks = run_mma_checks(rng, args.quick_checks, args.check_runs, save, args.check_layouts)
+        checks = run_mma_checks(
+            rng, args.quick_checks, args.check_runs, save, args.check_layouts, args.check_lengths
+        )
     if args.v3_checks:
         checks += run_checks(km, rng, quick=True)
     errs = [c["rel_err"] for c in checks]
