@@ -183,6 +183,30 @@ def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope
     assert off >= 6 if rope else off == 0
 
 
+def test_a_tail_chunk_step_switches_the_memo_to_its_plan(monkeypatch, launches):
+    """When the tail crosses into its next chunk of 16 positions, the step takes the plan the
+    layer's memo made for that chunk count (_DecodeMemo.chain): no plan asked and the same
+    memo, where it used to make both again; only a block's step (its body grew) plans. The
+    launches are what planning afresh launches."""
+    rng = np.random.default_rng(5)
+    cache = _cuda_cache(monkeypatch, key_quantizer="channel", group_size=64, sink_tokens=1)
+    kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 128)).astype(np.float16))  # noqa: E731
+    cache.update_and_fetch(kv(100), kv(100))
+    crossed, memo, body, chunks = 0, None, None, None
+    for _ in range(80):
+        keys, values = cache.update_and_fetch(kv(1), kv(1))
+        q = mx.array(rng.standard_normal((1, 8, 1, 128)).astype(np.float16))
+        out, got, plans = layer(monkeypatch, True, q, keys, values, 0.1)
+        assert_same_launches(got, layer(monkeypatch, False, q, keys, values, 0.1)[1])
+        now = -(-keys.tail_buf[1] // mma_decode.MMA_FP_CHUNK) if keys.append else None
+        if now is not None and chunks is not None and keys.n_body == body:  # (a steady step)
+            assert plans == 0 and keys.workspace.decode_memo is memo
+            assert memo.chunks == now and memo.split.grid == got[0][1]["grid"]
+            crossed += now != chunks
+        memo, body, chunks = keys.workspace.decode_memo, keys.n_body, now
+    assert crossed >= 4  # (tails of 37 -> 63, then 2 -> 52 positions: chunks 3 -> 4, 1 -> 4)
+
+
 def _fused_case():
     from services.turboquant import TurboQuantConfig
     from services.turboquant.cache import JoinWorkspace

@@ -428,18 +428,22 @@ def mma_decode_layer(
     if rot is not None and rot.signs is None:
         return None
     kp, vp = keys.parts, values.parts
+
     # Everything but the arrays is planned once per shape (host time per layer decides
     # decode speed when the host, not the GPU, is the bottleneck: bench/gpu_notes.md).
-    plan = _layer_plan(
-        keys.spec, values.spec, keys.dim, values.dim, kp[1].shape[-1], vp[1].shape[-1],
-        kp[1].dtype, vp[1].dtype, queries.shape, queries.dtype, kp[0].shape[1], keys.n_body,
-        rot is not None, head_chunks, tail_chunks, fp_dtype,
-        keys.center is not None, sinks is not None, scale, splits,
-        *_plan_tunables(), fused=FUSED_JOIN and work is not None,
-        fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
-        counter_rows=JOIN_COUNTER_ROWS, append=append is not None, tlen=buffered is not None,
-        rope=None if rope is None else (rope.dims, rope.traditional),
-    )  # fmt: skip
+    def plan_for(tail_chunks):
+        return _layer_plan(
+            keys.spec, values.spec, keys.dim, values.dim, kp[1].shape[-1], vp[1].shape[-1],
+            kp[1].dtype, vp[1].dtype, queries.shape, queries.dtype, kp[0].shape[1], keys.n_body,
+            rot is not None, head_chunks, tail_chunks, fp_dtype,
+            keys.center is not None, sinks is not None, scale, splits,
+            *_plan_tunables(), fused=FUSED_JOIN and work is not None,
+            fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
+            counter_rows=JOIN_COUNTER_ROWS, append=append is not None, tlen=buffered is not None,
+            rope=None if rope is None else (rope.dims, rope.traditional),
+        )  # fmt: skip
+
+    plan = plan_for(tail_chunks)
     if memo_key is not None:
         work.decode_memo = None  # (made again below for a fused plan)
     if plan is None:
@@ -458,6 +462,7 @@ def mma_decode_layer(
         work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs, scale)
         if splits is None and buffered is not None and append is not None:
             work.decode_memo.steady_on(keys, values, queries, n_head + keys.n_body, rope, scale)
+            work.decode_memo.chain(plan_for, work, buffered[0].shape[2])
     o_part, ml_part, fp_o, fp_ml, out = split.launch(inputs + [work_array, cshift, sinks], init)
     if join is not None:  # (else the split kernel joined: FUSED_JOIN)
         signs = rot.signs if rot is not None else None
@@ -493,8 +498,15 @@ def steady_decode_layer(queries, keys, values, scale: float, sinks=None) -> mx.a
         return None
     append = kd["append"]
     buf, n = kd["tail_buf"]
-    if append is None or -(-n // MMA_FP_CHUNK) != memo.chunks or buf.dtype != memo.fp_dtype:
+    if append is None or buf.dtype != memo.fp_dtype:
         return None
+    chunks = -(-n // MMA_FP_CHUNK)
+    if chunks != memo.chunks:  # the tail's next chunk: the plan the memo made for it
+        planned = memo.by_chunks.get(chunks)
+        if planned is None:
+            return None
+        memo.split, memo.key = planned
+        memo.chunks = chunks
     q, k, rope = queries, append.k, memo.rope
     if rope is None:  # (the memo's launch rotated them by MLX ops: so must this step)
         if type(q) is PendingRope or type(k) is PendingRope:
@@ -600,7 +612,7 @@ class _DecodeMemo:
     __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "split", "static",
                  "kh", "kt", "kn", "work", "cshift", "sinks", "tlen", "params_at", "scale2", "params",
                  "k_fields", "v_fields", "gen", "q_shape", "q_dtype", "chunks", "fp_dtype",
-                 "scale", "has_sinks", "rope", "fixed")  # fmt: skip
+                 "scale", "has_sinks", "rope", "fixed", "by_chunks")  # fmt: skip
 
     def __init__(self, key, keys, values, rot, split, inputs, scale):
         self.key, self.rot = key, rot
@@ -623,6 +635,7 @@ class _DecodeMemo:
         self.scale2 = scale * LOG2E
         self.params = _tail_params(self.scale2) if self.tlen else ()  # (tail_params' table)
         self.k_fields = None  # (steady_on: none yet)
+        self.by_chunks = {}  # (chain: none yet)
 
     def steady_on(self, keys, values, queries, fixed: int, rope, scale: float) -> None:
         """Let :func:`steady_decode_layer` take the next decode steps of these sides' cache:
@@ -637,6 +650,23 @@ class _DecodeMemo:
         buf, n = keys.tail_buf
         self.chunks, self.fp_dtype = -(-n // MMA_FP_CHUNK), buf.dtype
         self.has_sinks = self.sinks
+
+    def chain(self, plan_for, work, capacity: int) -> None:
+        """The plans of the tail's next chunk counts, up to a tail buffer of ``capacity``
+        positions, for :func:`steady_decode_layer` to switch to as the tail grows: a chunk
+        step (every 16 decode steps) then makes no memo (~1,700 opcodes a layer, against
+        ~740 a steady step; bench/gpu_notes.md, session 21). Only fused plans that read the
+        inputs this one reads; the workspace grows once to the largest."""
+        by, most = {}, 0
+        for c in range(self.chunks + 1, -(-capacity // MMA_FP_CHUNK) + 1):
+            plan = plan_for(c)
+            if plan is None or plan[1] is not None or plan[0].kept != self.split.kept:
+                break
+            # (memo_key's fourth field is the tail's chunk count)
+            by[c] = (plan[0], self.key[:3] + (c,) + self.key[4:])
+            most = max(most, plan[0].work_floats)
+        work.at_least(most)
+        self.by_chunks = by
 
     def __deepcopy__(self, _memo):
         return None  # a copied cache plans afresh (a kernel object does not copy)
