@@ -138,8 +138,14 @@ def test_decode_steps_launch_as_planned_with_the_memo(monkeypatch, launches, con
     copy.deepcopy(cache)  # a copied cache (prompt-cache reuse): the memo is not copied
 
 
+# The layer in one launch (the split kernel joins), or in two (past FUSED_MAX_WORK: long
+# contexts, few KV heads) -- the memo and the steady path take both.
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "split-then-join"])
+
+
+@FUSED
 @pytest.mark.parametrize("rope", [False, True], ids=["rope-by-mlx", "rope-in-kernel"])
-def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope):
+def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope, fused):
     """steady_decode_layer (a decode step in one frame) answers the steps between blocks
     and tail chunks, and launches exactly what planning afresh launches -- with the step's
     RoPE left to the kernel (PendingRope) or not; a query one position off is not its."""
@@ -147,6 +153,8 @@ def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope
 
     from services.turboquant.rope_fusion import DeferringRope, PendingRope, rope_spec
 
+    if not fused:
+        monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", 1)
     rng = np.random.default_rng(2)
     cache = _cuda_cache(monkeypatch, key_quantizer="channel", group_size=64, sink_tokens=1)
     kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 128)).astype(np.float16))  # noqa: E731
@@ -170,6 +178,7 @@ def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope
         n = len(answered)
         out, second, plans = layer(monkeypatch, True, *args)
         planned = layer(monkeypatch, False, *args)[1]
+        assert len(planned) == (1 if fused else 2)
         assert_same_launches(first, planned)
         assert_same_launches(second, planned)
         if keys.append is not None:  # (a step that quantized a block writes by MLX ops)
@@ -183,11 +192,14 @@ def test_the_steady_path_launches_what_the_plan_does(monkeypatch, launches, rope
     assert off >= 6 if rope else off == 0
 
 
-def test_a_tail_chunk_step_switches_the_memo_to_its_plan(monkeypatch, launches):
+@FUSED
+def test_a_tail_chunk_step_switches_the_memo_to_its_plan(monkeypatch, launches, fused):
     """When the tail crosses into its next chunk of 16 positions, the step takes the plan the
     layer's memo made for that chunk count (_DecodeMemo.chain): no plan asked and the same
     memo, where it used to make both again; only a block's step (its body grew) plans. The
     launches are what planning afresh launches."""
+    if not fused:
+        monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", 1)
     rng = np.random.default_rng(5)
     cache = _cuda_cache(monkeypatch, key_quantizer="channel", group_size=64, sink_tokens=1)
     kv = lambda n: mx.array(rng.standard_normal((1, 2, n, 128)).astype(np.float16))  # noqa: E731

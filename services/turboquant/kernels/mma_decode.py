@@ -445,7 +445,7 @@ def mma_decode_layer(
 
     plan = plan_for(tail_chunks)
     if memo_key is not None:
-        work.decode_memo = None  # (made again below for a fused plan)
+        work.decode_memo = None  # (made again below)
     if plan is None:
         return None
     split, join, const = plan
@@ -458,8 +458,8 @@ def mma_decode_layer(
     work_array = work.at_least(split.work_floats) if join is None else None
     params = const if buffered is None else tail_params(scale * LOG2E, n_tail)
     inputs = _split_inputs(split, queries, keys, values, params, rot, rope) + fp_inputs
-    if memo_key is not None and join is None:
-        work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs, scale)
+    if memo_key is not None:
+        work.decode_memo = _DecodeMemo(memo_key, keys, values, rot, split, inputs, scale, join)
         if splits is None and buffered is not None and append is not None:
             work.decode_memo.steady_on(keys, values, queries, n_head + keys.n_body, rope, scale)
             work.decode_memo.chain(plan_for, work, buffered[0].shape[2])
@@ -505,7 +505,7 @@ def steady_decode_layer(queries, keys, values, scale: float, sinks=None) -> mx.a
         planned = memo.by_chunks.get(chunks)
         if planned is None:
             return None
-        memo.split, memo.key = planned
+        memo.split, memo.join, memo.key = planned
         memo.chunks = chunks
     q, k, rope = queries, append.k, memo.rope
     if rope is None:  # (the memo's launch rotated them by MLX ops: so must this step)
@@ -541,9 +541,10 @@ def steady_decode_layer(queries, keys, values, scale: float, sinks=None) -> mx.a
     if memo.sinks:
         inputs.append(sinks.astype(mx.float32))
     split = memo.split
-    out = split.kernel(inputs=inputs, grid=split.grid, threadgroup=split.threadgroup,
-                       output_shapes=split.shapes, output_dtypes=split.dtypes,
-                       init_value=None)[0]  # fmt: skip
+    made = split.kernel(inputs=inputs, grid=split.grid, threadgroup=split.threadgroup,
+                        output_shapes=split.shapes, output_dtypes=split.dtypes,
+                        init_value=None)  # fmt: skip
+    out = made[0] if memo.join is None else memo.joined(made, q, keys, scale, sinks)
     append.writer = out
     return out
 
@@ -606,20 +607,22 @@ _DYNAMIC = ("kh", "kt", "kn", "work", "cshift", "sinks")  # per call (kh/vh, kt/
 
 
 class _DecodeMemo:
-    """A fused layer's split launch with its static inputs, for the next calls that read the
-    same body views and specs (held here, so no id is reused) and the same ``key``."""
+    """A layer's split launch with its static inputs (and its join launch where the plan is
+    not fused), for the next calls that read the same body views and specs (held here, so no
+    id is reused) and the same ``key``."""
 
     __slots__ = ("key", "k_parts", "v_parts", "k_spec", "v_spec", "rot", "split", "static",
                  "kh", "kt", "kn", "work", "cshift", "sinks", "tlen", "params_at", "scale2", "params",
                  "k_fields", "v_fields", "gen", "q_shape", "q_dtype", "chunks", "fp_dtype",
-                 "scale", "has_sinks", "rope", "fixed", "by_chunks")  # fmt: skip
+                 "scale", "has_sinks", "rope", "fixed", "by_chunks", "join", "join_flags")  # fmt: skip
 
-    def __init__(self, key, keys, values, rot, split, inputs, scale):
+    def __init__(self, key, keys, values, rot, split, inputs, scale, join=None):
         self.key, self.rot = key, rot
         self.k_parts, self.v_parts, self.k_spec, self.v_spec = (
             keys.parts, values.parts, keys.spec, values.spec
         )  # fmt: skip
-        assert split.kept_out == (SPLIT_OUTPUTS.index("out"),)  # a fused plan's one output
+        # a fused plan's one output, else the partials the join takes
+        assert (split.kept_out == (SPLIT_OUTPUTS.index("out"),)) == (join is None)
         layout = split.__dict__.get("memo_layout")
         if layout is None:  # (once a plan: a memo is made again every tail chunk of a layer)
             kept = [SPLIT_INPUTS[i] for i in split.kept]
@@ -629,7 +632,9 @@ class _DecodeMemo:
         pick, self.params_at, flags = layout  # (params: after the queries)
         self.static = pick(inputs)
         self.kh, self.kt, self.kn, self.work, self.cshift, self.sinks = flags
-        self.split = split
+        self.split, self.join = split, join
+        # the join's per-call inputs: (the rotation's signs, q.centre, the learned sinks)
+        self.join_flags = None if join is None else _join_flags(join, rot)
         # TLEN: the tail's length is in params, one cached constant a length (tail_params)
         self.tlen = keys.tail_buf is not None
         self.scale2 = scale * LOG2E
@@ -649,23 +654,30 @@ class _DecodeMemo:
         self.q_dtype = queries.dtype
         buf, n = keys.tail_buf
         self.chunks, self.fp_dtype = -(-n // MMA_FP_CHUNK), buf.dtype
-        self.has_sinks = self.sinks
+        self.has_sinks = self.sinks if self.join is None else self.join_flags[2]
 
     def chain(self, plan_for, work, capacity: int) -> None:
         """The plans of the tail's next chunk counts, up to a tail buffer of ``capacity``
         positions, for :func:`steady_decode_layer` to switch to as the tail grows: a chunk
         step (every 16 decode steps) then makes no memo (~1,700 opcodes a layer, against
-        ~740 a steady step; bench/gpu_notes.md, session 21). Only fused plans that read the
-        inputs this one reads; the workspace grows once to the largest."""
+        ~740 a steady step; bench/gpu_notes.md, session 21). Only plans that read the inputs
+        this one reads, fused if it is; the workspace grows once to the largest."""
         by, most = {}, 0
         for c in range(self.chunks + 1, -(-capacity // MMA_FP_CHUNK) + 1):
             plan = plan_for(c)
-            if plan is None or plan[1] is not None or plan[0].kept != self.split.kept:
+            if (
+                plan is None
+                or plan[0].kept != self.split.kept
+                or (plan[1] is None) != (self.join is None)
+                or (plan[1] is not None and plan[1].kept != self.join.kept)
+            ):
                 break
             # (memo_key's fourth field is the tail's chunk count)
-            by[c] = (plan[0], self.key[:3] + (c,) + self.key[4:])
-            most = max(most, plan[0].work_floats)
-        work.at_least(most)
+            by[c] = (plan[0], plan[1], self.key[:3] + (c,) + self.key[4:])
+            if plan[1] is None:
+                most = max(most, plan[0].work_floats)
+        if most:
+            work.at_least(most)
         self.by_chunks = by
 
     def __deepcopy__(self, _memo):
@@ -691,10 +703,34 @@ class _DecodeMemo:
             inputs.append(_centre_shift(queries, keys, self.rot, scale))
         if self.sinks:
             inputs.append(sinks.astype(mx.float32))
-        out = self.split.call(inputs, None)[0]
+        made = self.split.call(inputs, None)
+        out = made[0] if self.join is None else self.joined(made, queries, keys, scale, sinks)
         if self.kn:
             keys.append.writer = out
         return out
+
+    def joined(self, made, queries, keys, scale, sinks) -> mx.array:
+        """The join launch after a split launch that wrote ``made`` (its kept outputs)."""
+        if len(made) == 4:  # o_part, ml_part, fp_o, fp_ml
+            parts = [*made]
+        else:
+            parts = [None] * 4
+            for i, a in zip(self.split.kept_out, made, strict=True):
+                parts[i] = a
+        signs, centre, has_sinks = self.join_flags
+        parts += (
+            signs,
+            _centre_shift(queries, keys, self.rot, scale) if centre else None,
+            sinks.astype(mx.float32) if has_sinks else None,
+        )
+        return self.join.launch(parts, None)[0]
+
+
+def _join_flags(join, rot) -> tuple:
+    """(signs or None, whether the join takes q.centre, whether it takes learned sinks)."""
+    kept = [JOIN_INPUTS[i] for i in join.kept]
+    signs = rot.signs if "signs" in kept and rot is not None else None
+    return signs, "cshift" in kept, "sinks" in kept
 
 
 def _picker(indices):
