@@ -93,9 +93,10 @@ COMPACT_VALUES = True
 FUSED_JOIN = True
 FUSED_MAX_WORK: int | None = 8 * 65536 * 128  # None: no limit (nor on the tail)
 FUSED_MAX_TAIL = 32 * 8 * 128
-# A fused layer's plan and static inputs are kept on its JoinWorkspace (_DecodeMemo) and
-# reused while the body views stay the same objects: the call then skips the plan's cache
-# lookup and the input lists (host time per layer). False: every call plans (tests).
+# A layer's plan (split, and join where not fused) and static inputs are kept on its
+# JoinWorkspace (_DecodeMemo) and reused while the body views stay the same objects: the
+# call then skips the plan's cache lookup and the input lists (host time per layer).
+# False: every call plans (tests).
 DECODE_MEMO = True
 # bench/kernel_trace.py only: fused split kernels built with TQM_TRACE record each block's
 # timeline (globaltimer, clock64) as 32 uint64 a block, TRACE_AT floats past the workspace's
@@ -501,7 +502,9 @@ def steady_decode_layer(queries, keys, values, scale: float, sinks=None) -> mx.a
     if append is None or buf.dtype != memo.fp_dtype:
         return None
     chunks = -(-n // MMA_FP_CHUNK)
-    if chunks != memo.chunks:  # the tail's next chunk: the plan the memo made for it
+    # The tail's next chunk: the plan the memo made for it (right whatever this step then
+    # decides: the memo is that chunk count's from here on).
+    if chunks != memo.chunks:
         planned = memo.by_chunks.get(chunks)
         if planned is None:
             return None

@@ -110,9 +110,9 @@ def compact(source: str) -> str:
 
 
 MMA_FP_CHUNK = 16  # positions a fp_chunk block takes (the kernels read TQM_FP_CHUNK)
-MMA_RAW_CODES = (
-    2  # the default layout's codes to the tensor cores with offsets: 2 high nibbles, 1 all
-)
+# The default layout's 4-bit codes to the tensor cores with their fp16 offset (RAWC): 2 the
+# high nibbles, 1 all (past the error bound at 128K), 0 none.
+MMA_RAW_CODES = 2
 MMA_WORK_ALIGN = 32  # floats each part of the fused join's workspace is rounded up to
 
 # The split kernel's device code, after MMA_COMMON.
@@ -416,8 +416,8 @@ __device__ void mma_decode_split(
   // leaves them, 1024 + 16c (odd key steps, value rows g + 8), and under TQM_RAW_CODES 1 the
   // low ones too, 1024 + c (even steps, rows g); the offsets leave in fp32 through sums of
   // the B operands (qbsum, vssum: one mma against ones a k-block / step) -- 256 (512) fewer
-  // HFMA2 (and HADD2) a tile for 16 mma. The low nibbles' offset is 1024x their unit, 16x
-  // the high ones': raw, they doubled the error at 33K (2.8e-3; bench/gpu_notes.md, session 21).
+  // HFMA2 (and HADD2) a tile for 16 mma. The low nibbles' offset is 1024 units, the high
+  // ones' 64: raw, the low ones doubled the error at 33K and failed at 128K (session 21).
   constexpr int RAWC = PIPE && KFOLD && VFOLD ? TQM_RAW_CODES : 0;
   const uint32_t ones[4] = {0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u};
   // PIPE (the default layout at D <= 128): each warp stages its tiles' codes in shared
