@@ -55,6 +55,10 @@ while [ $# -gt 0 ]; do
           rm "$w/cuda.part.aa" &&
           python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$w"/*.whl
       fi
+      # bench/gpu_wheels.sh: pydantic & co. for the CUDA tests that import the sidecar
+      if [ -d .gpuwheels ] && [ ! -d /tmp/site/pydantic ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwheels/*.whl
+      fi
       python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
       ;;
     checks)
