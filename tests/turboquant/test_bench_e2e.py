@@ -158,6 +158,52 @@ def test_dispatch_cost_times_our_layer_without_launches(monkeypatch):
         mma_decode.clear_kernel_caches()
 
 
+def test_the_decode_kernels_are_built_before_the_timed_rounds(monkeypatch):
+    """On CUDA, run_context first runs the sidecar's warm-up for each TurboQuant kind
+    (warm_kernels -> kernels/warm.py), so no variant compiles inside a timed round: here as
+    if on CUDA, with recorded stand-in kernels -- the split kernel of one launch a layer and
+    of two (and the join) launch before the first timed step; fp16 warms nothing."""
+    import mlx.core as mx
+
+    from bench.host_time import CachedStandInKernel, hook_kernels
+    from services.turboquant.attention import set_body_decode_kernel, set_layer_decode_kernel
+    from services.turboquant.kernels import fused_decode, mma_decode
+
+    launched = []
+
+    class Recorded(CachedStandInKernel):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.name = kw["name"]
+
+        def __call__(self, **kw):
+            launched.append(self.name)
+            return super().__call__(**kw)
+
+    warmed, timed = [], []
+    real_warm, real_rate = e2e.warm_kernels, e2e.decode_rate
+    monkeypatch.setattr(e2e, "warm_kernels", lambda m, k: warmed.append(k) or real_warm(m, k))
+    monkeypatch.setattr(
+        e2e, "decode_rate", lambda *a, **kw: timed.append(len(launched)) or real_rate(*a, **kw)
+    )
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)
+    monkeypatch.setattr(mx.fast, "cuda_kernel", mx.fast.cuda_kernel)  # restored after
+    old = set_layer_decode_kernel(None), set_body_decode_kernel(None)
+    try:
+        hook_kernels(Recorded)
+        model = e2e.build("llama-3.1-8b", tiny=True)
+        e2e.run_context(model, ["fp16", "tq-default"], context=200, steps=2, repeats=1)
+    finally:
+        set_layer_decode_kernel(old[0])
+        set_body_decode_kernel(old[1])
+        mma_decode.clear_kernel_caches()
+    assert warmed == ["tq-default"]
+    before = launched[: timed[0]]  # (the first decode_rate: run_context's own warm-up)
+    assert any(n.startswith("tq_mma_decode_join") for n in before)  # two launches a layer
+    splits = {n for n in before if n.startswith("tq_mma_decode_split")}
+    assert len(splits) >= 2  # (kernel names carry their template's digest: several variants)
+
+
 def test_attention_table_reports_pipelined_layers_apart():
     """The decode-loop timings get their own table and ratio; they stay out of the chained
     table and the kernel-only sweep."""
