@@ -9,7 +9,7 @@
 #   bash bench/gpu_session.sh table e2e-128k
 #
 # Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
-#        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k |
+#        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k | e2e-ab N VARIANT | pack |
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS"
 set -euo pipefail
@@ -134,6 +134,32 @@ while [ $# -gt 0 ]; do
     e2e-rope)  # Llama at 32K, batch 1: RoPE in the layer kernel (default) vs by MLX ops
       run 300 e2e-32k-rope python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \
         --contexts 32768 --caches fp16,tq-default,tq-mlxrope --repeats 6
+      ;;
+    e2e-ab)  # e2e-ab N VARIANT: Llama 32K batch 1, N rounds of one process a build, the root
+      n=$1 variant=$2  # and .variants/VARIANT alternated (ABBA), until ~520 s; bench/e2e_ab.py
+      shift 2
+      d="$OUT/e2e-ab" root=$PWD t0=$(date +%s)
+      mkdir -p "$d"
+      echo "== e2e-ab ($(date -u +%H:%M:%S)): new = $(git rev-parse --short HEAD 2>/dev/null || echo root), old = .variants/$variant"
+      for i in $(seq 1 "$n"); do
+        order="new old"
+        [ $((i % 2)) = 0 ] && order="old new"
+        for b in $order; do
+          [ $(($(date +%s) - t0)) -gt 520 ] && break 2
+          src=$root
+          [ "$b" = old ] && src=$root/.variants/$variant
+          # each build runs from its own tree (its bench, its services)
+          (cd "$src" && PYTHONPATH=/tmp/site:$src timeout 90 python3 bench/e2e_decode_gpu.py \
+            --models llama-3.1-8b --contexts 32768 --caches fp16,tq-default --repeats 6 --calls 32 \
+            --out "$d/$b-$i" >"$d/$b-$i.log" 2>&1) || echo "== $b-$i failed (status $?)"
+          echo "$b-$i" >>"$d/order.txt"
+        done
+      done
+      python3 bench/e2e_ab.py "$d"
+      ;;
+    pack)  # everything under $OUT as one tarball (the device tool brings back only a few files)
+      (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && rm -rf ./* &&
+        mv /tmp/results.tgz results.tgz)
       ;;
     e2e-128k)
       run 200 e2e-128k-b4 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b \
