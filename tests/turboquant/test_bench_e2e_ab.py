@@ -18,10 +18,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _process(d: Path, fp16: float, ours: float, build_ms: float = 2.0) -> None:
+    same = {
+        "model": "llama-3.1-8b",
+        "weight_bits": 16,
+        "context": 32768,
+        "batch": 1,
+        "peak_bytes": 2**34,
+        "unpipelined_ms": {"build": 1.5, "dispatch": 3.0, "wait": 3.0},
+    }
     rows = [
-        {"cache": "fp16", "tok_s": fp16, "vs_first": 1.0,
-         "host_ms": {"build": 1.6, "dispatch": 4.7, "wait": 0.0}},
-        {"cache": "tq-default", "tok_s": ours, "vs_first": ours / fp16 + 0.001,
+        {**same, "cache": "fp16", "tok_s": fp16, "tok_s_runs": [fp16], "vs_first": 1.0,
+         "kv_bytes": 2**32, "host_ms": {"build": 1.6, "dispatch": 4.7, "wait": 0.0}},
+        {**same, "cache": "tq-default", "tok_s": ours, "tok_s_runs": [ours],
+         "vs_first": ours / fp16 + 0.001, "kv_bytes": 2**30,
          "host_ms": {"build": build_ms, "dispatch": 2.9, "wait": 1.0}},
     ]  # fmt: skip
     d.mkdir(parents=True)
@@ -108,3 +117,29 @@ def test_the_e2e_ab_step_alternates_the_builds_each_from_its_own_tree(tmp_path):
     with tarfile.open(out / "results.tgz") as t:
         assert "./e2e-ab/order.txt" in t.getnames()
         assert "./e2e-ab/old-3/e2e_decode_gpu.json" in t.getnames()
+
+
+def test_write_renders_every_process_with_the_verdict_above(tmp_path, monkeypatch):
+    for name, ours in (("new-1", 112.0), ("old-1", 105.0), ("old-2", 104.0), ("new-2", 111.0)):
+        _process(tmp_path / name, 100.0, ours)
+    (tmp_path / "order.txt").write_text("new-1\nold-1\nold-2\nnew-2\n")
+    written = {}
+    monkeypatch.setattr(
+        "bench.report.write_section",
+        lambda name, title, body, **kw: written.update(name=name, body=body, **kw),
+    )
+    argv = ["e2e_ab.py", str(tmp_path), "--write", "--section", "e2e_ab_t", "--machine", "m",
+            "--command", "c", "--note", "Why."]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    e2e_ab.main()
+    body = written["body"]
+    assert written["name"] == "e2e_ab_t" and written["machine"] == "m"
+    assert body.index("Why.") < body.index("| new | 2 |") < body.index("| model |")
+    assert "Processes: 1 new, 2 old, 3 old, 4 new." in body
+    rows = [ln.split("|") for ln in body.splitlines() if ln.startswith("| llama-3.1-8b |")]
+    # every process's two rows, numbered in the order they ran, ratios as each file has them
+    assert [(r[4].strip(), r[6].strip(), r[9].strip()) for r in rows] == [
+        (str(i), cache, ratio)
+        for i, ours in enumerate((1.121, 1.051, 1.041, 1.111), 1)
+        for cache, ratio in (("fp16", "1.00x"), ("tq-default", f"{ours:.2f}x"))
+    ]
