@@ -144,14 +144,20 @@ def _fake_tools(tmp_path, *names: str) -> tuple[str, object]:
     return f"{bin_dir}:{os.environ['PATH']}", calls
 
 
-@pytest.mark.timeout(60)
-def test_systemd_mode_renders_enables_and_removes_units(fake_install, tmp_path):
-    inst = fake_install
+def _load_systemd(inst, tmp_path):
+    """load-services.sh in systemd mode with a stand-in systemctl: (units dir, its calls, env)."""
     path, calls = _fake_tools(tmp_path, "systemctl")
     units = tmp_path / "units"
     env = inst.env(TQSTACK_SERVICE_MODE="systemd", TQSTACK_SYSTEMD_DIR=str(units), PATH=path)
     r = run_bash(inst.script("load-services.sh"), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    return units, calls, env
+
+
+@pytest.mark.timeout(60)
+def test_systemd_mode_renders_enables_and_removes_units(fake_install, tmp_path):
+    inst = fake_install
+    units, calls, env = _load_systemd(inst, tmp_path)
     for svc in ("router", "sidecar"):
         unit = (units / f"tqstack-{svc}.service").read_text()
         assert f'ExecStart=/bin/bash "{inst.home}/app/scripts/tqstack-service.sh" {svc}' in unit
@@ -174,12 +180,7 @@ def test_systemd_units_pass_systemds_own_parser(fake_install, tmp_path):
     """The rendered units as systemd itself reads them (``systemd-analyze verify``): a key it
     does not know, a value it cannot parse or a relative ExecStart is reported there, where a
     text check of ours would pass it."""
-    inst = fake_install
-    path, _ = _fake_tools(tmp_path, "systemctl")
-    units = tmp_path / "units"
-    env = inst.env(TQSTACK_SERVICE_MODE="systemd", TQSTACK_SYSTEMD_DIR=str(units), PATH=path)
-    r = run_bash(inst.script("load-services.sh"), env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
+    units, _, _ = _load_systemd(fake_install, tmp_path)
     rendered = sorted(units.glob("*.service"))
     assert [u.name for u in rendered] == ["tqstack-router.service", "tqstack-sidecar.service"]
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, rendered)],
