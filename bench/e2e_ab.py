@@ -3,8 +3,8 @@ one verdict: each process's ratio to fp16, the medians per build, and the host c
 say why. At batch 1 a process's ratio spreads ~0.035 (the VM's host), so a change of 2-3 %
 needs ~20 processes a build; ``bash bench/gpu_session.sh e2e-ab N`` runs them::
 
-    python bench/e2e_ab.py R/e2e-ab                  # print the verdict
-    python bench/e2e_ab.py R/e2e-ab --write --section e2e_ab_x --title "..." --note "..."
+    python bench/e2e_ab.py R1/e2e-ab R2/e2e-ab       # print the verdict (calls in order)
+    python bench/e2e_ab.py R1/e2e-ab R2/e2e-ab --write --section e2e_ab_x --title "..." --note "..."
 
 A directory holds ``<build>-<i>/e2e_decode_gpu.json`` (one process each: the row of each
 cache, as ``bench/e2e_decode_gpu.py`` writes it) and ``order.txt``, the builds' names in the
@@ -61,11 +61,13 @@ def sample(f: Path, cache: str = CACHE) -> dict | None:
     }
 
 
-def verdict(root: Path, cache: str = CACHE, goal: float = 1.1) -> dict:
-    """Per build: its processes' ratios in order, the median ratio, how many reach ``goal``,
-    and the medians of the other columns."""
+def verdict(roots: Path | list[Path], cache: str = CACHE, goal: float = 1.1) -> dict:
+    """Per build: its processes' ratios in order (``roots``: one directory a device call, in
+    the order they ran), the median ratio, how many reach ``goal``, and the medians of the
+    other columns."""
+    roots = [roots] if isinstance(roots, Path) else roots
     by: dict[str, list[dict]] = {}
-    for build, f in processes(root):
+    for build, f in (p for root in roots for p in processes(root)):
         s = sample(f, cache)
         if s is not None:
             by.setdefault(build, []).append(s)
@@ -100,7 +102,7 @@ def summary(v: dict, goal: float = 1.1) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("root", help="a directory of <build>-<i>/e2e_decode_gpu.json")
+    ap.add_argument("roots", nargs="+", help="directories of <build>-<i>/e2e_decode_gpu.json")
     ap.add_argument("--cache", default=CACHE)
     ap.add_argument("--goal", type=float, default=1.1)
     ap.add_argument("--write", action="store_true", help="write the docs section too")
@@ -108,15 +110,16 @@ def main() -> None:
     ap.add_argument("--title", default="End-to-end decode on the GPU: two builds alternated")
     add_section_args(ap)
     args = ap.parse_args()
-    root = Path(args.root)
-    v = verdict(root, args.cache, args.goal)
+    roots = [Path(r) for r in args.roots]
+    v = verdict(roots, args.cache, args.goal)
     table = summary(v, args.goal)
     print(table)
     if args.write:
         from bench import e2e_decode_gpu
 
-        files = ",".join(str(f) for _, f in processes(root))
-        order = ", ".join(f"{i} {b}" for i, (b, _) in enumerate(processes(root), 1))
+        procs = [p for root in roots for p in processes(root)]
+        files = ",".join(str(f) for _, f in procs)
+        order = ", ".join(f"{i} {b}" for i, (b, _) in enumerate(procs, 1))
         note = (args.note + "\n\n" if args.note else "") + table + f"\n\nProcesses: {order}."
         e2e_decode_gpu.render(files, args.machine, args.command, note, args.section, args.title)
 

@@ -120,16 +120,19 @@ def test_the_e2e_ab_step_alternates_the_builds_each_from_its_own_tree(tmp_path):
 
 
 def test_write_renders_every_process_with_the_verdict_above(tmp_path, monkeypatch):
-    for name, ours in (("new-1", 112.0), ("old-1", 105.0), ("old-2", 104.0), ("new-2", 111.0)):
-        _process(tmp_path / name, 100.0, ours)
-    (tmp_path / "order.txt").write_text("new-1\nold-1\nold-2\nnew-2\n")
+    """Two device calls' directories: their processes in the calls' order."""
+    for call, runs in (("a", (("new-1", 112.0), ("old-1", 105.0))),
+                       ("b", (("old-1", 104.0), ("new-1", 111.0)))):  # fmt: skip
+        for name, ours in runs:
+            _process(tmp_path / call / name, 100.0, ours)
+        (tmp_path / call / "order.txt").write_text("\n".join(n for n, _ in runs))
     written = {}
     monkeypatch.setattr(
         "bench.report.write_section",
         lambda name, title, body, **kw: written.update(name=name, body=body, **kw),
     )
-    argv = ["e2e_ab.py", str(tmp_path), "--write", "--section", "e2e_ab_t", "--machine", "m",
-            "--command", "c", "--note", "Why."]  # fmt: skip
+    argv = ["e2e_ab.py", str(tmp_path / "a"), str(tmp_path / "b"), "--write",
+            "--section", "e2e_ab_t", "--machine", "m", "--command", "c", "--note", "Why."]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     e2e_ab.main()
     body = written["body"]
