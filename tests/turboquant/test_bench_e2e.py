@@ -192,12 +192,19 @@ def test_the_decode_kernels_are_built_before_the_timed_rounds(monkeypatch):
     try:
         hook_kernels(Recorded)
         model = e2e.build("llama-3.1-8b", tiny=True)
-        e2e.run_context(model, ["fp16", "tq-default"], context=200, steps=2, repeats=1)
+        warmed_here = set()
+        e2e.run_context(model, ["fp16", "tq-default"], context=200, steps=2, repeats=1,
+                        warmed=warmed_here)  # fmt: skip
+        first = len(launched)
+        # a second context of the same model: its kernels are built, no warm-up again
+        e2e.run_context(model, ["fp16", "tq-default"], context=230, steps=2, repeats=1,
+                        warmed=warmed_here)  # fmt: skip
     finally:
         set_layer_decode_kernel(old[0])
         set_body_decode_kernel(old[1])
         mma_decode.clear_kernel_caches()
-    assert warmed == ["tq-default"]
+    assert warmed == ["tq-default"] and warmed_here == {"tq-default"}
+    assert len(launched) > first and len(timed) > 2  # (the second context did run)
     before = launched[: timed[0]]  # (the first decode_rate: run_context's own warm-up)
     assert any(n.startswith("tq_mma_decode_join") for n in before)  # two launches a layer
     splits = {n for n in before if n.startswith("tq_mma_decode_split")}
