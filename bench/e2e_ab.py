@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.report import add_section_args  # noqa: E402
+from bench.report import add_section_args, markdown_table  # noqa: E402
 
 CACHE = "tq-default"
 
@@ -85,19 +85,15 @@ def verdict(roots: Path | list[Path], cache: str = CACHE, goal: float = 1.1) -> 
 
 
 def summary(v: dict, goal: float = 1.1) -> str:
-    lines = [
-        "| build | processes | vs fp16 a process (in order) | median | at >= "
-        f"{goal}x | ours tok/s | fp16 tok/s | ours build / wait ms a step | fp16 build ms |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for build, s in v.items():
-        ratios = " / ".join(f"{r:.2f}" for r in s["ratios"])
-        lines.append(
-            f"| {build} | {s['n']} | {ratios} | {s['median']:.3f}x | {s['at_goal']} | "
-            f"{s['tok_s']:.1f} | {s['fp16_tok_s']:.1f} | {s['build_ms']:.2f} / "
-            f"{s['wait_ms']:.2f} | {s['fp16_build_ms']:.2f} |"
-        )
-    return "\n".join(lines)
+    head = ["build", "processes", "vs fp16 a process (in order)", "median", f"at >= {goal}x",
+            "ours tok/s", "fp16 tok/s", "ours build / wait ms a step", "fp16 build ms"]  # fmt: skip
+    rows = [
+        [build, s["n"], " / ".join(f"{r:.2f}" for r in s["ratios"]), f"{s['median']:.3f}x",
+         s["at_goal"], f"{s['tok_s']:.1f}", f"{s['fp16_tok_s']:.1f}",
+         f"{s['build_ms']:.2f} / {s['wait_ms']:.2f}", f"{s['fp16_build_ms']:.2f}"]
+        for build, s in v.items()
+    ]  # fmt: skip
+    return markdown_table(head, rows).rstrip()
 
 
 def main() -> None:
