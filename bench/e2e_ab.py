@@ -75,7 +75,7 @@ def verdict(roots: Path | list[Path], cache: str = CACHE, goal: float = 1.1) -> 
     for build, xs in by.items():
         out[build] = {
             "n": len(xs),
-            "ratios": [round(x["ratio"], 3) for x in xs],
+            "ratios": [x["ratio"] for x in xs],  # (rounded only where shown)
             "median": statistics.median(x["ratio"] for x in xs),
             "at_goal": sum(x["ratio"] >= goal for x in xs),
             **{k: statistics.median(x[k] for x in xs)

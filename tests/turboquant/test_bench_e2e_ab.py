@@ -46,8 +46,7 @@ def test_the_verdict_takes_each_process_ratio_and_medians_per_build(tmp_path):
     v = e2e_ab.verdict(tmp_path, goal=1.1)
     assert set(v) == {"new", "old"}
     # the paired ratio each process wrote (vs_first), in the order they ran
-    assert v["new"]["ratios"] == [round(168 / 150 + 0.001, 3), round(147 / 140 + 0.001, 3),
-                                  round(160 / 145 + 0.001, 3)]  # fmt: skip
+    assert v["new"]["ratios"] == [168 / 150 + 0.001, 147 / 140 + 0.001, 160 / 145 + 0.001]
     assert v["new"]["n"] == 3 and v["old"]["n"] == 2
     assert abs(v["new"]["median"] - (160 / 145 + 0.001)) < 1e-9
     assert abs(v["old"]["median"] - statistics.median([165 / 150, 150 / 140]) - 0.001) < 1e-9
@@ -69,6 +68,12 @@ def test_session_22s_recorded_processes_give_the_medians_the_docs_quote(tmp_path
     assert (v["new"]["n"], v["old"]["n"]) == (16, 18)
     assert f"{v['new']['median']:.2f}" == "1.08" and f"{v['old']['median']:.2f}" == "1.09"
     assert (v["new"]["at_goal"], v["old"]["at_goal"]) == (6, 7)
+    # each process's ratio shown as the docs' note has it (rounded once, from the file)
+    table = e2e_ab.summary(v)
+    assert (
+        "| old | 18 | 1.10 / 1.14 / 1.09 / 1.09 / 1.15 / 1.08 / 1.01 / 1.11 / 1.15 / 1.12 / "
+        "1.10 / 1.07 / 1.09 / 1.04 / 1.09 / 1.14 / 1.07 / 1.09 |" in table
+    )
 
 
 STUB = """import argparse, json, os, pathlib
