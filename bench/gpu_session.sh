@@ -11,7 +11,7 @@
 # Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
 #        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k | e2e-ab N VARIANT | pack |
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
-#        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS"
+#        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" | step-prof N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -156,6 +156,21 @@ while [ $# -gt 0 ]; do
         done
       done
       python3 bench/e2e_ab.py "$d"
+      ;;
+    step-prof)  # step-prof N "ARGS": every kernel of 4 Llama decode steps at context N under
+      n=$1 extra=$2  # ncu, fp16 cache then ours (bench/step_profile.py; ARGS: its options)
+      shift 2
+      d="$OUT/step-prof-$n$(echo "$extra" | tr -c 'A-Za-z0-9\n' _)"
+      mkdir -p "$d"
+      for cache in fp16 tq-default; do
+        echo "== step-prof $n $cache $extra ($(date -u +%H:%M:%S))"
+        # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
+        timeout 240 "$(find_ncu)" --profile-from-start off --clock-control none --cache-control none \
+          --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$cache.csv" \
+          python3 bench/step_profile.py --cache "$cache" --context "$n" $extra --out "$d" 2>&1 |
+          grep -v -i warning | tail -5 || echo "== step-prof $cache failed or timed out"
+      done
+      python3 bench/step_profile.py --report "$d" || true
       ;;
     pack)  # everything under $OUT as one tarball (the device tool brings back only a few files)
       (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && rm -rf ./* &&

@@ -1,0 +1,212 @@
+"""Where a decode step's GPU time goes: every kernel of whole decode steps, timed by ncu,
+fp16 KV cache against ours (the same random-weight model as bench/e2e_decode_gpu.py).
+
+The end-to-end benches time steps on a shared host, so their ratio mixes the GPU with the
+host (fp16's step waits on its host at 32K batch 1). The kernels' summed durations are the
+step's GPU time alone: their ratio is the most a cache could gain where both are GPU-bound.
+On the GPU machine, one process a cache, each under ncu (``gpu_session.sh step-prof``):
+
+    ncu --profile-from-start off --clock-control none --cache-control none \
+        --metrics gpu__time_duration.sum --csv --page raw --log-file $OUT/fp16.csv \
+        python3 bench/step_profile.py --cache fp16 --context 32768 --out $OUT
+
+and ``--report DIR`` (here or there) prints the table; ``--write`` puts it in
+docs/benchmarks.md. Only the profiled steps run inside cuProfilerStart/Stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import add_section_args, context_label, markdown_table  # noqa: E402
+
+# Coarse kinds of kernel, first match wins (MLX CUDA's and ours' kernel names).
+KINDS = (
+    ("attention", r"tq_mma|tqm|sdpa|attention|flash"),
+    ("matmul", r"gemv|gemm|matmul|qmv|qmm|quantized|cutlass|cublas|xmma|sm\d\d_"),
+    ("copy / update", r"copy|slice|scatter|concat|gather|fill"),
+)
+UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+
+
+def short_name(kernel: str) -> str:
+    """A kernel's name without its return type, arguments, template arguments,
+    namespaces and the hex/number suffixes of JIT-built names."""
+    name = kernel.strip()
+    name = re.sub(r"^void\s+", "", name)
+    depth, out = 0, []
+    for ch in name:  # drop <...> (nested) and everything from the argument list on
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0:
+            break
+        elif depth == 0:
+            out.append(ch)
+    name = "".join(out).split("::")[-1].strip()
+    return re.sub(r"(_[0-9a-f]{6,}|_\d+)+$", "", name) or kernel[:40]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.I):
+            return kind
+    return "other"
+
+
+def read_ncu_csv(path: Path) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) for every kernel of an ncu ``--csv --page raw`` log
+    holding ``gpu__time_duration.sum`` (ncu's own ``==PROF==`` lines skipped; a units row,
+    if present, sets the scale)."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith('"')]
+    rows = list(csv.reader(lines))
+    if not rows:
+        return []
+    head = rows[0]
+    name_at, time_at = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
+    scale, out = UNITS["nsecond"], []
+    for r in rows[1:]:
+        if len(r) <= max(name_at, time_at):
+            continue
+        if not r[0]:  # the units row: "", "", ..., "nsecond"
+            scale = UNITS.get(r[time_at], scale)
+            continue
+        out.append((r[name_at], float(r[time_at].replace(",", "")) * scale))
+    return out
+
+
+def summarise(kernels: list[tuple[str, float]], steps: int) -> dict:
+    """Per short name and per kind: kernels and microseconds a step."""
+    names: dict[str, list[float]] = {}
+    for name, us in kernels:
+        names.setdefault(short_name(name), []).append(us)
+    by_name = {n: (len(v) / steps, sum(v) / steps) for n, v in names.items()}
+    kinds: dict[str, list[float]] = {}
+    for n, (count, us) in by_name.items():
+        k = kinds.setdefault(kind_of(n), [0.0, 0.0])
+        k[0] += count
+        k[1] += us
+    total = (sum(c for c, _ in by_name.values()), sum(u for _, u in by_name.values()))
+    return {"names": by_name, "kinds": {k: tuple(v) for k, v in kinds.items()}, "total": total}
+
+
+def report(folder: Path, top: int = 12) -> tuple[str, dict]:
+    """The table of a folder's profiles (``<cache>.csv`` with ``<cache>.json`` beside it),
+    fp16 first: kernels and us a step by kind, then the costliest names; and the facts."""
+    metas = sorted((json.loads(p.read_text()) for p in folder.glob("*.json")),
+                   key=lambda m: (m["cache"] != "fp16", m["cache"]))  # fmt: skip
+    if not metas:
+        raise SystemExit(f"no profiles in {folder}")
+    sums = {m["cache"]: summarise(read_ncu_csv(folder / f"{m['cache']}.csv"), m["steps"])
+            for m in metas}  # fmt: skip
+    caches = list(sums)
+    head = ["kernels", *(f"{c}: kernels / us a step" for c in caches)]
+    rows = []
+
+    def cells(get):
+        return [f"{c:.0f} / {u:.1f}" if (c, u) != (0, 0) else "-"
+                for c, u in (get(sums[k]) for k in caches)]  # fmt: skip
+
+    for kind in [k for k, _ in KINDS] + ["other"]:
+        rows.append([f"**{kind}**", *cells(lambda s, k=kind: s["kinds"].get(k, (0, 0)))])
+    rows.append(["**all (the step's GPU time)**", *cells(lambda s: s["total"])])
+    ranked = sorted({n for s in sums.values() for n in s["names"]},
+                    key=lambda n: -max(s["names"].get(n, (0, 0))[1] for s in sums.values()))  # fmt: skip
+    for n in ranked[:top]:
+        rows.append([f"`{n}` ({kind_of(n)})", *cells(lambda s, n=n: s["names"].get(n, (0, 0)))])
+    m = metas[0]
+    facts = {"model": m["model"], "context": m["context"], "batch": m["batch"],
+             "weight_bits": m.get("weight_bits") or 16, "steps": m["steps"],
+             "gpu_us": {c: round(s["total"][1], 1) for c, s in sums.items()}}  # fmt: skip
+    if "fp16" in sums:
+        facts["ceiling"] = {c: round(sums["fp16"]["total"][1] / s["total"][1], 3)
+                            for c, s in sums.items() if c != "fp16"}  # fmt: skip
+    return markdown_table(head, rows), facts
+
+
+def profiled_steps(args) -> dict:
+    """Fill one cache, warm the kernels and a few pipelined steps, then run ``--steps``
+    decode steps (each evaluated) inside the profiler's range."""
+    import mlx.core as mx
+
+    from bench.e2e_decode_gpu import (
+        _filled_cache,
+        _step,
+        build,
+        decode_rate,
+        join_mode,
+        warm_kernels,
+    )
+
+    model = build(args.model, args.tiny, args.weight_bits)
+    cache, kv = _filled_cache(model, args.cache, args.context, args.batch)
+    with join_mode(args.cache, model):
+        if args.cache != "fp16":
+            warm_kernels(model, args.cache)
+        decode_rate(model, cache, 8, batch=args.batch)  # compiles, graph caches, a steady tail
+        try:
+            cuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:  # no GPU driver: the steps run, nothing is profiled (a smoke test)
+            cuda = None
+        tok = mx.ones((args.batch, 1), dtype=mx.int32)
+        mx.synchronize()
+        if cuda:
+            cuda.cuProfilerStart()
+        for _ in range(args.steps):
+            tok = _step(model, cache, tok)
+            mx.eval(tok)
+        mx.synchronize()
+        if cuda:
+            cuda.cuProfilerStop()
+    return {"model": args.model, "cache": args.cache, "context": args.context,
+            "batch": args.batch, "weight_bits": args.weight_bits, "steps": args.steps,
+            "kv_bytes": int(kv), "mlx": mx.__version__, "profiled": cuda is not None,
+            "offset": cache[0].offset}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--model", default="llama-3.1-8b", choices=["llama-3.1-8b", "qwen3.5-35b-a3b"])
+    ap.add_argument("--cache", default="fp16", help="fp16 | tq-default | ... (e2e_decode_gpu's)")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--weight-bits", type=int)
+    ap.add_argument("--steps", type=int, default=4, help="decode steps profiled")
+    ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
+    ap.add_argument("--report", help="a folder of profiles: print their table")
+    ap.add_argument("--write", action="store_true", help="with --report: into the docs")
+    ap.add_argument("--section", default="step_profile")
+    add_section_args(ap)
+    args = ap.parse_args()
+    if args.report:
+        table, facts = report(Path(args.report))
+        print(table + "\n" + json.dumps(facts))
+        if args.write:
+            from bench.report import write_section
+
+            title = (f"A decode step's GPU time by kernel ({facts['model']}, "
+                     f"{context_label(facts['context'])}, batch {facts['batch']})")  # fmt: skip
+            body = (args.note + "\n\n" if args.note else "") + table
+            write_section(args.section, title, body, machine=args.machine, command=args.command)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = profiled_steps(args)
+    (out / f"{args.cache}.json").write_text(json.dumps(meta))
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""bench/step_profile.py on any machine: its steps run, ncu's CSV is read and summed as
+the GPU's kernels say (the durations come from the GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import step_profile as sp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HEAD = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","gpu__time_duration.sum"'
+UNITS_ROW = '"","","","","","","","{unit}"'
+
+
+def _csv(path: Path, kernels: list[tuple[str, float]], unit: str = "nsecond") -> None:
+    lines = ["==PROF== Connected to process 1 (python3)", HEAD, UNITS_ROW.format(unit=unit)]
+    for i, (name, t) in enumerate(kernels):
+        lines.append(f'"{i}","1","python3","h","{name}","1","7","{t:,}"')
+    lines.append("==PROF== Disconnected from process 1")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_kernel_names_shorten_and_fall_into_kinds():
+    assert sp.short_name("void mlx::core::cu::gemv<__half, 128>(const __half*, int)") == "gemv"
+    assert sp.short_name("tq_mma_decode_split_3f9a2c81d0") == "tq_mma_decode_split"
+    assert sp.short_name("void cutlass::Kernel2<cutlass_80_tensorop<x<y>>>(Params)") == "Kernel2"
+    assert sp.kind_of("tq_mma_decode_split") == "attention"
+    assert sp.kind_of("sdpa_vector_2pass_1") == "attention"
+    assert sp.kind_of("gemv") == "matmul"
+    assert sp.kind_of("copy_gg") == "copy / update"
+    assert sp.kind_of("rms_norm") == "other"
+
+
+def test_a_folder_of_profiles_sums_each_cache_a_step(tmp_path):
+    steps = 2
+    fp16 = [("void mlx::core::cu::gemv<__half>(int)", 3000.0), ("sdpa_vector_2pass_1", 44000.0),
+            ("copy_gg_inplace", 500.0)] * steps  # fmt: skip
+    ours = [("void mlx::core::cu::gemv<__half>(int)", 3000.0), ("tq_mma_decode_split_ab12cd34", 31000.0),
+            ("rms_norm", 1000.0)] * steps  # fmt: skip
+    _csv(tmp_path / "fp16.csv", fp16)
+    _csv(tmp_path / "tq-default.csv", [(n, t / 1000) for n, t in ours], unit="usecond")
+    for cache in ("tq-default", "fp16"):
+        meta = dict(model="llama-3.1-8b", cache=cache, context=32768, batch=1, steps=steps)
+        (tmp_path / f"{cache}.json").write_text(json.dumps(meta))
+    assert len(sp.read_ncu_csv(tmp_path / "fp16.csv")) == 3 * steps
+    table, facts = sp.report(tmp_path)
+    # per step: fp16 3 + 44 + 0.5 us, ours 3 + 31 + 1 (the units row scales each file)
+    assert facts["gpu_us"] == {"fp16": 47.5, "tq-default": 35.0}
+    assert facts["ceiling"] == {"tq-default": round(47.5 / 35.0, 3)}
+    lines = table.splitlines()
+    assert lines[0] == "| kernels | fp16: kernels / us a step | tq-default: kernels / us a step |"
+    assert "| **attention** | 1 / 44.0 | 1 / 31.0 |" in lines
+    assert "| **copy / update** | 1 / 0.5 | - |" in lines
+    assert "| **all (the step's GPU time)** | 3 / 47.5 | 3 / 35.0 |" in lines
+    # the costliest names follow the kinds, the larger of the two caches' first
+    names = [ln.split("|")[1].strip() for ln in lines if ln.startswith("| `")]
+    assert names[:2] == ["`sdpa_vector_2pass` (attention)", "`tq_mma_decode_split` (attention)"]
+
+
+def test_the_profiled_steps_run_on_both_caches(tmp_path):
+    """Without a GPU driver the steps run unprofiled: each cache's meta says how far it
+    decoded (8 warm steps + 1 first, then the profiled ones)."""
+    for cache in ("fp16", "tq-default"):
+        out = subprocess.run(
+            [sys.executable, "bench/step_profile.py", "--tiny", "--cache", cache,
+             "--context", "300", "--steps", "3", "--out", str(tmp_path)],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        meta = json.loads((tmp_path / f"{cache}.json").read_text())
+        assert meta["cache"] == cache and meta["steps"] == 3
+        assert meta["offset"] == 300 + 9 + 3
+        assert meta["kv_bytes"] > 0
