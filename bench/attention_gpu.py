@@ -39,6 +39,16 @@ from bench.report import tune_arg  # noqa: E402
 L2_BYTES = 60 * 2**20
 
 
+def input_sets(fp16_bytes: int, most: int = 64, budget: float = 8e9) -> int:
+    """Input sets a bench rotates over so that no call finds its keys and values in the
+    L2: even the smallest format's copy of them all (3-bit codes, ~1/5 of fp16's bytes) is
+    4x the L2. In a model a layer's KV is never there (a step streams its weights between
+    two uses); with 2 sets at 32K (ours 34 MB each) ours timed 31 us a layer chained against
+    45 us inside the model (ncu, bench/step_profile.py, session 23)."""
+    want = math.ceil(4 * L2_BYTES / (fp16_bytes / 5))
+    return int(max(2, min(want, most, budget // fp16_bytes)))
+
+
 def load_kernels():
     """Our kernel package; standalone by path if the rest of services/ cannot import here."""
     try:
@@ -590,7 +600,7 @@ def run_timings(km, contexts, shapes, only: str = "") -> list[dict]:
     for hq, hkv, d in shapes:
         for n in contexts:
             set_bytes = 2 * hkv * n * d * 2
-            nsets = int(min(8, max(2, math.ceil(4 * L2_BYTES / set_bytes))))
+            nsets = input_sets(set_bytes)
             if set_bytes * nsets * 2.2 > 100e9 or (d == 256 and n > 131072):
                 continue
             scale = 1.0 / math.sqrt(d)

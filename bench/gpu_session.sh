@@ -11,12 +11,13 @@
 # Steps: install | checks RUNS | checks-fused RUNS | chained | table | dispatch | pattern | e2e-32k |
 #        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k | e2e-ab N VARIANT | pack |
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
-#        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" | step-prof N "ARGS"
+#        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" |
+#        step-prof N CACHES "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 run() {  # run SECONDS NAME CMD...: one step, its output filtered to what matters
   local limit=$1 name=$2
@@ -157,12 +158,12 @@ while [ $# -gt 0 ]; do
       done
       python3 bench/e2e_ab.py "$d"
       ;;
-    step-prof)  # step-prof N "ARGS": every kernel of 4 Llama decode steps at context N under
-      n=$1 extra=$2  # ncu, fp16 cache then ours (bench/step_profile.py; ARGS: its options)
-      shift 2
+    step-prof)  # step-prof N CACHES "ARGS": every kernel of 4 Llama decode steps at context N
+      n=$1 caches=$2 extra=$3  # under ncu, each cache of CACHES (fp16,tq-default) in its own
+      shift 3                  # process (bench/step_profile.py; ARGS: its options)
       d="$OUT/step-prof-$n$(echo "$extra" | tr -c 'A-Za-z0-9\n' _)"
       mkdir -p "$d"
-      for cache in fp16 tq-default; do
+      for cache in ${caches//,/ }; do
         echo "== step-prof $n $cache $extra ($(date -u +%H:%M:%S))"
         # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
         timeout 240 "$(find_ncu)" --profile-from-start off --clock-control none --cache-control none \

@@ -110,7 +110,7 @@ def main() -> None:
     import mlx.core as mx
     import numpy as np
 
-    from bench.attention_gpu import cache_sides, kv_cache_slices
+    from bench.attention_gpu import cache_sides, input_sets, kv_cache_slices
     from services.turboquant import TurboQuantConfig
     from services.turboquant.cache import JOIN_COUNTER_ROWS, JoinWorkspace
     from services.turboquant.kernels import mma_decode
@@ -130,7 +130,7 @@ def main() -> None:
     results = []
     for n in [int(c) for c in args.contexts.split(",")]:
         sets = []
-        for _ in range(2):  # two input sets, as a decode loop alternates layers (L2)
+        for _ in range(input_sets(2 * hkv * n * d * 2)):  # none of them in the L2, as in a model
             k, v = kv_cache_slices(hkv, n, d)
             ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
             work = JoinWorkspace(TRACE_AT + 4096 * SLOTS * 2)
@@ -142,7 +142,7 @@ def main() -> None:
             for kind in ("chained", "alone"):
                 reps = 12 if kind == "chained" else 1
                 for i in range(reps + 2):  # (the first two: compile, warm-up)
-                    q, ks, vs, work = sets[i % 2]
+                    q, ks, vs, work = sets[i % len(sets)]
                     o = mma_decode.mma_decode_layer(q, ks, vs, 1 / math.sqrt(d), splits=splits)
                     if kind == "alone" or i < 2:
                         mx.eval(o)

@@ -31,14 +31,19 @@ SPLITS = {4033: [4, 6, 8], 16321: [8, 12, 16, 24, 33], 32705: [12, 16, 20, 24, 3
 def main() -> None:
     import mlx.core as mx
 
-    from bench.attention_gpu import bench_time, cache_sides, kv_cache_slices
+    from bench.attention_gpu import bench_time, cache_sides, input_sets, kv_cache_slices
     from services.turboquant import TurboQuantConfig
     from services.turboquant.cache import JoinWorkspace
     from services.turboquant.kernels import mma_decode
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4033,16321,32705,131009")
-    ap.add_argument("--sets", type=int, default=2, help="input sets the calls rotate over")
+    ap.add_argument(
+        "--sets",
+        type=int,
+        default=0,
+        help="input sets the calls rotate over (0: attention_gpu.input_sets)",
+    )
     ap.add_argument(
         "--warps", default="4", help="warps a block (mma_decode.WARPS), comma-separated"
     )
@@ -53,7 +58,7 @@ def main() -> None:
     rows = []
     for n in [int(c) for c in args.contexts.split(",")]:
         sets = []
-        for _ in range(args.sets):
+        for _ in range(args.sets or input_sets(2 * hkv * n * d * 2)):
             k, v = kv_cache_slices(hkv, n, d)
             ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
             ks = dataclasses.replace(ks, workspace=JoinWorkspace())

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import add_section_args, context_label, markdown_table  # noqa: E402
+from bench.report import add_section_args, context_label, markdown_table, tune_arg  # noqa: E402
 
 # Coarse kinds of kernel, first match wins (MLX CUDA's and ours' kernel names).
 KINDS = (
@@ -149,6 +149,10 @@ def profiled_steps(args) -> dict:
         warm_kernels,
     )
 
+    if args.tune:
+        from services.turboquant.kernels import mma_decode
+
+        mma_decode.tune(**args.tune)
     model = build(args.model, args.tiny, args.weight_bits)
     cache, kv = _filled_cache(model, args.cache, args.context, args.batch)
     with join_mode(args.cache, model):
@@ -172,7 +176,7 @@ def profiled_steps(args) -> dict:
     return {"model": args.model, "cache": args.cache, "context": args.context,
             "batch": args.batch, "weight_bits": args.weight_bits, "steps": args.steps,
             "kv_bytes": int(kv), "mlx": mx.__version__, "profiled": cuda is not None,
-            "offset": cache[0].offset}  # fmt: skip
+            "offset": cache[0].offset, "tune": args.tune}  # fmt: skip
 
 
 def main() -> None:
@@ -184,6 +188,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--weight-bits", type=int)
     ap.add_argument("--steps", type=int, default=4, help="decode steps profiled")
+    ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--report", help="a folder of profiles: print their table")
     ap.add_argument("--write", action="store_true", help="with --report: into the docs")
