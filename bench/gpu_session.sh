@@ -171,7 +171,7 @@ while [ $# -gt 0 ]; do
           python3 bench/step_profile.py --cache "$cache" --context "$n" $extra --out "$d" 2>&1 |
           grep -v -i warning | tail -5 || echo "== step-prof $cache failed or timed out"
       done
-      python3 bench/step_profile.py --report "$d" || true
+      python3 bench/step_profile.py --report "$d" --trim || true
       ;;
     pack)  # everything under $OUT as one tarball (the device tool brings back only a few files)
       (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && rm -rf ./* &&

@@ -36,7 +36,9 @@ KINDS = (
     ("matmul", r"gemv|gemm|matmul|qmv|qmm|quantized|cutlass|cublas|xmma|sm\d\d_"),
     ("copy / update", r"copy|slice|scatter|concat|gather|fill"),
 )
-UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,
+         "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}  # fmt: skip
+KEEP = ("ID", "Kernel Name", "Grid Size", "Block Size", "gpu__time_duration.sum")
 
 
 def short_name(kernel: str) -> str:
@@ -84,6 +86,20 @@ def read_ncu_csv(path: Path) -> list[tuple[str, float]]:
             continue
         out.append((r[name_at], float(r[time_at].replace(",", "")) * scale))
     return out
+
+
+def trim_ncu_csv(path: Path) -> None:
+    """Keep only the columns this bench reads (ncu's raw page adds ~300 device attributes
+    a kernel: megabytes a profile)."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith('"')]
+    rows = list(csv.reader(lines))
+    if not rows:
+        return
+    at = [rows[0].index(c) for c in KEEP if c in rows[0]]
+    with path.open("w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(
+            [[r[i] for i in at] for r in rows if len(r) > max(at)]
+        )
 
 
 def summarise(kernels: list[tuple[str, float]], steps: int) -> dict:
@@ -192,10 +208,15 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--report", help="a folder of profiles: print their table")
     ap.add_argument("--write", action="store_true", help="with --report: into the docs")
+    ap.add_argument(
+        "--trim", action="store_true", help="with --report: cut its CSVs to what it reads"
+    )
     ap.add_argument("--section", default="step_profile")
     add_section_args(ap)
     args = ap.parse_args()
     if args.report:
+        for f in Path(args.report).glob("*.csv") if args.trim else ():
+            trim_ncu_csv(f)
         table, facts = report(Path(args.report))
         print(table + "\n" + json.dumps(facts))
         if args.write:

@@ -42,11 +42,17 @@ def test_a_folder_of_profiles_sums_each_cache_a_step(tmp_path):
     ours = [("void mlx::core::cu::gemv<__half>(int)", 3000.0), ("tq_mma_decode_split_ab12cd34", 31000.0),
             ("rms_norm", 1000.0)] * steps  # fmt: skip
     _csv(tmp_path / "fp16.csv", fp16)
-    _csv(tmp_path / "tq-default.csv", [(n, t / 1000) for n, t in ours], unit="usecond")
+    _csv(tmp_path / "tq-default.csv", [(n, t / 1000) for n, t in ours], unit="us")
     for cache in ("tq-default", "fp16"):
         meta = dict(model="llama-3.1-8b", cache=cache, context=32768, batch=1, steps=steps)
         (tmp_path / f"{cache}.json").write_text(json.dumps(meta))
     assert len(sp.read_ncu_csv(tmp_path / "fp16.csv")) == 3 * steps
+    before = sp.read_ncu_csv(tmp_path / "tq-default.csv")
+    sp.trim_ncu_csv(tmp_path / "tq-default.csv")  # only the columns read, the same kernels
+    assert sp.read_ncu_csv(tmp_path / "tq-default.csv") == before
+    assert (tmp_path / "tq-default.csv").read_text().splitlines()[
+        0
+    ] == '"ID","Kernel Name","gpu__time_duration.sum"'
     table, facts = sp.report(tmp_path)
     # per step: fp16 3 + 44 + 0.5 us, ours 3 + 31 + 1 (the units row scales each file)
     assert facts["gpu_us"] == {"fp16": 47.5, "tq-default": 35.0}
