@@ -279,3 +279,48 @@ def test_the_value_steps_compile_looped_and_unrolled_and_keep_three_blocks_an_sm
                                                                  kernel.shared_memory)  # fmt: skip
     mma_decode.clear_kernel_caches()
     assert min(resources.values()) >= 3, resources
+
+
+def _default_split_launch(monkeypatch, dim: int, **tune):
+    """The recorded split launch of one default-layout decode layer (fused, with its tail
+    and the step's new position, as on CUDA) under mma_decode ``tune``, and its cubin."""
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.kernels import fused_decode
+    from services.turboquant.kernels.cases import cache_case
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
+    monkeypatch.setattr(fused_decode, "cuda_available", lambda: True)  # a join workspace
+    _RecordedKernel.launches, _RecordedKernel.outputs = [], []
+    saved = {k: getattr(mma_decode, k) for k in tune}
+    mma_decode.tune(**tune)
+    try:
+        case = cache_case(np.random.default_rng(0), TurboQuantConfig.recommended(), batch=1,
+                          q_heads=8, kv_heads=2, dim=dim, length=1500, steps=2)  # fmt: skip
+        mma_decode.mma_decode_layer(case.queries.astype(mx.float16), case.keys, case.values, 0.1)
+    finally:
+        mma_decode.tune(**saved)
+    (kernel, inputs, t, *_), outputs = _RecordedKernel.launches[0], _RecordedKernel.outputs[0]
+    assert t["PIPE"] and t["APPEND"]
+    cubin, log = nvrtc.compile_cubin(
+        nvrtc.kernel_source(kernel, inputs, [], [o.dtype for o in outputs])
+    )
+    assert cubin is not None, log
+    return kernel, cubin
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_the_l2_prefetch_builds_into_its_own_kernel_and_keeps_three_blocks_an_sm(monkeypatch, dim):
+    """``mma_decode.PREFETCH_TILES`` (TQM_PREFETCH): the pipelined kernel asks the L2 for its
+    tiles ahead -- another kernel name (its source digest: MLX caches kernels by name), other
+    machine code, and still 3 blocks an SM."""
+    plain, plain_bin = _default_split_launch(monkeypatch, dim)
+    pf, pf_bin = _default_split_launch(monkeypatch, dim, PREFETCH_TILES=2)
+    assert base_name(pf.name) == base_name(plain.name) and pf.name != plain.name
+    from .test_kernels import header_text
+
+    assert "#define TQM_PREFETCH 2" in header_text(pf) and "TQM_PREFETCH 2" not in header_text(
+        plain
+    )
+    assert nvrtc.machine_code(pf_bin) != nvrtc.machine_code(plain_bin)
+    regs, static = nvrtc.cubin_resources(pf_bin)
+    assert blocks_per_sm(regs, 32 * mma_decode.WARPS, static, pf.shared_memory) >= 3, regs
