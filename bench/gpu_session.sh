@@ -12,7 +12,7 @@
 #        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k | e2e-ab N VARIANT | pack |
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" |
-#        step-prof N CACHES "ARGS"
+#        step-prof N CACHES "ARGS" | step-ncu N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -172,6 +172,21 @@ while [ $# -gt 0 ]; do
           grep -v -i warning | tail -5 || echo "== step-prof $cache failed or timed out"
       done
       python3 bench/step_profile.py --report "$d" --trim || true
+      ;;
+    step-ncu)  # step-ncu N "ARGS": ncu's sections for the split kernel inside Llama decode steps
+      n=$1 extra=$2  # at context N (ours; caches as the model leaves them); ARGS: step_profile's
+      shift 2
+      mkdir -p "$OUT/ncu"
+      f="$OUT/ncu/step_ncu_${n}$(echo "$extra" | tr -c 'A-Za-z0-9\n' _).txt"
+      echo "== step-ncu $n $extra ($(date -u +%H:%M:%S))"
+      # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
+      timeout 240 "$(find_ncu)" --clock-control none --cache-control none --profile-from-start off \
+        -k regex:tq_mma_decode_split -c 2 --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+        --section LaunchStats --print-details all python3 bench/step_profile.py --cache tq-default --context "$n" \
+        --steps 1 --no-warm $extra --out /tmp/step-ncu >"$f" 2>&1 || echo "== step-ncu failed or timed out"
+      grep -E "Duration|DRAM Through|Memory Through|L2 Hit|L1/TEX Hit|Issued Warp|Achieved Occ|Stall|Grid Size|Registers Per" \
+        "$f" | head -40 || true
       ;;
     pack)  # everything under $OUT as one tarball (the device tool brings back only a few files)
       (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && rm -rf ./* &&

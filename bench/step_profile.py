@@ -172,7 +172,7 @@ def profiled_steps(args) -> dict:
     model = build(args.model, args.tiny, args.weight_bits)
     cache, kv = _filled_cache(model, args.cache, args.context, args.batch)
     with join_mode(args.cache, model):
-        if args.cache != "fp16":
+        if args.cache != "fp16" and not args.no_warm:  # (else the warm steps compile what they use)
             warm_kernels(model, args.cache)
         decode_rate(model, cache, 8, batch=args.batch)  # compiles, graph caches, a steady tail
         try:
@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--weight-bits", type=int)
     ap.add_argument("--steps", type=int, default=4, help="decode steps profiled")
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
+    ap.add_argument("--no-warm", action="store_true", help="skip the sidecar's kernel warm-up")
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--report", help="a folder of profiles: print their table")
     ap.add_argument("--write", action="store_true", help="with --report: into the docs")
