@@ -93,11 +93,6 @@ COMPACT_VALUES = True
 FUSED_JOIN = True
 FUSED_MAX_WORK: int | None = 8 * 65536 * 128  # None: no limit (nor on the tail)
 FUSED_MAX_TAIL = 32 * 8 * 128
-# L2 prefetch distance of the pipelined kernel in tiles a warp (TQM_PREFETCH; 0: none): each
-# warp asks the L2 for its tiles this many past the one its rings load next. Staged in
-# session 23, when ncu inside the model put the 32K layer at 45 us (31 in the benches, whose
-# 2 input sets partly sat in the L2). Read when a kernel is built (tune()).
-PREFETCH_TILES = 0
 # A layer's plan (split, and join where not fused) and static inputs are kept on its
 # JoinWorkspace (_DecodeMemo) and reused while the body views stay the same objects: the
 # call then skips the plan's cache lookup and the input lists (host time per layer).
@@ -146,8 +141,6 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     name = f"tq_mma_decode_split_{fp_dtype}"
     # strided: the cache's views are read through their strides, never copied
     header = _SPLIT_HEADER
-    if PREFETCH_TILES and t["PIPE"]:  # (another source digest: another name)
-        header = f"#define TQM_PREFETCH {PREFETCH_TILES}\n" + header
     if TRACE_AT is not None and t["FUSED"]:
         header = f"#define TQM_TRACE {TRACE_AT}\n" + header
     return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, header,
@@ -214,8 +207,7 @@ def clear_kernel_caches() -> None:
 
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
-             "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO",
-             "PREFETCH_TILES")  # fmt: skip
+             "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
 
 
 def tune(**settings) -> None:

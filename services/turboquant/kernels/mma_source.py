@@ -121,9 +121,6 @@ MMA_HEADER = (
     + f"#define TQM_FP_CHUNK {MMA_FP_CHUNK}\n#define TQM_RAW_CODES {MMA_RAW_CODES}\n"
     + f"#define TQM_JOIN_ROWS {JOIN_COUNTER_ROWS}\n#define TQM_WORK_ALIGN {MMA_WORK_ALIGN}\n"
     + r"""
-#ifndef TQM_PREFETCH
-#define TQM_PREFETCH 0
-#endif
 // TQM_TRACE (bench/kernel_trace.py only: mma_decode.TRACE_AT): each block of a fused launch
 // records when it reaches each stage, in the workspace past TQM_TRACE floats; else nothing.
 #ifdef TQM_TRACE
@@ -305,7 +302,6 @@ __device__ __forceinline__ void cp_chunk(void* dst, const uint32_t* src, int src
   }
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
@@ -548,25 +544,6 @@ __device__ void mma_decode_split(
       else stage_rows<TP, VCHK, 4, false>(vring, vbase + P * vst, vst, N - P, lane);
     }
   };
-  // TQM_PREFETCH (mma_decode.PREFETCH_TILES): the warp's tiles that many past the one its
-  // rings load next are asked of the L2 ahead (codes and scales; nothing is read from the
-  // prefetch): in a model the KV is never in the L2, and one warp a scheduler keeps a
-  // half-tile in flight -- far too few bytes for the DRAM's latency (ncu, session 23).
-  auto prefetch_tile = [&](int P) {
-    if constexpr (PIPE && TQM_PREFETCH > 0) {
-      if (P >= end) return;
-#pragma unroll
-      for (int r = lane; r < D; r += 32) prefetch_l2(kbase + (int64_t)r * kst + P * KB / 32);
-      for (int r = lane; r < min(TP, N - P); r += 32) prefetch_l2(vbase + (int64_t)(P + r) * vst);
-      // the tile's scales and biases: two lines each (D key channels, TP value positions)
-      const int grp = min(P / KGS, ks_sh[3] - 1), kh = (D / 2) * (lane & 1);
-      const int64_t vp = min(P + (TP / 2) * (lane & 1), N - 1);
-      if (lane < 2) prefetch_l2(ksb + kh * ks_st[2] + grp * ks_st[3]);
-      else if (lane < 4) prefetch_l2(kbb + kh * kb_st[2] + grp * kb_st[3]);
-      else if (lane < 6) prefetch_l2(vsb + vp * vs_st[2]);
-      else if (lane < 8) prefetch_l2(vbb + vp * vb_st[2]);
-    }
-  };
   // The block's 8 query heads (x signs when QROT) load into registers first, all at once:
   // behind the first tile's loads, and one at a time, they took ~10 us at 32K (a load-use
   // chain queued behind a wave of tiles; bench/kernel_trace.py, session 13).
@@ -593,8 +570,6 @@ __device__ void mma_decode_split(
     if (first) stage_values(start + warp * TP);
     cp_commit();
     if (first) load_scales(start + warp * TP);
-#pragma unroll 1
-    for (int i = 1; i <= TQM_PREFETCH; ++i) prefetch_tile(start + warp * TP + i * WARPS * TP);
   }
 
   if constexpr (KCB) {
@@ -671,7 +646,6 @@ __device__ void mma_decode_split(
 
   for (int P0 = start + warp * TP; P0 < end; P0 += WARPS * TP) {
     const int P_next = P0 + WARPS * TP;
-    if constexpr (TQM_PREFETCH > 0) prefetch_tile(P0 + (TQM_PREFETCH + 1) * WARPS * TP);
     if constexpr (PIPE) {
       cp_wait<1>();  // this tile's keys (its values may still be in flight)
       __syncwarp();
