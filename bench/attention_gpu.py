@@ -40,11 +40,11 @@ L2_BYTES = 60 * 2**20
 
 
 def input_sets(fp16_bytes: int, most: int = 64, budget: float = 8e9) -> int:
-    """Input sets a bench rotates over so that no call finds its keys and values in the
-    L2: even the smallest format's copy of them all (3-bit codes, ~1/5 of fp16's bytes) is
-    4x the L2. In a model a layer's KV is never there (a step streams its weights between
-    two uses); with 2 sets at 32K (ours 34 MB each) ours timed 31 us a layer chained against
-    45 us inside the model (ncu, bench/step_profile.py, session 23)."""
+    """Input sets a bench rotates over so that no call can find its keys and values in the
+    L2, as in a model (a step streams its weights between two uses of a layer's KV): even
+    the smallest format's copy of them all (3-bit codes, ~1/5 of fp16's bytes) is 4x the
+    L2. Until session 23 the benches took 2 sets from 32K up -- ours' 2 x 34 MB at 32K
+    against a 50 MB L2 (bench/gpu_notes.md, session 23)."""
     want = math.ceil(4 * L2_BYTES / (fp16_bytes / 5))
     return int(max(2, min(want, most, budget // fp16_bytes)))
 

@@ -81,3 +81,17 @@ def test_the_profiled_steps_run_on_both_caches(tmp_path):
         assert meta["cache"] == cache and meta["steps"] == 3
         assert meta["offset"] == 300 + 9 + 3
         assert meta["kv_bytes"] > 0
+
+
+def test_the_benches_input_sets_keep_every_format_out_of_the_l2():
+    from bench.attention_gpu import L2_BYTES, input_sets
+
+    for n in (4096, 32768, 131072, 262144):
+        fp16 = 2 * 8 * n * 128 * 2  # K + V, 8 KV heads, D 128
+        sets = input_sets(fp16)
+        assert 2 <= sets <= 64 and sets * fp16 <= 8e9
+        if sets < 64 and sets * fp16 < 8e9:  # (else a cap)
+            assert sets * fp16 / 5 >= 4 * L2_BYTES
+    assert input_sets(2 * 8 * 4096 * 128 * 2) == 64  # 4K: the cap, still 3.4x the L2 in 3-bit codes
+    assert input_sets(2 * 8 * 32768 * 128 * 2) == 10  # 32K: was 2 (ours 2 x 34 MB)
+    assert input_sets(2 * 8 * 131072 * 128 * 2) == 3
