@@ -911,6 +911,8 @@ def main() -> None:
     ap.add_argument("--command", default=None)
     ap.add_argument("--note", default="", help="extra paragraph for the rendered section")
     ap.add_argument("--checks", default="", help="check JSONs (comma-separated) to report")
+    ap.add_argument("--section", default="attention_gpu", help="the docs section --render writes")
+    ap.add_argument("--title", default="Decode attention per layer on the GPU", help="its heading")
     args = ap.parse_args()
     if args.render:
         from bench.report import write_section
@@ -925,7 +927,8 @@ def main() -> None:
             for c in json.loads(Path(f).read_text())["checks"]
         ]
         errs = [c["rel_err"] for c in checks]
-        plot(res["timings"])
+        png = PLOT.with_name(f"{args.section}.png")  # (a section of its own: its own plot)
+        plot(res["timings"], png)
         body = (
             f"MLX {res['mlx']}, {res['gpu']}; measured copy bandwidth "
             f"{res['copy_bw'] / 1e12:.2f} TB/s (read + write).\n\n"
@@ -934,11 +937,11 @@ def main() -> None:
             f"{MMA_TOL:g} (max rel err {max(errs) if errs else float('nan'):.2e}).\n\n"
             + (args.note + "\n\n" if args.note else "")
             + table(res["timings"], res["copy_bw"])
-            + "\n![decode attention vs context](attention_gpu.png)\n"
+            + f"\n![decode attention vs context]({png.name})\n"
         )
         write_section(
-            "attention_gpu",
-            "Decode attention per layer on the GPU",
+            args.section,
+            args.title,
             body,
             machine=args.machine or res["gpu"],
             command=args.command,
