@@ -12,7 +12,7 @@
 #        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k | e2e-ab N VARIANT | pack |
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" |
-#        step-prof N CACHES "ARGS" | step-ncu N "ARGS"
+#        step-prof N CACHES "ARGS" | step-ncu N "ARGS" | step-ab N ROUNDS "ARGS_A" "ARGS_B"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -172,6 +172,28 @@ while [ $# -gt 0 ]; do
           grep -v -i warning | tail -5 || echo "== step-prof $cache failed or timed out"
       done
       python3 bench/step_profile.py --report "$d" --trim || true
+      ;;
+    step-ab)  # step-ab N ROUNDS "ARGS_A" "ARGS_B": our step's kernels at context N under ncu,
+      n=$1 rounds=$2 a=$3 bb=$4  # ABBA processes of step_profile's ARGS_A / ARGS_B (--no-warm;
+      shift 4                    # e.g. --tune ...): our attention's us a step, process by process
+      d="$OUT/step-ab-$n"
+      mkdir -p "$d"
+      for i in $(seq 1 "$rounds"); do
+        order="a b"
+        [ $((i % 2)) = 0 ] && order="b a"
+        for v in $order; do
+          extra=$a
+          [ "$v" = b ] && extra=$bb
+          mkdir -p "$d/$v-$i"
+          # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
+          timeout 150 "$(find_ncu)" --profile-from-start off --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$v-$i/tq-default.csv" \
+            python3 bench/step_profile.py --cache tq-default --context "$n" --no-warm $extra \
+            --out "$d/$v-$i" >/dev/null 2>&1 || echo "== $v-$i failed (status $?)"
+          echo "== $v-$i ($extra): $(python3 bench/step_profile.py --report "$d/$v-$i" --trim 2>&1 |
+            grep -E '^\| \*\*(attention|all)' | tr '\n' ' ')"
+        done
+      done
       ;;
     step-ncu)  # step-ncu N "ARGS": ncu's sections for the split kernel inside Llama decode steps
       n=$1 extra=$2  # at context N (ours; caches as the model leaves them); ARGS: step_profile's
