@@ -12,12 +12,13 @@
 #        e2e-32k-w4 | e2e-fused | e2e-cut | e2e-rope | e2e-128k | e2e-ab N VARIANT | pack |
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" |
-#        step-prof N CACHES "ARGS" | step-ncu N "ARGS" | step-ab N ROUNDS "ARGS_A" "ARGS_B"
+#        step-prof N CACHES "ARGS" | step-ncu N "ARGS" | step-ab N ROUNDS "ARGS_A" "ARGS_B" |
+#        step-sm N CACHE "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 
 run() {  # run SECONDS NAME CMD...: one step, its output filtered to what matters
   local limit=$1 name=$2
@@ -172,6 +173,20 @@ while [ $# -gt 0 ]; do
           grep -v -i warning | tail -5 || echo "== step-prof $cache failed or timed out"
       done
       python3 bench/step_profile.py --report "$d" --trim || true
+      ;;
+    step-sm)  # step-sm N CACHE "ARGS": each attention launch of a Llama decode step at context N,
+      n=$1 cache=$2 extra=$3  # its SMs' active cycles (min / mean / max) against its elapsed
+      shift 3                 # ones: a late SM, or all of them late?
+      mkdir -p "$OUT/ncu"
+      f="$OUT/ncu/step_sm_${n}_$cache$(echo "$extra" | tr -c 'A-Za-z0-9\n' _).csv"
+      echo "== step-sm $n $cache $extra ($(date -u +%H:%M:%S))"
+      # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
+      timeout 240 "$(find_ncu)" --clock-control none --cache-control none --profile-from-start off \
+        -k regex:'tq_mma|sdpa' -c 6 --csv --page raw --log-file "$f" --metrics \
+        gpu__time_duration.sum,sm__cycles_elapsed.max,sm__cycles_active.min,sm__cycles_active.avg,sm__cycles_active.max \
+        python3 bench/step_profile.py --cache "$cache" --context "$n" --steps 1 --no-warm $extra \
+        --out /tmp/step-sm >/dev/null 2>&1 || echo "== step-sm failed or timed out"
+      python3 bench/step_profile.py --metrics-report "$f" || true
       ;;
     step-ab)  # step-ab N ROUNDS "ARGS_A" "ARGS_B": our step's kernels at context N under ncu,
       n=$1 rounds=$2 a=$3 bb=$4  # ABBA processes of step_profile's ARGS_A / ARGS_B (--no-warm;

@@ -102,6 +102,21 @@ def trim_ncu_csv(path: Path) -> None:
         )
 
 
+def metrics_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """An ncu ``--csv --page raw`` log with any metrics: a header (kernel, then each metric
+    with its unit) and one row a kernel (its short name, then the values as ncu wrote them)."""
+    rows = list(csv.reader([ln for ln in path.read_text().splitlines() if ln.startswith('"')]))
+    if not rows:
+        return [], []
+    head = rows[0]
+    units = next((r for r in rows[1:] if r and not r[0]), [""] * len(head))
+    at = [i for i, h in enumerate(head) if "__" in h]  # metric names: unit__name.rollup
+    header = ["kernel"] + [f"{head[i]} ({units[i]})" if units[i] else head[i] for i in at]
+    name_at = head.index("Kernel Name")
+    body = [[short_name(r[name_at])] + [r[i] for i in at] for r in rows[1:] if r and r[0]]
+    return header, body
+
+
 def summarise(kernels: list[tuple[str, float]], steps: int) -> dict:
     """Per short name and per kind: kernels and microseconds a step."""
     names: dict[str, list[float]] = {}
@@ -208,6 +223,7 @@ def main() -> None:
     ap.add_argument("--no-warm", action="store_true", help="skip the sidecar's kernel warm-up")
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--report", help="a folder of profiles: print their table")
+    ap.add_argument("--metrics-report", help="an ncu CSV with any metrics: a row a kernel")
     ap.add_argument("--write", action="store_true", help="with --report: into the docs")
     ap.add_argument(
         "--trim", action="store_true", help="with --report: cut its CSVs to what it reads"
@@ -215,6 +231,9 @@ def main() -> None:
     ap.add_argument("--section", default="step_profile")
     add_section_args(ap)
     args = ap.parse_args()
+    if args.metrics_report:
+        print(markdown_table(*metrics_rows(Path(args.metrics_report))))
+        return
     if args.report:
         for f in Path(args.report).glob("*.csv") if args.trim else ():
             trim_ncu_csv(f)

@@ -95,3 +95,18 @@ def test_the_benches_input_sets_keep_every_format_out_of_the_l2():
     assert input_sets(2 * 8 * 4096 * 128 * 2) == 64  # 4K: the cap, still 3.4x the L2 in 3-bit codes
     assert input_sets(2 * 8 * 32768 * 128 * 2) == 10  # 32K: was 2 (ours 2 x 34 MB)
     assert input_sets(2 * 8 * 131072 * 128 * 2) == 3
+
+
+def test_an_ncu_log_of_any_metrics_reads_a_row_a_kernel(tmp_path):
+    f = tmp_path / "sm.csv"
+    f.write_text(
+        "==PROF== Connected\n"
+        '"ID","Kernel Name","gpu__time_duration.sum","sm__cycles_active.max"\n'
+        '"","","us","cycle"\n'
+        '"0","custom_kernel_tq_mma_decode_split_float16_99","45.2","97,000"\n'
+        '"1","cudnn_generated_fort_native_sdpa_sm80_flash_fprop(int)","46.9","88,000"\n'
+    )
+    head, rows = sp.metrics_rows(f)
+    assert head == ["kernel", "gpu__time_duration.sum (us)", "sm__cycles_active.max (cycle)"]
+    assert rows == [["custom_kernel_tq_mma_decode_split_float16", "45.2", "97,000"],
+                    ["cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "46.9", "88,000"]]  # fmt: skip
