@@ -67,12 +67,16 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def _ncu_rows(path: Path) -> list[list[str]]:
+    """The CSV rows of an ncu ``--csv --page raw`` log (its ``==PROF==`` lines skipped)."""
+    return list(csv.reader([ln for ln in path.read_text().splitlines() if ln.startswith('"')]))
+
+
 def read_ncu_csv(path: Path) -> list[tuple[str, float]]:
     """(kernel name, microseconds) for every kernel of an ncu ``--csv --page raw`` log
     holding ``gpu__time_duration.sum`` (ncu's own ``==PROF==`` lines skipped; a units row,
     if present, sets the scale)."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.startswith('"')]
-    rows = list(csv.reader(lines))
+    rows = _ncu_rows(path)
     if not rows:
         return []
     head = rows[0]
@@ -91,8 +95,7 @@ def read_ncu_csv(path: Path) -> list[tuple[str, float]]:
 def trim_ncu_csv(path: Path) -> None:
     """Keep only the columns this bench reads (ncu's raw page adds ~300 device attributes
     a kernel: megabytes a profile)."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.startswith('"')]
-    rows = list(csv.reader(lines))
+    rows = _ncu_rows(path)
     if not rows:
         return
     at = [rows[0].index(c) for c in KEEP if c in rows[0]]
@@ -105,7 +108,7 @@ def trim_ncu_csv(path: Path) -> None:
 def metrics_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     """An ncu ``--csv --page raw`` log with any metrics: a header (kernel, then each metric
     with its unit) and one row a kernel (its short name, then the values as ncu wrote them)."""
-    rows = list(csv.reader([ln for ln in path.read_text().splitlines() if ln.startswith('"')]))
+    rows = _ncu_rows(path)
     if not rows:
         return [], []
     head = rows[0]
