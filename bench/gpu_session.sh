@@ -13,7 +13,7 @@
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" |
 #        step-prof N CACHES "ARGS" | step-ncu N "ARGS" | step-ab N ROUNDS "ARGS_A" "ARGS_B" |
-#        step-sm N CACHE "ARGS"
+#        step-sm N CACHE "ARGS" | step-trace N "ARGS"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -187,6 +187,13 @@ while [ $# -gt 0 ]; do
         python3 bench/step_profile.py --cache "$cache" --context "$n" --steps 1 --no-warm $extra \
         --out /tmp/step-sm >/dev/null 2>&1 || echo "== step-sm failed or timed out"
       python3 bench/step_profile.py --metrics-report "$f" || true
+      ;;
+    step-trace)  # step-trace N "ARGS": our kernel's block timelines inside Llama decode steps at
+      n=$1 extra=$2  # context N (kernel_trace's marks, every layer's last launch; no ncu)
+      shift 2
+      # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
+      run 200 "step-trace-$n" python3 bench/step_profile.py --cache tq-default --context "$n" \
+        --steps 2 --no-warm --trace $extra
       ;;
     step-ab)  # step-ab N ROUNDS "ARGS_A" "ARGS_B": our step's kernels at context N under ncu,
       n=$1 rounds=$2 a=$3 bb=$4  # ABBA processes of step_profile's ARGS_A / ARGS_B (--no-warm;

@@ -169,6 +169,48 @@ def report(folder: Path, top: int = 12) -> tuple[str, dict]:
     return markdown_table(head, rows), facts
 
 
+def trace_room(cache: list) -> None:
+    """Grow each TurboQuant layer's join workspace past kernel_trace.TRACE_AT, where the
+    traced kernel writes its blocks' timelines (before any decode step: no memo holds the
+    old array). Off CUDA there is no workspace and nothing to do."""
+    from bench.kernel_trace import SLOTS, TRACE_AT
+    from services.turboquant.cache import join_workspace
+
+    for c in cache:
+        work = join_workspace(c) if hasattr(c, "_bench_shape") and hasattr(c, "head_k") else None
+        if work is not None:
+            work.at_least(TRACE_AT + 4096 * SLOTS * 2)
+            work.decode_memo = None
+
+
+def layer_traces(cache: list, mhz: float) -> dict:
+    """Each traced layer's last fused launch, as bench/kernel_trace.py reads it: the span
+    (first block start to last block end, us) a layer, and kernel_trace's summary of the
+    layer with the median span."""
+    import numpy as np
+
+    from bench.kernel_trace import SLOTS, TRACE_AT, decode, summary
+    from services.turboquant.cache import JOIN_COUNTER_ROWS, join_workspace
+
+    spans, blocks_of = [], []
+    for c in cache:
+        work = join_workspace(c) if hasattr(c, "head_k") else None
+        if work is None or work.floats < TRACE_AT:
+            continue
+        raw = np.array(work.array[JOIN_COUNTER_ROWS + TRACE_AT :]).view(np.uint64)
+        starts = np.nonzero(raw[::SLOTS])[0]
+        if not len(starts):
+            continue
+        blocks = decode(raw, int(starts.max()) + 1)
+        spans.append(max(b["ns"][11] for b in blocks if 11 in b["ns"]) / 1e3)
+        blocks_of.append(blocks)
+    if not spans:
+        return {}
+    mid = sorted(range(len(spans)), key=spans.__getitem__)[len(spans) // 2]
+    return {"spans_us": [round(x, 2) for x in spans],
+            "median_layer": summary(blocks_of[mid], mhz)}  # fmt: skip
+
+
 def profiled_steps(args) -> dict:
     """Fill one cache, warm the kernels and a few pipelined steps, then run ``--steps``
     decode steps (each evaluated) inside the profiler's range."""
@@ -182,13 +224,17 @@ def profiled_steps(args) -> dict:
         join_mode,
         warm_kernels,
     )
+    from services.turboquant.kernels import mma_decode
 
-    if args.tune:
-        from services.turboquant.kernels import mma_decode
+    if args.trace:  # (read when a kernel is built; tune() below forgets the builds)
+        from bench.kernel_trace import TRACE_AT
 
-        mma_decode.tune(**args.tune)
+        mma_decode.TRACE_AT = TRACE_AT
+    mma_decode.tune(**args.tune)
     model = build(args.model, args.tiny, args.weight_bits)
     cache, kv = _filled_cache(model, args.cache, args.context, args.batch)
+    if args.trace:
+        trace_room(cache)
     with join_mode(args.cache, model):
         if args.cache != "fp16" and not args.no_warm:  # (else the warm steps compile what they use)
             warm_kernels(model, args.cache)
@@ -207,7 +253,8 @@ def profiled_steps(args) -> dict:
         mx.synchronize()
         if cuda:
             cuda.cuProfilerStop()
-    return {"model": args.model, "cache": args.cache, "context": args.context,
+    traced = layer_traces(cache, args.mhz) if args.trace else {}
+    return {"model": args.model, "cache": args.cache, "context": args.context, "traced": traced,
             "batch": args.batch, "weight_bits": args.weight_bits, "steps": args.steps,
             "kv_bytes": int(kv), "mlx": mx.__version__, "profiled": cuda is not None,
             "offset": cache[0].offset, "tune": args.tune}  # fmt: skip
@@ -223,6 +270,9 @@ def main() -> None:
     ap.add_argument("--weight-bits", type=int)
     ap.add_argument("--steps", type=int, default=4, help="decode steps profiled")
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
+    ap.add_argument("--trace", action="store_true",
+                    help="our kernel built with its block timelines (kernel_trace), read after the steps")  # fmt: skip
+    ap.add_argument("--mhz", type=float, default=1980.0, help="SM clock for clock64 durations")
     ap.add_argument("--no-warm", action="store_true", help="skip the sidecar's kernel warm-up")
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--report", help="a folder of profiles: print their table")
@@ -254,7 +304,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = profiled_steps(args)
     (out / f"{args.cache}.json").write_text(json.dumps(meta))
+    traced = meta.pop("traced", {})
     print(json.dumps(meta))
+    if traced:
+        spans = traced["spans_us"]
+        print(f"traced layers {len(spans)}: span min {min(spans):.1f} median "
+              f"{sorted(spans)[len(spans) // 2]:.1f} max {max(spans):.1f} us")  # fmt: skip
+        print("\n".join(traced["median_layer"]))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_the_profiled_steps_run_on_both_caches(tmp_path):
     for cache in ("fp16", "tq-default"):
         out = subprocess.run(
             [sys.executable, "bench/step_profile.py", "--tiny", "--cache", cache,
-             "--context", "300", "--steps", "3", "--out", str(tmp_path)],
+             "--context", "300", "--steps", "3", "--out", str(tmp_path), "--trace"],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
@@ -81,6 +81,7 @@ def test_the_profiled_steps_run_on_both_caches(tmp_path):
         assert meta["cache"] == cache and meta["steps"] == 3
         assert meta["offset"] == 300 + 9 + 3
         assert meta["kv_bytes"] > 0
+        assert meta["traced"] == {}  # (--trace: no CUDA, no join workspace, nothing traced)
 
 
 def test_the_benches_input_sets_keep_every_format_out_of_the_l2():
@@ -110,3 +111,42 @@ def test_an_ncu_log_of_any_metrics_reads_a_row_a_kernel(tmp_path):
     assert head == ["kernel", "gpu__time_duration.sum (us)", "sm__cycles_active.max (cycle)"]
     assert rows == [["custom_kernel_tq_mma_decode_split_float16", "45.2", "97,000"],
                     ["cudnn_generated_fort_native_sdpa_sm80_flash_fprop", "46.9", "88,000"]]  # fmt: skip
+
+
+def test_traced_layers_read_back_from_their_workspaces(monkeypatch):
+    """--trace on CUDA: each layer's workspace past kernel_trace.TRACE_AT holds its last
+    launch's block timelines; the spans come back a layer, and the median layer's summary."""
+    import mlx.core as mx
+    import numpy as np
+
+    from bench.kernel_trace import SLOTS, TRACE_AT
+    from services.turboquant import cache as tq_cache
+
+    def record(span_ns: int) -> np.ndarray:
+        raw = np.zeros(2 * SLOTS, dtype=np.uint64)  # two split blocks on two SMs
+        for b in range(2):
+            r = raw[b * SLOTS : (b + 1) * SLOTS]
+            marks = {0: 1000, 2: 4000, 3: 4500, 4: 20000, 5: 20100, 6: 20200, 7: 20300,
+                     8: 21000, 10: 22000, 11: 1000 + span_ns - 100 * (1 - b)}  # fmt: skip
+            for i, t in marks.items():
+                r[i], r[16 + i] = 10**9 + t, 5 * 10**6 + 2 * t
+            r[1] = (b << 32) | (b << 16)
+        return raw
+
+    class Work:
+        def __init__(self, span_ns):
+            trace = np.zeros(2 * (2 * SLOTS), dtype=np.float32)
+            trace.view(np.uint64)[:] = record(span_ns)
+            head = np.zeros(tq_cache.JOIN_COUNTER_ROWS + TRACE_AT, dtype=np.float32)
+            self.array = mx.array(np.concatenate([head, trace]))
+            self.floats = TRACE_AT + trace.size
+
+    class Layer:
+        head_k = None
+
+    layers = [Layer(), Layer(), Layer()]
+    works = {id(layers[0]): Work(27000), id(layers[1]): Work(45000), id(layers[2]): Work(30000)}
+    monkeypatch.setattr(tq_cache, "join_workspace", lambda c: works[id(c)])
+    traced = sp.layer_traces(layers, mhz=2000.0)
+    assert traced["spans_us"] == [27.0, 45.0, 30.0]
+    assert traced["median_layer"][0].startswith("span   30.0 us, 2 split blocks")
