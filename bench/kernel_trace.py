@@ -33,6 +33,19 @@ SLOTS = 32  # uint64 a block: 16 globaltimer marks, then the same 16 as clock64
 MARKS = {0: "start", 2: "query rotated", 3: "first tile in", 8: "merge written",
          9: "fp chunk done", 10: "counted", 11: "end"}  # fmt: skip
 WARP_END = 4  # marks 4..7: warp w left its tile loop
+TRACE_FLOATS = TRACE_AT + 4096 * SLOTS * 2  # a workspace with room for 4096 blocks' records
+
+
+def read_trace(work) -> list[dict]:
+    """The blocks of the last traced launch that wrote ``work`` (a JoinWorkspace of at
+    least TRACE_FLOATS), decoded; [] if none has."""
+    import numpy as np
+
+    from services.turboquant.cache import JOIN_COUNTER_ROWS
+
+    raw = np.array(work.array[JOIN_COUNTER_ROWS + TRACE_AT :]).view(np.uint64)
+    starts = np.nonzero(raw[::SLOTS])[0]
+    return decode(raw, int(starts.max()) + 1) if len(starts) else []
 
 
 def decode(raw, grid: int) -> list[dict]:
@@ -108,11 +121,10 @@ def summary(blocks: list[dict], mhz: float) -> list[str]:
 
 def main() -> None:
     import mlx.core as mx
-    import numpy as np
 
     from bench.attention_gpu import cache_sides, input_sets, kv_cache_slices
     from services.turboquant import TurboQuantConfig
-    from services.turboquant.cache import JOIN_COUNTER_ROWS, JoinWorkspace
+    from services.turboquant.cache import JoinWorkspace
     from services.turboquant.kernels import mma_decode
 
     ap = argparse.ArgumentParser()
@@ -133,7 +145,7 @@ def main() -> None:
         for _ in range(input_sets(2 * hkv * n * d * 2)):  # none of them in the L2, as in a model
             k, v = kv_cache_slices(hkv, n, d)
             ks, vs = cache_sides(k, v, TurboQuantConfig.recommended())
-            work = JoinWorkspace(TRACE_AT + 4096 * SLOTS * 2)
+            work = JoinWorkspace(TRACE_FLOATS)
             ks = dataclasses.replace(ks, workspace=work)
             q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
             mx.eval(q, *ks.parts, *vs.parts)
@@ -148,9 +160,8 @@ def main() -> None:
                         mx.eval(o)
                 mx.eval(o)
                 mx.synchronize()
-                raw = np.array(work.array[JOIN_COUNTER_ROWS + TRACE_AT :]).view(np.uint64)
-                grid = int(np.nonzero(raw[::SLOTS])[0].max()) + 1
-                blocks = decode(raw, grid)
+                blocks = read_trace(work)
+                grid = len(blocks)
                 head = f"== n {n} splits {splits or 'rule'} {kind}: grid {grid}"
                 lines = [head] + summary(blocks, args.mhz)
                 print("\n".join(lines), flush=True)

@@ -169,45 +169,41 @@ def report(folder: Path, top: int = 12) -> tuple[str, dict]:
     return markdown_table(head, rows), facts
 
 
-def trace_room(cache: list) -> None:
-    """Grow each TurboQuant layer's join workspace past kernel_trace.TRACE_AT, where the
-    traced kernel writes its blocks' timelines (before any decode step: no memo holds the
-    old array). Off CUDA there is no workspace and nothing to do."""
-    from bench.kernel_trace import SLOTS, TRACE_AT
+def _traced_workspaces(cache: list) -> list:
+    """The join workspaces of ``cache``'s TurboQuant layers (none off CUDA)."""
     from services.turboquant.cache import join_workspace
 
-    for c in cache:
-        work = join_workspace(c) if hasattr(c, "_bench_shape") and hasattr(c, "head_k") else None
-        if work is not None:
-            work.at_least(TRACE_AT + 4096 * SLOTS * 2)
-            work.decode_memo = None
+    works = (join_workspace(c) for c in cache if hasattr(c, "head_k"))
+    return [w for w in works if w is not None]
+
+
+def trace_room(cache: list) -> None:
+    """Grow each TurboQuant layer's join workspace to kernel_trace.TRACE_FLOATS, where the
+    traced kernel writes its blocks' timelines (before any decode step: no memo holds the
+    old array)."""
+    from bench.kernel_trace import TRACE_FLOATS
+
+    for work in _traced_workspaces(cache):
+        work.at_least(TRACE_FLOATS)
+        work.decode_memo = None
 
 
 def layer_traces(cache: list, mhz: float) -> dict:
     """Each traced layer's last fused launch, as bench/kernel_trace.py reads it: the span
-    (first block start to last block end, us) a layer, and kernel_trace's summary of the
-    layer with the median span."""
-    import numpy as np
-
-    from bench.kernel_trace import SLOTS, TRACE_AT, decode, summary
-    from services.turboquant.cache import JOIN_COUNTER_ROWS, join_workspace
+    (first block start to last block end, us) a layer, their median, and kernel_trace's
+    summary of the layer with the median span."""
+    from bench.kernel_trace import TRACE_AT, read_trace, summary
 
     spans, blocks_of = [], []
-    for c in cache:
-        work = join_workspace(c) if hasattr(c, "head_k") else None
-        if work is None or work.floats < TRACE_AT:
-            continue
-        raw = np.array(work.array[JOIN_COUNTER_ROWS + TRACE_AT :]).view(np.uint64)
-        starts = np.nonzero(raw[::SLOTS])[0]
-        if not len(starts):
-            continue
-        blocks = decode(raw, int(starts.max()) + 1)
-        spans.append(max(b["ns"][11] for b in blocks if 11 in b["ns"]) / 1e3)
-        blocks_of.append(blocks)
+    for work in _traced_workspaces(cache):
+        blocks = read_trace(work) if work.floats >= TRACE_AT else []
+        if blocks:
+            spans.append(max(b["ns"][11] for b in blocks if 11 in b["ns"]) / 1e3)
+            blocks_of.append(blocks)
     if not spans:
         return {}
     mid = sorted(range(len(spans)), key=spans.__getitem__)[len(spans) // 2]
-    return {"spans_us": [round(x, 2) for x in spans],
+    return {"spans_us": [round(x, 2) for x in spans], "median_us": round(spans[mid], 2),
             "median_layer": summary(blocks_of[mid], mhz)}  # fmt: skip
 
 
@@ -309,7 +305,7 @@ def main() -> None:
     if traced:
         spans = traced["spans_us"]
         print(f"traced layers {len(spans)}: span min {min(spans):.1f} median "
-              f"{sorted(spans)[len(spans) // 2]:.1f} max {max(spans):.1f} us")  # fmt: skip
+              f"{traced['median_us']:.1f} max {max(spans):.1f} us")  # fmt: skip
         print("\n".join(traced["median_layer"]))
 
 
