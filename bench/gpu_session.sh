@@ -37,6 +37,14 @@ ncu_split() {  # ncu_split SECONDS NCU-ARGS...: ncu on the split kernel alone, c
     -k regex:tq_mma_decode_split "$@"
 }
 
+ncu_model() {  # ncu_model SECONDS NCU-ARGS...: ncu on a decode step inside the model (the
+  local limit=$1  # step_* steps), clocks and caches as they run, only the profiler's range
+  shift
+  timeout "$limit" "$(find_ncu)" --clock-control none --cache-control none --profile-from-start off "$@"
+}
+
+slug() { echo "$1" | tr -c 'A-Za-z0-9\n' _; }  # options as a file-name suffix
+
 find_ncu() {  # ncu on PATH, else the CUDA toolkit's
   local f
   command -v ncu && return
@@ -162,13 +170,12 @@ while [ $# -gt 0 ]; do
     step-prof)  # step-prof N CACHES "ARGS": every kernel of 4 Llama decode steps at context N
       n=$1 caches=$2 extra=$3  # under ncu, each cache of CACHES (fp16,tq-default) in its own
       shift 3                  # process (bench/step_profile.py; ARGS: its options)
-      d="$OUT/step-prof-$n$(echo "$extra" | tr -c 'A-Za-z0-9\n' _)"
+      d="$OUT/step-prof-$n$(slug "$extra")"
       mkdir -p "$d"
       for cache in ${caches//,/ }; do
         echo "== step-prof $n $cache $extra ($(date -u +%H:%M:%S))"
         # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
-        timeout 240 "$(find_ncu)" --profile-from-start off --clock-control none --cache-control none \
-          --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$cache.csv" \
+        ncu_model 240 --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$cache.csv" \
           python3 bench/step_profile.py --cache "$cache" --context "$n" $extra --out "$d" 2>&1 |
           grep -v -i warning | tail -5 || echo "== step-prof $cache failed or timed out"
       done
@@ -178,11 +185,10 @@ while [ $# -gt 0 ]; do
       n=$1 cache=$2 extra=$3  # its SMs' active cycles (min / mean / max) against its elapsed
       shift 3                 # ones: a late SM, or all of them late?
       mkdir -p "$OUT/ncu"
-      f="$OUT/ncu/step_sm_${n}_$cache$(echo "$extra" | tr -c 'A-Za-z0-9\n' _).csv"
+      f="$OUT/ncu/step_sm_${n}_$cache$(slug "$extra").csv"
       echo "== step-sm $n $cache $extra ($(date -u +%H:%M:%S))"
       # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
-      timeout 240 "$(find_ncu)" --clock-control none --cache-control none --profile-from-start off \
-        -k regex:'tq_mma|sdpa' -c 6 --csv --page raw --log-file "$f" --metrics \
+      ncu_model 240 -k regex:'tq_mma|sdpa' -c 6 --csv --page raw --log-file "$f" --metrics \
         gpu__time_duration.sum,sm__cycles_elapsed.max,sm__cycles_active.min,sm__cycles_active.avg,sm__cycles_active.max \
         python3 bench/step_profile.py --cache "$cache" --context "$n" --steps 1 --no-warm $extra \
         --out /tmp/step-sm >/dev/null 2>&1 || echo "== step-sm failed or timed out"
@@ -208,8 +214,7 @@ while [ $# -gt 0 ]; do
           [ "$v" = b ] && extra=$bb
           mkdir -p "$d/$v-$i"
           # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
-          timeout 150 "$(find_ncu)" --profile-from-start off --clock-control none --cache-control none \
-            --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$v-$i/tq-default.csv" \
+          ncu_model 150 --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$v-$i/tq-default.csv" \
             python3 bench/step_profile.py --cache tq-default --context "$n" --no-warm $extra \
             --out "$d/$v-$i" >/dev/null 2>&1 || echo "== $v-$i failed (status $?)"
           echo "== $v-$i ($extra): $(python3 bench/step_profile.py --report "$d/$v-$i" --trim 2>&1 |
@@ -221,11 +226,10 @@ while [ $# -gt 0 ]; do
       n=$1 extra=$2  # at context N (ours; caches as the model leaves them); ARGS: step_profile's
       shift 2
       mkdir -p "$OUT/ncu"
-      f="$OUT/ncu/step_ncu_${n}$(echo "$extra" | tr -c 'A-Za-z0-9\n' _).txt"
+      f="$OUT/ncu/step_ncu_${n}$(slug "$extra").txt"
       echo "== step-ncu $n $extra ($(date -u +%H:%M:%S))"
       # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
-      timeout 240 "$(find_ncu)" --clock-control none --cache-control none --profile-from-start off \
-        -k regex:tq_mma_decode_split -c 2 --section SpeedOfLight --section Occupancy \
+      ncu_model 240 -k regex:tq_mma_decode_split -c 2 --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
         --section LaunchStats --print-details all python3 bench/step_profile.py --cache tq-default --context "$n" \
         --steps 1 --no-warm $extra --out /tmp/step-ncu >"$f" 2>&1 || echo "== step-ncu failed or timed out"
@@ -266,7 +270,7 @@ while [ $# -gt 0 ]; do
         shift
       fi
       mkdir -p "$OUT/ncu"
-      f="$OUT/ncu/ncu_full_${n}$(echo "$extra" | tr -c 'A-Za-z0-9\n' _).txt"
+      f="$OUT/ncu/ncu_full_${n}$(slug "$extra").txt"
       echo "== ncu-full $n $extra"
       # shellcheck disable=SC2086  # extra: kernel_profile's options, split on purpose
       ncu_split 400 --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
