@@ -31,7 +31,8 @@ from bench.report import pct, tune_arg  # noqa: E402
 TRACE_AT = 1 << 22  # floats past the counters: beyond any partials these shapes need
 SLOTS = 32  # uint64 a block: 16 globaltimer marks, then the same 16 as clock64
 MARKS = {0: "start", 2: "query rotated", 3: "first tile in", 8: "merge written",
-         9: "fp chunk done", 10: "counted", 11: "end"}  # fmt: skip
+         9: "fp chunk done", 10: "counted", 11: "end", 12: "query loaded",
+         13: "join: loads start", 14: "join: partials merged"}  # fmt: skip
 WARP_END = 4  # marks 4..7: warp w left its tile loop
 TRACE_FLOATS = TRACE_AT + 4096 * SLOTS * 2  # a workspace with room for 4096 blocks' records
 
@@ -97,6 +98,8 @@ def summary(blocks: list[dict], mhz: float) -> list[str]:
         row(f"{MARKS[i]} (us)", [b["ns"][i] * us for b in split if i in b["ns"]])
     cyc = lambda b, i, j: (b["cycles"][j] - b["cycles"][i]) / mhz  # noqa: E731 - us
     row("block: rotate (us, clock)", [cyc(b, 0, 2) for b in split])
+    if any(12 in b["cycles"] for b in split):  # (builds since session 24)
+        row("  query loads (us, clock)", [cyc(b, 0, 12) for b in split if 12 in b["cycles"]])
     row("block: 1st tile wait (us, clock)", [cyc(b, 2, 3) for b in split if 3 in b["cycles"]])
     row("block: tiles (us, clock)",
         [(max(warp_ends(b, "cycles")) - b["cycles"][2]) / mhz for b in split])  # fmt: skip
@@ -109,6 +112,10 @@ def summary(blocks: list[dict], mhz: float) -> list[str]:
     if last:
         row("last blocks: counted (us)", [b["ns"][10] * us for b in last])
         row("last blocks: join (us, clock)", [cyc(b, 10, 11) for b in last])
+        for name, i, j in (("fence", 10, 13), ("partials", 13, 14), ("rotate, out", 14, 11)):
+            xs = [cyc(b, i, j) for b in last if i in b["cycles"] and j in b["cycles"]]
+            if xs:
+                row(f"  join: {name} (us, clock)", xs)
         row("last blocks: end (us)", [b["ns"][11] * us for b in last])
     per_sm = {}
     for b in blocks:

@@ -37,3 +37,32 @@ def test_records_decode_into_stages_and_each_rows_last_block_is_its_join():
     join = next(x for x in lines if "last blocks: join" in x)
     assert f"max {17000 / 1980:6.1f}" in join
     assert "rotate (us, clock)" in text and "SM busy span" in text
+
+
+def test_the_query_loads_and_the_joins_parts_are_read_where_the_build_marks_them():
+    raw = np.zeros(2 * kt.SLOTS, dtype=np.uint64)
+    t0 = 10**9
+    split = {0: (t0, 0), 12: (t0 + 700, 1386), 2: (t0 + 1000, 1980), 3: (t0 + 1500, 2970)}
+    split.update({4 + w: (t0 + 5000 + w, 9900 + w) for w in range(4)})
+    split.update({8: (t0 + 6000, 11880), 10: (t0 + 6500, 12870)})
+    split.update({13: (t0 + 6600, 13068), 14: (t0 + 8000, 15840), 11: (t0 + 9000, 17820)})
+    _record(raw, 0, sm=1, idx=0, row=0, marks=split)
+    old = {i: v for i, v in split.items() if i < 12}  # a build before these marks
+    _record(raw, 1, sm=2, idx=0, row=1, marks=old)
+    lines = kt.summary(kt.decode(raw, 2), mhz=1980.0)
+    got = {x.split("(us")[0].strip(): x for x in lines}
+    # only the marked block counts: 1386 cycles to its query, at 1980 MHz 0.7 us
+    assert "max    0.7" in got["query loads"] and "p10    0.7" in got["query loads"]
+    assert "max    0.1" in got["join: fence"]  # 13068 - 12870 cycles
+    assert "max    1.4" in got["join: partials"]  # 15840 - 13068
+    assert "max    1.0" in got["join: rotate, out"]  # 17820 - 15840
+
+
+def test_a_trace_without_the_new_marks_has_no_rows_for_them():
+    raw = np.zeros(kt.SLOTS, dtype=np.uint64)
+    marks = {0: (10**9, 0), 2: (10**9 + 1000, 1980), 3: (10**9 + 1500, 2970)}
+    marks.update({4 + w: (10**9 + 5000, 9900) for w in range(4)})
+    marks.update({8: (10**9 + 6000, 11880), 10: (10**9 + 6500, 12870), 11: (10**9 + 7000, 13860)})
+    _record(raw, 0, sm=1, idx=0, row=0, marks=marks)
+    text = "\n".join(kt.summary(kt.decode(raw, 1), mhz=1980.0))
+    assert "query loads" not in text and "join: fence" not in text and "last blocks: join" in text

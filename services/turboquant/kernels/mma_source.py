@@ -133,9 +133,12 @@ __device__ __forceinline__ void tqm_mark(int i) {
 }
 #define TQM_MARK(i) do { if (threadIdx.x == 0) tqm_mark(i); } while (0)
 #define TQM_MARK_WARP(i) do { if ((threadIdx.x & 31) == 0) tqm_mark((i) + (threadIdx.x >> 5)); } while (0)
+// mark i once thread 0 holds the float v (its loads have landed: the asm takes it as input)
+#define TQM_MARK_ON(i, v) do { if (threadIdx.x == 0) { const float tqm_v = (v); asm volatile("" :: "f"(tqm_v)); tqm_mark(i); } } while (0)
 #else
 #define TQM_MARK(i) do {} while (0)
 #define TQM_MARK_WARP(i) do {} while (0)
+#define TQM_MARK_ON(i, v) do {} while (0)
 #endif
 namespace tqm {
 
@@ -582,6 +585,15 @@ __device__ void mma_decode_split(
   // The block's 8 query heads, rotated here when QROT (x M, M = diag(signs) H / sqrt(D):
   // the signs, then Sylvester-order butterflies) -- no MLX ops for the rotation per step.
   {
+#ifdef TQM_TRACE
+    float qin = 0.f;  // mark 12: thread 0's query, signs (and RoPE) loads have landed
+#pragma unroll
+    for (int e = 0; e < QE; ++e) {
+      qin += tofloat(qraw[e]) + qsg[e];
+      if constexpr (RD > 0) qin += tofloat(qpar[e]) + qinv[e];
+    }
+    TQM_MARK_ON(12, qin);
+#endif
 #pragma unroll
     for (int e = 0; e < QE; ++e) {
       const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
@@ -1320,6 +1332,7 @@ __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_
       zk[i] = HAS_SINKS ? sinks[hkv * G + ht * 8 + h] * 1.4426950408889634f : TQM_NEG_INF;
     }
     float acc[NH][E], accf[NH][E], Mb[NH], Lb[NH], mf[NH], lf[NH];
+    if (h0 == 0) TQM_MARK(13);  // (TQM_TRACE) past the fence: the partials' loads start
     merge_lanes<E, NH>(o_part, ml_part, r, S, lane, acc, Mb, Lb);
     if (HAS_FP) {
       merge_lanes<E, NH>(fp_o, fp_ml, r, n_fp, lane, accf, mf, lf);
@@ -1331,6 +1344,7 @@ __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_
         for (int e = 0; e < E; ++e) accf[i][e] = 0.f;
       }
     }
+    if (h0 == 0) TQM_MARK_ON(14, acc[0][0] + accf[0][0] + Lb[0] + lf[0]);  // partials merged
 #pragma unroll
     for (int i = 0; i < NH; ++i) {
       if (h0 + i * nw >= nh) continue;
