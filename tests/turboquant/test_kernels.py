@@ -251,10 +251,11 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
         assert rows_grid[3][0][2] >= s  # the rows grid rounds the split count up
 
 
-def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule():
-    """The default layout (pipelined): fewer, longer splits up to 32K -- 2 super-tiles a warp
-    up to a block an SM, 4 beyond -- the fill rule's one wave past that; the other layouts
-    keep the fill rule (measured: session 14)."""
+def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule(monkeypatch):
+    """The default layout (pipelined) past the short contexts: fewer, longer splits up to
+    32K -- 2 super-tiles a warp up to a block an SM, 4 beyond -- the fill rule's one wave past
+    that; the other layouts keep the fill rule (measured: session 14)."""
+    monkeypatch.setattr(mma_decode, "SHORT_BODY", 0)
     tunables = (None, 2, 4, True, True, True, *REST)
     chan, aff = ((2, 4, 128), (0, 4, 128)), ((0, 4, 64), (0, 4, 128))
     got = {n: mma_decode._row_splits(*chan, 1, 32, 8, 128, n, None, tunables)[1]
@@ -272,6 +273,24 @@ def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule():
     assert mma_decode._row_splits(*aff, 1, 32, 8, 128, 32705, None, tunables)[1] == fill > 16
     off = (None, 2, 4, True, False, True, *REST)
     assert mma_decode._row_splits(*chan, 1, 32, 8, 128, 32705, None, off)[1] == 32
+
+
+def test_short_contexts_take_more_shorter_splits_and_long_ones_the_rule():
+    """Up to SHORT_BODY positions and SHORT_ROWS rows the pipelined layout takes the fill
+    rule at 3 blocks an SM with one super-tile a warp (measured in Llama decode steps, session
+    24); past either, and for the other layouts, the rule as before."""
+    tunables = (None, 2, 4, True, True, True, *REST)
+    chan, aff = ((2, 4, 128), (0, 4, 128)), ((0, 4, 64), (0, 4, 128))
+    got = {n: mma_decode._row_splits(*chan, 1, 32, 8, 128, n, None, tunables)[1]
+           for n in (4033, 16321, 32705, 49152, 49153, 131009)}  # fmt: skip
+    # 8 rows, 49 blocks a row at 3 an SM; a warp's super-tile 128 positions, 4 warps
+    assert got == {4033: 8, 16321: 32, 32705: 43, 49152: 48, 49153: 25, 131009: 32}
+    assert 43 * 768 >= 32705 > 42 * 768  # 43 splits of 6 super-tiles (1.5 a warp)
+    # batch 2: 16 rows, past SHORT_ROWS -- the rule's 16 splits at 32K
+    assert mma_decode._row_splits(*chan, 2, 32, 8, 128, 32705, None, tunables)[1] == 16
+    # per-vector keys (not pipelined): the fill rule at 2 blocks an SM, as before
+    fill = mma_decode.num_splits(32705, 8, 4, fill=True)
+    assert mma_decode._row_splits(*aff, 1, 32, 8, 128, 32705, None, tunables)[1] == fill
 
 
 def test_only_the_default_layout_is_pipelined():

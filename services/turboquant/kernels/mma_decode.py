@@ -65,6 +65,15 @@ SPLIT_FACTOR = 2
 # 128K keeps the fill rule's 33. Read when a plan is made: clear_kernel_caches after
 # changing it (1: the fill rule alone).
 TILES_PER_WARP = 4
+# Short contexts inside a model take the fill rule at 3 blocks an SM and one super-tile a
+# warp instead: there each block's loads wait longer than in the chained benches (32K,
+# kernel_trace marks in Llama decode steps vs alone: query loads 5.6 vs 2.5 us, tiles 20.9
+# vs 14.7), so more, shorter splits win. Llama-3.1-8B decode steps, batch 1 (8 rows), ncu,
+# session 24: a layer 4K 26.3 vs 34.2 us (8 vs 4 splits), 32K 42.7 vs 44.9 (43 vs 16), but
+# 128K 69.6 vs 66.9 -- so only up to SHORT_BODY body positions and SHORT_ROWS rows (48K and
+# batch 1's 8 rows: between 32K and 128K, and more rows, not measured). 0: off.
+SHORT_BODY = 49152
+SHORT_ROWS = 8
 # Multiply exact codes on the tensor cores and fold a tile's scales and biases into the
 # other operand: channel keys, values with one group a vector (bench/gpu_notes.md, session
 # 4: 0.103 vs 0.117 ms at 128K, 0.177 vs 0.215 at 256K).
@@ -207,7 +216,8 @@ def clear_kernel_caches() -> None:
 
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
-             "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO")  # fmt: skip
+             "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO",
+             "SHORT_BODY", "SHORT_ROWS")  # fmt: skip
 
 
 def tune(**settings) -> None:
@@ -903,6 +913,8 @@ def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> 
     rows = b * hkv * -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
     per_warp = tiles_per_warp if pipe else 1
+    if pipe and n_body <= SHORT_BODY and rows <= SHORT_ROWS:  # (read when a plan is made)
+        factor, per_warp = 3, 1
     return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
                                       tiles_per_warp=per_warp)  # fmt: skip
 
