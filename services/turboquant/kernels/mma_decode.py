@@ -69,7 +69,7 @@ TILES_PER_WARP = 4
 # warp instead: there each block's loads wait longer than in the chained benches (32K,
 # kernel_trace marks in Llama decode steps vs alone: query loads 5.6 vs 2.5 us, tiles 20.9
 # vs 14.7), so more, shorter splits win. Llama-3.1-8B decode steps, batch 1 (8 rows), ncu,
-# session 24: a layer 4K 26.3 vs 34.2 us (8 vs 4 splits), 32K 42.7 vs 44.9 (43 vs 16), but
+# session 24: a layer 4K 26.3 vs 34.1 us (8 vs 4 splits), 32K 42.7 vs 44.9 (43 vs 16), but
 # 128K 69.6 vs 66.9 -- so only up to SHORT_BODY body positions and SHORT_ROWS rows (48K and
 # batch 1's 8 rows: between 32K and 128K, and more rows, not measured). 0: off.
 SHORT_BODY = 49152
