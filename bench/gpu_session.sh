@@ -13,7 +13,7 @@
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" |
 #        step-prof N CACHES "ARGS" | step-ncu N "ARGS" | step-ab N ROUNDS "ARGS_A" "ARGS_B" |
-#        step-sm N CACHE "ARGS" | step-trace N "ARGS"
+#        step-sm N CACHE "ARGS" | step-trace N "ARGS" | trace-between
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -104,6 +104,11 @@ while [ $# -gt 0 ]; do
       ;;
     trace)  # every block's timeline in one fused launch (bench/kernel_trace.py)
       run 300 trace python3 bench/kernel_trace.py --contexts 4033,16321,32705,131009 --splits 16
+      ;;
+    trace-between)  # the 32K launch alone after each kind of traffic (kernel_trace --between):
+      for m in none kernel l2 tlb both; do  # which reproduces the model's stage times
+        run 120 "trace-between-$m" python3 bench/kernel_trace.py --contexts 32705 --between "$m"
+      done
       ;;
     ab)  # ab NAME=VALUE[,...]: the split kernel with and without a tunable, interleaved (3 rounds)
       t=$1

@@ -10,7 +10,9 @@ cache; on the GPU machine:
     python bench/kernel_trace.py --contexts 4033,16321,32705,131009 --out $OUT
 
 prints per context: the launch's span, the stages' spread over the split blocks, and the
-rows' last blocks (the join). Times: globaltimer (ns, one clock for every SM) for when,
+rows' last blocks (the join). ``--between tlb|l2|both|kernel`` runs traffic like a model's
+other kernels before each lone launch (``traffic``): which of them makes the loads wait as
+long as inside a model (bench/gpu_notes.md, session 24). Times: globaltimer (ns, one clock for every SM) for when,
 clock64 for how long within a block. The marks cost a few registers (the trace build's
 code is not the product's; its durations are a guide, not the benchmark).
 """
@@ -126,6 +128,40 @@ def summary(blocks: list[dict], mhz: float) -> list[str]:
     return lines
 
 
+BETWEEN = ("none", "kernel", "l2", "tlb", "both")
+
+
+def traffic(mode: str, l2_mb: float = 200, tlb_gb: float = 16, stride_kb: int = 2048):
+    """What runs between traced launches, as a model's other kernels would: ``kernel`` one
+    tiny op (another kernel between, nothing moved), ``l2`` a copy of ``l2_mb`` MB (evicts the
+    L2 through few pages), ``tlb`` one float every ``stride_kb`` KB over ``tlb_gb`` GB (every
+    page of a weights-sized buffer, hardly any L2), ``both``. Returns a callable giving
+    the arrays to evaluate before a launch; None for ``none``."""
+    import mlx.core as mx
+
+    if mode not in BETWEEN:
+        raise ValueError(f"--between: one of {', '.join(BETWEEN)}")
+    if mode == "none":
+        return None
+    tiny = mx.zeros((256,), dtype=mx.float32)
+    l2 = mx.zeros((int(l2_mb * 2**20) // 4,), dtype=mx.float32) if mode in ("l2", "both") else None
+    big = (
+        mx.zeros((int(tlb_gb * 2**30) // 4,), dtype=mx.float32) if mode in ("tlb", "both") else None
+    )
+    mx.eval(*(a for a in (tiny, l2, big) if a is not None))
+    step = stride_kb * 1024 // 4
+
+    def run() -> list:
+        out = [tiny + 1]
+        if l2 is not None:
+            out.append(l2 + 1)  # reads and writes l2_mb: the L2's 50 MB evicted
+        if big is not None:
+            out.append(mx.sum(big[::step]))  # one float a stride: a TLB entry each
+        return out
+
+    return run
+
+
 def main() -> None:
     import mlx.core as mx
 
@@ -141,8 +177,12 @@ def main() -> None:
     )
     ap.add_argument("--mhz", type=float, default=1980.0, help="SM clock for clock64 durations")
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
+    ap.add_argument("--between", default="none", choices=BETWEEN,
+                    help="traffic before each 'alone' launch (traffic()): which of the model's "
+                    "effects slows the loads")  # fmt: skip
     ap.add_argument("--out")
     args = ap.parse_args()
+    between = traffic(args.between)
     mma_decode.TRACE_AT = TRACE_AT  # (read when a kernel is built: tune clears them)
     mma_decode.tune(**{"FUSED_JOIN": True, "FUSED_MAX_WORK": None, **args.tune})
     hkv, hq, d = 8, 32, 128
@@ -162,6 +202,8 @@ def main() -> None:
                 reps = 12 if kind == "chained" else 1
                 for i in range(reps + 2):  # (the first two: compile, warm-up)
                     q, ks, vs, work = sets[i % len(sets)]
+                    if kind == "alone" and between is not None:
+                        mx.eval(*between())  # done before the launch starts
                     o = mma_decode.mma_decode_layer(q, ks, vs, 1 / math.sqrt(d), splits=splits)
                     if kind == "alone" or i < 2:
                         mx.eval(o)
@@ -169,10 +211,12 @@ def main() -> None:
                 mx.synchronize()
                 blocks = read_trace(work)
                 grid = len(blocks)
-                head = f"== n {n} splits {splits or 'rule'} {kind}: grid {grid}"
+                after = f" after {args.between}" if kind == "alone" and between else ""
+                head = f"== n {n} splits {splits or 'rule'} {kind}{after}: grid {grid}"
                 lines = [head] + summary(blocks, args.mhz)
                 print("\n".join(lines), flush=True)
-                results.append(dict(n=n, splits=splits, kind=kind, grid=grid, blocks=blocks))
+                results.append(dict(n=n, splits=splits, kind=kind, grid=grid, blocks=blocks,
+                                    between=args.between if kind == "alone" else "none"))  # fmt: skip
                 for *_, w in sets:  # no stale records (each set has its own workspace)
                     w.array = mx.zeros_like(w.array)
                     w.decode_memo = None

@@ -66,3 +66,20 @@ def test_a_trace_without_the_new_marks_has_no_rows_for_them():
     _record(raw, 0, sm=1, idx=0, row=0, marks=marks)
     text = "\n".join(kt.summary(kt.decode(raw, 1), mhz=1980.0))
     assert "query loads" not in text and "join: fence" not in text and "last blocks: join" in text
+
+
+def test_the_traffic_between_launches_is_what_each_mode_names():
+    import mlx.core as mx
+    import pytest
+
+    assert kt.traffic("none") is None
+    with pytest.raises(ValueError, match="--between"):
+        kt.traffic("dram")
+    sizes = dict(l2_mb=1, tlb_gb=1 / 64, stride_kb=64)  # 1 MB and 16 MB on the CPU
+    got = {m: kt.traffic(m, **sizes)() for m in ("kernel", "l2", "tlb", "both")}
+    assert [len(v) for v in got.values()] == [1, 2, 2, 3]
+    mx.eval(*(a for v in got.values() for a in v))
+    l2 = got["l2"][1]
+    assert l2.size == 2**20 // 4 and float(l2.sum()) == l2.size  # a copy of every float
+    strided = got["tlb"][1]
+    assert strided.shape == () and float(strided) == 0.0  # one float a stride, summed
