@@ -279,3 +279,20 @@ def test_the_value_steps_compile_looped_and_unrolled_and_keep_three_blocks_an_sm
                                                                  kernel.shared_memory)  # fmt: skip
     mma_decode.clear_kernel_caches()
     assert min(resources.values()) >= 3, resources
+
+
+def test_the_fused_split_launches_compile_as_trace_builds(launches):
+    """bench/kernel_trace.py and step_profile --trace build the fused split kernel with
+    TQM_TRACE (mma_decode.TRACE_AT): its marks, the join's among them, compile too (the
+    other tests compile the product builds, where the marks are empty)."""
+    fused = [x for x in launches if base_name(x[0].name) == "tq_mma_decode_split"]
+    # one launch per path the marks take (staged tiles or not, RoPE in the kernel or not)
+    paths = {(x[2]["PIPE"], x[2]["RDIMS"] > 0): x for x in fused if x[2]["FUSED"]}
+    assert set(paths) == {(p, r) for p in (True, False) for r in (True, False)}
+    failures = []
+    for kernel, inputs, template, dtypes in paths.values():
+        src = nvrtc.kernel_source(kernel, inputs, kernel.passed_template, dtypes)
+        cubin, log = nvrtc.compile_cubin("#define TQM_TRACE 4194304\n" + src)
+        if cubin is None:
+            failures.append((template, log[-2000:]))
+    assert not failures, failures
