@@ -233,7 +233,10 @@ def _fused_case():
 
 SETTINGS = [  # a value of each module setting the plan reads that changes the launch
     ("STEPS", 4),
-    ("SPLIT_FACTOR", 0.02),
+    ("SPLIT_FACTOR", 0.02),  # (past the short contexts' rule: SHORT_BODY 0, see PRE)
+    ("SHORT_BODY", 0),
+    ("SHORT_ROWS", 0),
+    ("JOIN_STAGE", True),
     ("WARPS", 2),
     ("FOLD", False),
     ("PIPELINE", False),
@@ -245,8 +248,14 @@ SETTINGS = [  # a value of each module setting the plan reads that changes the l
 ]
 
 
+# set before the first call: the short contexts' rule takes no SPLIT_FACTOR
+PRE = {"SPLIT_FACTOR": {"SHORT_BODY": 0}}
+
+
 @pytest.mark.parametrize("name,value", SETTINGS, ids=[n for n, _ in SETTINGS])
 def test_a_changed_setting_takes_effect_on_the_next_call(monkeypatch, launches, name, value):
+    for pre, v in PRE.get(name, {}).items():
+        monkeypatch.setattr(mma_decode, pre, v)
     q, keys, values = _fused_case()
     layer(monkeypatch, True, q, keys, values, 0.1)
     _, before, plans = layer(monkeypatch, True, q, keys, values, 0.1)

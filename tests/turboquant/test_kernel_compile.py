@@ -6,6 +6,7 @@ fails here first."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -296,3 +297,48 @@ def test_the_fused_split_launches_compile_as_trace_builds(launches):
         if cubin is None:
             failures.append((template, log[-2000:]))
     assert not failures, failures
+
+
+def test_the_staged_join_compiles_and_keeps_three_blocks_an_sm(monkeypatch):
+    """mma_decode.JOIN_STAGE (the fused join's partials staged with cp.async; off until
+    measured on the GPU): the pipelined launches that take it compile, keep the occupancy
+    the default layout was measured with, and only they carry its source."""
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.cache import JoinWorkspace
+    from services.turboquant.kernels.cases import cache_case
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
+    monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
+    monkeypatch.setattr(mma_decode, "JOIN_STAGE", True)
+    _RecordedKernel.launches, _RecordedKernel.outputs = [], []
+    mma_decode.clear_kernel_caches()
+    try:
+        for config, dim in CONFIGS[:4]:  # the default layout at D 128 / 64 / 256, per-vector keys
+            case = cache_case(np.random.default_rng(0), TurboQuantConfig(**config), batch=1,
+                              q_heads=8, kv_heads=2, dim=dim, length=700, sinks=True)  # fmt: skip
+            keys = dataclasses.replace(case.keys, workspace=JoinWorkspace())
+            q = case.queries.astype(mx.float16)
+            assert mma_decode.mma_decode_layer(q, keys, case.values, 0.1, case.sinks) is not None
+    finally:
+        mma_decode.clear_kernel_caches()
+    splits = [x for x in _RecordedKernel.launches if base_name(x[0].name) == "tq_mma_decode_split"]
+    staged = {(t["D"], t["PIPE"]): t.get("JSTG", False) for _, _, t, *_ in splits}
+    assert staged == {(128, True): True, (64, True): True, (256, False): False, (128, False): False}
+    recorded = zip(_RecordedKernel.launches, _RecordedKernel.outputs, strict=True)
+    for (kernel, inputs, t, *_), outputs in recorded:
+        if not t.get("JSTG"):
+            continue
+        src = nvrtc.kernel_source(
+            kernel, inputs, kernel.passed_template, [o.dtype for o in outputs]
+        )
+        header = kernel.header  # (an #include of a file holding it, where one can be written)
+        if header.startswith("#include"):
+            header = Path(header.split('"')[1]).read_text()
+        assert "#define TQM_JOIN_STAGED 1" in header
+        cubin, log = nvrtc.compile_cubin(src)
+        assert cubin is not None, log[-3000:]
+        regs, static = nvrtc.cubin_resources(cubin)
+        assert blocks_per_sm(regs, 32 * t["WARPS"], static, kernel.shared_memory) >= 3, (
+            regs,
+            static,
+        )

@@ -644,6 +644,31 @@ def test_v4_layer_matches_float64_reference(rng, monkeypatch, shape, layout, len
     assert reference.rel_error(np.array(out), ref) <= 5e-3  # float16 operands on tensor cores
 
 
+@cuda
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128), (1, 12, 1, 64), (2, 64, 4, 128)],
+                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
+@pytest.mark.parametrize("length", [300, 4099])
+def test_the_staged_join_matches_float64_reference(rng, monkeypatch, shape, length):
+    """mma_decode.JOIN_STAGE: the fused join reads its row's partials through shared memory
+    in batches of at most 64 rows a warp -- one batch, several (40, 70 splits), empty splits
+    among them (7 at 300 positions), GQA 4, 12 and 16 (two heads a warp)."""
+    from services.turboquant import TurboQuantConfig
+    from services.turboquant.kernels.cases import cache_case
+
+    bsz, hq, hkv, d = shape
+    c = cache_case(rng, TurboQuantConfig(**V4_LAYOUTS["default"]), batch=bsz, q_heads=hq,
+                   kv_heads=hkv, dim=d, length=length, sinks=bool(length % 2))  # fmt: skip
+    monkeypatch.setattr(mma_decode, "FUSED_JOIN", True)
+    monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
+    monkeypatch.setattr(mma_decode, "JOIN_STAGE", True)
+    ref = c.reference()
+    for splits in (None, 7, 40, 70):
+        out = mma_decode.mma_decode_layer(
+            c.queries, c.keys, c.values, c.scale, c.sinks, splits=splits, poison=True
+        )
+        assert reference.rel_error(np.array(out.astype(mx.float32)), ref) <= 5e-3, splits
+
+
 def test_kernel_names_change_with_their_source(recorded_kernels, monkeypatch):
     """MLX 0.32 keeps compiled kernels on disk under their name and template arguments, not
     their source (MLX_PTX_CACHE_DIR): our names carry a digest of the source, so an edited

@@ -39,6 +39,7 @@ from .mma_source import (
     MMA_FP_CHUNK,
     MMA_HEADER,
     MMA_JOIN_SOURCE,
+    MMA_JOIN_STAGED,
     MMA_SPLIT_SOURCE,
     MMA_WORK_ALIGN,
     compact,
@@ -102,6 +103,11 @@ COMPACT_VALUES = True
 FUSED_JOIN = True
 FUSED_MAX_WORK: int | None = 8 * 65536 * 128  # None: no limit (nor on the tail)
 FUSED_MAX_TAIL = 32 * 8 * 128
+# The fused join of pipelined launches with its row's partials staged in the idle ring by
+# cp.async -- all of a head's splits in flight at once, not rounds of 16 through registers
+# (mma_source.MMA_JOIN_STAGED; in the model each round waited ~3.5 us at 32K: session 24).
+# False until measured on the GPU (compiled with NVRTC only).
+JOIN_STAGE = False
 # A layer's plan (split, and join where not fused) and static inputs are kept on its
 # JoinWorkspace (_DecodeMemo) and reused while the body views stay the same objects: the
 # call then skips the plan's cache lookup and the input lists (host time per layer).
@@ -118,6 +124,7 @@ VALUE_LAYOUTS = {"affine": 0, "codebook": 1}
 # Sent without comments (the same SASS, checked with nvcc 13 for sm_90): NVRTC reads less.
 _COMMON_HEADER = compact(MMA_COMMON)
 _SPLIT_HEADER = compact(MMA_HEADER)
+_JOIN_STAGED = compact(MMA_JOIN_STAGED)
 
 
 # kn, vn: a decode step's new positions, written into kt/vt's buffers (cache.TailAppend);
@@ -150,6 +157,8 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     name = f"tq_mma_decode_split_{fp_dtype}"
     # strided: the cache's views are read through their strides, never copied
     header = _SPLIT_HEADER
+    if t.get("JSTG"):
+        header += _JOIN_STAGED
     if TRACE_AT is not None and t["FUSED"]:
         header = f"#define TQM_TRACE {TRACE_AT}\n" + header
     return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, header,
@@ -217,7 +226,7 @@ def clear_kernel_caches() -> None:
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
              "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO",
-             "SHORT_BODY", "SHORT_ROWS")  # fmt: skip
+             "SHORT_BODY", "SHORT_ROWS", "JOIN_STAGE")  # fmt: skip
 
 
 def tune(**settings) -> None:
@@ -448,7 +457,7 @@ def mma_decode_layer(
             kp[1].dtype, vp[1].dtype, queries.shape, queries.dtype, kp[0].shape[1], keys.n_body,
             rot is not None, head_chunks, tail_chunks, fp_dtype,
             keys.center is not None, sinks is not None, scale, splits,
-            *_plan_tunables(), fused=FUSED_JOIN and work is not None,
+            *_plan_tunables(), fused=FUSED_JOIN and work is not None, staged=JOIN_STAGE,
             fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
             counter_rows=JOIN_COUNTER_ROWS, append=append is not None, tlen=buffered is not None,
             rope=None if rope is None else (rope.dims, rope.traditional),
@@ -797,7 +806,8 @@ class _Launch:
 def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype, q_shape,
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None,
-                counter_rows=JOIN_COUNTER_ROWS, append=False, tlen=False, rope=None):  # fmt: skip
+                counter_rows=JOIN_COUNTER_ROWS, append=False, tlen=False, rope=None,
+                staged=False):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
     last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
     ``fused_max``), or None where the kernels cannot read it (:func:`_layouts`, as for
@@ -815,7 +825,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
         work, tail = b * hkv * n_body * d, s * min(8, hq // hkv) * d
         fused = work <= fused_max[0] and tail <= fused_max[1]
     fused = fused and b * hkv * -(-(hq // hkv) // 8) <= counter_rows
-    join = (fused, has_center, has_sinks) if fused else NO_JOIN
+    join = (fused, has_center, has_sinks, staged) if fused else NO_JOIN
     split = _split_launch(
         *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join
     )
@@ -833,7 +843,8 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
 # (sink chunks, tail chunks, their dtype, new positions, the tail's length in params, the
 # RoPE of the query and new positions -- (dims, traditional) or None): none
 NO_FP = (0, 0, None, False, False, None)
-NO_JOIN = (False, False, False)  # (fused join, key centre, learned sinks): a join launch follows
+# (fused join, key centre, learned sinks, its partials staged): a join launch follows
+NO_JOIN = (False, False, False, False)
 
 
 def _split(q, rot, keys, values, scale, splits, poison):
@@ -888,7 +899,7 @@ def _plan_tunables() -> tuple:
     """The settings a split launch's plan reads, in the order the planners unpack them (they
     are part of the planners' cache keys)."""
     return (STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE, LINEAR_GRID, TILES_PER_WARP,
-            COMPACT_VALUES)  # fmt: skip
+            COMPACT_VALUES, SHORT_BODY, SHORT_ROWS)  # fmt: skip
 
 
 def work_floats(heads: int, splits: int, chunks: int, d: int) -> int:
@@ -909,11 +920,12 @@ def _steps_pipe(k_layout, v_layout, d, tunables) -> tuple[int, bool]:
 
 def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
     """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits."""
-    _, factor, warps, _, _, linear, tiles_per_warp, *_ = tunables
+    _, factor, warps, _, _, linear, tiles_per_warp, _, *short = tunables
+    short_body, short_rows = short or (SHORT_BODY, SHORT_ROWS)  # (tests pass the first 8)
     rows = b * hkv * -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
     per_warp = tiles_per_warp if pipe else 1
-    if pipe and n_body <= SHORT_BODY and rows <= SHORT_ROWS:  # (read when a plan is made)
+    if pipe and n_body <= short_body and rows <= short_rows:
         factor, per_warp = 3, 1
     return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
                                       tiles_per_warp=per_warp)  # fmt: skip
@@ -927,7 +939,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
     LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES -- are in the key; ``join``:
     :data:`NO_JOIN` or the fused join's flags)."""
-    _, _, warps, fold, _, linear, _, compact = tunables
+    _, _, warps, fold, _, linear, _, compact, *_ = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
     rows, s = _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables)
@@ -960,6 +972,8 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
         ("HAS_CENTER", join[1]),
         ("HAS_SINKS", join[2]),
     ]
+    if join[0] and join[3] and pipe:  # (only then: the product builds' source is as before)
+        template.append(("JSTG", True))
     blocks = s + chunks  # a row's
     grid = (blocks * rows * 32 * warps, 1, 1) if linear else (blocks * 32 * warps, hkv * n_ht, b)
     # fp_chunk blocks stage in the dynamic shared memory (the PIPE rings are larger). MLX

@@ -1403,6 +1403,160 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
 """
 )
 
+# The fused join with its row's partials staged in shared memory (mma_decode.JOIN_STAGE;
+# appended to the split kernel's header only then): by the last block, the ring idle by
+# then holds each warp's rows -- every split's and fp chunk's o in flight at once with
+# cp.async, where join_heads loads rounds of 16 a lane into registers (inside a model each
+# round waited ~3.5 us: bench/gpu_notes.md, session 24). Pipelined launches (D 64 / 128).
+MMA_JOIN_STAGED = r"""
+#define TQM_JOIN_STAGED 1
+namespace tqm {
+
+// a lane's E floats of row ``src`` into ``dst`` (both 4 * E bytes aligned)
+template <int E>
+__device__ __forceinline__ void cp_lane(float* dst, const float* src) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  if constexpr (E == 2) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(src));
+  } else {
+#pragma unroll
+    for (int i = 0; i < E / 4; ++i)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s + 16 * i), "l"(src + 4 * i));
+  }
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// One head's rows (S splits, then n_fp chunks) merged by one warp through its ``region`` of
+// ``cap`` rows (<= 64): a batch's copies, its m and l (lane j: rows j, j + 32), then the
+// online softmax over the batch -- body and fp rows kept apart (the body is rotated back).
+template <int E>
+__device__ __forceinline__ void merge_staged(const float* o_part, const float* ml_part, const float* fp_o,
+                                             const float* fp_ml, int64_t r, int S, int n_fp, float* region,
+                                             int cap, int lane, float (&acc)[E], float& Mb, float& Lb,
+                                             float (&accf)[E], float& Mf, float& Lf) {
+  constexpr int D = 32 * E;
+  const int rows = S + n_fp;
+  float lb = 0.f, lf = 0.f;  // this lane's rows' share of L (summed over the warp at the end)
+  for (int r0 = 0; r0 < rows; r0 += cap) {
+    const int n = min(cap, rows - r0);
+    for (int j = 0; j < n; ++j) {
+      const int s = r0 + j;
+      const float* src = s < S ? o_part + (r * S + s) * D : fp_o + (r * n_fp + (s - S)) * D;
+      cp_lane<E>(region + j * D + lane * E, src + lane * E);
+    }
+    cp_commit();
+    float m[2], l[2];
+    bool body[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int s = r0 + lane + 32 * k;
+      body[k] = s < S;
+      const float2 x = lane + 32 * k >= n ? make_float2(TQM_NEG_INF, 0.f)
+                       : __ldcg(reinterpret_cast<const float2*>(s < S ? ml_part + (r * S + s) * 2
+                                                                      : fp_ml + (r * n_fp + (s - S)) * 2));
+      m[k] = x.x, l[k] = x.y;
+    }
+    const float nb = fmaxf(Mb, warp_max(fmaxf(body[0] ? m[0] : TQM_NEG_INF, body[1] ? m[1] : TQM_NEG_INF)));
+    const float nf = fmaxf(Mf, warp_max(fmaxf(body[0] ? TQM_NEG_INF : m[0], body[1] ? TQM_NEG_INF : m[1])));
+    // rescale what is merged so far (0 while a max is -inf: nothing merged yet)
+    const float cb = nb == TQM_NEG_INF ? 0.f : exp2f(Mb - nb);
+    const float cf = nf == TQM_NEG_INF ? 0.f : exp2f(Mf - nf);
+    Mb = nb, Mf = nf, lb *= cb, lf *= cf;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] *= cb, accf[e] *= cf;
+    float w[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const float t = body[k] ? nb : nf;
+      w[k] = m[k] == TQM_NEG_INF ? 0.f : exp2f(m[k] - t);  // 0: an empty split, or past n
+      if (body[k]) lb += w[k] * l[k];
+      else lf += w[k] * l[k];
+    }
+    cp_wait<0>();
+    __syncwarp();
+    for (int j = 0; j < n; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, j < 32 ? w[0] : w[1], j & 31);
+      const float* v = region + j * D + lane * E;
+      if (r0 + j < S) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += wj * v[e];
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) accf[e] += wj * v[e];
+      }
+    }
+    __syncwarp();  // the region is read before the next batch's copies land in it
+  }
+  Lb = warp_sum(lb), Lf = warp_sum(lf);
+}
+
+// join_last_block (the count, then the join), the row's partials staged: a warp a head.
+template <int D, typename OT, bool HAS_FP, bool HAS_ROT, bool HAS_CENTER, bool HAS_SINKS>
+__device__ __noinline__ void join_last_block_staged(const int* counter, const float* o_part, const float* ml_part,
+                                const float* fp_o, const float* fp_ml, const float* signs,
+                                const float* cshift, const float* sinks, OT* out, int b, int row,
+                                int n_kv, int G, int S, int n_fp) {
+  constexpr int E = D / 32;
+  static_assert(E == 2 || E == 4, "staged: the pipelined head dims (64, 128)");
+  extern __shared__ __align__(16) float tq_join_s[];  // the launch's dynamic shared memory
+  __shared__ int last;
+  const int n_ht = (G + 7) / 8;
+  const int hkv = row / n_ht, ht = row % n_ht;
+  const int nh = min(8, G - ht * 8);
+  __threadfence();  // this block's partials are visible device-wide before it counts
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* c = const_cast<int*>(counter) + (int64_t)b * n_kv * n_ht + row;
+    last = atomicAdd(c, 1) == S + n_fp - 1;
+    if (last) atomicExch(c, 0);  // every block of the row has counted
+  }
+  __syncthreads();
+  TQM_MARK(10);
+  if (!last) return;
+  __threadfence();  // then read the other blocks' partials (through L2)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  uint32_t smem;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem));
+  const int cap = min(64, (int)(smem / 4) / nw / D);  // rows a warp's region holds
+  float* region = tq_join_s + warp * cap * D;
+  const int Hq = n_kv * G;
+  float sg[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) sg[e] = HAS_ROT ? signs[lane * E + e] * rsqrtf((float)D) : 1.f;
+  for (int h = warp; h < nh; h += nw) {
+    const int64_t r = (int64_t)b * Hq + hkv * G + ht * 8 + h;
+    const float cs = HAS_CENTER ? cshift[r] : 0.f;
+    const float zk = HAS_SINKS ? sinks[hkv * G + ht * 8 + h] * 1.4426950408889634f : TQM_NEG_INF;
+    float acc[E], accf[E], Mb = TQM_NEG_INF, Lb = 0.f, Mf = TQM_NEG_INF, Lf = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = accf[e] = 0.f;
+    if (h == 0) TQM_MARK(13);
+    merge_staged<E>(o_part, ml_part, fp_o, fp_ml, r, S, HAS_FP ? n_fp : 0, region, cap, lane, acc, Mb, Lb,
+                    accf, Mf, Lf);
+    if (h == 0) TQM_MARK_ON(14, acc[0] + accf[0] + Lb + Lf);
+    if (HAS_ROT) hadamard_lane<E>(acc, lane);  // y M^T with M = diag(signs) H / sqrt(D)
+    float wb, wf, den;  // the body's scores left out q.centre: cs
+    join_weights(Mb + cs, Lb, Mf, Lf, zk, HAS_SINKS, wb, wf, den);
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+      out[r * D + lane * E + e] = static_cast<OT>((acc[e] * sg[e] * wb + accf[e] * wf) / den);
+  }
+}
+
+}  // namespace tqm
+"""
+
 # The blocks past the splits take the full-precision sink and tail (fp_chunk), the rest
 # split the body.
 MMA_SPLIT_SOURCE = r"""
@@ -1470,7 +1624,11 @@ MMA_SPLIT_SOURCE = r"""
         n_kv, G, idx, S, row, b, o_part, ml_part);
   }
   if constexpr (FUSED) {  // the join, by the row's last block (one launch a layer)
+#ifdef TQM_JOIN_STAGED
+    tqm::join_last_block_staged<D, OT, HAS_HEAD || HAS_TAIL, QROT, HAS_CENTER, HAS_SINKS>(
+#else
     tqm::join_last_block<D, OT, HAS_HEAD || HAS_TAIL, QROT, HAS_CENTER, HAS_SINKS>(
+#endif
         reinterpret_cast<const int*>(work), o_part, ml_part, fp_o, fp_ml, signs, cshift, sinks,
         out, b, row, n_kv, G, S, n_fp);
   }
