@@ -1358,6 +1358,22 @@ __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_
   }
 }
 
+// Whether this block is the last of its row's ``blocks`` to count itself done in
+// counter[b * rows + row] (that one resets the count for the layer's next launch).
+__device__ __forceinline__ bool counted_last(const int* counter, int b, int row, int rows, int blocks) {
+  __shared__ int last;
+  __threadfence();  // this block's partials are visible device-wide before it counts
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* c = const_cast<int*>(counter) + (int64_t)b * rows + row;
+    last = atomicAdd(c, 1) == blocks - 1;
+    if (last) atomicExch(c, 0);  // every block of the row has counted
+  }
+  __syncthreads();
+  TQM_MARK(10);
+  return last;
+}
+
 // FUSED: every block of the split kernel counts itself done in counter[b * rows + row];
 // the last of a row's splits and fp chunks resets the count (so the next launch of this
 // layer starts from 0) and joins the row's query heads -- what MMA_JOIN_SOURCE does in a
@@ -1370,20 +1386,10 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
                                 const float* cshift, const float* sinks, OT* out, int b, int row,
                                 int n_kv, int G, int S, int n_fp) {
   constexpr int E = D / 32;  // coordinates a lane
-  __shared__ int last;
   const int n_ht = (G + 7) / 8;
   const int hkv = row / n_ht, ht = row % n_ht;
   const int nh = min(8, G - ht * 8);
-  __threadfence();  // this block's partials are visible device-wide before it counts
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* c = const_cast<int*>(counter) + (int64_t)b * n_kv * n_ht + row;
-    last = atomicAdd(c, 1) == S + n_fp - 1;
-    if (last) atomicExch(c, 0);  // every block of the row has counted
-  }
-  __syncthreads();
-  TQM_MARK(10);
-  if (!last) return;
+  if (!counted_last(counter, b, row, n_kv * n_ht, S + n_fp)) return;
   __threadfence();  // then read the other blocks' partials (through L2: __ldcg)
   const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   float sg[E];  // the signs, cshift and sinks loads first: in flight with the merge's
@@ -1510,20 +1516,10 @@ __device__ __noinline__ void join_last_block_staged(const int* counter, const fl
   constexpr int E = D / 32;
   static_assert(E == 2 || E == 4, "staged: the pipelined head dims (64, 128)");
   extern __shared__ __align__(16) float tq_join_s[];  // the launch's dynamic shared memory
-  __shared__ int last;
   const int n_ht = (G + 7) / 8;
   const int hkv = row / n_ht, ht = row % n_ht;
   const int nh = min(8, G - ht * 8);
-  __threadfence();  // this block's partials are visible device-wide before it counts
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* c = const_cast<int*>(counter) + (int64_t)b * n_kv * n_ht + row;
-    last = atomicAdd(c, 1) == S + n_fp - 1;
-    if (last) atomicExch(c, 0);  // every block of the row has counted
-  }
-  __syncthreads();
-  TQM_MARK(10);
-  if (!last) return;
+  if (!counted_last(counter, b, row, n_kv * n_ht, S + n_fp)) return;
   __threadfence();  // then read the other blocks' partials (through L2)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   uint32_t smem;
