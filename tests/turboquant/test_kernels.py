@@ -288,6 +288,12 @@ def test_short_contexts_take_more_shorter_splits_and_long_ones_the_rule():
     assert 43 * 768 >= 32705 > 42 * 768  # 43 splits of 6 super-tiles (1.5 a warp)
     # batch 2: 16 rows, past SHORT_ROWS -- the rule's 16 splits at 32K
     assert mma_decode._row_splits(*chan, 2, 32, 8, 128, 32705, None, tunables)[1] == 16
+    # GQA 8: 43 splits would have the join merge 43 x 8 x 128 > FUSED_MAX_TAIL floats (two
+    # launches, not measured): the rule's 16; at 4K its 8 splits fit, so the short rule
+    gqa8 = {n: mma_decode._row_splits(*chan, 1, 64, 8, 128, n, None, tunables)[1]
+            for n in (4033, 32705)}  # fmt: skip
+    assert gqa8 == {4033: 8, 32705: 16}
+    assert 43 * 8 * 128 > mma_decode.FUSED_MAX_TAIL >= 8 * 8 * 128
     # per-vector keys (not pipelined): the fill rule at 2 blocks an SM, as before
     fill = mma_decode.num_splits(32705, 8, 4, fill=True)
     assert mma_decode._row_splits(*aff, 1, 32, 8, 128, 32705, None, tunables)[1] == fill

@@ -72,7 +72,9 @@ TILES_PER_WARP = 4
 # vs 14.7), so more, shorter splits win. Llama-3.1-8B decode steps, batch 1 (8 rows), ncu,
 # session 24: a layer 4K 26.3 vs 34.1 us (8 vs 4 splits), 32K 42.7 vs 44.9 (43 vs 16), but
 # 128K 69.6 vs 66.9 -- so only up to SHORT_BODY body positions and SHORT_ROWS rows (48K and
-# batch 1's 8 rows: between 32K and 128K, and more rows, not measured). 0: off.
+# batch 1's 8 rows: between 32K and 128K, and more rows, not measured). 0: off. Nor where
+# its splits would make the row's join merge more than FUSED_MAX_TAIL's default (GQA 8 at
+# 32K: 43 x 8 heads x 128): that layer would become two launches, which was not measured.
 SHORT_BODY = 49152
 SHORT_ROWS = 8
 # Multiply exact codes on the tensor cores and fold a tile's scales and biases into the
@@ -103,6 +105,7 @@ COMPACT_VALUES = True
 FUSED_JOIN = True
 FUSED_MAX_WORK: int | None = 8 * 65536 * 128  # None: no limit (nor on the tail)
 FUSED_MAX_TAIL = 32 * 8 * 128
+_SHORT_MAX_TAIL = FUSED_MAX_TAIL  # (the default: SHORT_BODY's rule keeps such layers one launch)
 # The fused join of pipelined launches with its row's partials staged in the idle ring by
 # cp.async -- all of a head's splits in flight at once, not rounds of 16 through registers
 # (mma_source.MMA_JOIN_STAGED; in the model each round waited ~3.5 us at 32K: session 24).
@@ -925,10 +928,14 @@ def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> 
     rows = b * hkv * -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
     per_warp = tiles_per_warp if pipe else 1
+    if splits:
+        return rows, splits
     if pipe and n_body <= short_body and rows <= short_rows:
-        factor, per_warp = 3, 1
-    return rows, splits or num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
-                                      tiles_per_warp=per_warp)  # fmt: skip
+        s = num_splits(n_body, rows, steps, factor=3, warps=warps, fill=linear)
+        if s * min(8, hq // hkv) * d <= _SHORT_MAX_TAIL:
+            return rows, s
+    return rows, num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
+                            tiles_per_warp=per_warp)  # fmt: skip
 
 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
@@ -937,7 +944,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
     full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
-    LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES -- are in the key; ``join``:
+    LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES, SHORT_BODY, SHORT_ROWS -- are in the key; ``join``:
     :data:`NO_JOIN` or the fused join's flags)."""
     _, _, warps, fold, _, linear, _, compact, *_ = tunables
     n_ht = -(-(hq // hkv) // 8)
