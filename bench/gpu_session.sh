@@ -13,7 +13,8 @@
 #        e2e-batch | sweep | trace | ab NAME=VALUE | ncu N | ncu-args N "ARGS" | ncu-full N |
 #        ncu-full-args N "ARGS" | ncu-src N NAME "ARGS" |
 #        step-prof N CACHES "ARGS" | step-ncu N "ARGS" | step-ab N ROUNDS "ARGS_A" "ARGS_B" |
-#        step-sm N CACHE "ARGS" | step-trace N "ARGS" | trace-between
+#        step-sm N CACHE "ARGS" | step-trace N "ARGS" | trace-between |
+#        e2e-tune-ab N ROUNDS "TUNE_A" "TUNE_B"
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -224,6 +225,28 @@ while [ $# -gt 0 ]; do
             --out "$d/$v-$i" >/dev/null 2>&1 || echo "== $v-$i failed (status $?)"
           echo "== $v-$i ($extra): $(python3 bench/step_profile.py --report "$d/$v-$i" --trim 2>&1 |
             grep -E '^\| \*\*(attention|all)' | tr '\n' ' ')"
+        done
+      done
+      ;;
+    e2e-tune-ab)  # e2e-tune-ab N ROUNDS "TUNE_A" "TUNE_B": Llama decode at context N, batch 1,
+      n=$1 rounds=$2 a=$3 bb=$4  # fp16 and ours in each process (rounds paired), ABBA processes
+      shift 4                    # of mma_decode settings A / B (e.g. "SHORT_BODY=0" ""): each
+      d="$OUT/e2e-tune-ab-$n"    # process's fp16 tok/s and ours' paired ratio (vs_first)
+      mkdir -p "$d"
+      for i in $(seq 1 "$rounds"); do
+        order="a b"
+        [ $((i % 2)) = 0 ] && order="b a"
+        for v in $order; do
+          tune=$a
+          [ "$v" = b ] && tune=$bb
+          mkdir -p "$d/$v-$i"
+          timeout 150 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b --contexts "$n" \
+            --caches fp16,tq-default --repeats 6 ${tune:+--tune "$tune"} --out "$d/$v-$i" \
+            >"$d/$v-$i/log.txt" 2>&1 || echo "== $v-$i failed (status $?)"
+          echo "== $v-$i ($tune): $(python3 -c 'import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print(" ".join("%s %.1f tok/s %.3fx" % (r["cache"], r["tok_s"], r["vs_first"]) for r in rows))' \
+            "$d/$v-$i/e2e_decode_gpu.json" 2>&1 | tail -1)"
         done
       done
       ;;

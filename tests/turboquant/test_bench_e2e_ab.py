@@ -151,3 +151,37 @@ def test_write_renders_every_process_with_the_verdict_above(tmp_path, monkeypatc
         for i, ours in enumerate((1.121, 1.051, 1.041, 1.111), 1)
         for cache, ratio in (("fp16", "1.00x"), ("tq-default", f"{ours:.2f}x"))
     ]
+
+
+TUNE_STUB = """import argparse, json, pathlib
+ap = argparse.ArgumentParser()
+ap.add_argument("--out")
+ap.add_argument("--tune", default="")
+a, _ = ap.parse_known_args()
+ours = 104.0 if a.tune == "SHORT_BODY=0" else 109.0
+rows = [{"cache": "fp16", "tok_s": 100.0, "vs_first": 1.0},
+        {"cache": "tq-default", "tok_s": ours, "vs_first": ours / 100}]
+pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
+pathlib.Path(a.out, "e2e_decode_gpu.json").write_text(json.dumps({"rows": rows}))
+"""
+
+
+def test_the_e2e_tune_ab_step_alternates_settings_and_prints_each_processs_ratio(tmp_path):
+    """gpu_session.sh e2e-tune-ab 32768 2 "SHORT_BODY=0" "": ABBA processes, the first with
+    --tune, the other with none; each line its process's tok/s and paired ratio."""
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    (root / "bench" / "e2e_decode_gpu.py").write_text(TUNE_STUB)
+    shutil.copy(REPO / "bench" / "gpu_session.sh", root / "bench" / "gpu_session.sh")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", "bench/gpu_session.sh", "e2e-tune-ab", "32768", "2", "SHORT_BODY=0",
+                        ""], cwd=root, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if x.startswith("== ")]
+    assert [x.split()[1] for x in lines] == ["a-1", "b-1", "b-2", "a-2"]
+    a1 = next(x for x in lines if x.startswith("== a-1"))
+    b2 = next(x for x in lines if x.startswith("== b-2"))
+    assert a1 == "== a-1 (SHORT_BODY=0): fp16 100.0 tok/s 1.000x tq-default 104.0 tok/s 1.040x"
+    assert b2 == "== b-2 (): fp16 100.0 tok/s 1.000x tq-default 109.0 tok/s 1.090x"
+    assert (out / "e2e-tune-ab-32768" / "a-2" / "e2e_decode_gpu.json").is_file()
