@@ -12,8 +12,8 @@ cache; on the GPU machine:
 prints per context: the launch's span, the stages' spread over the split blocks, and the
 rows' last blocks (the join). ``--between tlb|l2|both|kernel`` runs traffic like a model's
 other kernels before each lone launch (``traffic``): which of them makes the loads wait as
-long as inside a model (bench/gpu_notes.md, session 24). Times: globaltimer (ns, one clock for every SM) for when,
-clock64 for how long within a block. The marks cost a few registers (the trace build's
+long as inside a model (bench/gpu_notes.md, session 24). Times: globaltimer (ns, one clock
+for every SM) for when, clock64 for how long within a block. The marks cost a few registers (the trace build's
 code is not the product's; its durations are a guide, not the benchmark).
 """
 
