@@ -184,8 +184,10 @@ def test_the_cached_layout_follows_the_super_tile_setting(monkeypatch):
     assert mma_decode.side_layout(keys) == (2, 4, 32)
 
 
-# the planners' last tunables as the module sets them: TILES_PER_WARP, COMPACT_VALUES
-REST = (4, True)
+# the planners' last tunables as the module sets them: TILES_PER_WARP, COMPACT_VALUES,
+# SHORT_BODY, SHORT_ROWS
+SHORT = (mma_decode.SHORT_BODY, mma_decode.SHORT_ROWS)
+REST = (4, True, *SHORT)
 
 
 def test_split_launches_are_planned_from_their_settings():
@@ -238,7 +240,7 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
         # (a step's new positions written, their RoPE by the kernel: the same grid)
         fp = (1, 4, mx.float16, True, False, (128, False))
         template, grid, group, shapes, _ = mma_decode._split_plan(
-            *args, fp, None, factor, 4, True, True, True, 1, True
+            *args, fp, None, factor, 4, True, True, True, 1, True, *SHORT
         )
         s = shapes[0][2]
         assert dict(template)["LIN"] and dict(template)["APPEND"] and group == (128, 1, 1)
@@ -247,16 +249,16 @@ def test_the_linear_grid_fills_one_wave_with_split_blocks_then_the_chunks():
         # (whole tiles a split: chunks rounded up can leave a few splits fewer)
         slots = factor * mma_decode.NUM_SMS_GUESS
         assert 0.9 * slots < s * rows <= slots
-        rows_grid = mma_decode._split_plan(*args, fp, None, factor, 4, True, True, False, 1, True)
+        rows_grid = mma_decode._split_plan(*args, fp, None, factor, 4, True, True, False, 1, True,
+                                           *SHORT)  # fmt: skip
         assert rows_grid[3][0][2] >= s  # the rows grid rounds the split count up
 
 
-def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule(monkeypatch):
+def test_pipelined_splits_give_each_warp_four_super_tiles_up_to_the_fill_rule():
     """The default layout (pipelined) past the short contexts: fewer, longer splits up to
     32K -- 2 super-tiles a warp up to a block an SM, 4 beyond -- the fill rule's one wave past
     that; the other layouts keep the fill rule (measured: session 14)."""
-    monkeypatch.setattr(mma_decode, "SHORT_BODY", 0)
-    tunables = (None, 2, 4, True, True, True, *REST)
+    tunables = (None, 2, 4, True, True, True, 4, True, 0, 8)  # SHORT_BODY 0: that rule off
     chan, aff = ((2, 4, 128), (0, 4, 128)), ((0, 4, 64), (0, 4, 128))
     got = {n: mma_decode._row_splits(*chan, 1, 32, 8, 128, n, None, tunables)[1]
            for n in (4033, 16321, 32705, 65473, 131009)}  # fmt: skip

@@ -923,19 +923,17 @@ def _steps_pipe(k_layout, v_layout, d, tunables) -> tuple[int, bool]:
 
 def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> tuple[int, int]:
     """The split launch's rows (batch x KV heads x tiles of 8 query heads) and splits."""
-    _, factor, warps, _, _, linear, tiles_per_warp, _, *short = tunables
-    short_body, short_rows = short or (SHORT_BODY, SHORT_ROWS)  # (tests pass the first 8)
+    _, factor, warps, _, _, linear, tiles_per_warp, _, short_body, short_rows = tunables
     rows = b * hkv * -(-(hq // hkv) // 8)
-    steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
-    per_warp = tiles_per_warp if pipe else 1
     if splits:
         return rows, splits
+    steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
     if pipe and n_body <= short_body and rows <= short_rows:
         s = num_splits(n_body, rows, steps, factor=3, warps=warps, fill=linear)
         if s * min(8, hq // hkv) * d <= _SHORT_MAX_TAIL:
             return rows, s
     return rows, num_splits(n_body, rows, steps, factor=factor, warps=warps, fill=linear,
-                            tiles_per_warp=per_warp)  # fmt: skip
+                            tiles_per_warp=tiles_per_warp if pipe else 1)  # fmt: skip
 
 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
@@ -946,7 +944,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
     LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES, SHORT_BODY, SHORT_ROWS -- are in the key; ``join``:
     :data:`NO_JOIN` or the fused join's flags)."""
-    _, _, warps, fold, _, linear, _, compact, *_ = tunables
+    _, _, warps, fold, _, linear, _, compact, _, _ = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
     rows, s = _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables)
