@@ -46,6 +46,40 @@ ncu_model() {  # ncu_model SECONDS NCU-ARGS...: ncu on a decode step inside the 
 
 slug() { echo "$1" | tr -c 'A-Za-z0-9\n' _; }  # options as a file-name suffix
 
+abba() {  # abba ROUNDS FN: FN a|b ROUND, round by round in the order a b, b a, a b, ...
+  local i v order
+  for i in $(seq 1 "$1"); do
+    order="a b"
+    [ $((i % 2)) = 0 ] && order="b a"
+    for v in $order; do "$2" "$v" "$i"; done
+  done
+}
+
+step_ab_process() {  # step_ab_process a|b ROUND: one process of step-ab (its n, a, bb, d)
+  local v=$1 i=$2 extra=$a
+  [ "$v" = b ] && extra=$bb
+  mkdir -p "$d/$v-$i"
+  # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
+  ncu_model 150 --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$v-$i/tq-default.csv" \
+    python3 bench/step_profile.py --cache tq-default --context "$n" --no-warm $extra \
+    --out "$d/$v-$i" >/dev/null 2>&1 || echo "== $v-$i failed (status $?)"
+  echo "== $v-$i ($extra): $(python3 bench/step_profile.py --report "$d/$v-$i" --trim 2>&1 |
+    grep -E '^\| \*\*(attention|all)' | tr '\n' ' ')"
+}
+
+e2e_tune_process() {  # e2e_tune_process a|b ROUND: one process of e2e-tune-ab (its n, a, bb, d)
+  local v=$1 i=$2 tune=$a
+  [ "$v" = b ] && tune=$bb
+  mkdir -p "$d/$v-$i"
+  timeout 150 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b --contexts "$n" \
+    --caches fp16,tq-default --repeats 6 ${tune:+--tune "$tune"} --out "$d/$v-$i" \
+    >"$d/$v-$i/log.txt" 2>&1 || echo "== $v-$i failed (status $?)"
+  echo "== $v-$i ($tune): $(python3 -c 'import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print(" ".join("%s %.1f tok/s %.3fx" % (r["cache"], r["tok_s"], r["vs_first"]) for r in rows))' \
+    "$d/$v-$i/e2e_decode_gpu.json" 2>&1 | tail -1)"
+}
+
 find_ncu() {  # ncu on PATH, else the CUDA toolkit's
   local f
   command -v ncu && return
@@ -211,44 +245,13 @@ while [ $# -gt 0 ]; do
       n=$1 rounds=$2 a=$3 bb=$4  # ABBA processes of step_profile's ARGS_A / ARGS_B (--no-warm;
       shift 4                    # e.g. --tune ...): our attention's us a step, process by process
       d="$OUT/step-ab-$n"
-      mkdir -p "$d"
-      for i in $(seq 1 "$rounds"); do
-        order="a b"
-        [ $((i % 2)) = 0 ] && order="b a"
-        for v in $order; do
-          extra=$a
-          [ "$v" = b ] && extra=$bb
-          mkdir -p "$d/$v-$i"
-          # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
-          ncu_model 150 --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$v-$i/tq-default.csv" \
-            python3 bench/step_profile.py --cache tq-default --context "$n" --no-warm $extra \
-            --out "$d/$v-$i" >/dev/null 2>&1 || echo "== $v-$i failed (status $?)"
-          echo "== $v-$i ($extra): $(python3 bench/step_profile.py --report "$d/$v-$i" --trim 2>&1 |
-            grep -E '^\| \*\*(attention|all)' | tr '\n' ' ')"
-        done
-      done
+      abba "$rounds" step_ab_process
       ;;
     e2e-tune-ab)  # e2e-tune-ab N ROUNDS "TUNE_A" "TUNE_B": Llama decode at context N, batch 1,
       n=$1 rounds=$2 a=$3 bb=$4  # fp16 and ours in each process (rounds paired), ABBA processes
       shift 4                    # of mma_decode settings A / B (e.g. "SHORT_BODY=0" ""): each
       d="$OUT/e2e-tune-ab-$n"    # process's fp16 tok/s and ours' paired ratio (vs_first)
-      mkdir -p "$d"
-      for i in $(seq 1 "$rounds"); do
-        order="a b"
-        [ $((i % 2)) = 0 ] && order="b a"
-        for v in $order; do
-          tune=$a
-          [ "$v" = b ] && tune=$bb
-          mkdir -p "$d/$v-$i"
-          timeout 150 python3 bench/e2e_decode_gpu.py --models llama-3.1-8b --contexts "$n" \
-            --caches fp16,tq-default --repeats 6 ${tune:+--tune "$tune"} --out "$d/$v-$i" \
-            >"$d/$v-$i/log.txt" 2>&1 || echo "== $v-$i failed (status $?)"
-          echo "== $v-$i ($tune): $(python3 -c 'import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-print(" ".join("%s %.1f tok/s %.3fx" % (r["cache"], r["tok_s"], r["vs_first"]) for r in rows))' \
-            "$d/$v-$i/e2e_decode_gpu.json" 2>&1 | tail -1)"
-        done
-      done
+      abba "$rounds" e2e_tune_process
       ;;
     step-ncu)  # step-ncu N "ARGS": ncu's sections for the split kernel inside Llama decode steps
       n=$1 extra=$2  # at context N (ours; caches as the model leaves them); ARGS: step_profile's
