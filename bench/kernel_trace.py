@@ -37,6 +37,7 @@ MARKS = {0: "start", 2: "query rotated", 3: "first tile in", 8: "merge written",
          13: "join: loads start", 14: "join: partials merged"}  # fmt: skip
 WARP_END = 4  # marks 4..7: warp w left its tile loop
 TRACE_FLOATS = TRACE_AT + 4096 * SLOTS * 2  # a workspace with room for 4096 blocks' records
+SM_MHZ = 1980.0  # the H200's SM clock under load, for clock64 durations (--mhz)
 
 
 def read_trace(work) -> list[dict]:
@@ -175,7 +176,7 @@ def main() -> None:
     ap.add_argument(
         "--splits", default="", help="comma-separated split counts to force (with the rule's)"
     )
-    ap.add_argument("--mhz", type=float, default=1980.0, help="SM clock for clock64 durations")
+    ap.add_argument("--mhz", type=float, default=SM_MHZ, help="SM clock for clock64 durations")
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--between", default="none", choices=BETWEEN,
                     help="traffic before each 'alone' launch (traffic()): which of the model's "

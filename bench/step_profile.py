@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.kernel_trace import SM_MHZ  # noqa: E402
 from bench.report import add_section_args, context_label, markdown_table, tune_arg  # noqa: E402
 
 # Coarse kinds of kernel, first match wins (MLX CUDA's and ours' kernel names).
@@ -268,7 +269,7 @@ def main() -> None:
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: WARPS=8,...")
     ap.add_argument("--trace", action="store_true",
                     help="our kernel built with its block timelines (kernel_trace), read after the steps")  # fmt: skip
-    ap.add_argument("--mhz", type=float, default=1980.0, help="SM clock for clock64 durations")
+    ap.add_argument("--mhz", type=float, default=SM_MHZ, help="SM clock for clock64 durations")
     ap.add_argument("--no-warm", action="store_true", help="skip the sidecar's kernel warm-up")
     ap.add_argument("--tiny", action="store_true", help="scaled-down shapes (smoke test)")
     ap.add_argument("--report", help="a folder of profiles: print their table")
