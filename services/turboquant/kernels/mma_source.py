@@ -1313,6 +1313,19 @@ __device__ __forceinline__ void hadamard_lane(float (&x)[E], int lane) {
   }
 }
 
+// One head's joined output ``o`` (its D values): the body's part rotated back -- y M^T with
+// M = diag(signs) H / sqrt(D), ``sg`` the signs / sqrt(D) -- weighed against the fp part's
+// and the learned sink (``mb``: the body's max with q.centre, which its scores left out).
+template <int E, typename OT, bool HAS_ROT, bool HAS_SINKS>
+__device__ __forceinline__ void write_head(float (&acc)[E], const float (&accf)[E], const float (&sg)[E],
+                                           float mb, float lb, float mf, float lf, float zk, OT* o, int lane) {
+  if (HAS_ROT) hadamard_lane<E>(acc, lane);
+  float wb, wf, den;
+  join_weights(mb, lb, mf, lf, zk, HAS_SINKS, wb, wf, den);
+#pragma unroll
+  for (int e = 0; e < E; ++e) o[lane * E + e] = static_cast<OT>((acc[e] * sg[e] * wb + accf[e] * wf) / den);
+}
+
 // The heads of one row of the fused join, NH a warp at once (join_last_block).
 template <int D, int NH, typename OT, bool HAS_FP, bool HAS_ROT, bool HAS_CENTER, bool HAS_SINKS>
 __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_part, const float* fp_o,
@@ -1348,12 +1361,8 @@ __device__ __forceinline__ void join_heads(const float* o_part, const float* ml_
 #pragma unroll
     for (int i = 0; i < NH; ++i) {
       if (h0 + i * nw >= nh) continue;
-      if (HAS_ROT) hadamard_lane<E>(acc[i], lane);  // y M^T with M = diag(signs) H / sqrt(D)
-      float wb, wf, den;  // the body's scores left out q.centre: cs
-      join_weights(Mb[i] + cs[i], Lb[i], mf[i], lf[i], zk[i], HAS_SINKS, wb, wf, den);
-#pragma unroll
-      for (int e = 0; e < E; ++e)
-        out[r[i] * D + lane * E + e] = static_cast<OT>((acc[i][e] * sg[e] * wb + accf[i][e] * wf) / den);
+      write_head<E, OT, HAS_ROT, HAS_SINKS>(acc[i], accf[i], sg, Mb[i] + cs[i], Lb[i], mf[i], lf[i], zk[i],
+                                            out + r[i] * D, lane);
     }
   }
 }
@@ -1541,12 +1550,7 @@ __device__ __noinline__ void join_last_block_staged(const int* counter, const fl
     merge_staged<E>(o_part, ml_part, fp_o, fp_ml, r, S, HAS_FP ? n_fp : 0, region, cap, lane, acc, Mb, Lb,
                     accf, Mf, Lf);
     if (h == 0) TQM_MARK_ON(14, acc[0] + accf[0] + Lb + Lf);
-    if (HAS_ROT) hadamard_lane<E>(acc, lane);  // y M^T with M = diag(signs) H / sqrt(D)
-    float wb, wf, den;  // the body's scores left out q.centre: cs
-    join_weights(Mb + cs, Lb, Mf, Lf, zk, HAS_SINKS, wb, wf, den);
-#pragma unroll
-    for (int e = 0; e < E; ++e)
-      out[r * D + lane * E + e] = static_cast<OT>((acc[e] * sg[e] * wb + accf[e] * wf) / den);
+    write_head<E, OT, HAS_ROT, HAS_SINKS>(acc, accf, sg, Mb + cs, Lb, Mf, Lf, zk, out + r * D, lane);
   }
 }
 
