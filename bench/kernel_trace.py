@@ -132,6 +132,13 @@ def summary(blocks: list[dict], mhz: float) -> list[str]:
 BETWEEN = ("none", "kernel", "l2", "tlb", "both")
 
 
+def tlb_shape(tlb_gb: float, stride_kb: int) -> tuple[int, int]:
+    """The ``tlb`` traffic's buffer as rows of one stride: MLX's dimensions are int32, and
+    16 GB of floats in one dimension is not."""
+    step = stride_kb * 1024 // 4
+    return int(tlb_gb * 2**30) // 4 // step, step
+
+
 def traffic(mode: str, l2_mb: float = 200, tlb_gb: float = 16, stride_kb: int = 2048):
     """What runs between traced launches, as a model's other kernels would: ``kernel`` one
     tiny op (another kernel between, nothing moved), ``l2`` a copy of ``l2_mb`` MB (evicts the
@@ -146,18 +153,15 @@ def traffic(mode: str, l2_mb: float = 200, tlb_gb: float = 16, stride_kb: int = 
         return None
     tiny = mx.zeros((256,), dtype=mx.float32)
     l2 = mx.zeros((int(l2_mb * 2**20) // 4,), dtype=mx.float32) if mode in ("l2", "both") else None
-    big = (
-        mx.zeros((int(tlb_gb * 2**30) // 4,), dtype=mx.float32) if mode in ("tlb", "both") else None
-    )
+    big = mx.ones(tlb_shape(tlb_gb, stride_kb)) if mode in ("tlb", "both") else None
     mx.eval(*(a for a in (tiny, l2, big) if a is not None))
-    step = stride_kb * 1024 // 4
 
     def run() -> list:
         out = [tiny + 1]
         if l2 is not None:
             out.append(l2 + 1)  # reads and writes l2_mb: the L2's 50 MB evicted
         if big is not None:
-            out.append(mx.sum(big[::step]))  # one float a stride: a TLB entry each
+            out.append(mx.sum(big[:, 0]))  # one float a stride: a TLB entry each
         return out
 
     return run

@@ -82,4 +82,6 @@ def test_the_traffic_between_launches_is_what_each_mode_names():
     l2 = got["l2"][1]
     assert l2.size == 2**20 // 4 and float(l2.sum()) == l2.size  # a copy of every float
     strided = got["tlb"][1]
-    assert strided.shape == () and float(strided) == 0.0  # one float a stride, summed
+    assert strided.shape == () and float(strided) == 256  # one float a stride: 16 MB / 64 KB
+    rows, step = kt.tlb_shape(16, 2048)  # the default: 16 GB in 2 MB strides, int32 dimensions
+    assert (rows, step) == (8192, 2**19) and rows * step * 4 == 16 * 2**30
