@@ -236,7 +236,8 @@ SETTINGS = [  # a value of each module setting the plan reads that changes the l
     ("SPLIT_FACTOR", 0.02),  # (past the short contexts' rule: SHORT_BODY 0, see PRE)
     ("SHORT_BODY", 0),
     ("SHORT_ROWS", 0),
-    ("JOIN_STAGE", True),
+    ("JOIN_STAGE", False),
+    ("QUERY_FIRST", True),
     ("WARPS", 2),
     ("FOLD", False),
     ("PIPELINE", False),

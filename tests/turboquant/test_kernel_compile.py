@@ -299,17 +299,29 @@ def test_the_fused_split_launches_compile_as_trace_builds(launches):
     assert not failures, failures
 
 
-def test_the_staged_join_compiles_and_keeps_three_blocks_an_sm(monkeypatch):
-    """mma_decode.JOIN_STAGE (the fused join's partials staged with cp.async; off until
-    measured on the GPU): the pipelined launches that take it compile, keep the occupancy
-    the default layout was measured with, and only they carry its source."""
+@pytest.mark.parametrize(
+    "setting,flag,define",
+    [
+        ("JOIN_STAGE", "JSTG", "#define TQM_JOIN_STAGED 1"),
+        ("QUERY_FIRST", "QFIRST", "#define TQM_QUERY_FIRST 1"),
+    ],
+)
+@pytest.mark.parametrize("on", [True, False])
+def test_a_pipelined_build_setting_compiles_and_keeps_three_blocks_an_sm(
+    monkeypatch, setting, flag, define, on
+):
+    """mma_decode.JOIN_STAGE (the fused join's partials staged with cp.async; the default
+    since session 25) and QUERY_FIRST (the query stored before the first tile's copies):
+    the pipelined launches that take one compile, keep the occupancy the default layout was
+    measured with, and only they carry its source; off, the same launches compile without
+    it (the setting's A/B)."""
     from services.turboquant import TurboQuantConfig
     from services.turboquant.cache import JoinWorkspace
     from services.turboquant.kernels.cases import cache_case
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
     monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
-    monkeypatch.setattr(mma_decode, "JOIN_STAGE", True)
+    monkeypatch.setattr(mma_decode, setting, on)
     _RecordedKernel.launches, _RecordedKernel.outputs = [], []
     mma_decode.clear_kernel_caches()
     try:
@@ -322,23 +334,21 @@ def test_the_staged_join_compiles_and_keeps_three_blocks_an_sm(monkeypatch):
     finally:
         mma_decode.clear_kernel_caches()
     splits = [x for x in _RecordedKernel.launches if base_name(x[0].name) == "tq_mma_decode_split"]
-    staged = {(t["D"], t["PIPE"]): t.get("JSTG", False) for _, _, t, *_ in splits}
-    assert staged == {(128, True): True, (64, True): True, (256, False): False, (128, False): False}
+    flags = {(t["D"], t["PIPE"]): t.get(flag, False) for _, _, t, *_ in splits}
+    assert flags == {(128, True): on, (64, True): on, (256, False): False, (128, False): False}
     recorded = zip(_RecordedKernel.launches, _RecordedKernel.outputs, strict=True)
-    for (kernel, inputs, t, *_), outputs in recorded:
-        if not t.get("JSTG"):
-            continue
+    pipelined = [(k, i, t, o) for (k, i, t, *_), o in recorded if t.get("PIPE") and t["FUSED"]]
+    assert len(pipelined) == 2  # D 128 and D 64
+    for kernel, inputs, t, outputs in pipelined:
         src = nvrtc.kernel_source(
             kernel, inputs, kernel.passed_template, [o.dtype for o in outputs]
         )
         header = kernel.header  # (an #include of a file holding it, where one can be written)
         if header.startswith("#include"):
             header = Path(header.split('"')[1]).read_text()
-        assert "#define TQM_JOIN_STAGED 1" in header
+        assert (define in header) == on
         cubin, log = nvrtc.compile_cubin(src)
         assert cubin is not None, log[-3000:]
         regs, static = nvrtc.cubin_resources(cubin)
-        assert blocks_per_sm(regs, 32 * t["WARPS"], static, kernel.shared_memory) >= 3, (
-            regs,
-            static,
-        )
+        blocks = blocks_per_sm(regs, 32 * t["WARPS"], static, kernel.shared_memory)
+        assert blocks >= 3, (regs, static)

@@ -564,6 +564,25 @@ __device__ void mma_decode_split(
     if constexpr (RD > 0) rope_load<RD, RT>(q, at, q_st[3], d, rope, qpar[e], qinv[e]);
     qsg[e] = QROT ? signs[d] : 1.f;
   }
+  auto store_query = [&]() {  // (with its signs and RoPE) into q_s, for the rotation
+#pragma unroll
+    for (int e = 0; e < QE; ++e) {
+      const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+      if constexpr (RD > 0) {
+        const float x = rope_apply<RD, RT>(qraw[e], qpar[e], qinv[e], d, rpos);
+        q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
+      } else {
+        q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
+      }
+    }
+  };
+#ifdef TQM_QUERY_FIRST
+  // The stores wait for the query's loads, so the first tile's copies are issued after
+  // them: queued behind every block's first tiles, they landed only with that wave. (The
+  // copies' asm has no memory clobber: without this one the compiler may sink the stores.)
+  store_query();
+  asm volatile("" ::: "memory");
+#endif
   // PIPE: the first tile's keys, values and scales start loading before the query is
   // rotated (its latency hides behind that; the rings do not hold the query).
   if constexpr (PIPE) {
@@ -594,16 +613,9 @@ __device__ void mma_decode_split(
     }
     TQM_MARK_ON(12, qin);
 #endif
-#pragma unroll
-    for (int e = 0; e < QE; ++e) {
-      const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
-      if constexpr (RD > 0) {
-        const float x = rope_apply<RD, RT>(qraw[e], qpar[e], qinv[e], d, rpos);
-        q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
-      } else {
-        q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
-      }
-    }
+#ifndef TQM_QUERY_FIRST
+    store_query();
+#endif
     __syncthreads();
     if constexpr (QROT) {
       constexpr int E = 8 * D / (32 * WARPS);
@@ -1417,6 +1429,10 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
 }  // namespace tqm
 """
 )
+
+# The query stored to shared memory before the first tile's copies are issued
+# (mma_decode.QUERY_FIRST), put before the split header where the template has QFIRST.
+MMA_QUERY_FIRST = "#define TQM_QUERY_FIRST 1\n"
 
 # The fused join with its row's partials staged in shared memory (mma_decode.JOIN_STAGE;
 # appended to the split kernel's header only then): by the last block, the ring idle by
