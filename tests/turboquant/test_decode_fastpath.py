@@ -238,6 +238,7 @@ SETTINGS = [  # a value of each module setting the plan reads that changes the l
     ("SHORT_ROWS", 0),
     ("JOIN_STAGE", False),
     ("QUERY_FIRST", True),
+    ("HALF_PARTIALS", True),
     ("WARPS", 2),
     ("FOLD", False),
     ("PIPELINE", False),

@@ -304,6 +304,7 @@ def test_the_fused_split_launches_compile_as_trace_builds(launches):
     [
         ("JOIN_STAGE", "JSTG", "#define TQM_JOIN_STAGED 1"),
         ("QUERY_FIRST", "QFIRST", "#define TQM_QUERY_FIRST 1"),
+        ("HALF_PARTIALS", "PHALF", "#define TQM_HALF_PARTIALS 1"),
     ],
 )
 @pytest.mark.parametrize("on", [True, False])
@@ -311,7 +312,8 @@ def test_a_pipelined_build_setting_compiles_and_keeps_three_blocks_an_sm(
     monkeypatch, setting, flag, define, on
 ):
     """mma_decode.JOIN_STAGE (the fused join's partials staged with cp.async; the default
-    since session 25) and QUERY_FIRST (the query stored before the first tile's copies):
+    since session 25), QUERY_FIRST (the query stored before the first tile's copies) and
+    HALF_PARTIALS (the staged join's partials in fp16):
     the pipelined launches that take one compile, keep the occupancy the default layout was
     measured with, and only they carry its source; off, the same launches compile without
     it (the setting's A/B)."""

@@ -656,12 +656,17 @@ def test_v4_layer_matches_float64_reference(rng, monkeypatch, shape, layout, len
 @pytest.mark.parametrize("shape", [(1, 32, 8, 128), (1, 12, 1, 64), (2, 64, 4, 128)],
                          ids=lambda s: "x".join(map(str, s)))  # fmt: skip
 @pytest.mark.parametrize("length", [300, 4099])
-@pytest.mark.parametrize("query_first", [False, True])
-def test_the_staged_join_matches_float64_reference(rng, monkeypatch, shape, length, query_first):
+@pytest.mark.parametrize(
+    "query_first,half", [(False, False), (True, False), (False, True)], ids=["", "qfirst", "half"]
+)
+def test_the_staged_join_matches_float64_reference(
+    rng, monkeypatch, shape, length, query_first, half
+):
     """mma_decode.JOIN_STAGE: the fused join reads its row's partials through shared memory
     in batches of at most 64 rows a warp -- one batch, several (40, 70 splits), empty splits
     among them (7 at 300 positions), GQA 4, 12 and 16 (two heads a warp); with QUERY_FIRST
-    too (the query stored before the first tile's copies are issued)."""
+    (the query stored before the first tile's copies are issued) and HALF_PARTIALS (the
+    partials in fp16, normalised: up to 64 rows a batch) too."""
     from services.turboquant import TurboQuantConfig
     from services.turboquant.kernels.cases import cache_case
 
@@ -672,6 +677,7 @@ def test_the_staged_join_matches_float64_reference(rng, monkeypatch, shape, leng
     monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
     monkeypatch.setattr(mma_decode, "JOIN_STAGE", True)
     monkeypatch.setattr(mma_decode, "QUERY_FIRST", query_first)
+    monkeypatch.setattr(mma_decode, "HALF_PARTIALS", half)
     ref = c.reference()
     for splits in (None, 7, 40, 70):
         out = mma_decode.mma_decode_layer(
