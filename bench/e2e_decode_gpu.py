@@ -47,6 +47,12 @@ QWEN35_35B_A3B = dict(
     tie_word_embeddings=False, max_position_embeddings=262144,
     rope_parameters={"type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
 )  # fmt: skip
+# Llama-3.1-8B's attention (and its projections) with a token's MLP and vocabulary: ~0.16 of
+# its weights' bytes a step -- whether our kernel's in-model stage times come from the
+# weights' traffic (bench/gpu_notes.md, session 25). Timing experiments only.
+LLAMA_LEAN = dict(LLAMA_31_8B, intermediate_size=256, vocab_size=512)
+MODELS = {"llama-3.1-8b": LLAMA_31_8B, "llama-3.1-8b-lean": LLAMA_LEAN,
+          "qwen3.5-35b-a3b": QWEN35_35B_A3B}  # fmt: skip
 # Cache kinds besides fp16: the stack's default layout (per-channel keys, a full-precision
 # sink; the portable quantized_matmul path) and the paper's plain layout (every position
 # quantized per vector: the layout the fused CUDA kernel takes).
@@ -103,10 +109,12 @@ def build(name: str, tiny: bool, weight_bits: int | None = None):
     import mlx.core as mx
     import mlx.nn as nn
 
-    if name == "llama-3.1-8b":
+    if name not in MODELS:
+        raise ValueError(f"--models: one of {', '.join(MODELS)}")
+    if MODELS[name]["model_type"] == "llama":
         from mlx_lm.models import llama
 
-        cfg = dict(LLAMA_31_8B, **(TINY if tiny else {}))
+        cfg = dict(MODELS[name], **(TINY if tiny else {}))
         model = llama.Model(llama.ModelArgs(**cfg))
     else:
         from mlx_lm.models import qwen3_5_moe

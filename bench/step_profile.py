@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.e2e_decode_gpu import MODELS  # noqa: E402
 from bench.kernel_trace import SM_MHZ  # noqa: E402
 from bench.report import add_section_args, context_label, markdown_table, tune_arg  # noqa: E402
 
@@ -260,7 +261,7 @@ def profiled_steps(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--model", default="llama-3.1-8b", choices=["llama-3.1-8b", "qwen3.5-35b-a3b"])
+    ap.add_argument("--model", default="llama-3.1-8b", choices=list(MODELS))
     ap.add_argument("--cache", default="fp16", help="fp16 | tq-default | ... (e2e_decode_gpu's)")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=1)

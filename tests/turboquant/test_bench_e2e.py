@@ -348,3 +348,26 @@ def test_host_time_counts_fewer_opcodes_with_the_decode_memo(monkeypatch):
         set_layer_decode_kernel(old[0])
         set_body_decode_kernel(old[1])
         mma_decode.clear_kernel_caches()
+
+
+def test_the_lean_llama_keeps_the_attention_and_drops_most_weights():
+    """llama-3.1-8b-lean: Llama-3.1-8B's attention shapes with a token's MLP and vocabulary
+    (an in-model timing experiment without most of the weights' traffic); names checked."""
+    import pytest
+
+    lean, full = e2e.MODELS["llama-3.1-8b-lean"], e2e.MODELS["llama-3.1-8b"]
+    attention = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "rope_theta")  # fmt: skip
+    assert all(lean[k] == full[k] for k in attention)
+    h = full["hidden_size"]
+
+    def weights(c):  # a layer's projections and MLP, the embeddings and head
+        qkvo = h * c["head_dim"] * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+        per_layer = qkvo + 3 * h * c["intermediate_size"]
+        return c["num_hidden_layers"] * per_layer + 2 * h * c["vocab_size"]
+
+    assert weights(lean) < 0.2 * weights(full)
+    model = e2e.build("llama-3.1-8b-lean", tiny=True)  # (tiny: its shapes shrink as Llama's)
+    assert len(model.layers) == e2e.TINY["num_hidden_layers"]
+    with pytest.raises(ValueError, match="--models"):
+        e2e.build("llama-9", tiny=True)
