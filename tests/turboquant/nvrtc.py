@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -92,6 +94,13 @@ def compile_cubin(source: str, arch: str = "sm_90a") -> tuple[bytes | None, str]
         return cubin.raw, log.value.decode(errors="replace")
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def compile_many(sources: list[str], arch: str = "sm_90a") -> list[tuple[bytes | None, str]]:
+    """:func:`compile_cubin` of each source, on every core (ctypes lets go of the GIL while
+    NVRTC compiles): the compile tests are the longest part of the suite."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda src: compile_cubin(src, arch), sources))
 
 
 def _sections(cubin: bytes):

@@ -135,10 +135,11 @@ def test_every_launch_compiles_and_the_split_kernel_keeps_its_occupancy(launches
     names = {base_name(k.name) for k, *_ in launches}
     assert names == {"tq_mma_decode_split", "tq_mma_decode_join", "tq_mma_decode_combine"}
     failures, seen = [], []
-    for kernel, inputs, template, dtypes in launches:
-        # the template as the call passes it (ours are written into the body)
-        src = nvrtc.kernel_source(kernel, inputs, kernel.passed_template, dtypes)
-        cubin, log = nvrtc.compile_cubin(src)
+    # the template as the call passes it (ours are written into the body)
+    sources = [nvrtc.kernel_source(k, i, k.passed_template, d) for k, i, _, d in launches]
+    for (kernel, _, template, _), (cubin, log) in zip(
+        launches, nvrtc.compile_many(sources), strict=True
+    ):
         if cubin is None:
             failures.append((kernel.name, template, log[-2000:]))
             continue
@@ -290,12 +291,12 @@ def test_the_fused_split_launches_compile_as_trace_builds(launches):
     # one launch per path the marks take (staged tiles or not, RoPE in the kernel or not)
     paths = {(x[2]["PIPE"], x[2]["RDIMS"] > 0): x for x in fused if x[2]["FUSED"]}
     assert set(paths) == {(p, r) for p in (True, False) for r in (True, False)}
-    failures = []
-    for kernel, inputs, template, dtypes in paths.values():
-        src = nvrtc.kernel_source(kernel, inputs, kernel.passed_template, dtypes)
-        cubin, log = nvrtc.compile_cubin("#define TQM_TRACE 4194304\n" + src)
-        if cubin is None:
-            failures.append((template, log[-2000:]))
+    sources = [
+        "#define TQM_TRACE 4194304\n" + nvrtc.kernel_source(k, i, k.passed_template, d)
+        for k, i, _, d in paths.values()
+    ]
+    built = zip(paths.values(), nvrtc.compile_many(sources), strict=True)
+    failures = [(t, log[-2000:]) for (_, _, t, _), (cubin, log) in built if cubin is None]
     assert not failures, failures
 
 
