@@ -733,6 +733,27 @@ def test_a_header_file_is_written_once_by_digest_and_again_if_removed(monkeypatc
     assert jit.header_include(one) == one  # a path #include cannot name: inline, as MLX does
 
 
+def test_half_partials_are_planned_only_with_the_staged_join_and_fp16_queries(
+    recorded_kernels, monkeypatch
+):
+    """mma_decode.HALF_PARTIALS: only the staged join reads fp16 partials (the join through
+    registers reads floats), and a bf16 model's values may pass fp16's range."""
+    from services.turboquant.cache import JoinWorkspace
+
+    q, keys, values = _packed(dict(key_quantizer="channel", group_size=128, sink_tokens=1))
+    keys = dataclasses.replace(keys, workspace=JoinWorkspace())  # fused, as on CUDA
+    monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
+    monkeypatch.setattr(mma_decode, "HALF_PARTIALS", True)
+    planned = []
+    for stage, dtype in ((True, mx.float16), (True, mx.bfloat16), (False, mx.float16)):
+        monkeypatch.setattr(mma_decode, "JOIN_STAGE", stage)
+        recorded_kernels.clear()
+        mma_decode.mma_decode_layer(q.astype(dtype), keys, values, 0.1)
+        ((kernel, _, t, *_),) = recorded_kernels  # one fused launch
+        planned.append((t.get("JSTG", False), t.get("PHALF", False)))
+    assert planned == [(True, True), (True, False), (False, False)]
+
+
 def test_a_baked_kernel_is_launched_with_no_template(recorded_kernels):
     from services.turboquant.kernels import jit
 

@@ -123,7 +123,8 @@ QUERY_FIRST = False
 # convex mix of values: fp16's range and ~5e-4 relative error): half the bytes, and a
 # warp's region holds 64 rows, not 32 -- one batch a head at 32K's 43 splits, not two.
 # Traced in the model the partials took 5.5 of the staged join's 8.2 us (session 25). Only
-# with JOIN_STAGE's staging. Not measured on the GPU yet.
+# with JOIN_STAGE's staging, and fp16 queries (a bf16 model's values may pass fp16's range).
+# Not measured on the GPU yet.
 HALF_PARTIALS = False
 # A layer's plan (split, and join where not fused) and static inputs are kept on its
 # JoinWorkspace (_DecodeMemo) and reused while the body views stay the same objects: the
@@ -853,7 +854,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     join = (fused, has_center, has_sinks, staged) if fused else NO_JOIN
     split = _split_launch(
         *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join,
-        qfirst=qfirst, phalf=phalf and staged,
+        qfirst=qfirst, phalf=phalf and staged and q_dtype == mx.float16,
     )  # fmt: skip
     if fused:
         return split, None, const_input(scale * LOG2E)
