@@ -854,7 +854,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     join = (fused, has_center, has_sinks, staged) if fused else NO_JOIN
     split = _split_launch(
         *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join,
-        qfirst=qfirst, phalf=phalf and staged and q_dtype == mx.float16,
+        qfirst=qfirst, phalf=phalf,
     )  # fmt: skip
     if fused:
         return split, None, const_input(scale * LOG2E)
@@ -968,7 +968,7 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
     LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES, SHORT_BODY, SHORT_ROWS -- are in the key; ``join``:
     :data:`NO_JOIN` or the fused join's flags; ``qfirst``: :data:`QUERY_FIRST`; ``phalf``:
-    :data:`HALF_PARTIALS`, taken only with the staged join)."""
+    :data:`HALF_PARTIALS`, taken only with the staged join and fp16 queries)."""
     _, _, warps, fold, _, linear, _, compact, _, _ = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
@@ -1004,8 +1004,8 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     ]
     if join[0] and join[3] and pipe:  # (only then: the product builds' source is as before)
         template.append(("JSTG", True))
-        if phalf:  # (HALF_PARTIALS: only the staged join reads them)
-            template.append(("PHALF", True))
+        if phalf and q_dtype == mx.float16:  # (only the staged join reads them; a bf16
+            template.append(("PHALF", True))  # model's values may pass fp16's range)
     if qfirst and pipe:  # (QUERY_FIRST; likewise)
         template.append(("QFIRST", True))
     blocks = s + chunks  # a row's
