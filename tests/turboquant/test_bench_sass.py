@@ -110,7 +110,7 @@ def test_query_first_stores_the_query_before_the_first_tile_is_copied(monkeypatc
     from services.turboquant.kernels import mma_decode
 
     def order(sass: str) -> tuple[int, int]:
-        ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*", "", line).strip() for line in sass.splitlines()]
+        ops = sass_count.instructions(sass)
         copy = next(i for i, op in enumerate(ops) if "LDGSTS" in op)
         # q_s sits past the 4 warps' rings of 16 KB (D 128, the default layout)
         query = next(i for i, op in enumerate(ops) if re.match(r"STS \[R\d+\+0x10000\]", op))
