@@ -67,11 +67,6 @@ class Loop:
         return self.ops["HMMA"]
 
 
-def instructions(sass: str) -> list[str]:
-    """A disassembly's instructions in order (predicate and operands, no address)."""
-    return [m.group(2) for m in _INS.finditer(sass)]
-
-
 def parse_loops(sass: str) -> list[Loop]:
     """Every loop of a disassembly: instructions from a backward branch's target to it."""
     ins, at, pending = [], {}, None

@@ -94,29 +94,3 @@ def test_looped_value_steps_shrink_the_tile_loops_code(monkeypatch):
     assert on["static"] < 0.8 * off["static"]
     assert off["executed"] < on["executed"] < 1.1 * off["executed"]
     assert on["mma"] == off["mma"]
-
-
-@pytest.mark.skipif(
-    not (nvrtc.available() and sass_count.nvdisasm()),
-    reason="needs NVRTC and nvdisasm 13 from PyPI (test extras, Linux x86-64)",
-)
-def test_query_first_stores_the_query_before_the_first_tile_is_copied(monkeypatch):
-    """mma_decode.QUERY_FIRST: the split body's query is stored to shared memory -- so its
-    loads have landed -- before the first tile's cp.async (LDGSTS) is issued; as built
-    before, the compiler issues the copies first and the query's loads after them (which
-    then queue behind every block's first tiles: session 25's trace)."""
-    import re
-
-    from services.turboquant.kernels import mma_decode
-
-    def order(sass: str) -> tuple[int, int]:
-        ops = sass_count.instructions(sass)
-        copy = next(i for i, op in enumerate(ops) if "LDGSTS" in op)
-        # q_s sits past the 4 warps' rings of 16 KB (D 128, the default layout)
-        query = next(i for i, op in enumerate(ops) if re.match(r"STS \[R\d+\+0x10000\]", op))
-        return query, copy
-
-    for first in (True, False):
-        monkeypatch.setattr(mma_decode, "QUERY_FIRST", first)
-        query, copy = order(sass_count.split_sass(128, 32, 8, 4000, True))
-        assert (query < copy) == first, (first, query, copy)

@@ -237,8 +237,6 @@ SETTINGS = [  # a value of each module setting the plan reads that changes the l
     ("SHORT_BODY", 0),
     ("SHORT_ROWS", 0),
     ("JOIN_STAGE", False),
-    ("QUERY_FIRST", True),
-    ("HALF_PARTIALS", True),
     ("WARPS", 2),
     ("FOLD", False),
     ("PIPELINE", False),

@@ -300,31 +300,19 @@ def test_the_fused_split_launches_compile_as_trace_builds(launches):
     assert not failures, failures
 
 
-@pytest.mark.parametrize(
-    "setting,flag,define",
-    [
-        ("JOIN_STAGE", "JSTG", "#define TQM_JOIN_STAGED 1"),
-        ("QUERY_FIRST", "QFIRST", "#define TQM_QUERY_FIRST 1"),
-        ("HALF_PARTIALS", "PHALF", "#define TQM_HALF_PARTIALS 1"),
-    ],
-)
 @pytest.mark.parametrize("on", [True, False])
-def test_a_pipelined_build_setting_compiles_and_keeps_three_blocks_an_sm(
-    monkeypatch, setting, flag, define, on
-):
+def test_the_staged_join_compiles_and_keeps_three_blocks_an_sm(monkeypatch, on):
     """mma_decode.JOIN_STAGE (the fused join's partials staged with cp.async; the default
-    since session 25), QUERY_FIRST (the query stored before the first tile's copies) and
-    HALF_PARTIALS (the staged join's partials in fp16):
-    the pipelined launches that take one compile, keep the occupancy the default layout was
-    measured with, and only they carry its source; off, the same launches compile without
-    it (the setting's A/B)."""
+    since session 25): the pipelined launches that take it compile, keep the occupancy the
+    default layout was measured with, and only they carry its source; off, the same
+    launches compile without it (the setting's A/B)."""
     from services.turboquant import TurboQuantConfig
     from services.turboquant.cache import JoinWorkspace
     from services.turboquant.kernels.cases import cache_case
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
     monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
-    monkeypatch.setattr(mma_decode, setting, on)
+    monkeypatch.setattr(mma_decode, "JOIN_STAGE", on)
     _RecordedKernel.launches, _RecordedKernel.outputs = [], []
     mma_decode.clear_kernel_caches()
     try:
@@ -337,7 +325,7 @@ def test_a_pipelined_build_setting_compiles_and_keeps_three_blocks_an_sm(
     finally:
         mma_decode.clear_kernel_caches()
     splits = [x for x in _RecordedKernel.launches if base_name(x[0].name) == "tq_mma_decode_split"]
-    flags = {(t["D"], t["PIPE"]): t.get(flag, False) for _, _, t, *_ in splits}
+    flags = {(t["D"], t["PIPE"]): t.get("JSTG", False) for _, _, t, *_ in splits}
     assert flags == {(128, True): on, (64, True): on, (256, False): False, (128, False): False}
     recorded = zip(_RecordedKernel.launches, _RecordedKernel.outputs, strict=True)
     pipelined = [(k, i, t, o) for (k, i, t, *_), o in recorded if t.get("PIPE") and t["FUSED"]]
@@ -349,7 +337,7 @@ def test_a_pipelined_build_setting_compiles_and_keeps_three_blocks_an_sm(
         header = kernel.header  # (an #include of a file holding it, where one can be written)
         if header.startswith("#include"):
             header = Path(header.split('"')[1]).read_text()
-        assert (define in header) == on
+        assert ("#define TQM_JOIN_STAGED 1" in header) == on
         cubin, log = nvrtc.compile_cubin(src)
         assert cubin is not None, log[-3000:]
         regs, static = nvrtc.cubin_resources(cubin)

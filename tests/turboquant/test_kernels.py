@@ -656,17 +656,10 @@ def test_v4_layer_matches_float64_reference(rng, monkeypatch, shape, layout, len
 @pytest.mark.parametrize("shape", [(1, 32, 8, 128), (1, 12, 1, 64), (2, 64, 4, 128)],
                          ids=lambda s: "x".join(map(str, s)))  # fmt: skip
 @pytest.mark.parametrize("length", [300, 4099])
-@pytest.mark.parametrize(
-    "query_first,half", [(False, False), (True, False), (False, True)], ids=["", "qfirst", "half"]
-)
-def test_the_staged_join_matches_float64_reference(
-    rng, monkeypatch, shape, length, query_first, half
-):
+def test_the_staged_join_matches_float64_reference(rng, monkeypatch, shape, length):
     """mma_decode.JOIN_STAGE: the fused join reads its row's partials through shared memory
     in batches of at most 64 rows a warp -- one batch, several (40, 70 splits), empty splits
-    among them (7 at 300 positions), GQA 4, 12 and 16 (two heads a warp); with QUERY_FIRST
-    (the query stored before the first tile's copies are issued) and HALF_PARTIALS (the
-    partials in fp16, normalised: up to 64 rows a batch) too."""
+    among them (7 at 300 positions), GQA 4, 12 and 16 (two heads a warp)."""
     from services.turboquant import TurboQuantConfig
     from services.turboquant.kernels.cases import cache_case
 
@@ -676,8 +669,6 @@ def test_the_staged_join_matches_float64_reference(
     monkeypatch.setattr(mma_decode, "FUSED_JOIN", True)
     monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
     monkeypatch.setattr(mma_decode, "JOIN_STAGE", True)
-    monkeypatch.setattr(mma_decode, "QUERY_FIRST", query_first)
-    monkeypatch.setattr(mma_decode, "HALF_PARTIALS", half)
     ref = c.reference()
     for splits in (None, 7, 40, 70):
         out = mma_decode.mma_decode_layer(
@@ -731,27 +722,6 @@ def test_a_header_file_is_written_once_by_digest_and_again_if_removed(monkeypatc
     path.parent.chmod(0o700)
     monkeypatch.setattr(jit, "include_dir", lambda: tmp_path / 'no"quote')
     assert jit.header_include(one) == one  # a path #include cannot name: inline, as MLX does
-
-
-def test_half_partials_are_planned_only_with_the_staged_join_and_fp16_queries(
-    recorded_kernels, monkeypatch
-):
-    """mma_decode.HALF_PARTIALS: only the staged join reads fp16 partials (the join through
-    registers reads floats), and a bf16 model's values may pass fp16's range."""
-    from services.turboquant.cache import JoinWorkspace
-
-    q, keys, values = _packed(dict(key_quantizer="channel", group_size=128, sink_tokens=1))
-    keys = dataclasses.replace(keys, workspace=JoinWorkspace())  # fused, as on CUDA
-    monkeypatch.setattr(mma_decode, "FUSED_MAX_WORK", None)
-    monkeypatch.setattr(mma_decode, "HALF_PARTIALS", True)
-    planned = []
-    for stage, dtype in ((True, mx.float16), (True, mx.bfloat16), (False, mx.float16)):
-        monkeypatch.setattr(mma_decode, "JOIN_STAGE", stage)
-        recorded_kernels.clear()
-        mma_decode.mma_decode_layer(q.astype(dtype), keys, values, 0.1)
-        ((kernel, _, t, *_),) = recorded_kernels  # one fused launch
-        planned.append((t.get("JSTG", False), t.get("PHALF", False)))
-    assert planned == [(True, True), (True, False), (False, False)]
 
 
 def test_a_baked_kernel_is_launched_with_no_template(recorded_kernels):

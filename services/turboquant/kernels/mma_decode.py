@@ -37,11 +37,9 @@ from .mma_source import (
     MMA_COMBINE_SOURCE,
     MMA_COMMON,
     MMA_FP_CHUNK,
-    MMA_HALF_PARTIALS,
     MMA_HEADER,
     MMA_JOIN_SOURCE,
     MMA_JOIN_STAGED,
-    MMA_QUERY_FIRST,
     MMA_SPLIT_SOURCE,
     MMA_WORK_ALIGN,
     compact,
@@ -114,18 +112,6 @@ _SHORT_MAX_TAIL = FUSED_MAX_TAIL  # (the default: SHORT_BODY's rule keeps such l
 # H200, Llama-3.1-8B decode steps under ncu: attention a step 4K -11 %, 32K -7 % (step -1.8 /
 # -1.5 %); 128K's two-launch layers do not take it (bench/gpu_notes.md, session 25).
 JOIN_STAGE = True
-# Pipelined split launches store the query to shared memory (waiting for its loads) before
-# issuing the first tile's copies: traced, the query's loads landed only with every block's
-# first-tile wave (32K: 6.7 us alone, 9.3 in the model) and the rotation waited on them while
-# the memory sat idle (mma_source.MMA_QUERY_FIRST; session 25). Not measured on the GPU yet.
-QUERY_FIRST = False
-# The staged join's partials in fp16, each split's and chunk's o normalised by its l (a
-# convex mix of values: fp16's range and ~5e-4 relative error): half the bytes, and a
-# warp's region holds 64 rows, not 32 -- one batch a head at 32K's 43 splits, not two.
-# Traced in the model the partials took 5.5 of the staged join's 8.2 us (session 25). Only
-# with JOIN_STAGE's staging, and fp16 queries (a bf16 model's values may pass fp16's range).
-# Not measured on the GPU yet.
-HALF_PARTIALS = False
 # A layer's plan (split, and join where not fused) and static inputs are kept on its
 # JoinWorkspace (_DecodeMemo) and reused while the body views stay the same objects: the
 # call then skips the plan's cache lookup and the input lists (host time per layer).
@@ -177,10 +163,6 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     header = _SPLIT_HEADER
     if t.get("JSTG"):
         header += _JOIN_STAGED
-    if t.get("QFIRST"):  # (before the header: its split body reads it)
-        header = MMA_QUERY_FIRST + header
-    if t.get("PHALF"):  # (likewise: the split body and fp chunks write them)
-        header = MMA_HALF_PARTIALS + header
     if TRACE_AT is not None and t["FUSED"]:
         header = f"#define TQM_TRACE {TRACE_AT}\n" + header
     return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, header,
@@ -248,7 +230,7 @@ def clear_kernel_caches() -> None:
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
              "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO",
-             "SHORT_BODY", "SHORT_ROWS", "JOIN_STAGE", "QUERY_FIRST", "HALF_PARTIALS")  # fmt: skip
+             "SHORT_BODY", "SHORT_ROWS", "JOIN_STAGE")  # fmt: skip
 
 
 def tune(**settings) -> None:
@@ -480,7 +462,6 @@ def mma_decode_layer(
             rot is not None, head_chunks, tail_chunks, fp_dtype,
             keys.center is not None, sinks is not None, scale, splits,
             *_plan_tunables(), fused=FUSED_JOIN and work is not None, staged=JOIN_STAGE,
-            qfirst=QUERY_FIRST, phalf=HALF_PARTIALS,
             fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
             counter_rows=JOIN_COUNTER_ROWS, append=append is not None, tlen=buffered is not None,
             rope=None if rope is None else (rope.dims, rope.traditional),
@@ -830,7 +811,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None,
                 counter_rows=JOIN_COUNTER_ROWS, append=False, tlen=False, rope=None,
-                staged=False, qfirst=False, phalf=False):  # fmt: skip
+                staged=False):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
     last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
     ``fused_max``), or None where the kernels cannot read it (:func:`_layouts`, as for
@@ -853,9 +834,8 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     staged = staged and not (fp[5] and fp[5][0] < d)
     join = (fused, has_center, has_sinks, staged) if fused else NO_JOIN
     split = _split_launch(
-        *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join,
-        qfirst=qfirst, phalf=phalf,
-    )  # fmt: skip
+        *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join
+    )
     if fused:
         return split, None, const_input(scale * LOG2E)
     join_template = (("D", d), ("OT", q_dtype), ("HAS_FP", head_chunks + tail_chunks > 0),
@@ -906,11 +886,11 @@ def _split_inputs(launch, q, keys, values, const, rot, rope) -> list:
 
 @lru_cache(maxsize=1024)
 def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
-                  *tunables, join=NO_JOIN, qfirst=False, phalf=False):  # fmt: skip
+                  *tunables, join=NO_JOIN):  # fmt: skip
     """The planned split launch (:func:`_split_plan`) with what its inputs need."""
     template, grid, threadgroup, out_shapes, smem = _split_plan(
         k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp, *tunables,
-        join=join, qfirst=qfirst, phalf=phalf,
+        join=join,
     )  # fmt: skip
     fp_dtype = str(fp[2] or mx.float16).rsplit(".", 1)[-1]
     return _Launch(
@@ -961,14 +941,13 @@ def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> 
 
 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
-                *tunables, join=NO_JOIN, qfirst=False, phalf=False):  # fmt: skip
+                *tunables, join=NO_JOIN):  # fmt: skip
     """Template, grid, output shapes and dynamic shared memory of one split launch (cached
     in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
     full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
     LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES, SHORT_BODY, SHORT_ROWS -- are in the key; ``join``:
-    :data:`NO_JOIN` or the fused join's flags; ``qfirst``: :data:`QUERY_FIRST`; ``phalf``:
-    :data:`HALF_PARTIALS`, taken only with the staged join and fp16 queries)."""
+    :data:`NO_JOIN` or the fused join's flags)."""
     _, _, warps, fold, _, linear, _, compact, _, _ = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
@@ -1004,10 +983,6 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     ]
     if join[0] and join[3] and pipe:  # (only then: the product builds' source is as before)
         template.append(("JSTG", True))
-        if phalf and q_dtype == mx.float16:  # (only the staged join reads them; a bf16
-            template.append(("PHALF", True))  # model's values may pass fp16's range)
-    if qfirst and pipe:  # (QUERY_FIRST; likewise)
-        template.append(("QFIRST", True))
     blocks = s + chunks  # a row's
     grid = (blocks * rows * 32 * warps, 1, 1) if linear else (blocks * 32 * warps, hkv * n_ht, b)
     # fp_chunk blocks stage in the dynamic shared memory (the PIPE rings are larger). MLX

@@ -564,25 +564,6 @@ __device__ void mma_decode_split(
     if constexpr (RD > 0) rope_load<RD, RT>(q, at, q_st[3], d, rope, qpar[e], qinv[e]);
     qsg[e] = QROT ? signs[d] : 1.f;
   }
-  auto store_query = [&]() {  // (with its signs and RoPE) into q_s, for the rotation
-#pragma unroll
-    for (int e = 0; e < QE; ++e) {
-      const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
-      if constexpr (RD > 0) {
-        const float x = rope_apply<RD, RT>(qraw[e], qpar[e], qinv[e], d, rpos);
-        q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
-      } else {
-        q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
-      }
-    }
-  };
-#ifdef TQM_QUERY_FIRST
-  // The stores wait for the query's loads, so the first tile's copies are issued after
-  // them: queued behind every block's first tiles, they landed only with that wave. (The
-  // copies' asm has no memory clobber: without this one the compiler may sink the stores.)
-  store_query();
-  asm volatile("" ::: "memory");
-#endif
   // PIPE: the first tile's keys, values and scales start loading before the query is
   // rotated (its latency hides behind that; the rings do not hold the query).
   if constexpr (PIPE) {
@@ -613,9 +594,16 @@ __device__ void mma_decode_split(
     }
     TQM_MARK_ON(12, qin);
 #endif
-#ifndef TQM_QUERY_FIRST
-    store_query();
-#endif
+#pragma unroll
+    for (int e = 0; e < QE; ++e) {
+      const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+      if constexpr (RD > 0) {
+        const float x = rope_apply<RD, RT>(qraw[e], qpar[e], qinv[e], d, rpos);
+        q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
+      } else {
+        q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
+      }
+    }
     __syncthreads();
     if constexpr (QROT) {
       constexpr int E = 8 * D / (32 * WARPS);
@@ -1081,12 +1069,7 @@ __device__ void mma_decode_split(
       acc = fmaf(red_o[(w * 8 + h) * RED_P + red_col(d)], f, acc);
     }
     const int64_t row = ((int64_t)(b * n_kv + hkv) * G + head) * S + split;
-#ifdef TQM_HALF_PARTIALS
-    // normalised (a convex mix of values, which fp16 holds): half the bytes the join reads
-    reinterpret_cast<__half*>(o_part)[row * D + d] = __float2half(L > 0.f ? acc / L : 0.f);
-#else
     o_part[row * D + d] = acc;
-#endif
     if (d == 0) {
       ml_part[row * 2] = M;
       ml_part[row * 2 + 1] = L;
@@ -1228,14 +1211,7 @@ __device__ void fp_chunk(
     float o = 0.f;
 #pragma unroll
     for (int j = 0; j < C; ++j) o = fmaf(p_s[h * C + j], v_s[j * D + d], o);
-#ifdef TQM_HALF_PARTIALS
-    float l = 0.f;  // (as fp_ml's: position 0 of a chunk is valid, l >= 1)
-#pragma unroll
-    for (int j = 0; j < C; ++j) l += p_s[h * C + j];
-    reinterpret_cast<__half*>(fp_o)[((row0 + h) * n_chunks + chunk) * D + d] = __float2half(o / l);
-#else
     fp_o[((row0 + h) * n_chunks + chunk) * D + d] = o;
-#endif
   }
 }
 
@@ -1442,14 +1418,6 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
 """
 )
 
-# The query stored to shared memory before the first tile's copies are issued
-# (mma_decode.QUERY_FIRST), put before the split header where the template has QFIRST.
-MMA_QUERY_FIRST = "#define TQM_QUERY_FIRST 1\n"
-
-# The fused staged join's partials in fp16, each normalised by its split's or chunk's l
-# (mma_decode.HALF_PARTIALS), put before the split header where the template has PHALF.
-MMA_HALF_PARTIALS = "#define TQM_HALF_PARTIALS 1\n"
-
 # The fused join with its row's partials staged in shared memory (mma_decode.JOIN_STAGE;
 # appended to the split kernel's header only then): by the last block, the ring idle by
 # then holds each warp's rows -- every split's and fp chunk's o in flight at once with
@@ -1459,24 +1427,16 @@ MMA_JOIN_STAGED = r"""
 #define TQM_JOIN_STAGED 1
 namespace tqm {
 
-// The partials' element: fp16 (normalised by the splits and chunks) or float.
-#ifdef TQM_HALF_PARTIALS
-using PartT = __half;
-#else
-using PartT = float;
-#endif
-
-// a lane's E elements of row ``src`` into ``dst`` (both E * sizeof(PartT) bytes aligned)
+// a lane's E floats of row ``src`` into ``dst`` (both 4 * E bytes aligned)
 template <int E>
-__device__ __forceinline__ void cp_lane(PartT* dst, const PartT* src) {
+__device__ __forceinline__ void cp_lane(float* dst, const float* src) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  constexpr int BYTES = E * (int)sizeof(PartT);
-  if constexpr (BYTES < 16) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(s), "l"(src), "n"(BYTES));
+  if constexpr (E == 2) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(src));
   } else {
 #pragma unroll
-    for (int i = 0; i < BYTES / 16; ++i)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s + 16 * i), "l"(src + 16 / sizeof(PartT) * i));
+    for (int i = 0; i < E / 4; ++i)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s + 16 * i), "l"(src + 4 * i));
   }
 }
 
@@ -1497,7 +1457,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // online softmax over the batch -- body and fp rows kept apart (the body is rotated back).
 template <int E>
 __device__ __forceinline__ void merge_staged(const float* o_part, const float* ml_part, const float* fp_o,
-                                             const float* fp_ml, int64_t r, int S, int n_fp, PartT* region,
+                                             const float* fp_ml, int64_t r, int S, int n_fp, float* region,
                                              int cap, int lane, float (&acc)[E], float& Mb, float& Lb,
                                              float (&accf)[E], float& Mf, float& Lf) {
   constexpr int D = 32 * E;
@@ -1507,8 +1467,7 @@ __device__ __forceinline__ void merge_staged(const float* o_part, const float* m
     const int n = min(cap, rows - r0);
     for (int j = 0; j < n; ++j) {
       const int s = r0 + j;
-      const PartT* src = s < S ? reinterpret_cast<const PartT*>(o_part) + (r * S + s) * D
-                               : reinterpret_cast<const PartT*>(fp_o) + (r * n_fp + (s - S)) * D;
+      const float* src = s < S ? o_part + (r * S + s) * D : fp_o + (r * n_fp + (s - S)) * D;
       cp_lane<E>(region + j * D + lane * E, src + lane * E);
     }
     cp_commit();
@@ -1538,21 +1497,18 @@ __device__ __forceinline__ void merge_staged(const float* o_part, const float* m
       w[k] = m[k] == TQM_NEG_INF ? 0.f : exp2f(m[k] - t);  // 0: an empty split, or past n
       if (body[k]) lb += w[k] * l[k];
       else lf += w[k] * l[k];
-#ifdef TQM_HALF_PARTIALS
-      w[k] *= l[k];  // (the rows hold o / l)
-#endif
     }
     cp_wait<0>();
     __syncwarp();
     for (int j = 0; j < n; ++j) {
       const float wj = __shfl_sync(0xffffffffu, j < 32 ? w[0] : w[1], j & 31);
-      const PartT* v = region + j * D + lane * E;
+      const float* v = region + j * D + lane * E;
       if (r0 + j < S) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] += wj * tofloat(v[e]);
+        for (int e = 0; e < E; ++e) acc[e] += wj * v[e];
       } else {
 #pragma unroll
-        for (int e = 0; e < E; ++e) accf[e] += wj * tofloat(v[e]);
+        for (int e = 0; e < E; ++e) accf[e] += wj * v[e];
       }
     }
     __syncwarp();  // the region is read before the next batch's copies land in it
@@ -1577,8 +1533,8 @@ __device__ __noinline__ void join_last_block_staged(const int* counter, const fl
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   uint32_t smem;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem));
-  const int cap = min(64, (int)(smem / sizeof(PartT)) / nw / D);  // rows a warp's region holds
-  PartT* region = reinterpret_cast<PartT*>(tq_join_s) + warp * cap * D;
+  const int cap = min(64, (int)(smem / 4) / nw / D);  // rows a warp's region holds
+  float* region = tq_join_s + warp * cap * D;
   const int Hq = n_kv * G;
   float sg[E];
 #pragma unroll
