@@ -56,11 +56,13 @@ abba() {  # abba ROUNDS FN: FN a|b ROUND, round by round in the order a b, b a, 
 }
 
 step_ab_process() {  # step_ab_process a|b ROUND: one process of step-ab (its n, a, bb, d)
-  local v=$1 i=$2 extra=$a
+  local v=$1 i=$2 extra=$a cache
   [ "$v" = b ] && extra=$bb
+  # the profile is <cache>.csv beside step_profile's <cache>.json (ARGS may name --cache)
+  cache=$(echo "--cache tq-default $extra" | grep -oE -- '--cache [^ ]+' | tail -1 | cut -d' ' -f2)
   mkdir -p "$d/$v-$i"
   # shellcheck disable=SC2086  # extra: step_profile's options, split on purpose
-  ncu_model 150 --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$v-$i/tq-default.csv" \
+  ncu_model 150 --metrics gpu__time_duration.sum --csv --page raw --log-file "$d/$v-$i/$cache.csv" \
     python3 bench/step_profile.py --cache tq-default --context "$n" --no-warm $extra \
     --out "$d/$v-$i" >/dev/null 2>&1 || echo "== $v-$i failed (status $?)"
   echo "== $v-$i ($extra): $(python3 bench/step_profile.py --report "$d/$v-$i" --trim 2>&1 |
