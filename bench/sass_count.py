@@ -12,6 +12,7 @@ inner k-block loop ``D / 16`` times::
     python bench/sass_count.py                       # default layout, D 128, 32/8 heads
     python bench/sass_count.py --tune FOLD=False     # a setting against the default
     python bench/sass_count.py --aligned             # the 16-byte copy path alone
+    python bench/sass_count.py --rope                # a model's step: new position, RoPE
 """
 
 from __future__ import annotations
@@ -116,35 +117,50 @@ def tile_counts(loops: list[Loop], k_blocks: int, steps: int | None = None) -> d
             "executed": sum(executed.values()), "mma": executed["HMMA"], "ops": executed}  # fmt: skip
 
 
-def split_sass(dim: int, q_heads: int, kv_heads: int, length: int, aligned: bool) -> str:
-    """The disassembly of the split launch one decode layer makes (default layout)."""
+def split_sass(dim: int, q_heads: int, kv_heads: int, length: int, aligned: bool,
+               rope: bool = False) -> str:  # fmt: skip
+    """The disassembly of the split launch one decode layer makes (default layout);
+    ``rope``: as a model's decode step makes it -- the new position written by the launch
+    (the cache's TailAppend on CUDA), the query's and its RoPE applied there (Llama's:
+    the whole head in halves, base 5e5)."""
     import mlx.core as mx
+    import mlx.nn as nn
     import numpy as np
 
     from services.turboquant import TurboQuantConfig
     from services.turboquant.cache import JoinWorkspace
-    from services.turboquant.kernels import mma_decode
+    from services.turboquant.kernels import fused_decode, mma_decode
     from services.turboquant.kernels.cases import cache_case
+    from services.turboquant.rope_fusion import DeferringRope, PendingRope, rope_spec
     from tests.turboquant import nvrtc
     from tests.turboquant.test_kernels import _RecordedKernel
 
-    saved = mx.fast.cuda_kernel, mma_decode._SPLIT_HEADER
+    saved = mx.fast.cuda_kernel, mma_decode._SPLIT_HEADER, fused_decode.cuda_available
     mx.fast.cuda_kernel = _RecordedKernel
     if aligned:
         mma_decode._SPLIT_HEADER = _ALIGN_TEST.sub("const bool al16 = true;", saved[1])
+    if rope:  # (the cache then keeps its new position for the launch, as on CUDA)
+        fused_decode.cuda_available = lambda: True
     _RecordedKernel.launches, _RecordedKernel.outputs = [], []
     try:
         mma_decode.clear_kernel_caches()
         case = cache_case(np.random.default_rng(0), TurboQuantConfig.recommended(), batch=1,
                           q_heads=q_heads, kv_heads=kv_heads, dim=dim, length=length,
-                          steps=2)  # fmt: skip
+                          steps=3 if rope else 2)  # fmt: skip
         keys = dataclasses.replace(case.keys, workspace=JoinWorkspace())
-        mma_decode.mma_decode_layer(case.queries.astype(mx.float16), keys, case.values, 0.1)
-        kernel, inputs, *_ = _RecordedKernel.launches[0]
+        q = case.queries.astype(mx.float16)
+        if rope:
+            inner = nn.RoPE(dim, traditional=False, base=500000.0)
+            wrap, last = DeferringRope(inner, rope_spec(inner)), case.cache.offset - 1
+            keys.append.k = PendingRope(keys.append.k, wrap, last)
+            q = PendingRope(q, wrap, last)
+        mma_decode.mma_decode_layer(q, keys, case.values, 0.1)
+        kernel, inputs, template, *_ = _RecordedKernel.launches[0]
+        assert not rope or template["RDIMS"] == dim  # (the kernel took the RoPE)
         dtypes = [o.dtype for o in _RecordedKernel.outputs[0]]
         cubin, log = nvrtc.compile_cubin(nvrtc.kernel_source(kernel, inputs, [], dtypes))
     finally:
-        mx.fast.cuda_kernel, mma_decode._SPLIT_HEADER = saved
+        mx.fast.cuda_kernel, mma_decode._SPLIT_HEADER, fused_decode.cuda_available = saved
         mma_decode.clear_kernel_caches()
     if cubin is None:
         raise RuntimeError(log)
@@ -163,13 +179,14 @@ def main() -> None:
     ap.add_argument("--heads", default="32/8", help="query/KV heads")
     ap.add_argument("--length", type=int, default=4000)
     ap.add_argument("--aligned", action="store_true", help="only the 16-byte copy path")
+    ap.add_argument("--rope", action="store_true", help="a model's step: new position, RoPE")
     ap.add_argument("--tune", type=tune_arg, default={}, help="mma_decode tunables: FOLD=False,...")
     args = ap.parse_args()
     if nvdisasm() is None:
         sys.exit("needs nvdisasm: pip install 'nvidia-cuda-nvdisasm>=13,<14'")
     mma_decode.tune(**args.tune)
     hq, hkv = map(int, args.heads.split("/"))
-    loops = parse_loops(split_sass(args.dim, hq, hkv, args.length, args.aligned))
+    loops = parse_loops(split_sass(args.dim, hq, hkv, args.length, args.aligned, args.rope))
     for loop in loops:
         print(f"loop {loop.start:#07x}-{loop.end:#07x}  {loop.size:5d} instructions  "
               f"{loop.mma:3d} HMMA")  # fmt: skip

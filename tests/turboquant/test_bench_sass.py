@@ -94,3 +94,27 @@ def test_looped_value_steps_shrink_the_tile_loops_code(monkeypatch):
     assert on["static"] < 0.8 * off["static"]
     assert off["executed"] < on["executed"] < 1.1 * off["executed"]
     assert on["mma"] == off["mma"]
+
+
+@pytest.mark.skipif(
+    not (nvrtc.available() and sass_count.nvdisasm()),
+    reason="needs NVRTC and nvdisasm 13 from PyPI (test extras, Linux x86-64)",
+)
+def test_the_rope_from_shared_memory_gives_the_rope_build_the_plain_tile_loop(monkeypatch):
+    """A model's step (new position, the query's RoPE in the kernel) builds a tile loop that
+    re-loads constants (LDC) the build without RoPE keeps in registers; with
+    mma_decode.ROPE_SMEM (partners read back from shared memory, launch bounds) the loop
+    is the plain one's again, within a few instructions (session 26)."""
+    from services.turboquant.kernels import mma_decode
+
+    def tile(rope: bool) -> dict:
+        loops = sass_count.parse_loops(sass_count.split_sass(128, 32, 8, 4000, False, rope))
+        steps = mma_decode.steps_for(mma_decode.KEY_LAYOUTS["channel"], 128)
+        return sass_count.tile_counts(loops, 128 // 16, steps)
+
+    plain, rope = tile(False), tile(True)
+    monkeypatch.setattr(mma_decode, "ROPE_SMEM", True)
+    smem = tile(True)
+    assert rope["ops"]["LDC"] > plain["ops"]["LDC"]
+    assert smem["ops"]["LDC"] == plain["ops"]["LDC"]
+    assert plain["executed"] <= smem["executed"] <= plain["executed"] + 10 < rope["executed"]

@@ -300,6 +300,47 @@ def test_the_fused_split_launches_compile_as_trace_builds(launches):
     assert not failures, failures
 
 
+def test_the_rope_from_shared_memory_compiles_at_three_blocks_an_sm(monkeypatch):
+    """mma_decode.ROPE_SMEM: the pipelined launches that apply the query's RoPE (whole head,
+    partial, traditional; fused or not) read its partners back from shared memory under
+    launch bounds of 3 blocks an SM -- they compile, product and trace builds, and hold
+    that occupancy; no other launch carries it."""
+    monkeypatch.setattr(mx.fast, "cuda_kernel", _RecordedKernel)
+    monkeypatch.setattr(mma_decode, "ROPE_SMEM", True)
+    _RecordedKernel.launches, _RecordedKernel.outputs = [], []
+    mma_decode.clear_kernel_caches()
+    try:
+        for dim in (64, 128, 256):
+            _append_launches(CONFIGS[0][0], dim)
+    finally:
+        mma_decode.clear_kernel_caches()
+    recorded = list(zip(_RecordedKernel.launches, _RecordedKernel.outputs, strict=True))
+    splits = [(k, i, t, o) for (k, i, t, *_), o in recorded if t.get("RDIMS") is not None]
+    taken = [x for x in splits if x[2].get("RSMEM")]
+    assert all(t["PIPE"] and t["RDIMS"] > 0 for _, _, t, _ in taken)
+    assert {(t["D"], t["RDIMS"], t["FUSED"]) for _, _, t, _ in taken} == {
+        (d, r, f) for d, r in ((64, 64), (128, 128), (128, 64)) for f in (True, False)
+    }
+    assert not any(t["PIPE"] and t["RDIMS"] and not t.get("RSMEM") for _, _, t, _ in splits)
+    sources = []
+    for kernel, inputs, t, outputs in taken:
+        header = kernel.header  # (an #include of a file holding it, where one can be written)
+        if header.startswith("#include"):
+            header = Path(header.split('"')[1]).read_text()
+        assert "#define TQM_ROPE_SMEM 1" in header
+        assert f"__launch_bounds__({32 * t['WARPS']}, 3)" in header
+        src = nvrtc.kernel_source(
+            kernel, inputs, kernel.passed_template, [o.dtype for o in outputs]
+        )
+        sources += [src, "#define TQM_TRACE 4194304\n" + src]
+    built = nvrtc.compile_many(sources)
+    for (kernel, _, t, _), (cubin, log) in zip(taken, built[::2], strict=True):
+        assert cubin is not None, log[-3000:]
+        regs, static = nvrtc.cubin_resources(cubin)
+        assert blocks_per_sm(regs, 32 * t["WARPS"], static, kernel.shared_memory) >= 3, t
+    assert all(cubin is not None for cubin, _ in built[1::2]), [log[-2000:] for _, log in built]
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_the_staged_join_compiles_and_keeps_three_blocks_an_sm(monkeypatch, on):
     """mma_decode.JOIN_STAGE (the fused join's partials staged with cp.async; the default

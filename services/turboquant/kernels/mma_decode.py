@@ -43,6 +43,7 @@ from .mma_source import (
     MMA_SPLIT_SOURCE,
     MMA_WORK_ALIGN,
     compact,
+    rope_smem_header,
 )
 
 AFFINE_BITS = (2, 3, 4, 8)
@@ -112,6 +113,12 @@ _SHORT_MAX_TAIL = FUSED_MAX_TAIL  # (the default: SHORT_BODY's rule keeps such l
 # H200, Llama-3.1-8B decode steps under ncu: attention a step 4K -11 %, 32K -7 % (step -1.8 /
 # -1.5 %); 128K's two-launch layers do not take it (bench/gpu_notes.md, session 25).
 JOIN_STAGE = True
+# Pipelined launches that apply the query's RoPE read each element's partner back from
+# shared memory (no partner loads) and are held at 3 blocks an SM by launch bounds: NVRTC
+# gives their tile loop the plain build's form (3,330 instructions a tile, not 3,397 with
+# constants re-loaded). Without RoPE in the kernel our 32K launch in the model ran 34.6 us,
+# with it 39.4 (session 26). Not measured on the GPU yet.
+ROPE_SMEM = False
 # A layer's plan (split, and join where not fused) and static inputs are kept on its
 # JoinWorkspace (_DecodeMemo) and reused while the body views stay the same objects: the
 # call then skips the plan's cache lookup and the input lists (host time per layer).
@@ -163,6 +170,8 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     header = _SPLIT_HEADER
     if t.get("JSTG"):
         header += _JOIN_STAGED
+    if t.get("RSMEM"):
+        header = rope_smem_header(header, 32 * t["WARPS"], 3)
     if TRACE_AT is not None and t["FUSED"]:
         header = f"#define TQM_TRACE {TRACE_AT}\n" + header
     return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, header,
@@ -230,7 +239,7 @@ def clear_kernel_caches() -> None:
 
 TUNABLES = ("STEPS", "SPLIT_FACTOR", "TILES_PER_WARP", "WARPS", "FOLD", "PIPELINE", "LINEAR_GRID",
              "COMPACT_VALUES", "FUSED_JOIN", "FUSED_MAX_WORK", "FUSED_MAX_TAIL", "DECODE_MEMO",
-             "SHORT_BODY", "SHORT_ROWS", "JOIN_STAGE")  # fmt: skip
+             "SHORT_BODY", "SHORT_ROWS", "JOIN_STAGE", "ROPE_SMEM")  # fmt: skip
 
 
 def tune(**settings) -> None:
@@ -462,6 +471,7 @@ def mma_decode_layer(
             rot is not None, head_chunks, tail_chunks, fp_dtype,
             keys.center is not None, sinks is not None, scale, splits,
             *_plan_tunables(), fused=FUSED_JOIN and work is not None, staged=JOIN_STAGE,
+            rsmem=ROPE_SMEM,
             fused_max=None if FUSED_MAX_WORK is None else (FUSED_MAX_WORK, FUSED_MAX_TAIL),
             counter_rows=JOIN_COUNTER_ROWS, append=append is not None, tlen=buffered is not None,
             rope=None if rope is None else (rope.dims, rope.traditional),
@@ -811,7 +821,7 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
                 q_dtype, hkv, n_body, has_rot, head_chunks, tail_chunks, fp_dtype, has_center,
                 has_sinks, scale, splits, *tunables, fused=False, fused_max=None,
                 counter_rows=JOIN_COUNTER_ROWS, append=False, tlen=False, rope=None,
-                staged=False):  # fmt: skip
+                staged=False, rsmem=False):  # fmt: skip
     """The two launches of a decode layer (``fused``: the split kernel alone, joining in its
     last blocks, where its rows fit the ``counter_rows`` counters and its work and tail
     ``fused_max``), or None where the kernels cannot read it (:func:`_layouts`, as for
@@ -834,8 +844,9 @@ def _layer_plan(k_spec, v_spec, k_dim, v_dim, k_cols, v_cols, k_sdtype, v_sdtype
     staged = staged and not (fp[5] and fp[5][0] < d)
     join = (fused, has_center, has_sinks, staged) if fused else NO_JOIN
     split = _split_launch(
-        *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join
-    )
+        *layouts, b, hq, hkv, d, n_body, q_dtype, has_rot, splits, fp, *tunables, join=join,
+        rsmem=rsmem,
+    )  # fmt: skip
     if fused:
         return split, None, const_input(scale * LOG2E)
     join_template = (("D", d), ("OT", q_dtype), ("HAS_FP", head_chunks + tail_chunks > 0),
@@ -886,11 +897,11 @@ def _split_inputs(launch, q, keys, values, const, rot, rope) -> list:
 
 @lru_cache(maxsize=1024)
 def _split_launch(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
-                  *tunables, join=NO_JOIN):  # fmt: skip
+                  *tunables, join=NO_JOIN, rsmem=False):  # fmt: skip
     """The planned split launch (:func:`_split_plan`) with what its inputs need."""
     template, grid, threadgroup, out_shapes, smem = _split_plan(
         k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp, *tunables,
-        join=join,
+        join=join, rsmem=rsmem,
     )  # fmt: skip
     fp_dtype = str(fp[2] or mx.float16).rsplit(".", 1)[-1]
     return _Launch(
@@ -941,13 +952,13 @@ def _row_splits(k_layout, v_layout, b, hq, hkv, d, n_body, splits, tunables) -> 
 
 
 def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, splits, fp,
-                *tunables, join=NO_JOIN):  # fmt: skip
+                *tunables, join=NO_JOIN, rsmem=False):  # fmt: skip
     """Template, grid, output shapes and dynamic shared memory of one split launch (cached
     in :func:`_split_launch`: the same every decode step of a block; ``fp``: the
     full-precision sink's and tail's chunks of 16 positions and their dtype, one block each
     after the splits; ``tunables`` -- STEPS, SPLIT_FACTOR, WARPS, FOLD, PIPELINE,
     LINEAR_GRID, TILES_PER_WARP, COMPACT_VALUES, SHORT_BODY, SHORT_ROWS -- are in the key; ``join``:
-    :data:`NO_JOIN` or the fused join's flags)."""
+    :data:`NO_JOIN` or the fused join's flags; ``rsmem``: :data:`ROPE_SMEM`)."""
     _, _, warps, fold, _, linear, _, compact, _, _ = tunables
     n_ht = -(-(hq // hkv) // 8)
     steps, pipe = _steps_pipe(k_layout, v_layout, d, tunables)
@@ -983,6 +994,8 @@ def _split_plan(k_layout, v_layout, b, hq, hkv, d, n_body, q_dtype, rotate_q, sp
     ]
     if join[0] and join[3] and pipe:  # (only then: the product builds' source is as before)
         template.append(("JSTG", True))
+    if rsmem and pipe and fp[5]:  # (likewise: only builds with the query's RoPE)
+        template.append(("RSMEM", True))
     blocks = s + chunks  # a row's
     grid = (blocks * rows * 32 * warps, 1, 1) if linear else (blocks * 32 * warps, hkv * n_ht, b)
     # fp_chunk blocks stage in the dynamic shared memory (the PIPE rings are larger). MLX

@@ -182,6 +182,15 @@ __device__ __forceinline__ void rope_load(const T* x, int64_t at, int64_t st, in
   freq = f < 0 ? 0.f : inv[f];
 }
 
+// The frequency of element d alone (its partner read elsewhere: mma_decode.ROPE_SMEM).
+template <int RD, bool RT>
+__device__ __forceinline__ float rope_freq(int d, const float* inv) {
+  int p, f;
+  bool lo;
+  rope_pair<RD, RT>(d, p, f, lo);
+  return f < 0 ? 0.f : inv[f];
+}
+
 template <int RD, bool RT, typename T>
 __device__ __forceinline__ float rope_apply(T a, T partner, float freq, int d, float pos) {
   int p, f;
@@ -554,14 +563,21 @@ __device__ void mma_decode_split(
   static_assert(QE * 32 * WARPS == 8 * D, "the query divides over the block");
   // RD: the query's RoPE here (rope_fusion): each element's partner and frequency load
   // with it, the rotation is done where the query is stored (no load waits on math).
-  QT qraw[QE], qpar[RD ? QE : 1];
+  // RSM (mma_decode.ROPE_SMEM): the partners are read back from shared memory instead.
+#ifdef TQM_ROPE_SMEM
+  constexpr bool RSM = RD > 0;
+#else
+  constexpr bool RSM = false;
+#endif
+  QT qraw[QE], qpar[RD && !RSM ? QE : 1];
   float qsg[QE], qinv[RD ? QE : 1];
 #pragma unroll
   for (int e = 0; e < QE; ++e) {
     const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D, head = ht * 8 + h;
     const int64_t at = b * q_st[0] + (int64_t)(hkv * G + min(head, G - 1)) * q_st[1];
     qraw[e] = q[at + d * q_st[3]];
-    if constexpr (RD > 0) rope_load<RD, RT>(q, at, q_st[3], d, rope, qpar[e], qinv[e]);
+    if constexpr (RSM) qinv[e] = rope_freq<RD, RT>(d, rope);
+    else if constexpr (RD > 0) rope_load<RD, RT>(q, at, q_st[3], d, rope, qpar[e], qinv[e]);
     qsg[e] = QROT ? signs[d] : 1.f;
   }
   // PIPE: the first tile's keys, values and scales start loading before the query is
@@ -590,18 +606,43 @@ __device__ void mma_decode_split(
 #pragma unroll
     for (int e = 0; e < QE; ++e) {
       qin += tofloat(qraw[e]) + qsg[e];
-      if constexpr (RD > 0) qin += tofloat(qpar[e]) + qinv[e];
+      if constexpr (RSM) qin += qinv[e];
+      else if constexpr (RD > 0) qin += tofloat(qpar[e]) + qinv[e];
     }
     TQM_MARK_ON(12, qin);
 #endif
+    if constexpr (RSM) {  // the raw query first; each element's partner read back from it
 #pragma unroll
-    for (int e = 0; e < QE; ++e) {
-      const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
-      if constexpr (RD > 0) {
-        const float x = rope_apply<RD, RT>(qraw[e], qpar[e], qinv[e], d, rpos);
-        q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
-      } else {
-        q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
+      for (int e = 0; e < QE; ++e) {
+        const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+        q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) : 0.f;
+      }
+      __syncthreads();
+      float xr[QE];
+#pragma unroll
+      for (int e = 0; e < QE; ++e) {
+        const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+        int p, f;
+        bool lo;
+        rope_pair<RD, RT>(d, p, f, lo);
+        xr[e] = rope_mix(q_s[h][d], q_s[h][p], qinv[e], lo, rpos) * qsg[e];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int e = 0; e < QE; ++e) {
+        const int i = threadIdx.x + e * 32 * WARPS;
+        q_s[i / D][i % D] = xr[e];
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < QE; ++e) {
+        const int i = threadIdx.x + e * 32 * WARPS, h = i / D, d = i % D;
+        if constexpr (RD > 0) {
+          const float x = rope_apply<RD, RT>(qraw[e], qpar[e], qinv[e], d, rpos);
+          q_s[h][d] = ht * 8 + h < G ? x * qsg[e] : 0.f;
+        } else {
+          q_s[h][d] = ht * 8 + h < G ? tofloat(qraw[e]) * qsg[e] : 0.f;
+        }
       }
     }
     __syncthreads();
@@ -1417,6 +1458,17 @@ __device__ __noinline__ void join_last_block(const int* counter, const float* o_
 }  // namespace tqm
 """
 )
+
+
+# The split body's query RoPE'd from shared memory (mma_decode.ROPE_SMEM), before the split
+# header; the launch bounds after it hold the build at ``blocks`` an SM of ``threads``
+# (MLX's kernels take no attribute: its ``__global__`` is redefined for the kernel after).
+def rope_smem_header(header: str, threads: int, blocks: int) -> str:
+    return (
+        "#define TQM_ROPE_SMEM 1\n" + header + "\n#undef __global__\n"
+        f"#define __global__ __attribute__((global)) __launch_bounds__({threads}, {blocks})\n"
+    )
+
 
 # The fused join with its row's partials staged in shared memory (mma_decode.JOIN_STAGE;
 # appended to the split kernel's header only then): by the last block, the ring idle by
