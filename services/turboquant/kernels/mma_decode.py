@@ -115,8 +115,8 @@ _SHORT_MAX_TAIL = FUSED_MAX_TAIL  # (the default: SHORT_BODY's rule keeps such l
 JOIN_STAGE = True
 # Pipelined launches that apply the query's RoPE read each element's partner back from
 # shared memory (no partner loads) and are held at 3 blocks an SM by launch bounds: NVRTC
-# gives their tile loop the plain build's form (3,330 instructions a tile, not 3,397 with
-# constants re-loaded). Without RoPE in the kernel our 32K launch in the model ran 34.6 us,
+# gives their tile loop the plain build's form (bench/sass_count.py --rope: 3,330
+# instructions a tile, not 3,393 with constants re-loaded). Without RoPE in the kernel our 32K launch in the model ran 34.6 us,
 # with it 39.4 (session 26). Not measured on the GPU yet.
 ROPE_SMEM = False
 # A layer's plan (split, and join where not fused) and static inputs are kept on its
