@@ -293,13 +293,14 @@ def _check_ropes(shape):
     return DeferringRope(rope, rope_spec(rope))
 
 
-def run_append_checks(rng, rope: bool = False) -> list[dict]:
+def run_append_checks(rng, rope: bool = False, shapes=None, layouts=None) -> list[dict]:
     """Decode steps whose new position the layer kernel reads from its inputs and writes
     into the tail buffer (cache.TailAppend): each step's output vs float64 over the stored
     positions and the new one, then the tail the state returns vs the positions given.
     ``rope`` (run 12): the query and the new key come unrotated by RoPE (rope_fusion) and
     the kernel applies it; the reference takes MLX's rope of them (float16, as a cache
-    without rope_fusion stores them), the tail must hold that within float16 rounding."""
+    without rope_fusion stores them), the tail must hold that within float16 rounding.
+    ``shapes`` / ``layouts``: a subset of the runs (tests/turboquant/test_kernels.py)."""
     import mlx.core as mx
 
     from services.turboquant import TurboQuantConfig
@@ -311,8 +312,8 @@ def run_append_checks(rng, rope: bool = False) -> list[dict]:
     rows = []
     # Channel keys: their tail holds up to a block of 128 or 64 positions (per-vector keys
     # leave the tail at once, no step defers); lengths whose tail takes 4 steps uncompressed.
-    layouts = ["default k4v4 chan g128 s1", "chan k4v4 g64 s1 w64", "chan k8v8 g128"]
-    for shape in (MMA_SHAPES[0], MMA_SHAPES[1], MMA_SHAPES[4]):
+    layouts = layouts or ["default k4v4 chan g128 s1", "chan k4v4 g64 s1 w64", "chan k8v8 g128"]
+    for shape in shapes or (MMA_SHAPES[0], MMA_SHAPES[1], MMA_SHAPES[4]):
         bsz, hq, hkv, d = shape
         wrap = _check_ropes(shape) if rope else None
         for name in layouts:

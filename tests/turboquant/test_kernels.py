@@ -677,6 +677,24 @@ def test_the_staged_join_matches_float64_reference(rng, monkeypatch, shape, leng
         assert reference.rel_error(np.array(out.astype(mx.float32)), ref) <= 5e-3, splits
 
 
+@cuda
+@pytest.mark.parametrize("rope_smem", [False, True], ids=["partner-loads", "rope-smem"])
+def test_the_kernels_rope_matches_mlxs_and_the_tail_gets_the_rotated_key(monkeypatch, rope_smem):
+    """The step's RoPE applied by the split kernel (rope_fusion) on the pipelined shapes --
+    Llama 3.1's rope at 32/8 heads of 128 (out to 131K positions: angles past sincosf's fast
+    range), a traditional one at 64/4 -- against MLX's rope of the same query and key, one
+    launch a layer and two, and the rotated key written into the tail
+    (bench/attention_gpu.py's check run 12); with mma_decode.ROPE_SMEM too."""
+    from bench.attention_gpu import MMA_SHAPES, run_append_checks
+
+    monkeypatch.setattr(mma_decode, "ROPE_SMEM", rope_smem)
+    rows = run_append_checks(
+        np.random.default_rng(7), rope=True, shapes=(MMA_SHAPES[0], MMA_SHAPES[4]),
+        layouts=["default k4v4 chan g128 s1"],
+    )  # fmt: skip
+    assert len(rows) == 8 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
 def test_kernel_names_change_with_their_source(recorded_kernels, monkeypatch):
     """MLX 0.32 keeps compiled kernels on disk under their name and template arguments, not
     their source (MLX_PTX_CACHE_DIR): our names carry a digest of the source, so an edited
