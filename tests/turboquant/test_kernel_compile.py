@@ -328,7 +328,7 @@ def test_the_rope_from_shared_memory_compiles_at_three_blocks_an_sm(monkeypatch)
         if header.startswith("#include"):
             header = Path(header.split('"')[1]).read_text()
         assert "#define TQM_ROPE_SMEM 1" in header
-        assert f"__launch_bounds__({32 * t['WARPS']}, 3)" in header
+        assert f"__launch_bounds__({32 * t['WARPS']}, {12 // t['WARPS']})" in header
         src = nvrtc.kernel_source(
             kernel, inputs, kernel.passed_template, [o.dtype for o in outputs]
         )

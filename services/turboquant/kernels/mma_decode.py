@@ -170,8 +170,8 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     header = _SPLIT_HEADER
     if t.get("JSTG"):
         header += _JOIN_STAGED
-    if t.get("RSMEM"):
-        header = rope_smem_header(header, 32 * t["WARPS"], 3)
+    if t.get("RSMEM"):  # (12 warps an SM: the 3 blocks of 4 the pipelined builds were measured at)
+        header = rope_smem_header(header, 32 * t["WARPS"], max(1, 12 // t["WARPS"]))
     if TRACE_AT is not None and t["FUSED"]:
         header = f"#define TQM_TRACE {TRACE_AT}\n" + header
     return _planned_kernel(name, SPLIT_INPUTS, SPLIT_OUTPUTS, MMA_SPLIT_SOURCE, header,
