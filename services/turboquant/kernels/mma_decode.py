@@ -116,8 +116,8 @@ JOIN_STAGE = True
 # Pipelined launches that apply the query's RoPE read each element's partner back from
 # shared memory (no partner loads) and are held at 3 blocks an SM by launch bounds: NVRTC
 # gives their tile loop the plain build's form (bench/sass_count.py --rope: 3,330
-# instructions a tile, not 3,393 with constants re-loaded). Without RoPE in the kernel our 32K launch in the model ran 34.6 us,
-# with it 39.4 (session 26). Not measured on the GPU yet.
+# instructions a tile, not 3,393 with constants re-loaded). Without RoPE in the kernel our
+# 32K launch in the model ran 34.6 us, with it 39.4 (session 26). Not measured on the GPU.
 ROPE_SMEM = False
 # A layer's plan (split, and join where not fused) and static inputs are kept on its
 # JoinWorkspace (_DecodeMemo) and reused while the body views stay the same objects: the
@@ -170,7 +170,7 @@ def _split_kernel(template: tuple, smem: int = 0, fp_dtype: str = "float16"):
     header = _SPLIT_HEADER
     if t.get("JSTG"):
         header += _JOIN_STAGED
-    if t.get("RSMEM"):  # (12 warps an SM: the 3 blocks of 4 the pipelined builds were measured at)
+    if t.get("RSMEM"):  # (12 warps an SM: the pipelined builds were measured at 3 blocks of 4)
         header = rope_smem_header(header, 32 * t["WARPS"], max(1, 12 // t["WARPS"]))
     if TRACE_AT is not None and t["FUSED"]:
         header = f"#define TQM_TRACE {TRACE_AT}\n" + header
